@@ -1,0 +1,277 @@
+"""Configuration of MG-SSAF runs: yacs defaults, YAML files with ``BASE`` inheritance, overrides.
+
+Every key a run can use is declared below with its default; the defaults reproduce the paper's
+ImageNet-1K recipe for MG-SSAF-T. A YAML file (``--cfg``) may name other YAML files under ``BASE``
+(paths relative to that file), which are merged first. ``opts`` are ``KEY VALUE`` pairs merged last.
+An unknown key or a value of the wrong type is an error that names the key and where it came from.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# Base config files, merged before the file that names them (paths relative to that file).
+_C.BASE = [""]
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size per process (per GPU); the total batch is this x world size x accumulation steps.
+_C.DATA.BATCH_SIZE = 128
+# Root of the dataset: <root>/train/<class>/* and <root>/val/<class>/* for 'imagenet'.
+_C.DATA.DATA_PATH = ""
+# 'imagenet' (an ImageFolder layout of any number of classes) or 'digits' (scikit-learn's
+# bundled 8x8 handwritten digits, no download).
+_C.DATA.DATASET = "imagenet"
+# Input resolution (square).
+_C.DATA.IMG_SIZE = 224
+# Resize interpolation: 'bicubic', 'bilinear' or 'random'.
+_C.DATA.INTERPOLATION = "bicubic"
+# Pin CPU memory in the loader for faster host-to-device copies.
+_C.DATA.PIN_MEMORY = True
+# Loader worker processes per rank.
+_C.DATA.NUM_WORKERS = 8
+# Skip unreadable images with a warning (and a count per epoch) instead of stopping the run.
+_C.DATA.SKIP_BAD_IMAGES = False
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+_C.MODEL.TYPE = "mg_ssaf"
+_C.MODEL.NAME = "mg_ssaf_tiny"
+# Checkpoint whose weights initialise the model (weights only: optimizer and epoch start fresh).
+_C.MODEL.PRETRAINED = ""
+# Checkpoint to resume from (weights, optimizer, scheduler, scaler, epoch).
+_C.MODEL.RESUME = ""
+_C.MODEL.NUM_CLASSES = 1000
+# Dropout on the embedding, the MLP and attention outputs and before the head.
+_C.MODEL.DROP_RATE = 0.0
+# Dropout on attention weights.
+_C.MODEL.ATTN_DROP_RATE = 0.0
+# Stochastic depth: rises linearly from 0 to this rate over all blocks.
+_C.MODEL.DROP_PATH_RATE = 0.2
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.MGSSAF = CN()
+_C.MODEL.MGSSAF.IN_CHANS = 3
+_C.MODEL.MGSSAF.EMBED_DIM = 96
+_C.MODEL.MGSSAF.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.MGSSAF.NUM_HEADS = [3, 6, 12, 24]
+# Fraction of each stage's heads doing global attention (MG-MSA); the rest do SS-MSA.
+_C.MODEL.MGSSAF.GLOBAL_RATIO = [0.0, 0.5, 0.5, 0.0]
+# Strip width of MG-MSA's horizontal and vertical strip pooling, per stage (0 where unused).
+_C.MODEL.MGSSAF.STRIP_WIDTH = [0, 2, 2, 0]
+_C.MODEL.MGSSAF.WINDOW_SIZE = 7
+_C.MODEL.MGSSAF.MLP_RATIO = 2.0
+_C.MODEL.MGSSAF.QKV_BIAS = True
+# Width of the 1x1 convolution before the classifier.
+_C.MODEL.MGSSAF.HEAD_HIDDEN_DIM = 1280
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# Learning rates for a total batch of 512; scaled linearly with the actual total batch.
+_C.TRAIN.BASE_LR = 1e-3
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 1e-6
+# Gradient-norm clipping (0 disables it).
+_C.TRAIN.CLIP_GRAD = 5.0
+# Resume from the newest checkpoint in the output folder, if there is one.
+_C.TRAIN.AUTO_RESUME = True
+# Micro-batches per optimizer step.
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Activation checkpointing of every block (less memory, slower).
+_C.TRAIN.USE_CHECKPOINT = False
+
+_C.TRAIN.LR_SCHEDULER = CN()
+# 'cosine', 'linear', 'step' or 'multistep'.
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"
+# Epochs between decays ('step').
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+# LR multiplier at each decay ('step', 'multistep').
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# Epochs at which the LR decays ('multistep').
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
+# Whether the schedule after warm-up starts from its own first value (timm's warmup_prefix).
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
+
+_C.TRAIN.OPTIMIZER = CN()
+# 'adamw' or 'sgd'.
+_C.TRAIN.OPTIMIZER.NAME = "adamw"
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]
+# SGD momentum.
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# -----------------------------------------------------------------------------
+# Augmentation (timm); defaults are the paper's recipe
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+# RandAugment policy ('' or 'none' disables it).
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+# Random erasing probability, mode and count.
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = "pixel"
+_C.AUG.RECOUNT = 1
+# Mixup alpha, CutMix alpha (both 0 disables Mixup/CutMix), CutMix min/max ratio (overrides alpha).
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = None
+# Probability of applying Mixup or CutMix to a batch, and of switching to CutMix when both are on.
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+# 'batch', 'pair' or 'elem'.
+_C.AUG.MIXUP_MODE = "batch"
+
+# -----------------------------------------------------------------------------
+# Testing
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Resize to IMG_SIZE / 0.875 then center-crop IMG_SIZE (False: resize straight to IMG_SIZE).
+_C.TEST.CROP = True
+# Validation with a sequential sampler (single process only).
+_C.TEST.SEQUENTIAL = False
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Mixed precision: float16 (with a GradScaler) or bfloat16 (without one).
+_C.AMP_ENABLE = True
+_C.AMP_DTYPE = "float16"
+# Output root: runs are written to <OUTPUT>/<MODEL.NAME>/<TAG>.
+_C.OUTPUT = "output"
+_C.TAG = "default"
+# Save a checkpoint every SAVE_FREQ epochs (and always after the last one).
+_C.SAVE_FREQ = 1
+# Log a training line every PRINT_FREQ steps.
+_C.PRINT_FREQ = 10
+_C.SEED = 0
+# Evaluate only / measure throughput only.
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+# 'auto' (CUDA when available), 'cuda' or 'cpu'.
+_C.DEVICE = "auto"
+# Local rank of this process, set by the launcher.
+_C.LOCAL_RANK = 0
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """Returns ``value`` converted to the type of ``default``, or raises ``ConfigError``."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(
+            f"{source}: config key {key} expects {expected}, got {value!r} ({type(value).__name__})")
+
+    if default is None or (value is None and isinstance(default, str)):
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail("a boolean (true/false)")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        if default:
+            value = [_coerce(v, default[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return type(default)(value)
+    raise fail(type(default).__name__)
+
+
+def _merge(node: CN, updates: dict, source: str, prefix: str = "") -> None:
+    for name, value in updates.items():
+        key = prefix + str(name)
+        if name not in node:
+            raise ConfigError(f"{source}: unknown config key {key}")
+        default = node[name]
+        if isinstance(default, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: config key {key} is a section; expected a mapping, "
+                                  f"got {value!r}")
+            _merge(default, value, source, key + ".")
+        else:
+            node[name] = _coerce(value, default, key, source)
+
+
+def _merge_file(cfg: CN, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    bases = data.pop("BASE", [""]) or [""]
+    if isinstance(bases, str):
+        bases = [bases]
+    for base in bases:
+        if base:
+            _merge_file(cfg, os.path.join(os.path.dirname(path), base))
+    _merge(cfg, data, path)
+
+
+def _parse_opts(opts: Sequence[str]) -> dict:
+    if len(opts) % 2:
+        raise ConfigError(f"--opts expects KEY VALUE pairs, got an odd number of items: {list(opts)}")
+    tree: dict = {}
+    for key, text in zip(opts[::2], opts[1::2]):
+        try:
+            value = yaml.safe_load(text) if isinstance(text, str) else text
+        except yaml.YAMLError:
+            value = text
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def get_defaults() -> CN:
+    """A mutable copy of the defaults."""
+    return _C.clone()
+
+
+def load_config(path: str | None = None, opts: Iterable[str] = ()) -> CN:
+    """Defaults, then ``path`` (with its ``BASE`` files), then ``opts``; returns a frozen CfgNode."""
+    cfg = get_defaults()
+    if path:
+        _merge_file(cfg, path)
+    _merge(cfg, _parse_opts(list(opts)), "--opts")
+    cfg.freeze()
+    return cfg
