@@ -1,0 +1,181 @@
+"""The model computes the released network: golden logits, released keys, shapes, gradients."""
+import os
+import re
+
+import pytest
+import torch
+
+from config import load_config
+from models import build_model
+from models.mg_ssaf import MGSSAF, MGSSAFAttention
+
+VARIANTS = {"T": 19.6, "S": 32.5, "B": 55.9}  # released parameter counts, millions
+TINY = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 6, 6, 2), num_classes=10,
+            head_hidden_dim=32)
+
+
+def _config(variant: str):
+    return load_config(os.path.join("configs", "MG-SSAF", f"MG-SSAF-{variant}.yaml"))
+
+
+def _golden(reference_dir: str, name: str):
+    golden = torch.load(os.path.join(reference_dir, f"golden_tiny_{name}.pt"), weights_only=True)
+    opts = []
+    for key, value in golden["arch"].items():
+        opts += [key, str(value)]
+    model = build_model(load_config(None, opts)).eval()
+    model.load_state_dict(golden["state_dict"])
+    return model, golden
+
+
+def _keys_state_dict(reference_dir: str, variant: str) -> dict:
+    state = {}
+    with open(os.path.join(reference_dir, f"MG-SSAF-{variant}.keys.txt")) as f:
+        for line in f:
+            name, shape = line.split()
+            state[name] = torch.randn([int(s) for s in shape.split("x")])
+    return state
+
+
+@pytest.mark.parametrize("name", ["global050", "global075"])
+def test_golden_logits(reference_dir, name):
+    model, golden = _golden(reference_dir, name)
+    with torch.no_grad():
+        out64 = model.double()(golden["input"].double())
+        out32 = model.float()(golden["input"])
+    assert (out64 - golden["logits"]).abs().max().item() < 1e-9
+    assert (out32.double() - golden["logits"]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_released_keys_load_strict(reference_dir, variant):
+    model = build_model(_config(variant))
+    state = _keys_state_dict(reference_dir, variant)
+    model.load_state_dict(state)  # strict; the unused attn.norm keys are dropped by a load hook
+    assert torch.equal(model.head.weight, state["head.weight"])
+    assert not any(".attn.norm." in k for k in model.state_dict())
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params - VARIANTS[variant]) <= 0.1
+
+    renamed = dict(state)
+    renamed["layers.0.blocks.0.attn.proj_qkv_renamed.weight"] = renamed.pop(
+        "layers.0.blocks.0.attn.proj_qkv.weight")
+    with pytest.raises(RuntimeError, match=re.escape("layers.0.blocks.0.attn.proj_qkv.weight")):
+        model.load_state_dict(renamed)
+    reshaped = dict(state)
+    reshaped["layers.2.blocks.0.mlp.pwconv1.weight"] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match=re.escape("layers.2.blocks.0.mlp.pwconv1.weight")):
+        model.load_state_dict(reshaped)
+
+
+def test_only_attn_norm_keys_are_dropped():
+    model = MGSSAF(**TINY)
+    state = model.state_dict()
+    state["layers.0.blocks.0.attn.norm.weight"] = torch.ones(24)
+    state["layers.0.blocks.0.attn.norm.bias"] = torch.zeros(24)
+    model.load_state_dict(state)
+    state["layers.0.blocks.0.attn.extra.weight"] = torch.ones(24)
+    with pytest.raises(RuntimeError, match=re.escape("layers.0.blocks.0.attn.extra.weight")):
+        model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (448, 448), (256, 320), (64, 96)])
+def test_output_shapes(size):
+    model = MGSSAF(**TINY).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_input_not_multiple_of_32_is_an_error():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        MGSSAF(**TINY)(torch.randn(1, 3, 224, 200))
+
+
+def test_padded_windows_give_padded_keys_zero_weight():
+    attn = MGSSAFAttention(dim=12, num_heads=2, global_ratio=0.0, strip_width=0, window_size=7)
+    x = torch.randn(2, 12, 10, 12)  # padded to 14 x 14
+    captured = {}
+    hook = attn.attn_local_win.register_forward_hook(lambda m, a, o: captured.update(p=a[0]))
+    out = attn(x)
+    hook.remove()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # separable map of every query, windows in row-major order: (B, 2x2 windows, heads, 49, 49)
+    p = captured["p"].view(2, 2, 2, 2, 49, 49)
+    key_valid = torch.zeros(14, 14, dtype=torch.bool)
+    key_valid[:10, :12] = True
+    key_valid = key_valid.view(2, 7, 2, 7).transpose(1, 2).reshape(2, 2, 49)
+    for wi in range(2):
+        for wj in range(2):
+            valid = key_valid[wi, wj]
+            real_queries = p[:, wi, wj][:, :, valid]  # (B, heads, real queries, 49)
+            assert (real_queries[..., ~valid] == 0).all()
+            torch.testing.assert_close(real_queries.sum(-1), torch.ones_like(real_queries[..., 0]))
+
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = MGSSAF(**TINY, drop_path_rate=0.1)
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_activation_checkpointing_matches():
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = MGSSAF(**TINY, drop_path_rate=0.2, use_checkpoint=use_checkpoint).train()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (out0, grads0), (out1, grads1) = results
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=0, atol=0, msg=name)
+
+
+def test_config_drives_checkpointing():
+    config = load_config(None, ["TRAIN.USE_CHECKPOINT", "True"])
+    assert all(stage.grad_checkpointing for stage in build_model(config).layers)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = MGSSAF(**TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(embed_dim=24, num_heads=(1, 5, 6, 2)), r"stage 1 .*dim 48 is not divisible by 5 heads"),
+    (dict(embed_dim=24, num_heads=(1, 4, 6, 2)), r"stage 1 .*2 global heads is not a multiple of 3"),
+    (dict(embed_dim=24, strip_width=(0, 3, 2, 0)), r"stage 1 .*strip width 3 does not divide the "
+                                                   r"stage resolution 28"),
+    (dict(embed_dim=24, global_ratio=(0.0, 1.0, 0.5, 0.0)), r"stage 1 .*GLOBAL_RATIO must be in"),
+    (dict(embed_dim=24, depths=(1, 1, 1)), r"one entry per stage"),
+    (dict(embed_dim=24, img_size=200), r"DATA.IMG_SIZE 200 must be a multiple of 32"),
+])
+def test_construction_errors(kwargs, message):
+    args = dict(TINY)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        MGSSAF(**args)
+
+
+def test_model_info_reports_paper_figures():
+    from tools.model_info import count_gmacs, count_params
+    paper_gflops = {"T": 3.1, "S": 5.6, "B": 9.8}
+    for variant, gflops in paper_gflops.items():
+        model = build_model(_config(variant))
+        assert abs(count_params(model) / 1e6 - VARIANTS[variant]) <= 0.1
+        assert abs(count_gmacs(model, (224, 224)) / gflops - 1) < 0.10, variant

@@ -1,0 +1,52 @@
+"""Parameters and GFLOPs of a config's network.
+
+    python tools/model_info.py --cfg configs/MG-SSAF/MG-SSAF-T.yaml [--img-size 224]
+
+FLOPs are counted the way the field reports them, one multiply-add = one FLOP, with torch's
+own counter (``torch.utils.flop_counter``) over one forward pass of a single image.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import load_config  # noqa: E402
+from models import build_model  # noqa: E402
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> float:
+    """Multiply-adds (in G) of one forward pass on a single image."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(torch.zeros(1, in_chans, *img_size))
+    return counter.get_total_flops() / 2e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg", required=True, help="config file (YAML)")
+    parser.add_argument("--img-size", type=int, nargs="+", default=None,
+                        help="input size: N or H W (default: the config's DATA.IMG_SIZE)")
+    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
+    args = parser.parse_args()
+    config = load_config(args.cfg, args.opts)
+    size = args.img_size or [config.DATA.IMG_SIZE]
+    size = (size[0], size[-1])
+    model = build_model(config)
+    print(f"{config.MODEL.NAME}: {count_params(model) / 1e6:.2f} M parameters, "
+          f"{count_gmacs(model, size, config.MODEL.MGSSAF.IN_CHANS):.2f} GFLOPs at {size[0]}x{size[1]}")
+
+
+if __name__ == "__main__":
+    main()
