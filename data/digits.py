@@ -54,6 +54,6 @@ class DigitsDataset(Dataset):
 
 
 def build_digits_dataset(is_train: bool, transform: Optional[Callable] = None) -> DigitsDataset:
-    """The train (``is_train``) or val split of the digits, each image passed through ``transform``."""
+    """The train (``is_train``) or val split, each image passed through ``transform``."""
     train_idx, val_idx = digits_split()
     return DigitsDataset(train_idx if is_train else val_idx, transform)

@@ -51,3 +51,51 @@ def test_plot_metrics_names_the_missing_or_empty_file(tmp_path):
     result = run_tool(PLOT, str(tmp_path / "empty"))
     assert result.returncode != 0 and "empty" in result.stderr
     assert not (tmp_path / "empty" / "metrics.png").exists()
+
+
+BENCH = os.path.join(ROOT, "tools", "benchmark.py")
+# A tiny MG-SSAF and a tiny timm net at 64px, one timed step each: checks the table and JSON,
+# not the speeds.
+TINY_BENCH = ["--img-size", "64", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+              "--train-batch-size", "2", "--threads", "1"]
+TINY_MGSSAF = """BASE: ["{base}"]
+MODEL:
+  MGSSAF: {{EMBED_DIM: 24, DEPTHS: [1, 1, 1, 1], NUM_HEADS: [1, 6, 6, 2], HEAD_HIDDEN_DIM: 64}}
+"""
+
+
+def test_benchmark_table_and_json(tmp_path):
+    cfg = tmp_path / "MG-SSAF-pico.yaml"
+    cfg.write_text(TINY_MGSSAF.format(base=os.path.join(ROOT, "configs", "MG-SSAF",
+                                                        "MG-SSAF-T.yaml")))
+    out = tmp_path / "bench.json"
+    result = run_tool(BENCH, "--cfg", str(cfg), "--opts", "MODEL.NUM_CLASSES", "10",
+                      "--peers", "test_resnet", *TINY_BENCH, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.strip().splitlines()
+    assert table[0].startswith("| model | params (M) | GFLOPs | infer img/s | train img/s")
+    assert "infer x test_resnet" in table[0] and len(table) == 2 + 2
+    assert table[2].startswith("| MG-SSAF-pico |") and table[3].startswith("| test_resnet |")
+
+    report = json.loads(out.read_text())
+    assert report["reference"] == "test_resnet" and report["failed"] == []
+    assert report["settings"]["infer_batch"] == 2 and report["settings"]["device"] == "cpu"
+    assert report["table"] == result.stdout.strip()
+    rows = {row["model"]: row for row in report["rows"]}
+    assert set(rows) == {"MG-SSAF-pico", "test_resnet"}
+    for row in rows.values():
+        for key in ("infer_img_s", "train_img_s", "infer_mem_mb", "train_mem_mb", "gflops"):
+            assert row[key] >= 0, (row["model"], key)
+        assert 0.1 < row["params_m"] < 1
+    assert rows["test_resnet"]["infer_ratio"] == rows["test_resnet"]["train_ratio"] == 1.0
+    assert rows["MG-SSAF-pico"]["infer_ratio"] > 0
+
+
+def test_benchmark_rejects_unknown_peer_and_config(tmp_path):
+    result = run_tool(BENCH, "--cfg", "--peers", "no_such_net", *TINY_BENCH)
+    assert result.returncode != 0 and "no_such_net" in result.stderr
+    missing = str(tmp_path / "missing.yaml")
+    result = run_tool(BENCH, "--cfg", missing, "--peers", *TINY_BENCH)
+    assert result.returncode != 0 and missing in result.stderr
+    result = run_tool(BENCH, "--opts", "MODEL.NO_SUCH_KEY", "1", "--peers", *TINY_BENCH)
+    assert result.returncode != 0 and "MODEL.NO_SUCH_KEY" in result.stderr
