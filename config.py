@@ -53,8 +53,6 @@ _C.MODEL.RESUME = ""
 _C.MODEL.NUM_CLASSES = 1000
 # Dropout on the embedding, the MLP and attention outputs and before the head.
 _C.MODEL.DROP_RATE = 0.0
-# Dropout on attention weights.
-_C.MODEL.ATTN_DROP_RATE = 0.0
 # Stochastic depth: rises linearly from 0 to this rate over all blocks.
 _C.MODEL.DROP_PATH_RATE = 0.2
 _C.MODEL.LABEL_SMOOTHING = 0.1
@@ -94,6 +92,8 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Activation checkpointing of every block (less memory, slower).
 _C.TRAIN.USE_CHECKPOINT = False
+# Epoch checkpoints kept in the output folder, newest first (0 keeps all); ckpt_best.pth is extra.
+_C.TRAIN.KEEP_CHECKPOINTS = 5
 
 _C.TRAIN.LR_SCHEDULER = CN()
 # 'cosine', 'linear', 'step' or 'multistep'.
@@ -141,9 +141,8 @@ _C.AUG.MIXUP_MODE = "batch"
 # -----------------------------------------------------------------------------
 _C.TEST = CN()
 # Resize to IMG_SIZE / 0.875 then center-crop IMG_SIZE (False: resize straight to IMG_SIZE).
+# Validation is always exact: each rank evaluates its own slice, every image counted once.
 _C.TEST.CROP = True
-# Validation with a sequential sampler (single process only).
-_C.TEST.SEQUENTIAL = False
 
 # -----------------------------------------------------------------------------
 # Misc
@@ -159,6 +158,10 @@ _C.SAVE_FREQ = 1
 # Log a training line every PRINT_FREQ steps.
 _C.PRINT_FREQ = 10
 _C.SEED = 0
+# Deterministic algorithms and no cuDNN autotuning: reproducible runs at some cost in speed.
+_C.DETERMINISTIC = False
+# Seconds a rank waits in a collective operation before failing (a dead peer stops the others).
+_C.DIST_TIMEOUT = 600
 # Evaluate only / measure throughput only.
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
@@ -267,11 +270,58 @@ def get_defaults() -> CN:
     return _C.clone()
 
 
-def load_config(path: str | None = None, opts: Iterable[str] = ()) -> CN:
-    """Defaults, then ``path`` (with its ``BASE`` files), then ``opts``; returns a frozen CfgNode."""
+def load_config(path: str | None = None, opts: Iterable[str] = (),
+                flags: dict[str, Any] | None = None) -> CN:
+    """Defaults, then ``path`` (with its ``BASE`` files), then ``opts``, then ``flags`` (a mapping
+    of dotted keys to values, not parsed as YAML); returns a frozen CfgNode."""
     cfg = get_defaults()
     if path:
         _merge_file(cfg, path)
     _merge(cfg, _parse_opts(list(opts)), "--opts")
+    for key, value in (flags or {}).items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = _coerce(value, node[leaf], key, "command line")
+    cfg.freeze()
+    return cfg
+
+
+# main.py flags that take a value, and the config key each one sets.
+_VALUE_FLAGS = {
+    "batch_size": "DATA.BATCH_SIZE",
+    "data_path": "DATA.DATA_PATH",
+    "pretrained": "MODEL.PRETRAINED",
+    "resume": "MODEL.RESUME",
+    "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
+    "output": "OUTPUT",
+    "tag": "TAG",
+    "device": "DEVICE",
+}
+# main.py on/off flags, and the config key and value each one sets when given.
+_SWITCH_FLAGS = {
+    "use_checkpoint": ("TRAIN.USE_CHECKPOINT", True),
+    "disable_amp": ("AMP_ENABLE", False),
+    "eval": ("EVAL_MODE", True),
+    "throughput": ("THROUGHPUT_MODE", True),
+}
+
+
+def get_config(args: Any) -> CN:
+    """The config of a ``main.py`` run: defaults, ``args.cfg``, ``args.opts``, then the flags
+    (which win). ``OUTPUT`` becomes ``OUTPUT/MODEL.NAME/TAG``, the run's folder. ``LOCAL_RANK``
+    comes from the launcher's environment (``LOCAL_RANK``) or ``--local-rank``."""
+    flags: dict[str, Any] = {}
+    for name, key in _VALUE_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            flags[key] = getattr(args, name)
+    for name, (key, value) in _SWITCH_FLAGS.items():
+        if getattr(args, name, False):
+            flags[key] = value
+    flags["LOCAL_RANK"] = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
+    cfg = load_config(args.cfg, args.opts or (), flags)
+    cfg.defrost()
+    cfg.OUTPUT = os.path.join(cfg.OUTPUT, cfg.MODEL.NAME, cfg.TAG)
     cfg.freeze()
     return cfg

@@ -1,0 +1,207 @@
+"""Datasets, transforms, samplers and loaders for training and evaluation."""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.transforms import str_to_interp_mode
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+from yacs.config import CfgNode as CN
+
+from utils import get_rank, get_world_size
+
+
+class DataError(ValueError):
+    """A data folder, image or data setting that cannot be used."""
+
+
+class BadImageError(DataError):
+    """An image file that cannot be read or decoded."""
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Opens an image file as RGB; a file that cannot be decoded raises BadImageError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path}: {e}") from None
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """An ImageFolder (``<root>/<class>/<image>``) that names unreadable images. With
+    ``skip_bad_images`` such an image is replaced by the next readable one, with a warning, and
+    counted (see :meth:`pop_skipped`)."""
+
+    def __init__(self, root: str, transform: Callable, skip_bad_images: bool) -> None:
+        try:
+            super().__init__(root, transform=transform, loader=load_rgb_image)
+        except FileNotFoundError as e:
+            raise DataError(f"{root}: {e}") from None
+        self.skip_bad_images = skip_bad_images
+        self._skipped = multiprocessing.Value("i", 0)  # shared with the loader's workers
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            try:
+                return super().__getitem__((index + offset) % len(self.samples))
+            except BadImageError as e:
+                if not self.skip_bad_images:
+                    raise
+                logging.getLogger("mg_ssaf").warning(f"{e}: skipped (DATA.SKIP_BAD_IMAGES)")
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+        raise DataError(f"{self.root}: none of its images can be read")
+
+    def pop_skipped(self) -> int:
+        """Images skipped since the last call."""
+        with self._skipped.get_lock():
+            count, self._skipped.value = self._skipped.value, 0
+        return count
+
+
+def _image_folder(root: str, split: str, transform: Callable, config: CN) -> ImageFolderDataset:
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} not found: DATA.DATA_PATH (--data-path) must hold train/ and "
+                        f"val/, each with one sub-folder of images per class")
+    return ImageFolderDataset(folder, transform, config.DATA.SKIP_BAD_IMAGES)
+
+
+def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
+    """The train or val dataset of ``config.DATA.DATASET`` and its number of classes."""
+    transform = build_transform(is_train, config)
+    name = config.DATA.DATASET
+    if name == "imagenet":
+        root = config.DATA.DATA_PATH
+        if not root:
+            raise DataError("DATA.DATA_PATH (--data-path) is not set: give the folder that holds "
+                            "train/ and val/")
+        if not os.path.isdir(root):
+            raise DataError(f"DATA.DATA_PATH (--data-path) {root} is not a folder")
+        if not os.listdir(root):
+            raise DataError(f"DATA.DATA_PATH (--data-path) {root} is empty: expected train/ and val/")
+        dataset = _image_folder(root, "train" if is_train else "val", transform, config)
+        num_classes = len(dataset.classes)
+    elif name == "digits":
+        from .digits import build_digits_dataset
+        dataset = build_digits_dataset(is_train, transform)
+        num_classes = 10
+    else:
+        raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet' or 'digits'")
+    if num_classes != config.MODEL.NUM_CLASSES:
+        where = getattr(dataset, "root", f"the {name} dataset")
+        raise DataError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but {where} has "
+                        f"{num_classes} classes")
+    return dataset, num_classes
+
+
+def build_transform(is_train: bool, config: CN) -> Callable:
+    """Training: timm's RandomResizedCrop, flip, RandAugment, random erasing (``AUG.*``).
+    Evaluation: resize to IMG_SIZE * 256/224 and center-crop (``TEST.CROP``), or resize."""
+    size = config.DATA.IMG_SIZE
+    if is_train:
+        auto_augment = config.AUG.AUTO_AUGMENT
+        return create_transform(
+            input_size=size,
+            is_training=True,
+            color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
+            auto_augment=auto_augment if auto_augment not in ("", "none") else None,
+            re_prob=config.AUG.REPROB,
+            re_mode=config.AUG.REMODE,
+            re_count=config.AUG.RECOUNT,
+            interpolation=config.DATA.INTERPOLATION,
+        )
+    interpolation = str_to_interp_mode(
+        "bicubic" if config.DATA.INTERPOLATION == "random" else config.DATA.INTERPOLATION)
+    if config.TEST.CROP:
+        resize = [transforms.Resize(int(size * 256 / 224), interpolation=interpolation),
+                  transforms.CenterCrop(size)]
+    else:
+        resize = [transforms.Resize((size, size), interpolation=interpolation)]
+    return transforms.Compose(resize + [transforms.ToTensor(),
+                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+class TrainSampler(DistributedSampler):
+    """torch's DistributedSampler (a fresh shuffle per epoch from the seed) that can start an
+    epoch part-way through, for a resume from a mid-epoch checkpoint."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Selects the epoch's order and skips its first ``start_index`` samples on this rank."""
+        super().set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r of w takes samples r, r + w, r + 2w, ... in order: across ranks every sample
+    appears exactly once (no padding, no duplicates)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_mixup(config: CN) -> Mixup | None:
+    """timm's Mixup/CutMix from ``AUG.*`` (label smoothing included), or None when both are off."""
+    if config.AUG.MIXUP <= 0 and config.AUG.CUTMIX <= 0 and config.AUG.CUTMIX_MINMAX is None:
+        return None
+    return Mixup(mixup_alpha=config.AUG.MIXUP, cutmix_alpha=config.AUG.CUTMIX,
+                 cutmix_minmax=config.AUG.CUTMIX_MINMAX, prob=config.AUG.MIXUP_PROB,
+                 switch_prob=config.AUG.MIXUP_SWITCH_PROB, mode=config.AUG.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+
+
+def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None, DataLoader, Mixup | None]:
+    """``dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn``.
+
+    The training parts are None in ``EVAL_MODE`` and ``THROUGHPUT_MODE`` (only val/ is needed).
+    Training batches are shuffled per epoch and split over ranks; validation is split so that
+    every image is evaluated exactly once across ranks."""
+    rank, world_size = get_rank(), get_world_size()
+    pin_memory = config.DATA.PIN_MEMORY and torch.cuda.is_available()
+    dataset_val, _ = build_dataset(is_train=False, config=config)
+    data_loader_val = DataLoader(
+        dataset_val, sampler=ShardSampler(dataset_val, world_size, rank),
+        batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+        pin_memory=pin_memory, drop_last=False)
+    if config.EVAL_MODE or config.THROUGHPUT_MODE:
+        return None, dataset_val, None, data_loader_val, None
+
+    dataset_train, _ = build_dataset(is_train=True, config=config)
+    train_classes, val_classes = (set(getattr(d, "classes", ())) for d in (dataset_train, dataset_val))
+    if train_classes != val_classes:
+        raise DataError(f"train/ and val/ of {config.DATA.DATA_PATH} have different class folders: "
+                        f"only in train/: {sorted(train_classes - val_classes)}, only in val/: "
+                        f"{sorted(val_classes - train_classes)}")
+    sampler = TrainSampler(dataset_train, world_size, rank, config.SEED)
+    if len(sampler) < config.DATA.BATCH_SIZE:
+        raise DataError(f"the training set ({len(dataset_train)} images) gives each of the "
+                        f"{world_size} rank(s) {len(sampler)} images, less than one batch of "
+                        f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
+    data_loader_train = DataLoader(
+        dataset_train, sampler=sampler, batch_size=config.DATA.BATCH_SIZE,
+        num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True)
+    return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)

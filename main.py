@@ -1,0 +1,551 @@
+"""Train, evaluate or time MG-SSAF on ImageNet-style folders (Swin Transformer's command line).
+
+    python main.py --cfg configs/MG-SSAF/MG-SSAF-T.yaml --data-path <imagenet>
+    python -m torch.distributed.launch --nproc_per_node 8 main.py --cfg ... --data-path ...
+    torchrun --nproc_per_node 8 main.py --cfg ... --data-path ...
+    python main.py --cfg ... --data-path ... --eval --resume ckpt.pth
+    python main.py --cfg ... --data-path ... --throughput --disable_amp
+
+Exit codes: 0 done, 1 bad input or a diverged run (the message says which), 2 bad command line,
+75 preempted (SIGTERM/SIGUSR1: a checkpoint was saved; run the same command again to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import AverageMeter
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from yacs.config import CfgNode as CN
+
+from config import ConfigError, get_config
+from data import DataError, build_loader
+from logger import create_logger
+from lr_scheduler import build_scheduler, scale_lrs
+from models import build_model
+from optimizer import build_optimizer
+from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, find_resume_checkpoint,
+                   get_rank, get_world_size, load_checkpoint_file, load_pretrained, load_weights,
+                   prepare_output_dir, restore_training_state, save_checkpoint)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable
+METRICS_FILE = "metrics.jsonl"
+LOGGER_NAME = "mg_ssaf"
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class NonFiniteLossError(RunError):
+    """The loss (or gradient norm) became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint."""
+
+
+class Preemption:
+    """Turns SIGTERM and SIGUSR1 into a request to stop after the current optimizer step; a
+    second signal ends the process at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal_name is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+@dataclass
+class Amp:
+    """Autocast settings of the run."""
+    enabled: bool
+    dtype: torch.dtype
+
+
+@dataclass
+class Progress:
+    """Where training stands; a mid-epoch checkpoint restores it."""
+    num_updates: int = 0      # optimizer steps since the start of training
+    epoch_step: int = 0       # loader steps done in the current epoch
+    loss_sum: float = 0.0     # this rank's summed training loss over the epoch's samples so far
+    loss_count: int = 0
+    preempted: bool = False
+
+
+def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
+    """The Swin Transformer command line; every flag overrides the config key it names."""
+    parser = argparse.ArgumentParser(
+        "main.py", description="Train, evaluate (--eval) or time (--throughput) MG-SSAF. Flags "
+        "override the config file; --opts overrides any key.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
+    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
+                        help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
+    parser.add_argument("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
+    parser.add_argument("--data-path", help="dataset root holding train/<class>/* and val/<class>/* "
+                        "(DATA.DATA_PATH)")
+    parser.add_argument("--pretrained", help="checkpoint whose weights initialise the model; optimizer, "
+                        "schedule and epoch start fresh; a head of another class count is "
+                        "re-initialised (MODEL.PRETRAINED)")
+    parser.add_argument("--resume", help="checkpoint to resume training from (weights, optimizer, "
+                        "scheduler, scaler, epoch), or to evaluate with --eval (MODEL.RESUME)")
+    parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimizer step "
+                        "(TRAIN.ACCUMULATION_STEPS)")
+    parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing: less "
+                        "GPU memory, slower (TRAIN.USE_CHECKPOINT)")
+    parser.add_argument("--disable_amp", action="store_true", help="no mixed precision (AMP_ENABLE false)")
+    parser.add_argument("--output", metavar="PATH", help="root of output folders; the run writes to "
+                        "<output>/<MODEL.NAME>/<tag> (OUTPUT)")
+    parser.add_argument("--tag", help="name of the run's folder under <output>/<MODEL.NAME> (TAG)")
+    parser.add_argument("--eval", action="store_true", help="only evaluate on val/: loss, Acc@1, Acc@5 "
+                        "(EVAL_MODE)")
+    parser.add_argument("--throughput", action="store_true", help="only measure the model's images/s "
+                        "on val/ batches (THROUGHPUT_MODE)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), help="device; auto picks CUDA "
+                        "when available (DEVICE)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help="GPU of this process "
+                        "on its node; set by torch.distributed.launch (torchrun sets LOCAL_RANK)")
+    return parser.parse_args(argv)
+
+
+def check_config(config: CN) -> None:
+    """Rejects settings that cannot work, before anything is built or written."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE (--batch-size) must be at least 1, got "
+         f"{config.DATA.BATCH_SIZE}")
+    need(config.TRAIN.ACCUMULATION_STEPS >= 1, "TRAIN.ACCUMULATION_STEPS (--accumulation-steps) "
+         f"must be at least 1, got {config.TRAIN.ACCUMULATION_STEPS}")
+    for key in ("TRAIN.EPOCHS", "SAVE_FREQ", "PRINT_FREQ", "DIST_TIMEOUT"):
+        value = config.TRAIN.EPOCHS if key == "TRAIN.EPOCHS" else config[key]
+        need(value >= 1, f"{key} must be at least 1, got {value}")
+    need(config.TRAIN.KEEP_CHECKPOINTS >= 0, f"TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or more, "
+         f"got {config.TRAIN.KEEP_CHECKPOINTS}")
+    need(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be 0 or more, got {config.DATA.NUM_WORKERS}")
+    need(config.AMP_DTYPE in AMP_DTYPES, f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
+    need(config.DEVICE in ("auto", "cuda", "cpu"), f"DEVICE must be 'auto', 'cuda' or 'cpu', got "
+         f"{config.DEVICE!r}")
+    mixup = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
+    need(not mixup or config.DATA.BATCH_SIZE % 2 == 0 or config.EVAL_MODE or config.THROUGHPUT_MODE,
+         f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an even "
+         f"DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+    for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):
+        path = config.MODEL[key]
+        need(not path or os.path.isfile(path), f"MODEL.{key} ({flag}) {path}: file not found")
+
+
+def init_device(config: CN) -> torch.device:
+    """Picks the device and, when a launcher started this process (RANK and WORLD_SIZE set),
+    joins the process group: NCCL on CUDA, gloo on CPU, timeout DIST_TIMEOUT seconds."""
+    if config.DEVICE == "cuda" and not torch.cuda.is_available():
+        raise RunError("DEVICE (--device) is cuda but CUDA is not available here")
+    use_cuda = config.DEVICE == "cuda" or (config.DEVICE == "auto" and torch.cuda.is_available())
+    device = torch.device("cpu")
+    if use_cuda:
+        if config.LOCAL_RANK >= torch.cuda.device_count():
+            raise RunError(f"local rank {config.LOCAL_RANK} has no GPU: this node has "
+                           f"{torch.cuda.device_count()}")
+        torch.cuda.set_device(config.LOCAL_RANK)
+        device = torch.device("cuda", config.LOCAL_RANK)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=config.DIST_TIMEOUT),
+                                device_id=device if use_cuda else None)
+    return device
+
+
+def seed_everything(config: CN) -> None:
+    """Seeds python, NumPy and torch with SEED + rank; DETERMINISTIC trades speed for
+    reproducibility (otherwise cuDNN autotunes)."""
+    seed = config.SEED + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if config.DETERMINISTIC:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not config.DETERMINISTIC
+    torch.backends.cudnn.deterministic = config.DETERMINISTIC
+
+
+def amp_settings(config: CN, device: torch.device, logger: logging.Logger) -> Amp:
+    """AMP_ENABLE/AMP_DTYPE; float16 autocast is CUDA-only, so on CPU it falls back to float32."""
+    if not config.AMP_ENABLE:
+        return Amp(False, torch.float32)
+    if device.type == "cpu" and config.AMP_DTYPE == "float16":
+        logger.warning("AMP_DTYPE float16 needs CUDA: running in float32 on CPU (set AMP_DTYPE "
+                       "bfloat16 for mixed precision on CPU, or --disable_amp to silence this)")
+        return Amp(False, torch.float32)
+    return Amp(True, AMP_DTYPES[config.AMP_DTYPE])
+
+
+def build_criterion(config: CN, mixup_active: bool) -> nn.Module:
+    """Soft-target cross-entropy with Mixup/CutMix (which smooth the labels), else label
+    smoothing (MODEL.LABEL_SMOOTHING), else plain cross-entropy."""
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA) or peak resident memory of the process (CPU), in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, epoch: int, mixup_fn, lr_scheduler,
+                    scaler: torch.amp.GradScaler, amp: Amp, device: torch.device,
+                    progress: Progress, preemption: Preemption, logger: logging.Logger) -> None:
+    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress``. Stops early,
+    with ``progress.preempted`` set, after the optimizer step during which a preemption signal
+    arrived on any rank; raises NonFiniteLossError, before the update, on a NaN/inf loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    num_steps = progress.epoch_step + len(data_loader)
+    batch_time, loss_meter, norm_meter, scale_meter = (AverageMeter() for _ in range(4))
+    nonfinite = ""
+    end = time.time()
+    for idx, (samples, targets) in enumerate(data_loader, start=progress.epoch_step):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        group_start = idx - idx % accum
+        group_size = min(accum, num_steps - group_start)
+        is_update = idx == group_start + group_size - 1
+        skip_sync = isinstance(model, DistributedDataParallel) and not is_update
+        with model.no_sync() if skip_sync else nullcontext():
+            with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
+                outputs = model(samples)
+                loss = criterion(outputs, targets)
+            scaler.scale(loss / group_size).backward()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value) and not nonfinite:
+            nonfinite = f"loss is {loss_value}"
+        loss_meter.update(loss_value, samples.size(0))
+        progress.loss_sum += loss_value * samples.size(0)
+        progress.loss_count += samples.size(0)
+        progress.epoch_step = idx + 1
+
+        stop = False
+        if is_update:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf).item()
+            if not math.isfinite(grad_norm) and not scaler.is_enabled() and not nonfinite:
+                nonfinite = f"gradient norm is {grad_norm}"
+            diverged, stop = any_rank([bool(nonfinite), preemption.requested], device)
+            if diverged:
+                raise NonFiniteLossError(
+                    f"training {nonfinite or 'loss is not finite on another rank'} at epoch {epoch} "
+                    f"step {idx}/{num_steps} (rank {get_rank()}): stopped before this update")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            progress.num_updates += 1
+            lr_scheduler.step_update(progress.num_updates)
+            norm_meter.update(grad_norm)
+            scale_meter.update(scaler.get_scale() if scaler.is_enabled() else 1.0)
+
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0:
+            lr = optimizer.param_groups[0]["lr"]
+            wd = optimizer.param_groups[0]["weight_decay"]
+            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
+            logger.info(
+                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+                f"eta {eta} lr {lr:.6f}\t wd {wd:.4f}\t"
+                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
+                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
+                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+                f"loss_scale {scale_meter.val:.4f} ({scale_meter.avg:.4f})\t"
+                f"mem {memory_mb(device):.0f}MB")
+        if stop and idx + 1 < num_steps:
+            progress.preempted = True
+            return
+
+
+@torch.no_grad()
+def validate(config: CN, data_loader: DataLoader, model: nn.Module, device: torch.device,
+             amp: Amp, logger: logging.Logger) -> dict[str, float]:
+    """Loss, Acc@1 and Acc@5 over the whole validation set, from counts summed over all ranks
+    (each rank evaluates its own images, every image once)."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    k = min(5, config.MODEL.NUM_CLASSES)
+    loss_sum = correct1 = correct5 = count = 0.0
+    batch_time = AverageMeter()
+    end = time.time()
+    for idx, (images, targets) in enumerate(data_loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
+            output = model(images)
+        output = output.float()
+        hits = output.topk(k, dim=1).indices.eq(targets[:, None])
+        loss_sum += criterion(output, targets).item()
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.sum().item()
+        count += targets.size(0)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0:
+            logger.info(f"Test: [{idx}/{len(data_loader)}]\ttime {batch_time.val:.3f} "
+                        f"({batch_time.avg:.3f})\tmem {memory_mb(device):.0f}MB")
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    stats = {"loss": loss_sum / max(count, 1), "acc1": 100.0 * correct1 / max(count, 1),
+             "acc5": 100.0 * correct5 / max(count, 1), "images": int(count),
+             "correct1": int(correct1), "correct5": int(correct5)}
+    logger.info(f" * Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "
+                f"({stats['images']} images: {stats['correct1']} top-1 and {stats['correct5']} "
+                f"top-5 correct)")
+    return stats
+
+
+@torch.no_grad()
+def throughput(data_loader: DataLoader, model: nn.Module, device: torch.device, amp: Amp,
+               logger: logging.Logger, warmup: int = 50, repeats: int = 30) -> float:
+    """Images per second of the model's forward pass on the loader's first batch (data loading
+    excluded), timed between device synchronisations; summed over ranks."""
+    model.eval()
+    images = next(iter(data_loader))[0].to(device, non_blocking=True)
+    batch_size = images.size(0)
+    with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
+        for _ in range(warmup):
+            model(images)
+        synchronize(device)
+        logger.info(f"throughput averaged over {repeats} forward passes of batch size {batch_size}")
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(images)
+        synchronize(device)
+    rate = repeats * batch_size / (time.perf_counter() - start)
+    total = all_reduce_sum([rate], device)[0]
+    logger.info(f"batch_size {batch_size} throughput {rate:.1f} images/s"
+                + (f" ({total:.1f} images/s over {get_world_size()} processes)" if get_world_size() > 1 else ""))
+    return total
+
+
+def append_metrics(config: CN, row: dict) -> None:
+    """Appends one JSON line to OUTPUT/metrics.jsonl (rank 0)."""
+    if get_rank() != 0:
+        return
+    with open(os.path.join(config.OUTPUT, METRICS_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict] | None:
+    """The checkpoint to start from: with TRAIN.AUTO_RESUME the newest loadable one in the output
+    folder (it wins over --resume when training, so a requeued job continues where it stopped;
+    with --eval an explicit --resume wins), else MODEL.RESUME, else none."""
+    explicit = config.MODEL.RESUME
+    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and explicit):
+        found = find_resume_checkpoint(config.OUTPUT, logger)
+        if found:
+            if explicit:
+                logger.warning(f"auto-resume: continuing from {found[0]} instead of --resume {explicit}")
+            return found
+    return (explicit, load_checkpoint_file(explicit)) if explicit else None
+
+
+def run(config: CN, preemption: Preemption) -> None:
+    """Builds everything from ``config`` and trains, evaluates or times the model."""
+    prepare_output_dir(config.OUTPUT)
+    device = init_device(config)
+    rank, world_size = get_rank(), get_world_size()
+    logger = create_logger(config.OUTPUT, rank, LOGGER_NAME)
+    seed_everything(config)
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if training:
+        scale_lrs(config, world_size)
+    logger.info(f"rank {rank} of {world_size} on {device}; full config:\n{config.dump()}")
+    amp = amp_settings(config, device, logger)
+
+    dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+    logger.info(f"{len(dataset_val)} validation images" + (f", {len(dataset_train)} training images"
+                                                           if training else ""))
+    try:
+        model = build_model(config)
+    except ValueError as e:
+        raise ConfigError(f"cannot build {config.MODEL.NAME}: {e}") from None
+    model.to(device)
+    logger.info(str(model))
+    logger.info(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    if config.MODEL.PRETRAINED:
+        load_pretrained(config.MODEL.PRETRAINED, model, logger)
+
+    if not training:
+        resume = checkpoint_to_resume(config, logger) if config.EVAL_MODE else None
+        if resume:
+            load_weights(model, resume[1], resume[0])
+            logger.info(f"loaded weights from {resume[0]}")
+        if config.EVAL_MODE:
+            if not resume and not config.MODEL.PRETRAINED:
+                logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
+            stats = validate(config, data_loader_val, model, device, amp, logger)
+            logger.info(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
+        else:
+            throughput(data_loader_val, model, device, amp, logger)
+        return
+
+    optimizer = build_optimizer(config, model)
+    model_without_ddp = model
+    if dist.is_initialized():
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.enabled and amp.dtype == torch.float16)
+    num_steps = len(data_loader_train)
+    updates_per_epoch = math.ceil(num_steps / config.TRAIN.ACCUMULATION_STEPS)
+    lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
+    criterion = build_criterion(config, mixup_fn is not None)
+
+    start_epoch, max_accuracy, progress = config.TRAIN.START_EPOCH, 0.0, Progress()
+    resume = checkpoint_to_resume(config, logger)
+    if resume:
+        path, ckpt = resume
+        load_weights(model_without_ddp, ckpt, path)
+        restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
+        max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+        progress.num_updates = int(ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch))
+        if ckpt.get("epoch_step") is None:
+            start_epoch = ckpt["epoch"] + 1
+        else:
+            start_epoch, progress.epoch_step = ckpt["epoch"], ckpt["epoch_step"]
+            progress.loss_sum, progress.loss_count = ckpt["train_loss"]
+        lr_scheduler.step_update(progress.num_updates)
+        logger.info(f"resumed from {path}: epoch {start_epoch}, step {progress.epoch_step}/{num_steps}, "
+                    f"{progress.num_updates} optimizer steps done, max accuracy {max_accuracy:.2f}%")
+    elif config.TRAIN.AUTO_RESUME:
+        logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
+    if start_epoch >= config.TRAIN.EPOCHS:
+        logger.info(f"nothing to train: training has reached TRAIN.EPOCHS {config.TRAIN.EPOCHS}")
+
+    logger.info("Start training")
+    start_time = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        first_step = progress.epoch_step
+        data_loader_train.sampler.set_epoch(epoch, first_step * config.DATA.BATCH_SIZE)
+        epoch_start = time.time()
+        train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
+                        lr_scheduler, scaler, amp, device, progress, preemption, logger)
+        epoch_time = time.time() - epoch_start
+        skipped = all_reduce_sum([dataset_train.pop_skipped() if hasattr(dataset_train, "pop_skipped") else 0], device)[0]
+        if skipped:
+            logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
+        if progress.preempted:
+            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
+                            scaler, logger, num_updates=progress.num_updates,
+                            epoch_step=progress.epoch_step,
+                            train_loss=(progress.loss_sum, progress.loss_count))
+            raise Preempted(f"{preemption.signal_name} received: stopped at epoch {epoch} step "
+                            f"{progress.epoch_step}/{num_steps} and saved "
+                            f"{os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))}")
+        logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
+        loss_sum, loss_count = all_reduce_sum([progress.loss_sum, progress.loss_count], device)
+
+        stats = validate(config, data_loader_val, model_without_ddp, device, amp, logger)
+        if not math.isfinite(stats["loss"]):
+            raise NonFiniteLossError(f"validation loss is {stats['loss']} after epoch {epoch}: the "
+                                     "model diverged and is not saved")
+        logger.info(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
+        is_best = stats["acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, stats["acc1"])
+        save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
+        if save_epoch or is_best:
+            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
+                            scaler, logger, num_updates=progress.num_updates,
+                            is_best=is_best, save_epoch=save_epoch)
+        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        append_metrics(config, {
+            "epoch": epoch, "train_loss": loss_sum / max(loss_count, 1),
+            "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
+            "acc5": stats["acc5"], "epoch_time": epoch_time,
+            "images_per_sec": (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size / epoch_time,
+            "num_updates": progress.num_updates})
+        progress = Progress(num_updates=progress.num_updates)
+        if any_rank([preemption.requested], device)[0]:
+            raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: stopped "
+                            f"after epoch {epoch}, whose checkpoint is saved")
+    logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+def report_error(message: str) -> None:
+    """Logs an error (console on rank 0, every rank's log file) and prints it on other ranks."""
+    logger = logging.getLogger(LOGGER_NAME)
+    prefix = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
+    if logger.handlers:
+        logger.error(prefix + message)
+    if get_rank() != 0 or not logger.handlers:
+        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs main.py with ``argv``; returns the exit code."""
+    args = parse_option(argv)
+    preemption = Preemption()
+    try:
+        config = get_config(args)
+        check_config(config)
+        if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+            preemption.install()
+        run(config, preemption)
+        code = 0
+    except Preempted as e:
+        report_error(f"preempted: {e}; run the same command again to resume "
+                     f"(exit code {PREEMPTED_EXIT_CODE})")
+        code = PREEMPTED_EXIT_CODE
+    except NonFiniteLossError as e:
+        report_error(f"{e}; the checkpoints already in the output folder are untouched")
+        return 1
+    except (ConfigError, DataError, RunError) as e:
+        report_error(str(e))
+        return 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Checkpoints (atomic saves, safe loads, auto-resume), RNG state and distributed helpers."""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from yacs.config import CfgNode as CN
+
+CHECKPOINT_RE = re.compile(r"^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
+BEST_CHECKPOINT = "ckpt_best.pth"
+
+
+class RunError(Exception):
+    """A problem with the run's inputs or state, reported to the user without a traceback."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint that is missing, unreadable, unsafe or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+# ---------------------------------------------------------------------------------------------
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (float64)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of ``flags`` over all ranks, so that every rank takes the same decision."""
+    return [v > 0 for v in all_reduce_sum([float(f) for f in flags], device)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder
+# ---------------------------------------------------------------------------------------------
+def prepare_output_dir(path: str) -> None:
+    """Creates ``path`` if needed and checks that files can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise RunError(f"output folder {path} cannot be written: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+# ---------------------------------------------------------------------------------------------
+def get_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (current device) CUDA generator states, as plain data."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores the states returned by :func:`get_rng_state`."""
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """The RNG states of every rank, in rank order (a collective: all ranks call it)."""
+    state = get_rng_state()
+    if get_world_size() == 1:
+        return [state]
+    states: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``:
+    ``path`` is either the old file or the complete new one, never a partial write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_name(epoch: int, epoch_step: int | None = None) -> str:
+    """``ckpt_epoch_{epoch}.pth`` after a whole epoch, ``ckpt_epoch_{epoch}_step_{n}.pth`` within."""
+    return f"ckpt_epoch_{epoch}.pth" if epoch_step is None else f"ckpt_epoch_{epoch}_step_{epoch_step}.pth"
+
+
+def list_checkpoints(folder: str) -> list[tuple[int, float, str]]:
+    """``(epoch, step, path)`` of the epoch checkpoints in ``folder``, oldest first; a whole-epoch
+    checkpoint has step ``inf`` (it comes after every mid-epoch one of the same epoch)."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = CHECKPOINT_RE.match(name)
+        if match:
+            step = float("inf") if match.group(2) is None else int(match.group(2))
+            found.append((int(match.group(1)), step, os.path.join(folder, name)))
+    return sorted(found)
+
+
+def prune_checkpoints(folder: str, epoch: int, keep: int, logger: logging.Logger) -> None:
+    """After the whole-epoch checkpoint of ``epoch`` is saved: removes mid-epoch checkpoints up to
+    ``epoch`` and whole-epoch ones older than the newest ``keep`` (``keep`` 0 keeps them all).
+    Checkpoints of later epochs (another run's) are left alone."""
+    whole = [path for e, step, path in list_checkpoints(folder) if e <= epoch and step == float("inf")]
+    stale = [path for e, step, path in list_checkpoints(folder) if e <= epoch and step != float("inf")]
+    if keep > 0:
+        stale += whole[:-keep]
+    for path in stale:
+        os.remove(path)
+        logger.info(f"removed old checkpoint {path}")
+
+
+def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy: float,
+                    optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                    scaler: torch.amp.GradScaler, logger: logging.Logger, *, num_updates: int,
+                    epoch_step: int | None = None, train_loss: tuple[float, float] = (0.0, 0.0),
+                    is_best: bool = False, save_epoch: bool = True) -> None:
+    """Saves the training state (a collective: every rank calls it, rank 0 writes).
+
+    Contents: ``model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, config`` as released
+    checkpoints have them, plus ``epoch_step`` (loader steps done in ``epoch``; None after the
+    whole epoch), ``num_updates`` (optimizer steps so far), ``train_loss`` (sum and count of the
+    epoch's losses so far) and ``rng`` (RNG states of every rank)."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "max_accuracy": float(max_accuracy),
+        "config": config,
+        "epoch_step": epoch_step,
+        "num_updates": num_updates,
+        "train_loss": tuple(train_loss),
+        "rng": gather_rng_states(),
+    }
+    if get_rank() != 0:
+        return
+    if save_epoch:
+        path = os.path.join(config.OUTPUT, checkpoint_name(epoch, epoch_step))
+        logger.info(f"saving {path}")
+        atomic_save(state, path)
+        logger.info(f"{path} saved")
+        if epoch_step is None:
+            prune_checkpoints(config.OUTPUT, epoch, config.TRAIN.KEEP_CHECKPOINTS, logger)
+    if is_best:
+        path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
+        atomic_save(state, path)
+        logger.info(f"{path} saved (Acc@1 {max_accuracy:.3f})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+class _ConfigAsMapping:
+    """Stands in for ``yacs.config.CfgNode`` while unpickling: the stored config is rebuilt as
+    plain ordered mappings, so no yacs code runs during the load."""
+
+    def __new__(cls, *args: Any) -> collections.OrderedDict:
+        return collections.OrderedDict()
+
+
+def _to_cfgnode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return CN({k: _to_cfgnode(v) for k, v in value.items()})
+    return value
+
+
+def load_checkpoint_file(path: str) -> dict[str, Any]:
+    """Loads a checkpoint with ``torch.load(weights_only=True)``: tensors, plain containers and
+    numbers, and the yacs config of released checkpoints (returned as a CfgNode under "config").
+    Anything else (a pickled object that could run code) is refused."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([(_ConfigAsMapping, "yacs.config.CfgNode")]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: cannot be read (truncated or corrupt?): {e}") from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled objects other than tensors, plain "
+            f"containers and a yacs config, which could run code when loaded ({reason})") from None
+    except Exception as e:  # zip/pickle decoding errors of every kind mean the same here
+        raise CheckpointError(f"{path}: cannot be read (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint: expected a dict with the weights under "
+                              f"'model', got {type(ckpt).__name__}"
+                              + (f" with keys {sorted(map(str, ckpt))[:10]}" if isinstance(ckpt, dict) else ""))
+    if isinstance(ckpt.get("config"), dict):
+        ckpt["config"] = _to_cfgnode(ckpt["config"])
+    return ckpt
+
+
+def find_resume_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
+    """The newest epoch checkpoint in ``folder`` that loads, with its contents; unreadable or
+    refused ones are reported and skipped (left in place)."""
+    for _, _, path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_checkpoint_file(path)
+        except CheckpointError as e:
+            logger.warning(f"auto-resume skips {e}")
+    return None
+
+
+def _describe(ckpt: dict) -> str:
+    config = ckpt.get("config")
+    if isinstance(config, dict) and isinstance(config.get("MODEL"), dict):
+        return (f" (it was saved by a run of MODEL.NAME {config['MODEL'].get('NAME')}, "
+                f"NUM_CLASSES {config['MODEL'].get('NUM_CLASSES')})")
+    return ""
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
+    """Loads ``ckpt["model"]`` into ``model`` strictly; a mismatch lists the keys and shapes."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n{e}") from None
+
+
+def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -> None:
+    """Initialises ``model`` from the weights of a checkpoint (optimizer and epoch start fresh).
+    A classifier head of another class count is left at its initialisation, for fine-tuning."""
+    ckpt = load_checkpoint_file(path)
+    own = model.state_dict()
+    weights = dict(ckpt["model"])
+    head = [k for k in weights if k.startswith("head.") and k in own and weights[k].shape != own[k].shape]
+    for key in head:
+        logger.warning(f"{path}: {key} has shape {tuple(weights.pop(key).shape)}, the model "
+                       f"{tuple(own[key].shape)}: the head starts from its initialisation")
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n{e}") from None
+    missing = [k for k in result.missing_keys if k not in head]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}: "
+                              f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
+    logger.info(f"loaded pretrained weights from {path}")
+
+
+def restore_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer,
+                           lr_scheduler: Any, scaler: torch.amp.GradScaler,
+                           logger: logging.Logger) -> None:
+    """Restores optimizer, LR scheduler, loss scaler and this rank's RNG states from ``ckpt``."""
+    for key in ("optimizer", "lr_scheduler"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: has no '{key}' entry: it holds weights only; "
+                                  "use --pretrained to start training from it")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run: {e}") from None
+    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt.get("rng")
+    if states and len(states) == get_world_size():
+        set_rng_state(states[get_rank()])
+    else:
+        logger.warning(f"{path}: RNG states of {len(states or [])} rank(s) for "
+                       f"{get_world_size()} now: random streams start afresh (not bit-exact)")
