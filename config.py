@@ -104,7 +104,8 @@ _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
 # Epochs at which the LR decays ('multistep').
 _C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
-# Whether the schedule after warm-up starts from its own first value (timm's warmup_prefix).
+# Whether the schedule after warm-up starts from its own first value (timm's warmup_prefix); then
+# its length, DECAY_EPOCHS and MULTISTEPS count from the end of the warm-up.
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
 
 _C.TRAIN.OPTIMIZER = CN()

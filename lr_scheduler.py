@@ -26,19 +26,21 @@ def scale_lrs(config: CN, world_size: int) -> None:
 def build_scheduler(config: CN, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
     """``TRAIN.LR_SCHEDULER.NAME`` ('cosine', 'linear', 'step', 'multistep') with a linear warm-up
     from ``WARMUP_LR`` over ``WARMUP_EPOCHS``, counted in optimizer steps: call
-    ``step_update(num_updates)`` after every optimizer step."""
+    ``step_update(num_updates)`` after every optimizer step. With ``WARMUP_PREFIX`` the schedule
+    (its length, decay epochs and milestones) is counted from the end of the warm-up."""
     sched = config.TRAIN.LR_SCHEDULER
     total = config.TRAIN.EPOCHS * updates_per_epoch
     warmup = config.TRAIN.WARMUP_EPOCHS * updates_per_epoch
-    common = dict(warmup_t=warmup, warmup_lr_init=config.TRAIN.WARMUP_LR, t_in_epochs=False)
+    common = dict(warmup_t=warmup, warmup_lr_init=config.TRAIN.WARMUP_LR, t_in_epochs=False,
+                  warmup_prefix=sched.WARMUP_PREFIX)
     name = sched.NAME.lower()
     if name in ("cosine", "linear"):
         t_initial = total - warmup if sched.WARMUP_PREFIX else total
         if name == "cosine":
             return CosineLRScheduler(optimizer, t_initial=t_initial, lr_min=config.TRAIN.MIN_LR,
-                                     cycle_limit=1, warmup_prefix=sched.WARMUP_PREFIX, **common)
+                                     cycle_limit=1, **common)
         return PolyLRScheduler(optimizer, t_initial=t_initial, power=1.0, lr_min=config.TRAIN.MIN_LR,
-                               cycle_limit=1, warmup_prefix=sched.WARMUP_PREFIX, **common)
+                               cycle_limit=1, **common)
     if name == "step":
         return StepLRScheduler(optimizer, decay_t=sched.DECAY_EPOCHS * updates_per_epoch,
                                decay_rate=sched.DECAY_RATE, **common)

@@ -148,6 +148,9 @@ def check_config(config: CN) -> None:
     for key in ("TRAIN.EPOCHS", "SAVE_FREQ", "PRINT_FREQ", "DIST_TIMEOUT"):
         value = config.TRAIN.EPOCHS if key == "TRAIN.EPOCHS" else config[key]
         need(value >= 1, f"{key} must be at least 1, got {value}")
+    need(0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS or config.EVAL_MODE or config.THROUGHPUT_MODE,
+         f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than "
+         f"TRAIN.EPOCHS ({config.TRAIN.EPOCHS})")
     need(config.TRAIN.KEEP_CHECKPOINTS >= 0, f"TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or more, "
          f"got {config.TRAIN.KEEP_CHECKPOINTS}")
     need(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be 0 or more, got {config.DATA.NUM_WORKERS}")
@@ -433,8 +436,7 @@ def run(config: CN, preemption: Preemption) -> None:
     optimizer = build_optimizer(config, model)
     model_without_ddp = model
     if dist.is_initialized():
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.enabled and amp.dtype == torch.float16)
     num_steps = len(data_loader_train)
     updates_per_epoch = math.ceil(num_steps / config.TRAIN.ACCUMULATION_STEPS)

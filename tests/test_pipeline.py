@@ -1,0 +1,288 @@
+"""The training / evaluation pipeline (issue 3) through the real command line, on CPU, with a
+tiny model on tiny generated ImageFolders; plus the optimizer, schedule and accumulation."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+import pipeline_helpers as h
+from config import get_config, load_config
+from data.build import ShardSampler, build_transform
+from lr_scheduler import build_scheduler, scale_lrs
+from main import Amp, Preemption, Progress, parse_option, train_one_epoch
+from models import build_model
+from optimizer import build_optimizer
+from utils import load_checkpoint_file
+
+ACC_LINE = re.compile(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images: (\d+) top-1 "
+                      r"and (\d+) top-5 correct\)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process model work on one thread (the 2 cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> str:
+    return h.shared_dataset(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data) -> str:
+    return h.reference_run(str(tmp_path_factory.getbasetemp()))
+
+
+def tiny_config(*opts: str):
+    return load_config(h.CFG, [*h.TINY, *opts])
+
+
+def accuracy_line(output: str) -> tuple[float, ...]:
+    matches = ACC_LINE.findall(output)
+    assert matches, output[-3000:]
+    return tuple(float(v) for v in matches[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def test_training_writes_checkpoints_metrics_and_logs(reference, tmp_path_factory):
+    names = sorted(os.listdir(reference))
+    # KEEP_CHECKPOINTS 2: the two newest epoch checkpoints stay, plus the best one.
+    assert [n for n in names if n.endswith(".pth")] == ["ckpt_best.pth", "ckpt_epoch_2.pth",
+                                                         "ckpt_epoch_3.pth"]
+    assert "log_rank0.txt" in names and "metrics.jsonl" in names
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    metrics = h.read_metrics(reference)
+    assert sorted(metrics) == [0, 1, 2, 3]
+    for epoch, row in metrics.items():
+        assert set(row) >= {"epoch", "train_loss", "lr", "val_loss", "acc1", "acc5", "epoch_time",
+                            "images_per_sec", "num_updates"}
+        assert all(math.isfinite(row[k]) for k in ("train_loss", "val_loss", "lr"))
+        assert row["num_updates"] == 3 * (epoch + 1)  # 15 images, batch 4, last partial batch dropped
+        assert 0 <= row["acc1"] <= row["acc5"] <= 100 and row["images_per_sec"] > 0
+
+    log = open(os.path.join(reference, "log_rank0.txt"), encoding="utf-8").read()
+    assert "full config:" in log and "DATA_PATH:" in log and "KEEP_CHECKPOINTS: 2" in log
+    assert re.search(r"Train: \[0/4\]\[0/3\]\teta \S+ lr [\d.]+\t wd [\d.]+\ttime [\d.]+ \([\d.]+\)\t"
+                     r"loss [\d.]+ \([\d.]+\)\tgrad_norm [\d.]+ \([\d.]+\)\tloss_scale [\d.]+ "
+                     r"\([\d.]+\)\tmem \d+MB", log)
+    console = h.reference_log(str(tmp_path_factory.getbasetemp()))
+    assert "Train: [3/4][2/3]" in console and "Max accuracy" in console
+
+    ckpt = load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))
+    assert set(ckpt) >= {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "max_accuracy",
+                         "config", "rng", "epoch_step", "num_updates"}
+    assert ckpt["epoch"] == 3 and ckpt["epoch_step"] is None and ckpt["num_updates"] == 12
+    assert ckpt["config"].MODEL.NAME == h.MODEL_NAME and ckpt["config"].TRAIN.EPOCHS == 4
+
+
+def test_second_invocation_auto_resumes_at_next_epoch(reference, data, tmp_path):
+    folder = h.copy_run(reference, str(tmp_path), "continued")
+    result = h.run_cli(h.main_args(data, str(tmp_path), "continued", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"resumed from {os.path.join(folder, 'ckpt_epoch_3.pth')}: epoch 4" in result.stdout
+    assert "Train: [4/5][0/3]" in result.stdout
+    assert not re.search(r"Train: \[[0-3]/5\]", result.stdout)  # nothing trained twice
+    metrics = h.read_metrics(folder)
+    assert sorted(metrics) == [0, 1, 2, 3, 4] and metrics[4]["num_updates"] == 15
+    assert os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
+
+
+def test_eval_resume_counts_equal_a_plain_loop(reference, data, tmp_path):
+    ckpt_path = os.path.join(reference, "ckpt_epoch_3.pth")
+    result = h.run_cli(h.main_args(data, str(tmp_path), "eval", flags=("--eval", "--resume", ckpt_path)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    acc1, acc5, loss, images, top1, top5 = accuracy_line(result.stdout)
+    assert images == 9 and "Accuracy of the network on the 9 test images" in result.stdout
+
+    config = tiny_config("DATA.DATA_PATH", data)
+    model = build_model(config)
+    model.load_state_dict(load_checkpoint_file(ckpt_path)["model"])
+    model.eval()
+    transform = build_transform(False, config)
+    val = os.path.join(data, "val")
+    counts = [0, 0, 0]
+    losses = []
+    for label, name in enumerate(sorted(os.listdir(val))):
+        for file in sorted(os.listdir(os.path.join(val, name))):
+            x = transform(Image.open(os.path.join(val, name, file)).convert("RGB"))[None]
+            with torch.no_grad():
+                logits = model(x)
+            top = logits.topk(3, dim=1).indices[0].tolist()
+            counts[0] += 1
+            counts[1] += top[0] == label
+            counts[2] += label in top
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor([label])).item())
+    assert (images, top1, top5) == tuple(counts)
+    assert acc1 == pytest.approx(100 * counts[1] / 9, abs=1e-3)
+    assert loss == pytest.approx(sum(losses) / 9, abs=1e-3)
+
+
+def test_torchrun_two_processes_train_and_validate_every_image_once(data, tmp_path):
+    port = h.free_port()
+    launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "main.py")
+    result = h.run_cli(h.main_args(data, str(tmp_path), "ddp", "TRAIN.EPOCHS", "1", *h.NO_AUG,
+                                   batch_size=2), prefix=launcher)
+    assert result.returncode == 0, result.stdout[-4000:]
+    folder = h.run_dir(str(tmp_path), "ddp")
+    logs = {r: open(os.path.join(folder, f"log_rank{r}.txt"), encoding="utf-8").read() for r in (0, 1)}
+    assert "rank 0 of 2" in logs[0] and "rank 1 of 2" in logs[1]
+    # 15 images over 2 ranks (padded to 8 each), batch 2: 4 steps per rank.
+    assert "Train: [0/1][3/4]" in logs[1]
+    _, _, _, images, top1, top5 = accuracy_line(logs[0])
+    assert images == 9  # 5 + 4: every image once, no padding duplicates
+
+    # The same checkpoint evaluated by one process gives the same counts.
+    single = h.run_cli(h.main_args(data, str(tmp_path), "single", flags=(
+        "--eval", "--resume", os.path.join(folder, "ckpt_epoch_0.pth"))))
+    assert single.returncode == 0, single.stdout[-3000:]
+    assert accuracy_line(single.stdout)[3:] == (images, top1, top5)
+
+
+def test_torch_distributed_launch_one_process(data, tmp_path):
+    launcher = ("-m", "torch.distributed.launch", "--nproc_per_node", "1",
+                "--master_port", str(h.free_port()), "main.py")
+    result = h.run_cli(h.main_args(data, str(tmp_path), "launch", "TRAIN.EPOCHS", "1", *h.NO_AUG),
+                       prefix=launcher)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "rank 0 of 1" in result.stdout and "Train: [0/1][2/3]" in result.stdout
+    assert os.path.exists(os.path.join(h.run_dir(str(tmp_path), "launch"), "ckpt_epoch_0.pth"))
+
+
+def test_throughput_on_cpu(data, tmp_path):
+    result = h.run_cli(h.main_args(data, str(tmp_path), "speed", flags=("--throughput", "--disable_amp")))
+    assert result.returncode == 0, result.stdout[-3000:]
+    match = re.search(r"batch_size 4 throughput ([\d.]+) images/s", result.stdout)
+    assert match and float(match.group(1)) > 0
+
+
+def test_help_explains_every_swin_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_option(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--cfg", "--opts", "--batch-size", "--data-path", "--pretrained", "--resume",
+                 "--accumulation-steps", "--use-checkpoint", "--disable_amp", "--output", "--tag",
+                 "--eval", "--throughput", "--device", "--local_rank", "--local-rank"):
+        assert flag in text
+
+
+def test_flags_map_to_config_keys(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = parse_option(["--cfg", h.CFG, "--batch-size", "32", "--data-path", "/data/in1k",
+                         "--pretrained", "p.pth", "--resume", "r.pth", "--accumulation-steps", "4",
+                         "--use-checkpoint", "--disable_amp", "--output", str(tmp_path), "--tag", "007",
+                         "--eval", "--throughput", "--device", "cpu", "--local-rank=3",
+                         "--opts", "TRAIN.EPOCHS", "30", "DATA.BATCH_SIZE", "8"])
+    config = get_config(args)
+    assert config.DATA.BATCH_SIZE == 32  # flags win over --opts, as in Swin
+    assert config.DATA.DATA_PATH == "/data/in1k" and config.TRAIN.EPOCHS == 30
+    assert (config.MODEL.PRETRAINED, config.MODEL.RESUME) == ("p.pth", "r.pth")
+    assert config.TRAIN.ACCUMULATION_STEPS == 4 and config.TRAIN.USE_CHECKPOINT
+    assert not config.AMP_ENABLE and config.EVAL_MODE and config.THROUGHPUT_MODE
+    assert config.DEVICE == "cpu" and config.LOCAL_RANK == 3
+    assert config.OUTPUT == os.path.join(str(tmp_path), h.MODEL_NAME, "007")  # a tag is a string
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's way wins over the flag
+    assert get_config(parse_option(["--cfg", h.CFG, "--local_rank", "5"])).LOCAL_RANK == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+# ------------------------------------------------------------------------------------------------
+def test_validation_shards_cover_every_image_once():
+    dataset = list(range(9))
+    shards = [list(ShardSampler(dataset, 2, r)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == dataset and [len(s) for s in shards] == [5, 4]
+    assert list(ShardSampler(dataset, 4, 3)) == [3, 7]
+
+
+def test_lr_scaling_and_schedules_follow_the_recipe_formulas():
+    config = tiny_config("TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2", "TRAIN.BASE_LR", "1e-3",
+                         "TRAIN.WARMUP_LR", "5e-7", "TRAIN.MIN_LR", "1e-6", "DATA.BATCH_SIZE", "64",
+                         "TRAIN.ACCUMULATION_STEPS", "2")
+    config = config.clone()
+    scale_lrs(config, world_size=2)  # total batch 64 x 2 x 2 = 256: half the LRs of 512
+    base, warm, low = 1e-3 * 0.5, 5e-7 * 0.5, 1e-6 * 0.5
+    assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((base, warm, low))
+
+    n = 7  # optimizer steps per epoch
+    total, warmup = 10 * n, 2 * n
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=config.TRAIN.BASE_LR)
+    scheduler = build_scheduler(config, optimizer, n)
+    for t in (0, 1, 5, warmup - 1, warmup, warmup + 3, 40, total - 1, total):
+        scheduler.step_update(t)
+        if t < warmup:
+            expected = warm + (base - warm) * t / warmup
+        else:
+            expected = low + 0.5 * (base - low) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9), t
+
+    for name, t, expected in (("linear", 42, low + (base - low) * (1 - (42 - warmup) / (total - warmup))),
+                              ("step", warmup + 3 * n - 1, base), ("step", warmup + 3 * n, base * 0.1),
+                              ("multistep", warmup + 5 * n, base * 0.01)):
+        cfg = config.clone()
+        cfg.defrost()
+        cfg.TRAIN.LR_SCHEDULER.NAME = name
+        cfg.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 3
+        cfg.TRAIN.LR_SCHEDULER.MULTISTEPS = [3, 5]
+        optimizer = torch.optim.AdamW([param], lr=base)
+        scheduler = build_scheduler(cfg, optimizer, n)
+        scheduler.step_update(t)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9), name
+
+
+def test_no_decay_group_is_exactly_biases_norms_and_1d_parameters():
+    config = tiny_config()
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in optimizer.param_groups)
+    expected = {n for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
+    assert no_decay == expected and decay == set(names.values()) - expected
+    assert any(".norm" in n for n in no_decay) and all(".norm" not in n for n in decay)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [config.TRAIN.WEIGHT_DECAY, 0.0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    sgd = build_optimizer(tiny_config("TRAIN.OPTIMIZER.NAME", "sgd"), model)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+
+
+def test_accumulating_two_micro_batches_matches_one_double_batch():
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    dataset = TensorDataset(images, labels)
+    results = []
+    for batch, accum in ((8, 1), (4, 2)):
+        config = tiny_config("MODEL.DROP_PATH_RATE", "0.0", "TRAIN.OPTIMIZER.NAME", "sgd",
+                             "TRAIN.ACCUMULATION_STEPS", str(accum), "TRAIN.EPOCHS", "1",
+                             "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.BASE_LR", "0.05")
+        torch.manual_seed(1)
+        model = build_model(config)
+        initial = copy.deepcopy(model.state_dict())
+        optimizer = build_optimizer(config, model)
+        scheduler = build_scheduler(config, optimizer, 1)
+        progress = Progress()
+        train_one_epoch(config, model, torch.nn.CrossEntropyLoss(), DataLoader(dataset, batch_size=batch),
+                        optimizer, 0, None, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                        Amp(False, torch.float32), torch.device("cpu"), progress, Preemption(),
+                        logging.getLogger("test"))
+        assert progress.num_updates == 1 and progress.epoch_step == 8 // batch
+        results.append(copy.deepcopy(model.state_dict()))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(results[0]["head.weight"], initial["head.weight"])  # the step moved them
