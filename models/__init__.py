@@ -28,7 +28,6 @@ def build_model(config: CfgNode) -> nn.Module:
         qkv_bias=arch.QKV_BIAS,
         head_hidden_dim=arch.HEAD_HIDDEN_DIM,
         drop_rate=config.MODEL.DROP_RATE,
-        attn_drop_rate=config.MODEL.ATTN_DROP_RATE,
         drop_path_rate=config.MODEL.DROP_PATH_RATE,
         use_checkpoint=config.TRAIN.USE_CHECKPOINT,
     )

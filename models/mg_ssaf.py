@@ -1,7 +1,10 @@
 """MG-SSAF: a Swin-style hierarchy whose blocks run space-wise separable window attention with an
 Attention Fusion module (SS-MSA + AF) side by side with multi-scale global attention (MG-MSA).
 
-Every tensor between modules is channels-first, ``(B, C, H, W)``. Parameter names follow the
+The network takes channels-first images ``(B, C, H, W)``; inside, every feature map between
+modules is channels-last, ``(B, H, W, C)``, so that the windowed attention reads its heads with
+contiguous channels and every convolution runs in the channels-last memory format (the layout
+only changes how the same numbers are computed). Parameter names and shapes follow the
 released checkpoints (``MG-SSAF-{T,S,B}.keys.txt``), so those state dicts load with
 ``strict=True``.
 
@@ -15,6 +18,9 @@ input whose sides are multiples of 32 also runs, square or not:
 * MG-MSA works on the unpadded map. Window pooling covers it with a ceil(H/w) x ceil(W/w) grid
   whose last row and column average only the positions they cover. Strip pooling needs the strip
   width to divide the stage map, which holds for every multiple of 32 with the released widths.
+
+The released network sets no attention dropout, and this implementation has none: it lets the
+AF module fold its last bias into the output instead of adding it to every attention weight.
 """
 from __future__ import annotations
 
@@ -25,24 +31,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 
 __all__ = ["MGSSAF"]
 
 
-def _layer_norm_2d(dim: int) -> LayerNorm2d:
-    """LN2d of the spec: LayerNorm over channels of a channels-first map, eps 1e-6."""
-    return LayerNorm2d(dim, eps=1e-6)
+class ChannelsLastConv(nn.Conv2d):
+    """``nn.Conv2d`` on a channels-last ``(B, H, W, C)`` map, returning ``(B, H', W', C')``.
+
+    The permuted view is a tensor in the channels-last memory format, which the convolution
+    backends (oneDNN on CPU, cuDNN) compute without layout copies, 1x1 convolutions included.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> ChannelsLastConv:
+    return ChannelsLastConv(in_chans, out_chans, 1, bias=bias)
+
+
+def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> ChannelsLastConv:
+    return ChannelsLastConv(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim)
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    """LN2d of the spec (LayerNorm over channels, eps 1e-6) on channels-last maps."""
+    return nn.LayerNorm(dim, eps=1e-6)
 
 
 class AttentionFusion(nn.Sequential):
     """AF module: ``dw3x3 over heads -> GELU -> 1x1 (heads -> heads)`` on attention maps.
 
-    Each query's attention map is an ``mh x mw`` image over the keys, one channel per head. The
-    module is kept as the released 3-element sequence (``.0``, ``.1``, ``.2``) so checkpoints load,
-    but it runs as matrix products: on an ``mh x mw`` map the depthwise 3x3 convolution (zero
-    padding 1) is a fixed linear map of the ``M = mh*mw`` positions per head, and the 1x1
-    convolution mixes heads.
+    Each query's attention map over the keys is an ``mh x mw`` image, one channel per head. The
+    module keeps the released 3-element layout (``.0``, ``.1``, ``.2``) so checkpoints load, but
+    runs as matrix products: on an ``mh x mw`` map the depthwise 3x3 convolution (zero padding 1)
+    is a fixed linear map of the ``M = mh*mw`` positions of each head, and the 1x1 convolution is
+    a ``(heads, heads)`` matrix mixing the heads.
     """
 
     def __init__(self, num_heads: int) -> None:
@@ -53,66 +78,51 @@ class AttentionFusion(nn.Sequential):
         )
 
     def _spatial_operator(self, map_size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """The depthwise 3x3 convolution on an ``map_size`` map as ``(heads, M, M)`` matrices."""
+        """The depthwise 3x3 convolution on ``map_size`` maps as ``(heads, M, M)`` matrices."""
         dw = self[0]
-        heads = dw.out_channels
-        m = map_size[0] * map_size[1]
+        heads, m = dw.out_channels, map_size[0] * map_size[1]
         basis = torch.eye(m, dtype=like.dtype, device=like.device)
         basis = basis.view(m, 1, *map_size).expand(m, heads, *map_size)
-        # (M_in, heads, mh, mw): the convolution's response to each one-hot input position.
+        # (M_in, heads, mh, mw): the convolution's response to each one-hot input position
         response = F.conv2d(basis, dw.weight.to(like.dtype), padding=1, groups=heads)
         return response.reshape(m, heads, m).transpose(0, 1)  # (heads, M_in, M_out)
 
-    def forward(self, attn: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:
-        """attn: ``(..., heads, N, M)``, the ``M = mh*mw`` map of each of N queries per head.
+    def forward(self, attn: torch.Tensor, values: torch.Tensor,
+                map_size: tuple[int, int]) -> torch.Tensor:
+        """``(attn + AF(attn)) @ values``.
 
-        Returns AF(attn) of the same shape.
+        attn: ``(heads, G, Nq, M)``, the ``M = mh*mw`` map of each of ``Nq`` queries in each of
+        ``G`` groups (windows or images); values: ``(heads, G, M, d)``. Returns
+        ``(heads, G, Nq, d)``.
         """
         dw, act, pw = self
-        heads = dw.out_channels
-        y = torch.matmul(attn, self._spatial_operator(map_size, attn))
-        y = act(y + dw.bias.to(attn.dtype).view(heads, 1, 1))
-        # 1x1 over heads: (heads_out, heads_in) @ (..., heads_in, N*M)
-        lead, n, m = y.shape[:-3], y.shape[-2], y.shape[-1]
-        y = torch.matmul(pw.weight.to(attn.dtype).view(heads, heads), y.reshape(*lead, heads, n * m))
-        return (y + pw.bias.to(attn.dtype).view(heads, 1)).view(*lead, heads, n, m)
-
-
-def _separable_attention(q: torch.Tensor, k: torch.Tensor, row_mask: torch.Tensor | None,
-                         col_mask: torch.Tensor | None) -> torch.Tensor:
-    """The two-hop separable map ``P`` of SS-MSA for windows of scaled queries and keys.
-
-    q, k: ``(Bw, h, w, w, d)`` with position (row i, column j) on axes 2, 3 (q already scaled).
-    row_mask / col_mask: boolean masks of padded keys broadcastable to the row scores
-    ``(.., i, j, j')`` and the column scores ``(.., j, i, i')``, or None.
-    Returns ``P``: ``(Bw, h, w*w, w*w)``, ``P[(i,j),(i',j')] = rowA[i,j,j'] * colA[i,j',i']``.
-    """
-    bw, h, w = q.shape[:3]
-    row = torch.matmul(q, k.transpose(-1, -2))  # (Bw, h, i, j, j')
-    col = torch.matmul(q.transpose(2, 3), k.transpose(2, 3).transpose(-1, -2))  # (Bw, h, j, i, i')
-    if row_mask is not None:
-        row = row.masked_fill(row_mask, torch.finfo(row.dtype).min)
-        col = col.masked_fill(col_mask, torch.finfo(col.dtype).min)
-    row = row.softmax(-1)
-    col = col.softmax(-1)
-    # rowA[i, j, j'] * colA[i, j', i'], with colA[i, j', i'] = col[j', i, i'] read as (i, i', j')
-    p = row.unsqueeze(-2) * col.permute(0, 1, 3, 4, 2).unsqueeze(-3)  # (Bw, h, i, j, i', j')
-    return p.reshape(bw, h, w * w, w * w)
+        heads, groups, nq, m = attn.shape
+        d = values.shape[-1]
+        dtype = attn.dtype
+        flat = attn.reshape(heads, groups * nq, m)
+        y = torch.baddbmm(dw.bias.to(dtype).view(heads, 1, 1), flat,
+                          self._spatial_operator(map_size, attn))
+        # attn + 1x1-over-heads(GELU(y)), without the 1x1's bias (added below)
+        weights = torch.addmm(flat.view(heads, -1), pw.weight.to(dtype).view(heads, heads),
+                              act(y).view(heads, -1))
+        out = torch.bmm(weights.view(heads * groups, nq, m), values.reshape(heads * groups, m, d))
+        # the bias is added to every weight, so it contributes bias * (sum of the values)
+        bias = pw.bias.to(dtype).view(heads, 1, 1, 1)
+        return out.view(heads, groups, nq, d) + bias * values.sum(2, keepdim=True)
 
 
 class MGSSAFAttention(nn.Module):
-    """SS-MSA with the AF module (local heads) beside MG-MSA (global heads), on ``(B, C, H, W)``.
+    """SS-MSA with the AF module (local heads) beside MG-MSA (global heads), on ``(B, H, W, C)``.
 
-    ``qkv`` is a 1x1 projection to ``2*dim`` channels: every branch splits its block into q (first
-    half) and k (second half), and the keys also serve as the values. The local block holds
+    ``proj_qkv`` is a 1x1 projection to ``2*dim`` channels: every branch splits its block into q
+    (first half) and k (second half), and the keys also serve as the values. The local block holds
     ``num_local`` heads; the global block is cut into window-pooled, horizontal-strip and
     vertical-strip chunks of ``num_global / 3`` heads each. The branch outputs are concatenated on
     channels (local, window, horizontal, vertical), then ``GELU -> 1x1 -> Dropout``.
     """
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
-                 window_size: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+                 window_size: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:
         super().__init__()
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
@@ -122,90 +132,91 @@ class MGSSAFAttention(nn.Module):
         self.strip_width = strip_width
         self.window_size = window_size
 
-        self.proj_qkv = nn.Conv2d(dim, 2 * dim, 1, bias=qkv_bias)
+        self.proj_qkv = _pointwise(dim, 2 * dim, bias=qkv_bias)
         self.attn_local_win = AttentionFusion(self.num_local)
         self.attn_global_win = AttentionFusion(self.num_global // 3) if self.num_global else None
-        self.proj_concat = nn.Conv2d(dim, dim, 1)
+        self.proj_concat = _pointwise(dim, dim)
         self.act = nn.GELU()
-        self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
         # Released checkpoints carry an ``attn.norm`` LayerNorm that the network never applies.
         self.register_load_state_dict_pre_hook(_drop_unused_norm)
 
-    def _heads(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 2*heads*d, H, W) -> q, k as (B, heads, d, H, W); q is scaled."""
-        b, _, hh, ww = x.shape
-        q, k = x.view(b, 2, heads, self.head_dim, hh, ww).unbind(1)
-        return q * self.scale, k
-
     def ss_msa(self, x: torch.Tensor) -> torch.Tensor:
-        """Local windows: (B, 2*num_local*d, H, W) -> (B, num_local*d, H, W)."""
-        b, _, hh, ww = x.shape
+        """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local*d)``."""
+        b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size
         pad_h, pad_w = -hh % w, -ww % w
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-        hp, wp = hh + pad_h, ww + pad_w
-        nh, nw = hp // w, wp // w
-        # (B, 2, heads, d, nh, w, nw, w) -> (2, B, nh, nw, heads, w, w, d)
-        x = x.view(b, 2, heads, d, nh, w, nw, w).permute(1, 0, 4, 6, 2, 5, 7, 3)
-        q, k = x.reshape(2, b * nh * nw, heads, w, w, d).unbind(0)
-        row_mask = col_mask = None
         if pad_h or pad_w:
-            pad = torch.ones(hp, wp, dtype=torch.bool, device=x.device)
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        nh, nw = (hh + pad_h) // w, (ww + pad_w) // w
+        # (B, nh, w, nw, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
+        x = x.view(b, nh, w, nw, w, 2, heads, d).permute(5, 6, 0, 1, 3, 2, 4, 7)
+        q, k = x.reshape(2, heads, b * nh * nw, w, w, d).unbind(0)
+        q = q * self.scale
+        # Scores with the keys on the second-to-last axis, where softmax is fastest:
+        # row[i, j', j] = q(i,j) . k(i,j') and col[j', i', i] = q(i,j') . k(i',j')
+        row = torch.matmul(k, q.transpose(-1, -2))  # (heads, Bw, i, j', j)
+        k_cols, q_cols = k.transpose(2, 3).contiguous(), q.transpose(2, 3).contiguous()
+        col = torch.matmul(k_cols, q_cols.transpose(-1, -2))  # (heads, Bw, j', i', i)
+        if pad_h or pad_w:
+            pad = torch.ones(nh * w, nw * w, dtype=torch.bool, device=x.device)
             pad[:hh, :ww] = False
-            # (Hp, Wp) -> (B * nh * nw, 1, w, w), windows in the order of q and k
-            pad = pad.view(nh, w, nw, w).transpose(1, 2).reshape(nh * nw, 1, w, w).repeat(b, 1, 1, 1)
-            row_mask = pad.unsqueeze(-2)  # key (i, j') for row scores (.., i, j, j')
-            col_mask = pad.transpose(-1, -2).unsqueeze(-2)  # key (i', j) for (.., j, i, i')
-        p = _separable_attention(q * self.scale, k, row_mask, col_mask)  # (Bw, heads, w*w, w*w)
-        attn = self.attn_drop(p + self.attn_local_win(p, (w, w)))
-        out = torch.matmul(attn, k.reshape(-1, heads, w * w, d))  # (Bw, heads, w*w, d)
-        # (B, nh, nw, heads, w, w, d) -> (B, heads, d, nh, w, nw, w)
-        out = out.view(b, nh, nw, heads, w, w, d).permute(0, 3, 6, 1, 4, 2, 5)
-        return out.reshape(b, heads * d, hp, wp)[:, :, :hh, :ww]
+            # (Hp, Wp) -> (B*nh*nw, w, w), windows in the order of q and k
+            pad = pad.view(nh, w, nw, w).transpose(1, 2).reshape(nh * nw, w, w).repeat(b, 1, 1)
+            row = row.masked_fill(pad.unsqueeze(-1), torch.finfo(row.dtype).min)  # key (i, j')
+            col = col.masked_fill(pad.transpose(-1, -2).unsqueeze(-1),
+                                  torch.finfo(col.dtype).min)  # key (i', j')
+        row = row.softmax(-2).transpose(-1, -2).contiguous()  # rowA[i, j, j']
+        col = col.softmax(-2).permute(0, 1, 4, 3, 2).contiguous()  # colA of (i,j') as [i, i', j']
+        # P[(i,j), (i',j')] = rowA[i, j, j'] * colA[i, j', i']: query (i,j) goes along its row to
+        # (i,j'), then (i,j') along its column to (i',j')
+        p = row.unsqueeze(-2) * col.unsqueeze(-3)  # (heads, Bw, i, j, i', j')
+        p = p.view(heads, -1, w * w, w * w)
+        out = self.attn_local_win(p, k.reshape(heads, -1, w * w, d), (w, w))  # (heads, Bw, w*w, d)
+        # (heads, B, nh, nw, w, w, d) -> (B, nh, w, nw, w, heads, d)
+        out = out.view(heads, b, nh, nw, w, w, d).permute(1, 2, 4, 3, 5, 0, 6)
+        return out.reshape(b, nh * w, nw * w, heads * d)[:, :hh, :ww]
 
-    def _window_pooled(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """MG-MSA window-pooled branch with AF. q, k: (B, heads, d, H, W) -> (B, heads, N, d)."""
-        b, heads, d, hh, ww = k.shape
-        w = self.window_size
-        keys = F.avg_pool2d(k.reshape(b, heads * d, hh, ww), w, w, ceil_mode=True)
-        sh, sw = keys.shape[-2:]
-        keys = keys.view(b, heads, d, sh * sw).transpose(-1, -2)  # (B, heads, S, d)
-        scores = torch.matmul(q.flatten(3).transpose(-1, -2), keys.transpose(-1, -2))  # (B, h, N, S)
-        grid = scores.unflatten(-1, (sh, sw))
-        g = grid.softmax(-1) * grid.softmax(-2)  # one softmax per pooled row, one per column
-        g = g.flatten(-2)
-        attn = self.attn_drop(g + self.attn_global_win(g, (sh, sw)))
-        return torch.matmul(attn, keys)
-
-    def _strip_pooled(self, q: torch.Tensor, k: torch.Tensor, horizontal: bool) -> torch.Tensor:
-        """MG-MSA strip branch. q, k: (B, heads, d, H, W) -> (B, heads, N, d)."""
-        b, heads, d, hh, ww = k.shape
-        s = self.strip_width
-        side = hh if horizontal else ww
-        if side % s:
-            raise ValueError(f"strip width {s} does not divide the stage map {hh}x{ww}")
-        kernel = (s, ww) if horizontal else (hh, s)
-        keys = F.avg_pool2d(k.reshape(b, heads * d, hh, ww), kernel, s)
-        keys = keys.view(b, heads, d, -1).transpose(-1, -2)  # (B, heads, S, d)
-        scores = torch.matmul(q.flatten(3).transpose(-1, -2), keys.transpose(-1, -2))
-        return torch.matmul(self.attn_drop(scores.softmax(-1)), keys)
+    def _pool(self, k: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+              size: tuple[int, int]) -> torch.Tensor:
+        """Average-pools keys ``(heads, B, H*W, d)`` over the map: ``(heads, B, S, d)``."""
+        heads, b, _, d = k.shape
+        grid = k.reshape(heads * b, *size, d).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(grid, kernel, stride, ceil_mode=True)
+        return pooled.permute(0, 2, 3, 1).reshape(heads, b, -1, d)
 
     def mg_msa(self, x: torch.Tensor) -> torch.Tensor:
-        """Global: (B, 2*num_global*d, H, W) -> (B, num_global*d, H, W)."""
-        b, _, hh, ww = x.shape
-        heads = self.num_global // 3
-        win, hor, ver = (self._heads(chunk, heads) for chunk in x.chunk(3, dim=1))
-        outs = (self._window_pooled(*win), self._strip_pooled(*hor, horizontal=True),
-                self._strip_pooled(*ver, horizontal=False))
-        out = torch.cat(outs, dim=1)  # (B, num_global, N, d)
-        return out.transpose(-1, -2).reshape(b, self.num_global * self.head_dim, hh, ww)
+        """Global: ``(B, H, W, 2*num_global*d) -> (B, H, W, num_global*d)``."""
+        b, hh, ww, _ = x.shape
+        heads, d, w, s = self.num_global // 3, self.head_dim, self.window_size, self.strip_width
+        if hh % s or ww % s:
+            raise ValueError(f"strip width {s} does not divide the stage map {hh}x{ww}")
+        # (B, H*W, 3 chunks, 2, heads, d) -> (3, 2, heads, B, H*W, d)
+        x = x.reshape(b, hh * ww, 3, 2, heads, d).permute(2, 3, 4, 0, 1, 5)
+        (q_win, k_win), (q_hor, k_hor), (q_ver, k_ver) = x.unbind(0)
+
+        # window-pooled keys with AF: one softmax per pooled row times one per pooled column
+        keys = self._pool(k_win, (w, w), (w, w), (hh, ww))
+        sh, sw = -(-hh // w), -(-ww // w)
+        scores = torch.matmul(q_win * self.scale, keys.transpose(-1, -2))
+        grid = scores.view(heads, b, hh * ww, sh, sw)
+        g = (grid.softmax(-1) * grid.softmax(-2)).view(heads, b, hh * ww, sh * sw)
+        out_win = self.attn_global_win(g, keys, (sh, sw))
+
+        # horizontal and vertical strip means: plain attention
+        outs = [out_win]
+        for q, k, kernel in ((q_hor, k_hor, (s, ww)), (q_ver, k_ver, (hh, s))):
+            keys = self._pool(k, kernel, (s, s), (hh, ww))
+            scores = torch.matmul(q * self.scale, keys.transpose(-1, -2))
+            outs.append(torch.matmul(scores.softmax(-1), keys))
+        out = torch.cat(outs, 0)  # (num_global, B, H*W, d)
+        return out.permute(1, 2, 0, 3).reshape(b, hh, ww, self.num_global * d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.proj_qkv(x)
-        out = self.ss_msa(qkv[:, :self.local_channels])
+        out = self.ss_msa(qkv[..., :self.local_channels])
         if self.num_global:
-            out = torch.cat([out, self.mg_msa(qkv[:, self.local_channels:])], dim=1)
+            out = torch.cat([out, self.mg_msa(qkv[..., self.local_channels:])], dim=-1)
         return self.proj_drop(self.proj_concat(self.act(out)))
 
 
@@ -216,17 +227,17 @@ def _drop_unused_norm(module: nn.Module, state_dict: dict, prefix: str, *args) -
 
 
 class ConvMlp(nn.Module):
-    """Convolutional feed-forward on (B, C, H, W):
+    """Convolutional feed-forward on ``(B, H, W, C)``:
     ``LN2d -> dw3x3 -> 1x1 (C -> rC) -> GELU -> dw7x7 -> 1x1 (rC -> C) -> Dropout``."""
 
     def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm = _layer_norm_2d(dim)
-        self.pwconv1 = nn.Conv2d(dim, hidden, 1)
-        self.pwconv2 = nn.Conv2d(hidden, dim, 1)
-        self.branch_dw = nn.Conv2d(hidden, hidden, 7, padding=3, groups=hidden)
+        self.dwconv = _depthwise(dim, 3)
+        self.norm = _layer_norm(dim)
+        self.pwconv1 = _pointwise(dim, hidden)
+        self.pwconv2 = _pointwise(hidden, dim)
+        self.branch_dw = _depthwise(hidden, 7)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
 
@@ -237,15 +248,15 @@ class ConvMlp(nn.Module):
 
 
 class MGSSAFBlock(nn.Module):
-    """``x + drop_path(attn(LN2d(x)))`` then ``x + drop_path(mlp(x))`` on (B, C, H, W)."""
+    """``x + drop_path(attn(LN2d(x)))`` then ``x + drop_path(mlp(x))`` on ``(B, H, W, C)``."""
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
                  window_size: int, mlp_ratio: float, qkv_bias: bool, drop: float,
-                 attn_drop: float, drop_path: float) -> None:
+                 drop_path: float) -> None:
         super().__init__()
-        self.norm1 = _layer_norm_2d(dim)
+        self.norm1 = _layer_norm(dim)
         self.attn = MGSSAFAttention(dim, num_heads, global_ratio, strip_width, window_size,
-                                    qkv_bias, attn_drop, drop)
+                                    qkv_bias, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mlp = ConvMlp(dim, mlp_ratio, drop)
 
@@ -255,37 +266,40 @@ class MGSSAFBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Halves the resolution and doubles the channels of (B, C, H, W):
+    """Halves the resolution and doubles the channels of ``(B, H, W, C)``:
     ``LN2d -> dw3x3 s2 -> 1x1 -> GELU -> 1x1`` plus ``AvgPool 2 -> the same LN2d -> 1x1``."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = _layer_norm_2d(dim)
-        self.dwconv = nn.Conv2d(dim, dim, 3, stride=2, padding=1, groups=dim)
-        self.pwconv1 = nn.Conv2d(dim, 2 * dim, 1)
-        self.pwconv2 = nn.Conv2d(2 * dim, 2 * dim, 1)
-        self.Fuse1x1 = nn.Conv2d(dim, 2 * dim, 1)
+        self.norm = _layer_norm(dim)
+        self.dwconv = _depthwise(dim, 3, stride=2)
+        self.pwconv1 = _pointwise(dim, 2 * dim)
+        self.pwconv2 = _pointwise(2 * dim, 2 * dim)
+        self.Fuse1x1 = _pointwise(dim, 2 * dim)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.pwconv2(self.act(self.pwconv1(self.dwconv(self.norm(x)))))
-        b = self.Fuse1x1(self.norm(F.avg_pool2d(x, 2)))
-        return a + b
+        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+        return a + self.Fuse1x1(self.norm(pooled))
 
 
 class PatchEmbed(nn.Module):
-    """Stride-4 stem: ``conv3x3 s2 -> GELU -> conv3x3 s2 -> LN2d -> GELU -> conv3x3``."""
+    """Stride-4 stem: ``conv3x3 s2 -> GELU -> conv3x3 s2 -> LN2d -> GELU -> conv3x3``.
+
+    Takes channels-first images ``(B, C, H, W)``, returns ``(B, H/4, W/4, embed_dim)``.
+    """
 
     def __init__(self, in_chans: int, embed_dim: int) -> None:
         super().__init__()
-        self.norm = _layer_norm_2d(embed_dim)
-        self.Conv2Down = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1)
-        self.Conv4Down = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
-        self.ConvFuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
+        self.norm = _layer_norm(embed_dim)
+        self.Conv2Down = ChannelsLastConv(in_chans, embed_dim // 2, 3, stride=2, padding=1)
+        self.Conv4Down = ChannelsLastConv(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
+        self.ConvFuse = ChannelsLastConv(embed_dim, embed_dim, 3, padding=1)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.Conv4Down(self.act(self.Conv2Down(x)))
+        x = self.Conv4Down(self.act(self.Conv2Down(x.permute(0, 2, 3, 1))))
         return self.ConvFuse(self.act(self.norm(x)))
 
 
@@ -321,8 +335,7 @@ class MGSSAF(nn.Module):
                  global_ratio: Sequence[float] = (0.0, 0.5, 0.5, 0.0),
                  strip_width: Sequence[int] = (0, 2, 2, 0), window_size: int = 7,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, head_hidden_dim: int = 1280,
-                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.2, use_checkpoint: bool = False) -> None:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False) -> None:
         super().__init__()
         _check_arch(img_size, embed_dim, depths, num_heads, global_ratio, strip_width, window_size)
         num_stages = len(depths)
@@ -340,11 +353,9 @@ class MGSSAF(nn.Module):
                 embed_dim * 2 ** i, depths[i], downsample=i < num_stages - 1,
                 drop_path=rates[start:start + depths[i]], num_heads=num_heads[i],
                 global_ratio=global_ratio[i], strip_width=strip_width[i],
-                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                attn_drop=attn_drop_rate))
-        self.norm = _layer_norm_2d(self.num_features)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.last_conv = nn.Conv2d(self.num_features, head_hidden_dim, 1)
+                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate))
+        self.norm = _layer_norm(self.num_features)
+        self.last_conv = _pointwise(self.num_features, head_hidden_dim)
         self.head_act = nn.GELU()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(head_hidden_dim, num_classes)
@@ -374,7 +385,7 @@ class MGSSAF(nn.Module):
         return {"norm"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, num_features, H/32, W/32), normalised."""
+        """(B, in_chans, H, W) images -> (B, H/32, W/32, num_features), normalised."""
         if x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
                              f"{tuple(x.shape[-2:])}")
@@ -384,8 +395,8 @@ class MGSSAF(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, num_features, h, w) -> (B, num_classes)."""
-        x = self.head_drop(self.head_act(self.last_conv(self.avgpool(x))))
+        """(B, h, w, num_features) -> (B, num_classes): global average, 1x1, GELU, classifier."""
+        x = self.head_drop(self.head_act(self.last_conv(x.mean((1, 2), keepdim=True))))
         return self.head(x.flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -95,13 +95,13 @@ def test_input_not_multiple_of_32_is_an_error():
 
 def test_padded_windows_give_padded_keys_zero_weight():
     attn = MGSSAFAttention(dim=12, num_heads=2, global_ratio=0.0, strip_width=0, window_size=7)
-    x = torch.randn(2, 12, 10, 12)  # padded to 14 x 14
+    x = torch.randn(2, 10, 12, 12)  # (B, H, W, C): padded to 14 x 14, four windows
     captured = {}
     hook = attn.attn_local_win.register_forward_hook(lambda m, a, o: captured.update(p=a[0]))
     out = attn(x)
     hook.remove()
     assert out.shape == x.shape and torch.isfinite(out).all()
-    # separable map of every query, windows in row-major order: (B, 2x2 windows, heads, 49, 49)
+    # separable map of every query: (heads, B, 2x2 windows row-major, 49 queries, 49 keys)
     p = captured["p"].view(2, 2, 2, 2, 49, 49)
     key_valid = torch.zeros(14, 14, dtype=torch.bool)
     key_valid[:10, :12] = True
@@ -109,10 +109,9 @@ def test_padded_windows_give_padded_keys_zero_weight():
     for wi in range(2):
         for wj in range(2):
             valid = key_valid[wi, wj]
-            real_queries = p[:, wi, wj][:, :, valid]  # (B, heads, real queries, 49)
+            real_queries = p[:, :, wi, wj][:, :, valid]  # (heads, B, real queries, 49)
             assert (real_queries[..., ~valid] == 0).all()
             torch.testing.assert_close(real_queries.sum(-1), torch.ones_like(real_queries[..., 0]))
-
 
 
 def test_gradients_reach_every_parameter():
