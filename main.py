@@ -494,18 +494,20 @@ def run(config: CN, preemption: Preemption) -> None:
         logger.info(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
         is_best = stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, stats["acc1"])
-        save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
-        if save_epoch or is_best:
-            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
-                            scaler, logger, num_updates=progress.num_updates,
-                            is_best=is_best, save_epoch=save_epoch)
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        # Metrics first: a crash in between repeats this line after the resume (the last one of an
+        # epoch counts), it never leaves an epoch out.
         append_metrics(config, {
             "epoch": epoch, "train_loss": loss_sum / max(loss_count, 1),
             "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
             "acc5": stats["acc5"], "epoch_time": epoch_time,
             "images_per_sec": (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size / epoch_time,
             "num_updates": progress.num_updates})
+        save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
+        if save_epoch or is_best:
+            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
+                            scaler, logger, num_updates=progress.num_updates,
+                            is_best=is_best, save_epoch=save_epoch)
         progress = Progress(num_updates=progress.num_updates)
         if any_rank([preemption.requested], device)[0]:
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: stopped "
@@ -544,6 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunError) as e:
         report_error(str(e))
         return 1
+    except Exception as e:
+        if get_world_size() == 1:
+            raise
+        # With several processes a failure is most often a collective that broke because a peer
+        # died or hung: say so, keep the traceback in the log, and exit without waiting for the
+        # process group's threads (which could hang or abort the interpreter at exit).
+        logging.getLogger(LOGGER_NAME).exception("traceback")
+        report_error(f"{type(e).__name__}: {e}\nWith {get_world_size()} processes this usually means "
+                     f"another rank failed or did not answer within DIST_TIMEOUT "
+                     f"({config.DIST_TIMEOUT} s): see the logs of the other ranks")
+        os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

@@ -1,0 +1,322 @@
+"""Crash-safe resume, preemption, safe checkpoint loading and clear errors (issue 6), through the
+real command line on CPU with a tiny model on tiny generated ImageFolders."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pipeline_helpers as h
+from config import load_config
+from utils import CheckpointError, load_checkpoint_file
+
+# python -c wrappers around main.main that inject a fault; argv follows as for main.py.
+NAN_FROM_SECOND_STEP = """
+import sys, main
+build = main.build_criterion
+def build_criterion(config, mixup_active):
+    criterion, calls = build(config, mixup_active), [0]
+    def loss_turning_nan(outputs, targets):
+        calls[0] += 1
+        loss = criterion(outputs, targets)
+        return loss * float("nan") if calls[0] > 1 else loss
+    return loss_turning_nan
+main.build_criterion = build_criterion
+sys.exit(main.main(sys.argv[1:]))
+"""
+RANK_1_HANGS = """
+import os, sys, time, main
+train = main.train_one_epoch
+def train_one_epoch(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        time.sleep(600)
+    return train(*args, **kwargs)
+main.train_one_epoch = train_one_epoch
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+class Evil:
+    """Unpickling this creates a file: a stand-in for code hidden in a stranger's checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> str:
+    return h.shared_dataset(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data) -> str:
+    return h.reference_run(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="session")
+def bad_image_data(tmp_path_factory) -> str:
+    """The tiny ImageFolder with train/class0/0.png truncated to half its bytes."""
+    root = h.make_imagefolder(str(tmp_path_factory.mktemp("bad_image_data")))
+    path = os.path.join(root, "train", "class0", "0.png")
+    with open(path, "rb") as f:
+        head = f.read()
+    with open(path, "wb") as f:
+        f.write(head[:len(head) // 2])
+    return root
+
+
+def start(argv: list[str], log: str, prefix: tuple[str, ...] = ("main.py",), **env: str) -> subprocess.Popen:
+    """Starts a CLI run in the background, its output going to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, *prefix, *argv], cwd=h.ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env={**h.child_env(), **env})
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, f"the run ended early with code {process.returncode}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume
+# ------------------------------------------------------------------------------------------------
+def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(reference, data, tmp_path):
+    argv = h.main_args(data, str(tmp_path), "killed", *h.REFERENCE_OPTS)
+    folder = h.run_dir(str(tmp_path), "killed")
+    process = start(argv, str(tmp_path / "killed.log"))
+    wait_for(lambda: os.path.exists(os.path.join(folder, "ckpt_epoch_1.pth")), process)
+    process.kill()  # SIGKILL: no handler runs
+    assert process.wait() == -signal.SIGKILL
+
+    resumed = h.run_cli(argv)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert re.search(r"resumed from \S+ckpt_epoch_[12]\.pth", resumed.stdout)
+    expected, got = h.read_metrics(reference), h.read_metrics(folder)
+    assert sorted(got) == [0, 1, 2, 3]
+    for epoch in (2, 3):
+        for key in ("train_loss", "lr", "val_loss", "acc1", "acc5", "num_updates"):
+            assert got[epoch][key] == expected[epoch][key], (epoch, key)
+    final, ref = (load_checkpoint_file(os.path.join(f, "ckpt_epoch_3.pth"))["model"] for f in (folder, reference))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+
+
+def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(data, tmp_path):
+    # Batch 1 and 2 micro-batches per step: 15 loader steps and 8 optimizer steps per epoch.
+    argv = h.main_args(data, str(tmp_path), "preempted", "TRAIN.EPOCHS", "2", "TRAIN.ACCUMULATION_STEPS",
+                       "2", *h.NO_AUG, batch_size=1)
+    folder = h.run_dir(str(tmp_path), "preempted")
+    process = start(argv, str(tmp_path / "preempted.log"))
+    log = os.path.join(folder, "log_rank0.txt")
+    wait_for(lambda: os.path.exists(log) and "Train: [0/2][4/15]" in read(log), process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 75
+    output = read(str(tmp_path / "preempted.log"))
+    assert "preempted: SIGTERM received: stopped at epoch 0 step" in output
+    mid = [n for n in os.listdir(folder) if re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n)]
+    assert len(mid) == 1, os.listdir(folder)
+    step = int(re.search(r"step_(\d+)", mid[0]).group(1))
+    assert 4 < step < 15 and step % 2 == 0  # stopped at an optimizer-step boundary
+    assert not os.path.exists(os.path.join(folder, "metrics.jsonl"))
+
+    resumed = h.run_cli(argv)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {os.path.join(folder, mid[0])}: epoch 0, step {step}/15" in resumed.stdout
+    assert f"Train: [0/2][{step}/15]" in resumed.stdout and f"Train: [0/2][{step - 1}/15]" not in resumed.stdout
+    metrics = h.read_metrics(folder)
+    assert metrics[0]["num_updates"] == 8 and metrics[1]["num_updates"] == 16  # as uninterrupted
+    assert not os.path.exists(os.path.join(folder, mid[0]))  # superseded once epoch 0 was saved
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(reference, data, tmp_path):
+    folder = h.copy_run(reference, str(tmp_path), "truncated")
+    newest = os.path.join(folder, "ckpt_epoch_3.pth")
+    size = os.path.getsize(newest) // 2
+    os.truncate(newest, size)
+    result = h.run_cli(h.main_args(data, str(tmp_path), "truncated", flags=("--eval",)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"auto-resume skips {newest}: cannot be read (truncated or corrupt?)" in result.stdout
+    assert f"loaded weights from {os.path.join(folder, 'ckpt_epoch_2.pth')}" in result.stdout
+    assert os.path.getsize(newest) == size
+
+
+# ------------------------------------------------------------------------------------------------
+# Safe loading
+# ------------------------------------------------------------------------------------------------
+def test_checkpoint_that_would_run_code_is_refused(data, tmp_path):
+    marker = str(tmp_path / "pwned")
+    for i, zipped in enumerate((True, False)):
+        path = str(tmp_path / f"evil{i}.pth")
+        torch.save({"model": {}, "payload": Evil(marker)}, path, _use_new_zipfile_serialization=zipped)
+        with pytest.raises(CheckpointError, match="refused to load"):
+            load_checkpoint_file(path)
+        assert not os.path.exists(marker)
+
+    result = h.run_cli(h.main_args(data, str(tmp_path), "evil", flags=("--eval", "--resume", path)))
+    assert result.returncode == 1
+    assert f"{path}: refused to load" in result.stdout and "Traceback" not in result.stdout
+    assert not os.path.exists(marker)
+
+
+def test_released_layout_checkpoint_with_a_yacs_config_loads(reference, data, tmp_path):
+    weights = dict(load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))["model"])
+    for key in [k for k in weights if k.endswith("attn.proj_qkv.weight")]:  # released extra norm
+        dim = weights[key].shape[1]
+        weights[key.replace("proj_qkv.weight", "norm.weight")] = torch.ones(dim)
+        weights[key.replace("proj_qkv.weight", "norm.bias")] = torch.zeros(dim)
+    config = load_config(h.CFG, h.TINY)  # a frozen yacs CfgNode, pickled as released files hold it
+    path = str(tmp_path / "released.pth")
+    torch.save({"model": weights, "config": config, "epoch": 299, "max_accuracy": 81.9}, path)
+
+    loaded = load_checkpoint_file(path)
+    assert loaded["config"].MODEL.MGSSAF.EMBED_DIM == 24 and loaded["epoch"] == 299
+    result = h.run_cli(h.main_args(data, str(tmp_path), "released", flags=("--eval", "--resume", path)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"loaded weights from {path}" in result.stdout and " * Acc@1 " in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Clear errors, nothing overwritten
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def victim(reference, tmp_path_factory) -> tuple[str, dict]:
+    """A copy of the reference run that every bad invocation below points at, and its digests."""
+    output = str(tmp_path_factory.mktemp("victim"))
+    folder = h.copy_run(reference, output, "victim")
+    return folder, h.digests(folder)
+
+
+@pytest.fixture(scope="module")
+def other_class_count_checkpoint(reference, tmp_path_factory) -> str:
+    ckpt = load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))
+    ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"][:2]
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"][:2]
+    path = str(tmp_path_factory.mktemp("two_classes") / "two_classes.pth")
+    torch.save(ckpt, path)
+    return path
+
+
+def _layout(tmp: str, kind: str, data: str) -> str:
+    """A broken copy of the dataset at ``tmp``."""
+    root = os.path.join(tmp, kind)
+    if kind == "empty":
+        os.makedirs(root)
+        return root
+    shutil.copytree(data, root)
+    if kind in ("no_val", "no_train"):
+        shutil.rmtree(os.path.join(root, "val" if kind == "no_val" else "train"))
+    if kind == "empty_class":
+        for name in os.listdir(os.path.join(root, "train", "class1")):
+            os.remove(os.path.join(root, "train", "class1", name))
+    return root
+
+
+# (id, how to break the run, what the message must say); TRAIN.EPOCHS 5 lets a run that got past
+# its checks resume from the victim's epoch 3 and write epoch 4.
+BAD_INPUTS = [
+    ("no_data_path", dict(data=""), ["DATA.DATA_PATH (--data-path) is not set"]),
+    ("missing_data_path", dict(data="/nonexistent/imagenet"), ["/nonexistent/imagenet is not a folder"]),
+    ("empty_data_path", dict(layout="empty"), ["empty is empty: expected train/ and val/"]),
+    ("no_val", dict(layout="no_val"), ["no_val/val not found"]),
+    ("no_train", dict(layout="no_train"), ["no_train/train not found"]),
+    ("empty_class_folder", dict(layout="empty_class"), ["empty_class/train", "class1"]),
+    ("num_classes", dict(opts=["MODEL.NUM_CLASSES", "5"]),
+     ["MODEL.NUM_CLASSES is 5 but", "/val has 3 classes"]),
+    ("bad_image", dict(layout="bad_image", batch_size=5, opts=h.NO_AUG),
+     ["cannot read image", "train/class0/0.png"]),
+    ("unknown_key", dict(opts=["TRAIN.EPOCH", "3"]), ["unknown config key TRAIN.EPOCH"]),
+    ("mistyped_value", dict(opts=["TRAIN.EPOCHS", "five"]), ["TRAIN.EPOCHS expects an integer", "five"]),
+    ("missing_resume", dict(flags=("--resume", "/nonexistent/ckpt.pth")),
+     ["MODEL.RESUME (--resume) /nonexistent/ckpt.pth: file not found"]),
+    ("other_variant", dict(flags=("--eval", "--resume", "VICTIM/ckpt_epoch_3.pth"),
+                           opts=["MODEL.MGSSAF.EMBED_DIM", "48"]),
+     ["ckpt_epoch_3.pth: its weights do not fit this model", "size mismatch for patch_embed.norm.weight",
+      "torch.Size([24])", "torch.Size([48])"]),
+    ("other_class_count", dict(flags=("--eval", "--resume", "TWO_CLASSES")),
+     ["two_classes.pth: its weights do not fit this model", "size mismatch for head.weight",
+      "torch.Size([2, 64])", "torch.Size([3, 64])"]),
+    ("batch_size_0", dict(batch_size=0), ["DATA.BATCH_SIZE (--batch-size) must be at least 1, got 0"]),
+    ("unwritable_output", dict(output="FILE/runs"), ["output folder", "cannot be written"]),
+]
+
+
+@pytest.mark.parametrize("case, change, messages", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(case, change, messages, victim, data,
+                                                              bad_image_data, other_class_count_checkpoint,
+                                                              tmp_path):
+    folder, before = victim
+    output = os.path.dirname(os.path.dirname(folder))
+    if change.get("output"):
+        (tmp_path / "FILE").write_text("a file, not a folder")
+        output = str(tmp_path / change["output"])
+    dataset = change.get("data", data)
+    if change.get("layout") == "bad_image":
+        dataset = bad_image_data
+    elif change.get("layout"):
+        dataset = _layout(str(tmp_path), change["layout"], data)
+    flags = tuple(f.replace("VICTIM", folder).replace("TWO_CLASSES", other_class_count_checkpoint)
+                  for f in change.get("flags", ()))
+    argv = h.main_args(dataset, output, "victim", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5",
+                       *change.get("opts", []), flags=flags, batch_size=change.get("batch_size", 4))
+    result = h.run_cli(argv)
+    assert result.returncode == 1, result.stdout[-3000:]
+    for message in messages:
+        assert message in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    assert h.digests(folder) == before
+    assert not os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
+
+
+def test_skip_bad_images_warns_and_counts(bad_image_data, tmp_path):
+    result = h.run_cli(h.main_args(bad_image_data, str(tmp_path), "skip", "TRAIN.EPOCHS", "1",
+                                   "DATA.SKIP_BAD_IMAGES", "true", *h.NO_AUG, batch_size=5))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"WARNING cannot read image \S+train/class0/0\.png: .*skipped \(DATA\.SKIP_BAD_IMAGES\)",
+                     result.stdout)
+    assert "epoch 0: 1 unreadable training image(s) skipped" in result.stdout
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, data, tmp_path):
+    folder = h.copy_run(reference, str(tmp_path), "nan")
+    before = h.digests(folder)
+    argv = h.main_args(data, str(tmp_path), "nan", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "6")
+    result = h.run_cli(argv, prefix=("-c", NAN_FROM_SECOND_STEP))
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "training loss is nan at epoch 4 step 1/3" in result.stdout
+    assert h.digests(folder) == before and len(h.read_metrics(folder)) == 4
+
+
+def test_a_stuck_rank_makes_the_others_stop_after_dist_timeout(data, tmp_path):
+    argv = h.main_args(data, str(tmp_path), "stuck", "TRAIN.EPOCHS", "1", "DIST_TIMEOUT", "10",
+                       *h.NO_AUG, batch_size=2)
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()))
+    ranks = [start(argv, str(tmp_path / f"rank{r}.log"), ("-c", RANK_1_HANGS), RANK=str(r),
+                   LOCAL_RANK=str(r), **env) for r in (0, 1)]
+    try:
+        log = str(tmp_path / "rank0.log")
+        wait_for(lambda: "Start training" in read(log), ranks[0])
+        began = time.time()
+        assert ranks[0].wait(timeout=120) == 1
+        assert time.time() - began < 60
+    finally:
+        ranks[1].kill()
+        ranks[1].wait()
+    output = read(log)
+    assert "another rank failed or did not answer within DIST_TIMEOUT (10 s)" in output, output[-3000:]
