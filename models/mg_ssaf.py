@@ -299,7 +299,8 @@ class PatchEmbed(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.Conv4Down(self.act(self.Conv2Down(x.permute(0, 2, 3, 1))))
+        x = x.permute(0, 2, 3, 1).contiguous()  # channels-last from the first convolution on
+        x = self.Conv4Down(self.act(self.Conv2Down(x)))
         return self.ConvFuse(self.act(self.norm(x)))
 
 
