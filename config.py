@@ -120,6 +120,11 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 # Augmentation (timm); defaults are the paper's recipe
 # -----------------------------------------------------------------------------
 _C.AUG = CN()
+# RandomResizedCrop's range of crop area, as a fraction of the image (timm's default [0.08, 1.0];
+# narrow it for small sources such as the 8x8 digits, where a tiny crop loses the digit).
+_C.AUG.SCALE = [0.08, 1.0]
+# Probability of a horizontal flip (0 for data that flips change the meaning of, such as digits).
+_C.AUG.HFLIP = 0.5
 _C.AUG.COLOR_JITTER = 0.4
 # RandAugment policy ('' or 'none' disables it).
 _C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
