@@ -178,3 +178,12 @@ def test_model_info_reports_paper_figures():
         model = build_model(_config(variant))
         assert abs(count_params(model) / 1e6 - VARIANTS[variant]) <= 0.1
         assert abs(count_gmacs(model, (224, 224)) / gflops - 1) < 0.10, variant
+
+
+def test_model_info_cli():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "tools/model_info.py", "--cfg",
+                          "configs/MG-SSAF/MG-SSAF-T.yaml", "--img-size", "256", "320"],
+                         capture_output=True, text=True, check=True).stdout
+    assert re.fullmatch(r"mg_ssaf_tiny: 19\.58 M parameters, \d+\.\d\d GFLOPs at 256x320\n", out)
