@@ -145,8 +145,8 @@ def check_config(config: CN) -> None:
          f"{config.DATA.BATCH_SIZE}")
     need(config.TRAIN.ACCUMULATION_STEPS >= 1, "TRAIN.ACCUMULATION_STEPS (--accumulation-steps) "
          f"must be at least 1, got {config.TRAIN.ACCUMULATION_STEPS}")
-    for key in ("TRAIN.EPOCHS", "SAVE_FREQ", "PRINT_FREQ", "DIST_TIMEOUT"):
-        value = config.TRAIN.EPOCHS if key == "TRAIN.EPOCHS" else config[key]
+    for key, value in (("TRAIN.EPOCHS", config.TRAIN.EPOCHS), ("SAVE_FREQ", config.SAVE_FREQ),
+                       ("PRINT_FREQ", config.PRINT_FREQ), ("DIST_TIMEOUT", config.DIST_TIMEOUT)):
         need(value >= 1, f"{key} must be at least 1, got {value}")
     need(0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS or config.EVAL_MODE or config.THROUGHPUT_MODE,
          f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than "
@@ -515,14 +515,15 @@ def run(config: CN, preemption: Preemption) -> None:
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
-def report_error(message: str) -> None:
-    """Logs an error (console on rank 0, every rank's log file) and prints it on other ranks."""
+def report(message: str, level: int = logging.ERROR) -> None:
+    """Logs why the run ends (console on rank 0, every rank's log file); ranks without a console,
+    and runs that failed before their logger existed, print it to stderr as well."""
     logger = logging.getLogger(LOGGER_NAME)
     prefix = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
     if logger.handlers:
-        logger.error(prefix + message)
+        logger.log(level, prefix + message)
     if get_rank() != 0 or not logger.handlers:
-        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+        print(f"{prefix}{logging.getLevelName(level).lower()}: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,14 +538,17 @@ def main(argv: list[str] | None = None) -> int:
         run(config, preemption)
         code = 0
     except Preempted as e:
-        report_error(f"preempted: {e}; run the same command again to resume "
-                     f"(exit code {PREEMPTED_EXIT_CODE})")
+        report(f"preempted: {e}; run the same command again to resume (exit code "
+               f"{PREEMPTED_EXIT_CODE})", logging.WARNING)
         code = PREEMPTED_EXIT_CODE
     except NonFiniteLossError as e:
-        report_error(f"{e}; the checkpoints already in the output folder are untouched")
+        report(f"{e}; the checkpoints already in the output folder are untouched")
         return 1
     except (ConfigError, DataError, RunError) as e:
-        report_error(str(e))
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a loader worker: keep the message itself
+            message = message.strip().splitlines()[-1]
+        report(message)
         return 1
     except Exception as e:
         if get_world_size() == 1:
@@ -553,9 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         # died or hung: say so, keep the traceback in the log, and exit without waiting for the
         # process group's threads (which could hang or abort the interpreter at exit).
         logging.getLogger(LOGGER_NAME).exception("traceback")
-        report_error(f"{type(e).__name__}: {e}\nWith {get_world_size()} processes this usually means "
-                     f"another rank failed or did not answer within DIST_TIMEOUT "
-                     f"({config.DIST_TIMEOUT} s): see the logs of the other ranks")
+        report(f"{type(e).__name__}: {e}\nWith {get_world_size()} processes this usually means "
+               f"another rank failed or did not answer within DIST_TIMEOUT ({config.DIST_TIMEOUT} s): "
+               "see the logs of the other ranks")
         os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -137,13 +137,15 @@ def test_torchrun_two_processes_train_and_validate_every_image_once(data, tmp_pa
     launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "main.py")
     result = h.run_cli(h.main_args(data, str(tmp_path), "ddp", "TRAIN.EPOCHS", "1", *h.NO_AUG,
-                                   batch_size=2), prefix=launcher)
+                                   "TRAIN.ACCUMULATION_STEPS", "2", batch_size=2), prefix=launcher)
     assert result.returncode == 0, result.stdout[-4000:]
     folder = h.run_dir(str(tmp_path), "ddp")
     logs = {r: open(os.path.join(folder, f"log_rank{r}.txt"), encoding="utf-8").read() for r in (0, 1)}
     assert "rank 0 of 2" in logs[0] and "rank 1 of 2" in logs[1]
     # 15 images over 2 ranks (padded to 8 each), batch 2: 4 steps per rank.
     assert "Train: [0/1][3/4]" in logs[1]
+    assert h.read_metrics(folder)[0]["num_updates"] == 2  # 2 micro-batches per optimizer step
+    assert "rank 0 of 2" in result.stdout and "rank 1 of 2" not in result.stdout  # console: rank 0
     _, _, _, images, top1, top5 = accuracy_line(logs[0])
     assert images == 9  # 5 + 4: every image once, no padding duplicates
 
@@ -152,6 +154,21 @@ def test_torchrun_two_processes_train_and_validate_every_image_once(data, tmp_pa
         "--eval", "--resume", os.path.join(folder, "ckpt_epoch_0.pth"))))
     assert single.returncode == 0, single.stdout[-3000:]
     assert accuracy_line(single.stdout)[3:] == (images, top1, top5)
+
+
+def test_pretrained_initialises_weights_and_reinitialises_a_head_of_another_size(reference, data, tmp_path):
+    ckpt = load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))
+    ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"][:2]  # as if trained on 2 classes
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"][:2]
+    path = str(tmp_path / "two_classes.pth")
+    torch.save(ckpt, path)
+    result = h.run_cli(h.main_args(data, str(tmp_path), "finetune", "TRAIN.EPOCHS", "1", *h.NO_AUG,
+                                   flags=("--pretrained", path)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "head.weight has shape (2, 64), the model (3, 64): the head starts from its initialisation" in result.stdout
+    assert f"loaded pretrained weights from {path}" in result.stdout
+    assert "training from scratch" in result.stdout and "Train: [0/1][0/3]" in result.stdout
+    assert h.read_metrics(h.run_dir(str(tmp_path), "finetune"))[0]["num_updates"] == 3  # fresh optimizer
 
 
 def test_torch_distributed_launch_one_process(data, tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 import pipeline_helpers as h
 from config import load_config
+from main import Preemption
 from utils import CheckpointError, load_checkpoint_file
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
@@ -143,6 +144,36 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(dat
     metrics = h.read_metrics(folder)
     assert metrics[0]["num_updates"] == 8 and metrics[1]["num_updates"] == 16  # as uninterrupted
     assert not os.path.exists(os.path.join(folder, mid[0]))  # superseded once epoch 0 was saved
+
+
+def test_torchrun_forwards_sigterm_and_both_ranks_stop_at_the_same_step(data, tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", "main.py")
+    argv = h.main_args(data, str(tmp_path), "ddp", "TRAIN.EPOCHS", "2", *h.NO_AUG, batch_size=1)
+    folder = h.run_dir(str(tmp_path), "ddp")
+    process = start(argv, str(tmp_path / "torchrun.log"), launcher)
+    log = os.path.join(folder, "log_rank0.txt")
+    wait_for(lambda: os.path.exists(log) and "Train: [0/2][2/8]" in read(log), process)
+    process.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both workers
+    assert process.wait(timeout=120) != 0
+    stops = [re.findall(r"preempted: SIGTERM received: stopped at epoch 0 step (\d+)/8",
+                        read(os.path.join(folder, f"log_rank{r}.txt"))) for r in (0, 1)]
+    assert stops[0] and stops[0] == stops[1]
+    assert os.path.exists(os.path.join(folder, f"ckpt_epoch_0_step_{stops[0][0]}.pth"))
+
+
+def test_sigterm_and_sigusr1_request_a_stop():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for sig in saved:
+            preemption = Preemption()
+            preemption.install()
+            assert not preemption.requested
+            os.kill(os.getpid(), sig)
+            assert preemption.requested and preemption.signal_name == sig.name
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(reference, data, tmp_path):
@@ -304,7 +335,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, da
 
 
 def test_a_stuck_rank_makes_the_others_stop_after_dist_timeout(data, tmp_path):
-    argv = h.main_args(data, str(tmp_path), "stuck", "TRAIN.EPOCHS", "1", "DIST_TIMEOUT", "10",
+    argv = h.main_args(data, str(tmp_path), "stuck", "TRAIN.EPOCHS", "1", "DIST_TIMEOUT", "5",
                        *h.NO_AUG, batch_size=2)
     env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()))
     ranks = [start(argv, str(tmp_path / f"rank{r}.log"), ("-c", RANK_1_HANGS), RANK=str(r),
@@ -319,4 +350,4 @@ def test_a_stuck_rank_makes_the_others_stop_after_dist_timeout(data, tmp_path):
         ranks[1].kill()
         ranks[1].wait()
     output = read(log)
-    assert "another rank failed or did not answer within DIST_TIMEOUT (10 s)" in output, output[-3000:]
+    assert "another rank failed or did not answer within DIST_TIMEOUT (5 s)" in output, output[-3000:]
