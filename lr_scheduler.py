@@ -23,7 +23,8 @@ def scale_lrs(config: CN, world_size: int) -> None:
     config.freeze()
 
 
-def build_scheduler(config: CN, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
+def build_scheduler(config: CN, optimizer: torch.optim.Optimizer,
+                    updates_per_epoch: int) -> Scheduler:
     """``TRAIN.LR_SCHEDULER.NAME`` ('cosine', 'linear', 'step', 'multistep') with a linear warm-up
     from ``WARMUP_LR`` over ``WARMUP_EPOCHS``, counted in optimizer steps: call
     ``step_update(num_updates)`` after every optimizer step. With ``WARMUP_PREFIX`` the schedule
@@ -39,13 +40,14 @@ def build_scheduler(config: CN, optimizer: torch.optim.Optimizer, updates_per_ep
         if name == "cosine":
             return CosineLRScheduler(optimizer, t_initial=t_initial, lr_min=config.TRAIN.MIN_LR,
                                      cycle_limit=1, **common)
-        return PolyLRScheduler(optimizer, t_initial=t_initial, power=1.0, lr_min=config.TRAIN.MIN_LR,
-                               cycle_limit=1, **common)
+        return PolyLRScheduler(optimizer, t_initial=t_initial, power=1.0,
+                               lr_min=config.TRAIN.MIN_LR, cycle_limit=1, **common)
     if name == "step":
         return StepLRScheduler(optimizer, decay_t=sched.DECAY_EPOCHS * updates_per_epoch,
                                decay_rate=sched.DECAY_RATE, **common)
     if name == "multistep":
-        return MultiStepLRScheduler(optimizer, decay_t=[e * updates_per_epoch for e in sched.MULTISTEPS],
-                                    decay_rate=sched.DECAY_RATE, **common)
+        milestones = [e * updates_per_epoch for e in sched.MULTISTEPS]
+        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=sched.DECAY_RATE,
+                                    **common)
     raise ConfigError(f"TRAIN.LR_SCHEDULER.NAME {sched.NAME!r} is unknown: expected 'cosine', "
                      "'linear', 'step' or 'multistep'")

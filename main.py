@@ -105,33 +105,33 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
         "main.py", description="Train, evaluate (--eval) or time (--throughput) MG-SSAF. Flags "
         "override the config file; --opts overrides any key.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
-    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
-                        help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
-    parser.add_argument("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
-    parser.add_argument("--data-path", help="dataset root holding train/<class>/* and val/<class>/* "
-                        "(DATA.DATA_PATH)")
-    parser.add_argument("--pretrained", help="checkpoint whose weights initialise the model; optimizer, "
-                        "schedule and epoch start fresh; a head of another class count is "
-                        "re-initialised (MODEL.PRETRAINED)")
-    parser.add_argument("--resume", help="checkpoint to resume training from (weights, optimizer, "
-                        "scheduler, scaler, epoch), or to evaluate with --eval (MODEL.RESUME)")
-    parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimizer step "
-                        "(TRAIN.ACCUMULATION_STEPS)")
-    parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing: less "
-                        "GPU memory, slower (TRAIN.USE_CHECKPOINT)")
-    parser.add_argument("--disable_amp", action="store_true", help="no mixed precision (AMP_ENABLE false)")
-    parser.add_argument("--output", metavar="PATH", help="root of output folders; the run writes to "
-                        "<output>/<MODEL.NAME>/<tag> (OUTPUT)")
-    parser.add_argument("--tag", help="name of the run's folder under <output>/<MODEL.NAME> (TAG)")
-    parser.add_argument("--eval", action="store_true", help="only evaluate on val/: loss, Acc@1, Acc@5 "
-                        "(EVAL_MODE)")
-    parser.add_argument("--throughput", action="store_true", help="only measure the model's images/s "
-                        "on val/ batches (THROUGHPUT_MODE)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), help="device; auto picks CUDA "
-                        "when available (DEVICE)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help="GPU of this process "
-                        "on its node; set by torch.distributed.launch (torchrun sets LOCAL_RANK)")
+    add = parser.add_argument
+    add("--cfg", required=True, metavar="FILE", help="config file (YAML)")
+    add("--opts", nargs="+", default=None, metavar="KEY VALUE",
+        help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
+    add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
+    add("--data-path", help="dataset root holding train/<class>/* and val/<class>/* "
+        "(DATA.DATA_PATH)")
+    add("--pretrained", help="checkpoint whose weights initialise the model; optimizer, schedule "
+        "and epoch start fresh; a head of another class count is re-initialised (MODEL.PRETRAINED)")
+    add("--resume", help="checkpoint to resume training from (weights, optimizer, scheduler, "
+        "scaler, epoch), or to evaluate with --eval (MODEL.RESUME)")
+    add("--accumulation-steps", type=int,
+        help="micro-batches per optimizer step (TRAIN.ACCUMULATION_STEPS)")
+    add("--use-checkpoint", action="store_true",
+        help="activation checkpointing: less GPU memory, slower (TRAIN.USE_CHECKPOINT)")
+    add("--disable_amp", action="store_true", help="no mixed precision (AMP_ENABLE false)")
+    add("--output", metavar="PATH", help="root of output folders; the run writes to "
+        "<output>/<MODEL.NAME>/<tag> (OUTPUT)")
+    add("--tag", help="name of the run's folder under <output>/<MODEL.NAME> (TAG)")
+    add("--eval", action="store_true",
+        help="only evaluate on val/: loss, Acc@1, Acc@5 (EVAL_MODE)")
+    add("--throughput", action="store_true",
+        help="only measure the model's images/s on val/ batches (THROUGHPUT_MODE)")
+    add("--device", choices=("auto", "cuda", "cpu"),
+        help="device; auto picks CUDA when available (DEVICE)")
+    add("--local_rank", "--local-rank", type=int, default=0, help="GPU of this process on its "
+        "node; set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)")
     return parser.parse_args(argv)
 
 
@@ -148,19 +148,22 @@ def check_config(config: CN) -> None:
     for key, value in (("TRAIN.EPOCHS", config.TRAIN.EPOCHS), ("SAVE_FREQ", config.SAVE_FREQ),
                        ("PRINT_FREQ", config.PRINT_FREQ), ("DIST_TIMEOUT", config.DIST_TIMEOUT)):
         need(value >= 1, f"{key} must be at least 1, got {value}")
-    need(0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS or config.EVAL_MODE or config.THROUGHPUT_MODE,
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    need(0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS or not training,
          f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than "
          f"TRAIN.EPOCHS ({config.TRAIN.EPOCHS})")
-    need(config.TRAIN.KEEP_CHECKPOINTS >= 0, f"TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or more, "
-         f"got {config.TRAIN.KEEP_CHECKPOINTS}")
-    need(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be 0 or more, got {config.DATA.NUM_WORKERS}")
-    need(config.AMP_DTYPE in AMP_DTYPES, f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
+    need(config.TRAIN.KEEP_CHECKPOINTS >= 0, "TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or "
+         f"more, got {config.TRAIN.KEEP_CHECKPOINTS}")
+    need(config.DATA.NUM_WORKERS >= 0,
+         f"DATA.NUM_WORKERS must be 0 or more, got {config.DATA.NUM_WORKERS}")
+    need(config.AMP_DTYPE in AMP_DTYPES,
+         f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     need(config.DEVICE in ("auto", "cuda", "cpu"), f"DEVICE must be 'auto', 'cuda' or 'cpu', got "
          f"{config.DEVICE!r}")
     mixup = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
-    need(not mixup or config.DATA.BATCH_SIZE % 2 == 0 or config.EVAL_MODE or config.THROUGHPUT_MODE,
-         f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an even "
-         f"DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+    need(not mixup or config.DATA.BATCH_SIZE % 2 == 0 or not training,
+         f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an "
+         f"even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
     for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):
         path = config.MODEL[key]
         need(not path or os.path.isfile(path), f"MODEL.{key} ({flag}) {path}: file not found")
@@ -272,15 +275,16 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
         stop = False
         if is_update:
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf).item()
+            max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             if not math.isfinite(grad_norm) and not scaler.is_enabled() and not nonfinite:
                 nonfinite = f"gradient norm is {grad_norm}"
             diverged, stop = any_rank([bool(nonfinite), preemption.requested], device)
             if diverged:
                 raise NonFiniteLossError(
-                    f"training {nonfinite or 'loss is not finite on another rank'} at epoch {epoch} "
-                    f"step {idx}/{num_steps} (rank {get_rank()}): stopped before this update")
+                    f"training {nonfinite or 'loss is not finite on another rank'} at epoch "
+                    f"{epoch} step {idx}/{num_steps} (rank {get_rank()}): stopped before this "
+                    "update")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -335,13 +339,16 @@ def validate(config: CN, data_loader: DataLoader, model: nn.Module, device: torc
         if idx % config.PRINT_FREQ == 0:
             logger.info(f"Test: [{idx}/{len(data_loader)}]\ttime {batch_time.val:.3f} "
                         f"({batch_time.avg:.3f})\tmem {memory_mb(device):.0f}MB")
-    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count],
+                                                         device)
     stats = {"loss": loss_sum / max(count, 1), "acc1": 100.0 * correct1 / max(count, 1),
              "acc5": 100.0 * correct5 / max(count, 1), "images": int(count),
              "correct1": int(correct1), "correct5": int(correct5)}
     logger.info(f" * Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "
                 f"({stats['images']} images: {stats['correct1']} top-1 and {stats['correct5']} "
                 f"top-5 correct)")
+    logger.info(f"Accuracy of the network on the {stats['images']} test images: "
+                f"{stats['acc1']:.1f}%")
     return stats
 
 
@@ -364,8 +371,9 @@ def throughput(data_loader: DataLoader, model: nn.Module, device: torch.device, 
         synchronize(device)
     rate = repeats * batch_size / (time.perf_counter() - start)
     total = all_reduce_sum([rate], device)[0]
-    logger.info(f"batch_size {batch_size} throughput {rate:.1f} images/s"
-                + (f" ({total:.1f} images/s over {get_world_size()} processes)" if get_world_size() > 1 else ""))
+    overall = f" ({total:.1f} images/s over {get_world_size()} processes)"
+    overall = overall if get_world_size() > 1 else ""
+    logger.info(f"batch_size {batch_size} throughput {rate:.1f} images/s{overall}")
     return total
 
 
@@ -388,9 +396,56 @@ def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict]
         found = find_resume_checkpoint(config.OUTPUT, logger)
         if found:
             if explicit:
-                logger.warning(f"auto-resume: continuing from {found[0]} instead of --resume {explicit}")
+                logger.warning(f"auto-resume: continuing from {found[0]} instead of --resume "
+                               f"{explicit}")
             return found
     return (explicit, load_checkpoint_file(explicit)) if explicit else None
+
+
+def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
+                     device: torch.device, amp: Amp, logger: logging.Logger) -> None:
+    """--eval: loss and accuracy of the checkpoint to resume (or the pretrained weights);
+    --throughput: images/s of the model."""
+    if config.THROUGHPUT_MODE and not config.EVAL_MODE:
+        throughput(data_loader_val, model, device, amp, logger)
+        return
+    resume = checkpoint_to_resume(config, logger)
+    if resume:
+        load_weights(model, resume[1], resume[0])
+        logger.info(f"loaded weights from {resume[0]}")
+    elif not config.MODEL.PRETRAINED:
+        logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
+    validate(config, data_loader_val, model, device, amp, logger)
+
+
+def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
+                    scaler: torch.amp.GradScaler, updates_per_epoch: int,
+                    logger: logging.Logger) -> tuple[int, float, Progress]:
+    """Restores the checkpoint to resume, if any; returns the epoch to start, the best accuracy
+    so far and the progress (within the epoch too, after a mid-epoch checkpoint)."""
+    resume = checkpoint_to_resume(config, logger)
+    if not resume:
+        if config.TRAIN.AUTO_RESUME:
+            logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
+        return config.TRAIN.START_EPOCH, 0.0, Progress()
+    path, ckpt = resume
+    load_weights(model, ckpt, path)
+    restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
+    max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+    done = ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch)  # released: estimated
+    progress = Progress(num_updates=int(done))
+    if ckpt.get("epoch_step") is None:
+        start_epoch = ckpt["epoch"] + 1
+    else:
+        start_epoch, progress.epoch_step = ckpt["epoch"], ckpt["epoch_step"]
+        progress.loss_sum, progress.loss_count = ckpt["train_loss"]
+    lr_scheduler.step_update(progress.num_updates)
+    logger.info(f"resumed from {path}: epoch {start_epoch}, step {progress.epoch_step}, "
+                f"{progress.num_updates} optimizer steps done, max accuracy {max_accuracy:.2f}%")
+    if start_epoch >= config.TRAIN.EPOCHS:
+        logger.info(f"nothing to train: the checkpoint has reached TRAIN.EPOCHS "
+                    f"{config.TRAIN.EPOCHS}")
+    return start_epoch, max_accuracy, progress
 
 
 def run(config: CN, preemption: Preemption) -> None:
@@ -415,54 +470,27 @@ def run(config: CN, preemption: Preemption) -> None:
         raise ConfigError(f"cannot build {config.MODEL.NAME}: {e}") from None
     model.to(device)
     logger.info(str(model))
-    logger.info(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"number of params: {n_parameters}")
     if config.MODEL.PRETRAINED:
         load_pretrained(config.MODEL.PRETRAINED, model, logger)
 
     if not training:
-        resume = checkpoint_to_resume(config, logger) if config.EVAL_MODE else None
-        if resume:
-            load_weights(model, resume[1], resume[0])
-            logger.info(f"loaded weights from {resume[0]}")
-        if config.EVAL_MODE:
-            if not resume and not config.MODEL.PRETRAINED:
-                logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
-            stats = validate(config, data_loader_val, model, device, amp, logger)
-            logger.info(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
-        else:
-            throughput(data_loader_val, model, device, amp, logger)
+        evaluate_or_time(config, model, data_loader_val, device, amp, logger)
         return
 
     optimizer = build_optimizer(config, model)
     model_without_ddp = model
     if dist.is_initialized():
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.enabled and amp.dtype == torch.float16)
     num_steps = len(data_loader_train)
     updates_per_epoch = math.ceil(num_steps / config.TRAIN.ACCUMULATION_STEPS)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     criterion = build_criterion(config, mixup_fn is not None)
-
-    start_epoch, max_accuracy, progress = config.TRAIN.START_EPOCH, 0.0, Progress()
-    resume = checkpoint_to_resume(config, logger)
-    if resume:
-        path, ckpt = resume
-        load_weights(model_without_ddp, ckpt, path)
-        restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
-        max_accuracy = float(ckpt.get("max_accuracy", 0.0))
-        progress.num_updates = int(ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch))
-        if ckpt.get("epoch_step") is None:
-            start_epoch = ckpt["epoch"] + 1
-        else:
-            start_epoch, progress.epoch_step = ckpt["epoch"], ckpt["epoch_step"]
-            progress.loss_sum, progress.loss_count = ckpt["train_loss"]
-        lr_scheduler.step_update(progress.num_updates)
-        logger.info(f"resumed from {path}: epoch {start_epoch}, step {progress.epoch_step}/{num_steps}, "
-                    f"{progress.num_updates} optimizer steps done, max accuracy {max_accuracy:.2f}%")
-    elif config.TRAIN.AUTO_RESUME:
-        logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
-    if start_epoch >= config.TRAIN.EPOCHS:
-        logger.info(f"nothing to train: training has reached TRAIN.EPOCHS {config.TRAIN.EPOCHS}")
+    start_epoch, max_accuracy, progress = resume_training(
+        config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger)
 
     logger.info("Start training")
     start_time = time.time()
@@ -473,7 +501,7 @@ def run(config: CN, preemption: Preemption) -> None:
         train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
                         lr_scheduler, scaler, amp, device, progress, preemption, logger)
         epoch_time = time.time() - epoch_start
-        skipped = all_reduce_sum([dataset_train.pop_skipped() if hasattr(dataset_train, "pop_skipped") else 0], device)[0]
+        skipped = all_reduce_sum([getattr(dataset_train, "pop_skipped", lambda: 0)()], device)[0]
         if skipped:
             logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         if progress.preempted:
@@ -481,9 +509,9 @@ def run(config: CN, preemption: Preemption) -> None:
                             scaler, logger, num_updates=progress.num_updates,
                             epoch_step=progress.epoch_step,
                             train_loss=(progress.loss_sum, progress.loss_count))
+            saved = os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))
             raise Preempted(f"{preemption.signal_name} received: stopped at epoch {epoch} step "
-                            f"{progress.epoch_step}/{num_steps} and saved "
-                            f"{os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))}")
+                            f"{progress.epoch_step}/{num_steps} and saved {saved}")
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
         loss_sum, loss_count = all_reduce_sum([progress.loss_sum, progress.loss_count], device)
 
@@ -491,27 +519,28 @@ def run(config: CN, preemption: Preemption) -> None:
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"validation loss is {stats['loss']} after epoch {epoch}: the "
                                      "model diverged and is not saved")
-        logger.info(f"Accuracy of the network on the {stats['images']} test images: {stats['acc1']:.1f}%")
         is_best = stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, stats["acc1"])
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
         # Metrics first: a crash in between repeats this line after the resume (the last one of an
         # epoch counts), it never leaves an epoch out.
+        images = (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size
         append_metrics(config, {
             "epoch": epoch, "train_loss": loss_sum / max(loss_count, 1),
             "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
-            "acc5": stats["acc5"], "epoch_time": epoch_time,
-            "images_per_sec": (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size / epoch_time,
+            "acc5": stats["acc5"], "epoch_time": epoch_time, "images_per_sec": images / epoch_time,
             "num_updates": progress.num_updates})
-        save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
+        stop = any_rank([preemption.requested], device)[0]
+        save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stop
         if save_epoch or is_best:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
                             is_best=is_best, save_epoch=save_epoch)
         progress = Progress(num_updates=progress.num_updates)
-        if any_rank([preemption.requested], device)[0]:
-            raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: stopped "
-                            f"after epoch {epoch}, whose checkpoint is saved")
+        if stop:
+            raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
+                            f"stopped after epoch {epoch} and saved "
+                            f"{os.path.join(config.OUTPUT, checkpoint_name(epoch))}")
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
@@ -523,7 +552,8 @@ def report(message: str, level: int = logging.ERROR) -> None:
     if logger.handlers:
         logger.log(level, prefix + message)
     if get_rank() != 0 or not logger.handlers:
-        print(f"{prefix}{logging.getLevelName(level).lower()}: {message}", file=sys.stderr, flush=True)
+        print(f"{prefix}{logging.getLevelName(level).lower()}: {message}", file=sys.stderr,
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         # process group's threads (which could hang or abort the interpreter at exit).
         logging.getLogger(LOGGER_NAME).exception("traceback")
         report(f"{type(e).__name__}: {e}\nWith {get_world_size()} processes this usually means "
-               f"another rank failed or did not answer within DIST_TIMEOUT ({config.DIST_TIMEOUT} s): "
-               "see the logs of the other ranks")
+               f"another rank failed or did not answer within DIST_TIMEOUT "
+               f"({config.DIST_TIMEOUT} s): see the logs of the other ranks")
         os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()

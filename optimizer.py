@@ -12,13 +12,14 @@ from config import ConfigError
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: parameters with ``weight_decay``, and biases, norms and 1-D parameters (plus
     any the model names in ``no_weight_decay()`` / ``no_weight_decay_keywords()``) without."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
+    skip = getattr(model, "no_weight_decay", set)()
+    keywords = getattr(model, "no_weight_decay_keywords", set)()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name in skip or any(k in name for k in keywords):
+        if (param.ndim <= 1 or name.endswith(".bias") or name in skip
+                or any(k in name for k in keywords)):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -33,7 +34,9 @@ def build_optimizer(config: CN, model: nn.Module) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.TRAIN.WEIGHT_DECAY)
     name = opt.NAME.lower()
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, betas=tuple(opt.BETAS), eps=opt.EPS)
+        return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, betas=tuple(opt.BETAS),
+                                 eps=opt.EPS)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=opt.MOMENTUM, nesterov=True)
+        return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=opt.MOMENTUM,
+                               nesterov=True)
     raise ConfigError(f"TRAIN.OPTIMIZER.NAME {opt.NAME!r} is unknown: expected 'adamw' or 'sgd'")

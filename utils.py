@@ -126,8 +126,11 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def checkpoint_name(epoch: int, epoch_step: int | None = None) -> str:
-    """``ckpt_epoch_{epoch}.pth`` after a whole epoch, ``ckpt_epoch_{epoch}_step_{n}.pth`` within."""
-    return f"ckpt_epoch_{epoch}.pth" if epoch_step is None else f"ckpt_epoch_{epoch}_step_{epoch_step}.pth"
+    """``ckpt_epoch_{epoch}.pth`` after a whole epoch, ``ckpt_epoch_{epoch}_step_{n}.pth`` after
+    ``n`` loader steps of it."""
+    if epoch_step is None:
+        return f"ckpt_epoch_{epoch}.pth"
+    return f"ckpt_epoch_{epoch}_step_{epoch_step}.pth"
 
 
 def list_checkpoints(folder: str) -> list[tuple[int, float, str]]:
@@ -146,8 +149,9 @@ def prune_checkpoints(folder: str, epoch: int, keep: int, logger: logging.Logger
     """After the whole-epoch checkpoint of ``epoch`` is saved: removes mid-epoch checkpoints up to
     ``epoch`` and whole-epoch ones older than the newest ``keep`` (``keep`` 0 keeps them all).
     Checkpoints of later epochs (another run's) are left alone."""
-    whole = [path for e, step, path in list_checkpoints(folder) if e <= epoch and step == float("inf")]
-    stale = [path for e, step, path in list_checkpoints(folder) if e <= epoch and step != float("inf")]
+    older = [(step, path) for e, step, path in list_checkpoints(folder) if e <= epoch]
+    whole = [path for step, path in older if step == float("inf")]
+    stale = [path for step, path in older if step != float("inf")]
     if keep > 0:
         stale += whole[:-keep]
     for path in stale:
@@ -228,12 +232,13 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
             f"{path}: refused to load: it holds pickled objects other than tensors, plain "
             f"containers and a yacs config, which could run code when loaded ({reason})") from None
     except Exception as e:  # zip/pickle decoding errors of every kind mean the same here
+        first_line = (str(e).splitlines() or [""])[0]
         raise CheckpointError(f"{path}: cannot be read (truncated or corrupt?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"{type(e).__name__}: {first_line}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        keys = f" with keys {sorted(map(str, ckpt))[:10]}" if isinstance(ckpt, dict) else ""
         raise CheckpointError(f"{path}: not a checkpoint: expected a dict with the weights under "
-                              f"'model', got {type(ckpt).__name__}"
-                              + (f" with keys {sorted(map(str, ckpt))[:10]}" if isinstance(ckpt, dict) else ""))
+                              f"'model', got {type(ckpt).__name__}{keys}")
     if isinstance(ckpt.get("config"), dict):
         ckpt["config"] = _to_cfgnode(ckpt["config"])
     return ckpt
@@ -263,7 +268,8 @@ def load_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n{e}") from None
+        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n"
+                              f"{e}") from None
 
 
 def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -> None:
@@ -272,14 +278,16 @@ def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -
     ckpt = load_checkpoint_file(path)
     own = model.state_dict()
     weights = dict(ckpt["model"])
-    head = [k for k in weights if k.startswith("head.") and k in own and weights[k].shape != own[k].shape]
+    head = [k for k in weights
+            if k.startswith("head.") and k in own and weights[k].shape != own[k].shape]
     for key in head:
         logger.warning(f"{path}: {key} has shape {tuple(weights.pop(key).shape)}, the model "
                        f"{tuple(own[key].shape)}: the head starts from its initialisation")
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n{e}") from None
+        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n"
+                              f"{e}") from None
     missing = [k for k in result.missing_keys if k not in head]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}: "

@@ -87,7 +87,8 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
         if not os.path.isdir(root):
             raise DataError(f"DATA.DATA_PATH (--data-path) {root} is not a folder")
         if not os.listdir(root):
-            raise DataError(f"DATA.DATA_PATH (--data-path) {root} is empty: expected train/ and val/")
+            raise DataError(f"DATA.DATA_PATH (--data-path) {root} is empty: expected train/ and "
+                            "val/")
         dataset = _image_folder(root, "train" if is_train else "val", transform, config)
         num_classes = len(dataset.classes)
     elif name == "digits":
@@ -126,8 +127,8 @@ def build_transform(is_train: bool, config: CN) -> Callable:
                   transforms.CenterCrop(size)]
     else:
         resize = [transforms.Resize((size, size), interpolation=interpolation)]
-    return transforms.Compose(resize + [transforms.ToTensor(),
-                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return transforms.Compose(resize + [transforms.ToTensor(), normalize])
 
 
 class TrainSampler(DistributedSampler):
@@ -174,7 +175,8 @@ def build_mixup(config: CN) -> Mixup | None:
                  label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
 
 
-def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None, DataLoader, Mixup | None]:
+def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None, DataLoader,
+                                      Mixup | None]:
     """``dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn``.
 
     The training parts are None in ``EVAL_MODE`` and ``THROUGHPUT_MODE`` (only val/ is needed).
@@ -191,7 +193,8 @@ def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None
         return None, dataset_val, None, data_loader_val, None
 
     dataset_train, _ = build_dataset(is_train=True, config=config)
-    train_classes, val_classes = (set(getattr(d, "classes", ())) for d in (dataset_train, dataset_val))
+    train_classes, val_classes = (set(getattr(d, "classes", ()))
+                                  for d in (dataset_train, dataset_val))
     if train_classes != val_classes:
         raise DataError(f"train/ and val/ of {config.DATA.DATA_PATH} have different class folders: "
                         f"only in train/: {sorted(train_classes - val_classes)}, only in val/: "

@@ -24,7 +24,8 @@ VAL_PER_CLASS = 3    # 9 validation images: odd, so two ranks get 5 and 4
 TINY = ["MODEL.MGSSAF.EMBED_DIM", "24", "MODEL.MGSSAF.DEPTHS", "[1,1,1,1]",
         "MODEL.MGSSAF.NUM_HEADS", "[1,6,6,2]", "MODEL.MGSSAF.HEAD_HIDDEN_DIM", "64",
         "DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", str(NUM_CLASSES), "DATA.NUM_WORKERS", "0",
-        "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.BASE_LR", "0.2", "PRINT_FREQ", "1", "AMP_ENABLE", "false"]
+        "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.BASE_LR", "0.2", "PRINT_FREQ", "1",
+        "AMP_ENABLE", "false"]
 NO_AUG = ["AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0", "AUG.AUTO_AUGMENT", "none", "AUG.REPROB", "0.0",
           "AUG.COLOR_JITTER", "0.0"]
 
@@ -33,7 +34,7 @@ _cache: dict[str, str] = {}
 
 def make_imagefolder(root: str, classes: int = NUM_CLASSES, train_per_class: int = TRAIN_PER_CLASS,
                      val_per_class: int = VAL_PER_CLASS, size: int = 32) -> str:
-    """``root/{train,val}/class{c}/{i}.png``: noise tinted by class, so the classes are learnable."""
+    """``root/{train,val}/class{c}/{i}.png``: noise tinted by class (learnable classes)."""
     rng = np.random.default_rng(0)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for c in range(classes):
@@ -80,7 +81,8 @@ def run_cli(argv: list[str], prefix: tuple[str, ...] = ("main.py",), timeout: fl
     """Runs ``python *prefix *argv`` in the repository (``prefix`` may hold a launcher before
     main.py); ``stdout`` holds stdout and stderr together."""
     return subprocess.run([sys.executable, *prefix, *argv], cwd=ROOT, env=child_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
 
 
 def run_dir(output: str, tag: str) -> str:

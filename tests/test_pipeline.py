@@ -72,14 +72,16 @@ def test_training_writes_checkpoints_metrics_and_logs(reference, tmp_path_factor
         assert set(row) >= {"epoch", "train_loss", "lr", "val_loss", "acc1", "acc5", "epoch_time",
                             "images_per_sec", "num_updates"}
         assert all(math.isfinite(row[k]) for k in ("train_loss", "val_loss", "lr"))
-        assert row["num_updates"] == 3 * (epoch + 1)  # 15 images, batch 4, last partial batch dropped
+        assert row["num_updates"] == 3 * (epoch + 1)  # 15 images, batch 4: the last 3 dropped
         assert 0 <= row["acc1"] <= row["acc5"] <= 100 and row["images_per_sec"] > 0
 
-    log = open(os.path.join(reference, "log_rank0.txt"), encoding="utf-8").read()
+    with open(os.path.join(reference, "log_rank0.txt"), encoding="utf-8") as f:
+        log = f.read()
     assert "full config:" in log and "DATA_PATH:" in log and "KEEP_CHECKPOINTS: 2" in log
-    assert re.search(r"Train: \[0/4\]\[0/3\]\teta \S+ lr [\d.]+\t wd [\d.]+\ttime [\d.]+ \([\d.]+\)\t"
-                     r"loss [\d.]+ \([\d.]+\)\tgrad_norm [\d.]+ \([\d.]+\)\tloss_scale [\d.]+ "
-                     r"\([\d.]+\)\tmem \d+MB", log)
+    assert re.search(r"Train: \[0/4\]\[0/3\]\teta \S+ lr [\d.]+\t wd [\d.]+\t"
+                     r"time [\d.]+ \([\d.]+\)\tloss [\d.]+ \([\d.]+\)\t"
+                     r"grad_norm [\d.]+ \([\d.]+\)\tloss_scale [\d.]+ \([\d.]+\)\t"
+                     r"mem \d+MB", log)
     console = h.reference_log(str(tmp_path_factory.getbasetemp()))
     assert "Train: [3/4][2/3]" in console and "Max accuracy" in console
 
@@ -92,7 +94,8 @@ def test_training_writes_checkpoints_metrics_and_logs(reference, tmp_path_factor
 
 def test_second_invocation_auto_resumes_at_next_epoch(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "continued")
-    result = h.run_cli(h.main_args(data, str(tmp_path), "continued", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5"))
+    result = h.run_cli(h.main_args(data, str(tmp_path), "continued", *h.REFERENCE_OPTS,
+                                   "TRAIN.EPOCHS", "5"))
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"resumed from {os.path.join(folder, 'ckpt_epoch_3.pth')}: epoch 4" in result.stdout
     assert "Train: [4/5][0/3]" in result.stdout
@@ -104,7 +107,8 @@ def test_second_invocation_auto_resumes_at_next_epoch(reference, data, tmp_path)
 
 def test_eval_resume_counts_equal_a_plain_loop(reference, data, tmp_path):
     ckpt_path = os.path.join(reference, "ckpt_epoch_3.pth")
-    result = h.run_cli(h.main_args(data, str(tmp_path), "eval", flags=("--eval", "--resume", ckpt_path)))
+    result = h.run_cli(h.main_args(data, str(tmp_path), "eval",
+                                   flags=("--eval", "--resume", ckpt_path)))
     assert result.returncode == 0, result.stdout[-3000:]
     acc1, acc5, loss, images, top1, top5 = accuracy_line(result.stdout)
     assert images == 9 and "Accuracy of the network on the 9 test images" in result.stdout
@@ -140,7 +144,10 @@ def test_torchrun_two_processes_train_and_validate_every_image_once(data, tmp_pa
                                    "TRAIN.ACCUMULATION_STEPS", "2", batch_size=2), prefix=launcher)
     assert result.returncode == 0, result.stdout[-4000:]
     folder = h.run_dir(str(tmp_path), "ddp")
-    logs = {r: open(os.path.join(folder, f"log_rank{r}.txt"), encoding="utf-8").read() for r in (0, 1)}
+    logs = {}
+    for r in (0, 1):
+        with open(os.path.join(folder, f"log_rank{r}.txt"), encoding="utf-8") as f:
+            logs[r] = f.read()
     assert "rank 0 of 2" in logs[0] and "rank 1 of 2" in logs[1]
     # 15 images over 2 ranks (padded to 8 each), batch 2: 4 steps per rank.
     assert "Train: [0/1][3/4]" in logs[1]
@@ -156,7 +163,8 @@ def test_torchrun_two_processes_train_and_validate_every_image_once(data, tmp_pa
     assert accuracy_line(single.stdout)[3:] == (images, top1, top5)
 
 
-def test_pretrained_initialises_weights_and_reinitialises_a_head_of_another_size(reference, data, tmp_path):
+def test_pretrained_loads_weights_and_reinitialises_a_head_of_another_size(reference, data,
+                                                                            tmp_path):
     ckpt = load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))
     ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"][:2]  # as if trained on 2 classes
     ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"][:2]
@@ -165,10 +173,12 @@ def test_pretrained_initialises_weights_and_reinitialises_a_head_of_another_size
     result = h.run_cli(h.main_args(data, str(tmp_path), "finetune", "TRAIN.EPOCHS", "1", *h.NO_AUG,
                                    flags=("--pretrained", path)))
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "head.weight has shape (2, 64), the model (3, 64): the head starts from its initialisation" in result.stdout
+    assert ("head.weight has shape (2, 64), the model (3, 64): the head starts from its "
+            "initialisation") in result.stdout
     assert f"loaded pretrained weights from {path}" in result.stdout
     assert "training from scratch" in result.stdout and "Train: [0/1][0/3]" in result.stdout
-    assert h.read_metrics(h.run_dir(str(tmp_path), "finetune"))[0]["num_updates"] == 3  # fresh optimizer
+    metrics = h.read_metrics(h.run_dir(str(tmp_path), "finetune"))
+    assert metrics[0]["num_updates"] == 3  # a fresh start, not a resume
 
 
 def test_torch_distributed_launch_one_process(data, tmp_path):
@@ -182,7 +192,8 @@ def test_torch_distributed_launch_one_process(data, tmp_path):
 
 
 def test_throughput_on_cpu(data, tmp_path):
-    result = h.run_cli(h.main_args(data, str(tmp_path), "speed", flags=("--throughput", "--disable_amp")))
+    result = h.run_cli(h.main_args(data, str(tmp_path), "speed",
+                                   flags=("--throughput", "--disable_amp")))
     assert result.returncode == 0, result.stdout[-3000:]
     match = re.search(r"batch_size 4 throughput ([\d.]+) images/s", result.stdout)
     assert match and float(match.group(1)) > 0
@@ -203,7 +214,8 @@ def test_flags_map_to_config_keys(monkeypatch, tmp_path):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     args = parse_option(["--cfg", h.CFG, "--batch-size", "32", "--data-path", "/data/in1k",
                          "--pretrained", "p.pth", "--resume", "r.pth", "--accumulation-steps", "4",
-                         "--use-checkpoint", "--disable_amp", "--output", str(tmp_path), "--tag", "007",
+                         "--use-checkpoint", "--disable_amp", "--output", str(tmp_path),
+                         "--tag", "007",
                          "--eval", "--throughput", "--device", "cpu", "--local-rank=3",
                          "--opts", "TRAIN.EPOCHS", "30", "DATA.BATCH_SIZE", "8"])
     config = get_config(args)
@@ -235,7 +247,8 @@ def test_lr_scaling_and_schedules_follow_the_recipe_formulas():
     config = config.clone()
     scale_lrs(config, world_size=2)  # total batch 64 x 2 x 2 = 256: half the LRs of 512
     base, warm, low = 1e-3 * 0.5, 5e-7 * 0.5, 1e-6 * 0.5
-    assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((base, warm, low))
+    lrs = (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR)
+    assert lrs == pytest.approx((base, warm, low))
 
     n = 7  # optimizer steps per epoch
     total, warmup = 10 * n, 2 * n
@@ -247,11 +260,13 @@ def test_lr_scaling_and_schedules_follow_the_recipe_formulas():
         if t < warmup:
             expected = warm + (base - warm) * t / warmup
         else:
-            expected = low + 0.5 * (base - low) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+            progress = (t - warmup) / (total - warmup)
+            expected = low + 0.5 * (base - low) * (1 + math.cos(math.pi * progress))
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9), t
 
-    for name, t, expected in (("linear", 42, low + (base - low) * (1 - (42 - warmup) / (total - warmup))),
-                              ("step", warmup + 3 * n - 1, base), ("step", warmup + 3 * n, base * 0.1),
+    linear_42 = low + (base - low) * (1 - (42 - warmup) / (total - warmup))
+    for name, t, expected in (("linear", 42, linear_42), ("step", warmup + 3 * n - 1, base),
+                              ("step", warmup + 3 * n, base * 0.1),
                               ("multistep", warmup + 5 * n, base * 0.01)):
         cfg = config.clone()
         cfg.defrost()
@@ -294,8 +309,9 @@ def test_accumulating_two_micro_batches_matches_one_double_batch():
         optimizer = build_optimizer(config, model)
         scheduler = build_scheduler(config, optimizer, 1)
         progress = Progress()
-        train_one_epoch(config, model, torch.nn.CrossEntropyLoss(), DataLoader(dataset, batch_size=batch),
-                        optimizer, 0, None, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+        loader = DataLoader(dataset, batch_size=batch)
+        train_one_epoch(config, model, torch.nn.CrossEntropyLoss(), loader, optimizer, 0, None,
+                        scheduler, torch.amp.GradScaler("cpu", enabled=False),
                         Amp(False, torch.float32), torch.device("cpu"), progress, Preemption(),
                         logging.getLogger("test"))
         assert progress.num_updates == 1 and progress.epoch_step == 8 // batch

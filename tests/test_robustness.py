@@ -76,7 +76,8 @@ def bad_image_data(tmp_path_factory) -> str:
     return root
 
 
-def start(argv: list[str], log: str, prefix: tuple[str, ...] = ("main.py",), **env: str) -> subprocess.Popen:
+def start(argv: list[str], log: str, prefix: tuple[str, ...] = ("main.py",),
+          **env: str) -> subprocess.Popen:
     """Starts a CLI run in the background, its output going to ``log``."""
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, *prefix, *argv], cwd=h.ROOT, stdout=out,
@@ -99,7 +100,8 @@ def read(path: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Resume
 # ------------------------------------------------------------------------------------------------
-def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(reference, data, tmp_path):
+def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(reference, data,
+                                                                              tmp_path):
     argv = h.main_args(data, str(tmp_path), "killed", *h.REFERENCE_OPTS)
     folder = h.run_dir(str(tmp_path), "killed")
     process = start(argv, str(tmp_path / "killed.log"))
@@ -115,14 +117,15 @@ def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(re
     for epoch in (2, 3):
         for key in ("train_loss", "lr", "val_loss", "acc1", "acc5", "num_updates"):
             assert got[epoch][key] == expected[epoch][key], (epoch, key)
-    final, ref = (load_checkpoint_file(os.path.join(f, "ckpt_epoch_3.pth"))["model"] for f in (folder, reference))
+    final, ref = (load_checkpoint_file(os.path.join(f, "ckpt_epoch_3.pth"))["model"]
+                  for f in (folder, reference))
     assert all(torch.equal(final[k], ref[k]) for k in ref)
 
 
 def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(data, tmp_path):
     # Batch 1 and 2 micro-batches per step: 15 loader steps and 8 optimizer steps per epoch.
-    argv = h.main_args(data, str(tmp_path), "preempted", "TRAIN.EPOCHS", "2", "TRAIN.ACCUMULATION_STEPS",
-                       "2", *h.NO_AUG, batch_size=1)
+    argv = h.main_args(data, str(tmp_path), "preempted", "TRAIN.EPOCHS", "2",
+                       "TRAIN.ACCUMULATION_STEPS", "2", *h.NO_AUG, batch_size=1)
     folder = h.run_dir(str(tmp_path), "preempted")
     process = start(argv, str(tmp_path / "preempted.log"))
     log = os.path.join(folder, "log_rank0.txt")
@@ -139,8 +142,9 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(dat
 
     resumed = h.run_cli(argv)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert f"resumed from {os.path.join(folder, mid[0])}: epoch 0, step {step}/15" in resumed.stdout
-    assert f"Train: [0/2][{step}/15]" in resumed.stdout and f"Train: [0/2][{step - 1}/15]" not in resumed.stdout
+    assert f"resumed from {os.path.join(folder, mid[0])}: epoch 0, step {step}," in resumed.stdout
+    assert f"Train: [0/2][{step}/15]" in resumed.stdout
+    assert f"Train: [0/2][{step - 1}/15]" not in resumed.stdout
     metrics = h.read_metrics(folder)
     assert metrics[0]["num_updates"] == 8 and metrics[1]["num_updates"] == 16  # as uninterrupted
     assert not os.path.exists(os.path.join(folder, mid[0]))  # superseded once epoch 0 was saved
@@ -148,7 +152,8 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(dat
 
 def test_torchrun_forwards_sigterm_and_both_ranks_stop_at_the_same_step(data, tmp_path):
     launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", "main.py")
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}",
+                "main.py")
     argv = h.main_args(data, str(tmp_path), "ddp", "TRAIN.EPOCHS", "2", *h.NO_AUG, batch_size=1)
     folder = h.run_dir(str(tmp_path), "ddp")
     process = start(argv, str(tmp_path / "torchrun.log"), launcher)
@@ -195,7 +200,8 @@ def test_checkpoint_that_would_run_code_is_refused(data, tmp_path):
     marker = str(tmp_path / "pwned")
     for i, zipped in enumerate((True, False)):
         path = str(tmp_path / f"evil{i}.pth")
-        torch.save({"model": {}, "payload": Evil(marker)}, path, _use_new_zipfile_serialization=zipped)
+        torch.save({"model": {}, "payload": Evil(marker)}, path,
+                   _use_new_zipfile_serialization=zipped)
         with pytest.raises(CheckpointError, match="refused to load"):
             load_checkpoint_file(path)
         assert not os.path.exists(marker)
@@ -218,7 +224,8 @@ def test_released_layout_checkpoint_with_a_yacs_config_loads(reference, data, tm
 
     loaded = load_checkpoint_file(path)
     assert loaded["config"].MODEL.MGSSAF.EMBED_DIM == 24 and loaded["epoch"] == 299
-    result = h.run_cli(h.main_args(data, str(tmp_path), "released", flags=("--eval", "--resume", path)))
+    result = h.run_cli(h.main_args(data, str(tmp_path), "released",
+                                   flags=("--eval", "--resume", path)))
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"loaded weights from {path}" in result.stdout and " * Acc@1 " in result.stdout
 
@@ -263,7 +270,8 @@ def _layout(tmp: str, kind: str, data: str) -> str:
 # its checks resume from the victim's epoch 3 and write epoch 4.
 BAD_INPUTS = [
     ("no_data_path", dict(data=""), ["DATA.DATA_PATH (--data-path) is not set"]),
-    ("missing_data_path", dict(data="/nonexistent/imagenet"), ["/nonexistent/imagenet is not a folder"]),
+    ("missing_data_path", dict(data="/nonexistent/imagenet"),
+     ["/nonexistent/imagenet is not a folder"]),
     ("empty_data_path", dict(layout="empty"), ["empty is empty: expected train/ and val/"]),
     ("no_val", dict(layout="no_val"), ["no_val/val not found"]),
     ("no_train", dict(layout="no_train"), ["no_train/train not found"]),
@@ -273,25 +281,28 @@ BAD_INPUTS = [
     ("bad_image", dict(layout="bad_image", batch_size=5, opts=h.NO_AUG),
      ["cannot read image", "train/class0/0.png"]),
     ("unknown_key", dict(opts=["TRAIN.EPOCH", "3"]), ["unknown config key TRAIN.EPOCH"]),
-    ("mistyped_value", dict(opts=["TRAIN.EPOCHS", "five"]), ["TRAIN.EPOCHS expects an integer", "five"]),
+    ("mistyped_value", dict(opts=["TRAIN.EPOCHS", "five"]),
+     ["TRAIN.EPOCHS expects an integer", "five"]),
     ("missing_resume", dict(flags=("--resume", "/nonexistent/ckpt.pth")),
      ["MODEL.RESUME (--resume) /nonexistent/ckpt.pth: file not found"]),
     ("other_variant", dict(flags=("--eval", "--resume", "VICTIM/ckpt_epoch_3.pth"),
                            opts=["MODEL.MGSSAF.EMBED_DIM", "48"]),
-     ["ckpt_epoch_3.pth: its weights do not fit this model", "size mismatch for patch_embed.norm.weight",
+     ["ckpt_epoch_3.pth: its weights do not fit this model",
+      "size mismatch for patch_embed.norm.weight",
       "torch.Size([24])", "torch.Size([48])"]),
     ("other_class_count", dict(flags=("--eval", "--resume", "TWO_CLASSES")),
      ["two_classes.pth: its weights do not fit this model", "size mismatch for head.weight",
       "torch.Size([2, 64])", "torch.Size([3, 64])"]),
-    ("batch_size_0", dict(batch_size=0), ["DATA.BATCH_SIZE (--batch-size) must be at least 1, got 0"]),
+    ("batch_size_0", dict(batch_size=0),
+     ["DATA.BATCH_SIZE (--batch-size) must be at least 1, got 0"]),
     ("unwritable_output", dict(output="FILE/runs"), ["output folder", "cannot be written"]),
 ]
 
 
 @pytest.mark.parametrize("case, change, messages", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(case, change, messages, victim, data,
-                                                              bad_image_data, other_class_count_checkpoint,
-                                                              tmp_path):
+def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
+        case, change, messages, victim, data, bad_image_data, other_class_count_checkpoint,
+        tmp_path):
     folder, before = victim
     output = os.path.dirname(os.path.dirname(folder))
     if change.get("output"):
@@ -319,8 +330,8 @@ def test_skip_bad_images_warns_and_counts(bad_image_data, tmp_path):
     result = h.run_cli(h.main_args(bad_image_data, str(tmp_path), "skip", "TRAIN.EPOCHS", "1",
                                    "DATA.SKIP_BAD_IMAGES", "true", *h.NO_AUG, batch_size=5))
     assert result.returncode == 0, result.stdout[-3000:]
-    assert re.search(r"WARNING cannot read image \S+train/class0/0\.png: .*skipped \(DATA\.SKIP_BAD_IMAGES\)",
-                     result.stdout)
+    assert re.search(r"WARNING cannot read image \S+train/class0/0\.png: .*skipped "
+                     r"\(DATA\.SKIP_BAD_IMAGES\)", result.stdout)
     assert "epoch 0: 1 unreadable training image(s) skipped" in result.stdout
 
 
@@ -350,4 +361,5 @@ def test_a_stuck_rank_makes_the_others_stop_after_dist_timeout(data, tmp_path):
         ranks[1].kill()
         ranks[1].wait()
     output = read(log)
-    assert "another rank failed or did not answer within DIST_TIMEOUT (5 s)" in output, output[-3000:]
+    assert "another rank failed or did not answer within DIST_TIMEOUT (5 s)" in output, \
+        output[-3000:]
