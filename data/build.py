@@ -196,9 +196,9 @@ def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None
     train_classes, val_classes = (set(getattr(d, "classes", ()))
                                   for d in (dataset_train, dataset_val))
     if train_classes != val_classes:
-        raise DataError(f"train/ and val/ of {config.DATA.DATA_PATH} have different class folders: "
-                        f"only in train/: {sorted(train_classes - val_classes)}, only in val/: "
-                        f"{sorted(val_classes - train_classes)}")
+        raise DataError(f"train/ and val/ of {config.DATA.DATA_PATH} have different class "
+                        f"folders: only in train/: {sorted(train_classes - val_classes)}, only in "
+                        f"val/: {sorted(val_classes - train_classes)}")
     sampler = TrainSampler(dataset_train, world_size, rank, config.SEED)
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(f"the training set ({len(dataset_train)} images) gives each of the "

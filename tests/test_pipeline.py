@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pipeline_helpers as h
 from config import get_config, load_config
-from data.build import ShardSampler, build_transform
+from data.build import DataError, ShardSampler, build_loader, build_transform
 from lr_scheduler import build_scheduler, scale_lrs
 from main import Amp, Preemption, Progress, parse_option, train_one_epoch
 from models import build_model
@@ -238,6 +238,20 @@ def test_validation_shards_cover_every_image_once():
     shards = [list(ShardSampler(dataset, 2, r)) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == dataset and [len(s) for s in shards] == [5, 4]
     assert list(ShardSampler(dataset, 4, 3)) == [3, 7]
+
+
+def test_dataset_dispatch_on_data_dataset(data):
+    _, dataset_val, loader_train, _, _ = build_loader(tiny_config(
+        "DATA.DATASET", "digits", "MODEL.NUM_CLASSES", "10", "EVAL_MODE", "true"))
+    assert loader_train is None and len(dataset_val) > 0  # eval needs no training set
+    assert dataset_val[0][0].shape == (3, 32, 32) and 0 <= dataset_val[0][1] < 10
+    with pytest.raises(DataError, match="MODEL.NUM_CLASSES is 3 but the digits dataset has 10"):
+        build_loader(tiny_config("DATA.DATASET", "digits"))
+    with pytest.raises(DataError, match="DATA.DATASET 'cifar' is unknown"):
+        build_loader(tiny_config("DATA.DATASET", "cifar"))
+    dataset_train, dataset_val, _, _, mixup_fn = build_loader(tiny_config("DATA.DATA_PATH", data,
+                                                                          "DATA.BATCH_SIZE", "4"))
+    assert (len(dataset_train), len(dataset_val)) == (15, 9) and mixup_fn is not None
 
 
 def test_lr_scaling_and_schedules_follow_the_recipe_formulas():

@@ -2,6 +2,7 @@
 real command line on CPU with a tiny model on tiny generated ImageFolders."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import torch
 import pipeline_helpers as h
 from config import load_config
 from main import Preemption
-from utils import CheckpointError, load_checkpoint_file
+from utils import CheckpointError, atomic_save, load_checkpoint_file, prune_checkpoints
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
 NAN_FROM_SECOND_STEP = """
@@ -179,6 +180,25 @@ def test_sigterm_and_sigusr1_request_a_stop():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path):
+    path = str(tmp_path / "ckpt_epoch_0.pth")
+    atomic_save({"model": {"w": torch.ones(2)}}, path)
+    with pytest.raises(Exception):
+        atomic_save({"model": {"w": torch.zeros(2)}, "bad": lambda: None}, path)  # not picklable
+    assert torch.equal(load_checkpoint_file(path)["model"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["ckpt_epoch_0.pth"]
+
+
+def test_pruning_keeps_the_newest_epochs_the_best_and_later_runs_files(tmp_path):
+    names = [f"ckpt_epoch_{e}.pth" for e in range(6)] + ["ckpt_epoch_2_step_3.pth",
+                                                          "ckpt_epoch_7.pth", "ckpt_best.pth"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    prune_checkpoints(str(tmp_path), epoch=5, keep=2, logger=logging.getLogger("test"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_best.pth", "ckpt_epoch_4.pth", "ckpt_epoch_5.pth",
+                                            "ckpt_epoch_7.pth"]
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(reference, data, tmp_path):
