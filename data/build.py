@@ -105,7 +105,8 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
 
 
 def build_transform(is_train: bool, config: CN) -> Callable:
-    """Training: timm's RandomResizedCrop, flip, RandAugment, random erasing (``AUG.*``).
+    """Training: timm's RandomResizedCrop (``AUG.SCALE``), flip (``AUG.HFLIP``), RandAugment,
+    colour jitter and random erasing (``AUG.*``).
     Evaluation: resize to IMG_SIZE * 256/224 and center-crop (``TEST.CROP``), or resize."""
     size = config.DATA.IMG_SIZE
     if is_train:
@@ -113,6 +114,8 @@ def build_transform(is_train: bool, config: CN) -> Callable:
         return create_transform(
             input_size=size,
             is_training=True,
+            scale=tuple(config.AUG.SCALE),
+            hflip=config.AUG.HFLIP,
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
             auto_augment=auto_augment if auto_augment not in ("", "none") else None,
             re_prob=config.AUG.REPROB,

@@ -254,6 +254,18 @@ def test_dataset_dispatch_on_data_dataset(data):
     assert (len(dataset_train), len(dataset_val)) == (15, 9) and mixup_fn is not None
 
 
+def test_transforms_follow_the_aug_and_test_keys():
+    train = build_transform(True, tiny_config()).transforms
+    assert train[0].scale == (0.08, 1.0) and any("Flip" in type(t).__name__ for t in train)
+    assert any("RandAugment" in type(t).__name__ for t in train)
+    assert any("RandomErasing" in type(t).__name__ for t in train)
+    train = build_transform(True, tiny_config("AUG.SCALE", "[0.5, 1.0]", "AUG.HFLIP", "0.0",
+                                              *h.NO_AUG)).transforms
+    assert train[0].scale == (0.5, 1.0) and len(train) == 3  # crop, to-tensor, normalise
+    resize, crop = build_transform(False, tiny_config("DATA.IMG_SIZE", "224")).transforms[:2]
+    assert (resize.size, crop.size) == (256, (224, 224))  # resize 256, center-crop 224
+
+
 def test_lr_scaling_and_schedules_follow_the_recipe_formulas():
     config = tiny_config("TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2", "TRAIN.BASE_LR", "1e-3",
                          "TRAIN.WARMUP_LR", "5e-7", "TRAIN.MIN_LR", "1e-6", "DATA.BATCH_SIZE", "64",
