@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 # (key in metrics.jsonl, panel title) of the three panels.
@@ -73,6 +74,7 @@ def plot_metrics(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[st
     for ax, (_, title) in zip(axes, PANELS):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize="small")
     out_dir = os.path.dirname(os.path.abspath(out))
