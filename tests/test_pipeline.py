@@ -35,16 +35,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def data(tmp_path_factory) -> str:
-    return h.shared_dataset(str(tmp_path_factory.getbasetemp()))
-
-
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory, data) -> str:
-    return h.reference_run(str(tmp_path_factory.getbasetemp()))
-
-
 def tiny_config(*opts: str):
     return load_config(h.CFG, [*h.TINY, *opts])
 

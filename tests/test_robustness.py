@@ -56,16 +56,6 @@ class Evil:
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory) -> str:
-    return h.shared_dataset(str(tmp_path_factory.getbasetemp()))
-
-
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory, data) -> str:
-    return h.reference_run(str(tmp_path_factory.getbasetemp()))
-
-
-@pytest.fixture(scope="session")
 def bad_image_data(tmp_path_factory) -> str:
     """The tiny ImageFolder with train/class0/0.png truncated to half its bytes."""
     root = h.make_imagefolder(str(tmp_path_factory.mktemp("bad_image_data")))
