@@ -8,6 +8,7 @@ import pickle
 import random
 import re
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -187,6 +188,13 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
         return
     if save_epoch:
         path = os.path.join(config.OUTPUT, checkpoint_name(epoch, epoch_step))
+        if os.path.exists(path):
+            # Only after a resume from an older checkpoint, e.g. when auto-resume skipped this
+            # one as unreadable: keep it, under another name, rather than write over it.
+            kept = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(path, kept)
+            logger.warning(f"{path} already exists (auto-resume skipped it, or the run resumed "
+                           f"from an older checkpoint): kept as {kept}")
         logger.info(f"saving {path}")
         atomic_save(state, path)
         logger.info(f"{path} saved")

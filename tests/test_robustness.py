@@ -203,6 +203,22 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(referenc
     assert os.path.getsize(newest) == size
 
 
+def test_training_over_a_skipped_checkpoint_keeps_it(reference, data, tmp_path):
+    folder = h.copy_run(reference, str(tmp_path), "retrain")
+    newest = os.path.join(folder, "ckpt_epoch_3.pth")
+    os.truncate(newest, os.path.getsize(newest) // 2)
+    with open(newest, "rb") as f:
+        corrupt = f.read()
+    result = h.run_cli(h.main_args(data, str(tmp_path), "retrain", *h.REFERENCE_OPTS))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "resumed from " + os.path.join(folder, "ckpt_epoch_2.pth") in result.stdout
+    kept = [n for n in os.listdir(folder) if n.startswith("ckpt_epoch_3.pth.replaced-")]
+    assert len(kept) == 1 and f"kept as {os.path.join(folder, kept[0])}" in result.stdout
+    with open(os.path.join(folder, kept[0]), "rb") as f:
+        assert f.read() == corrupt
+    assert load_checkpoint_file(newest)["epoch"] == 3
+
+
 # ------------------------------------------------------------------------------------------------
 # Safe loading
 # ------------------------------------------------------------------------------------------------
