@@ -46,6 +46,9 @@ def build_scheduler(config: CN, optimizer: torch.optim.Optimizer,
         return StepLRScheduler(optimizer, decay_t=sched.DECAY_EPOCHS * updates_per_epoch,
                                decay_rate=sched.DECAY_RATE, **common)
     if name == "multistep":
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in sched.MULTISTEPS):
+            raise ConfigError(f"TRAIN.LR_SCHEDULER.MULTISTEPS expects a list of epochs (integers), "
+                              f"got {list(sched.MULTISTEPS)}")
         milestones = [e * updates_per_epoch for e in sched.MULTISTEPS]
         return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=sched.DECAY_RATE,
                                     **common)

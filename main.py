@@ -510,7 +510,8 @@ def run(config: CN, preemption: Preemption) -> None:
                             epoch_step=progress.epoch_step,
                             train_loss=(progress.loss_sum, progress.loss_count))
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))
-            raise Preempted(f"{preemption.signal_name} received: stopped at epoch {epoch} step "
+            raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
+                            f"stopped at epoch {epoch} step "
                             f"{progress.epoch_step}/{num_steps} and saved {saved}")
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
         loss_sum, loss_count = all_reduce_sum([progress.loss_sum, progress.loss_count], device)

@@ -187,3 +187,13 @@ def test_model_info_cli():
                           "configs/MG-SSAF/MG-SSAF-T.yaml", "--img-size", "256", "320"],
                          capture_output=True, text=True, check=True).stdout
     assert re.fullmatch(r"mg_ssaf_tiny: 19\.58 M parameters, \d+\.\d\d GFLOPs at 256x320\n", out)
+
+
+def test_model_info_cli_names_a_bad_config():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "tools/model_info.py", "--cfg",
+                             "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts", "MODEL.MGSSAF.NUM_HEADS",
+                             "[3, 5, 12, 24]"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "error: stage 1 (dim 192" in result.stderr and "Traceback" not in result.stderr

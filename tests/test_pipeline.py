@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import pipeline_helpers as h
-from config import get_config, load_config
+from config import ConfigError, get_config, load_config
 from data.build import DataError, ShardSampler, build_loader, build_transform
 from lr_scheduler import build_scheduler, scale_lrs
 from main import Amp, Preemption, Progress, parse_option, train_one_epoch
@@ -293,6 +293,13 @@ def test_lr_scaling_and_schedules_follow_the_recipe_formulas():
         scheduler = build_scheduler(cfg, optimizer, n)
         scheduler.step_update(t)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9), name
+
+    bad = config.clone()
+    bad.defrost()
+    bad.TRAIN.LR_SCHEDULER.NAME = "multistep"
+    bad.TRAIN.LR_SCHEDULER.MULTISTEPS = ["a"]
+    with pytest.raises(ConfigError, match=r"MULTISTEPS expects a list of epochs"):
+        build_scheduler(bad, optimizer, n)
 
 
 def test_no_decay_group_is_exactly_biases_norms_and_1d_parameters():

@@ -40,10 +40,13 @@ def main() -> None:
                         help="input size: N or H W (default: the config's DATA.IMG_SIZE)")
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
-    config = load_config(args.cfg, args.opts)
+    try:
+        config = load_config(args.cfg, args.opts)
+        model = build_model(config)
+    except ValueError as e:  # ConfigError included
+        parser.exit(1, f"model_info.py: error: {e}\n")
     size = args.img_size or [config.DATA.IMG_SIZE]
     size = (size[0], size[-1])
-    model = build_model(config)
     print(f"{config.MODEL.NAME}: {count_params(model) / 1e6:.2f} M parameters, "
           f"{count_gmacs(model, size, config.MODEL.MGSSAF.IN_CHANS):.2f} GFLOPs at {size[0]}x{size[1]}")
 
