@@ -43,7 +43,7 @@ from models import build_model
 from optimizer import build_optimizer
 from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, find_resume_checkpoint,
                    get_rank, get_world_size, load_checkpoint_file, load_pretrained, load_weights,
-                   prepare_output_dir, restore_training_state, save_checkpoint)
+                   prepare_output_dir, restore_training_state, save_checkpoint, synchronize)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable
 METRICS_FILE = "metrics.jsonl"
@@ -229,11 +229,6 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loader: DataLoader,

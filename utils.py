@@ -57,6 +57,12 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 # ---------------------------------------------------------------------------------------------
 # Output folder
 # ---------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on CPU), so that timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def prepare_output_dir(path: str) -> None:
     """Creates ``path`` if needed and checks that files can be written there."""
     try:

@@ -35,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from utils import synchronize  # noqa: E402
+
 DEFAULT_CFGS = [os.path.join("configs", "MG-SSAF", f"MG-SSAF-{v}.yaml") for v in "TSB"]
 DEFAULT_PEERS = ["swin_tiny_patch4_window7_224", "convnext_tiny"]
 # Default batch sizes (inference, training) per device type: the issue's CPU and GPU settings.
@@ -159,16 +161,12 @@ class PeakMemory:
 def median_step_seconds(step: Callable[[], None], steps: int, device: torch.device) -> float:
     """Median wall time of ``steps`` calls of ``step`` (CUDA synchronised around each)."""
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    sync()
+    synchronize(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
