@@ -1,12 +1,12 @@
 """MG-SSAF: a Swin-style hierarchy whose blocks run space-wise separable window attention with an
 Attention Fusion module (SS-MSA + AF) side by side with multi-scale global attention (MG-MSA).
 
-The network takes channels-first images ``(B, C, H, W)``; inside, every feature map between
-modules is channels-last, ``(B, H, W, C)``, so that the windowed attention reads its heads with
-contiguous channels and every convolution runs in the channels-last memory format (the layout
-only changes how the same numbers are computed). Parameter names and shapes follow the
-released checkpoints (``MG-SSAF-{T,S,B}.keys.txt``), so those state dicts load with
-``strict=True``.
+Feature maps are ``(B, C, H, W)`` tensors in the channels-last memory format (laid out as
+``(B, H, W, C)``): every convolution runs channels-last in oneDNN or cuDNN, LN2d normalises
+contiguous channels, and the attention reads ``x.permute(0, 2, 3, 1)``, a contiguous
+``(B, H, W, C)`` view whose heads are contiguous channels (the layout only changes how the same
+numbers are computed). Parameter names and shapes follow the released checkpoints
+(``MG-SSAF-{T,S,B}.keys.txt``), so those state dicts load with ``strict=True``.
 
 Input sizes: at 224 (and sizes such as 448 whose stage maps divide by the window) the network is
 exactly the released one, with every pooling size following the actual resolution. Any other
@@ -36,28 +36,31 @@ from timm.layers import DropPath, trunc_normal_
 __all__ = ["MGSSAF"]
 
 
-class ChannelsLastConv(nn.Conv2d):
-    """``nn.Conv2d`` on a channels-last ``(B, H, W, C)`` map, returning ``(B, H', W', C')``.
+def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(in_chans, out_chans, 1, bias=bias)
 
-    The permuted view is a tensor in the channels-last memory format, which the convolution
-    backends (oneDNN on CPU, cuDNN) compute without layout copies, 1x1 convolutions included.
+
+def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LN2d of the spec: LayerNorm over the channels of a ``(B, C, H, W)`` map, eps 1e-6.
+
+    Normalises the ``(B, H*W, C)`` token view, which a channels-last map gives without a copy.
+    (Normalising a 4-D ``(B, H, W, C)`` view computes the same, but ``torch.compile`` then
+    stores the saved normalised tokens in a channels-last order meant for ``(B, C, H, W)``
+    tensors, and its LayerNorm backward falls back to scalar code.)
     """
 
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, eps=1e-6)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> ChannelsLastConv:
-    return ChannelsLastConv(in_chans, out_chans, 1, bias=bias)
-
-
-def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> ChannelsLastConv:
-    return ChannelsLastConv(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim)
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    """LN2d of the spec (LayerNorm over channels, eps 1e-6) on channels-last maps."""
-    return nn.LayerNorm(dim, eps=1e-6)
+        b, c, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        tokens = F.layer_norm(tokens, self.normalized_shape, self.weight, self.bias, self.eps)
+        return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class AttentionFusion(nn.Sequential):
@@ -105,14 +108,15 @@ class AttentionFusion(nn.Sequential):
         # attn + 1x1-over-heads(GELU(y)), without the 1x1's bias (added below)
         weights = torch.addmm(flat.view(heads, -1), pw.weight.to(dtype).view(heads, heads),
                               act(y).view(heads, -1))
-        out = torch.bmm(weights.view(heads * groups, nq, m), values.reshape(heads * groups, m, d))
-        # the bias is added to every weight, so it contributes bias * (sum of the values)
-        bias = pw.bias.to(dtype).view(heads, 1, 1, 1)
-        return out.view(heads, groups, nq, d) + bias * values.sum(2, keepdim=True)
+        # the 1x1's bias is added to every weight, so it contributes bias * (sum of the values)
+        bias = pw.bias.to(dtype).view(heads, 1, 1, 1) * values.sum(2, keepdim=True)
+        out = torch.baddbmm(bias.view(heads * groups, 1, d), weights.view(heads * groups, nq, m),
+                            values.reshape(heads * groups, m, d))
+        return out.view(heads, groups, nq, d)
 
 
 class MGSSAFAttention(nn.Module):
-    """SS-MSA with the AF module (local heads) beside MG-MSA (global heads), on ``(B, H, W, C)``.
+    """SS-MSA with the AF module (local heads) beside MG-MSA (global heads), on ``(B, C, H, W)``.
 
     ``proj_qkv`` is a 1x1 projection to ``2*dim`` channels: every branch splits its block into q
     (first half) and k (second half), and the keys also serve as the values. The local block holds
@@ -142,7 +146,7 @@ class MGSSAFAttention(nn.Module):
         self.register_load_state_dict_pre_hook(_drop_unused_norm)
 
     def ss_msa(self, x: torch.Tensor) -> torch.Tensor:
-        """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local*d)``."""
+        """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``."""
         b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size
         pad_h, pad_w = -hh % w, -ww % w
@@ -150,7 +154,7 @@ class MGSSAFAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         nh, nw = (hh + pad_h) // w, (ww + pad_w) // w
         # (B, nh, w, nw, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
-        x = x.view(b, nh, w, nw, w, 2, heads, d).permute(5, 6, 0, 1, 3, 2, 4, 7)
+        x = x.reshape(b, nh, w, nw, w, 2, heads, d).permute(5, 6, 0, 1, 3, 2, 4, 7)
         q, k = x.reshape(2, heads, b * nh * nw, w, w, d).unbind(0)
         q = q * self.scale
         # Scores with the keys on the second-to-last axis, where softmax is fastest:
@@ -175,7 +179,7 @@ class MGSSAFAttention(nn.Module):
         out = self.attn_local_win(p, k.reshape(heads, -1, w * w, d), (w, w))  # (heads, Bw, w*w, d)
         # (heads, B, nh, nw, w, w, d) -> (B, nh, w, nw, w, heads, d)
         out = out.view(heads, b, nh, nw, w, w, d).permute(1, 2, 4, 3, 5, 0, 6)
-        return out.reshape(b, nh * w, nw * w, heads * d)[:, :hh, :ww]
+        return out.reshape(b, nh * w, nw * w, heads, d)[:, :hh, :ww]
 
     def _pool(self, k: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
               size: tuple[int, int]) -> torch.Tensor:
@@ -186,7 +190,7 @@ class MGSSAFAttention(nn.Module):
         return pooled.permute(0, 2, 3, 1).reshape(heads, b, -1, d)
 
     def mg_msa(self, x: torch.Tensor) -> torch.Tensor:
-        """Global: ``(B, H, W, 2*num_global*d) -> (B, H, W, num_global*d)``."""
+        """Global: ``(B, H, W, 2*num_global*d) -> (B, H, W, num_global, d)``."""
         b, hh, ww, _ = x.shape
         heads, d, w, s = self.num_global // 3, self.head_dim, self.window_size, self.strip_width
         if hh % s or ww % s:
@@ -210,14 +214,17 @@ class MGSSAFAttention(nn.Module):
             scores = torch.matmul(q * self.scale, keys.transpose(-1, -2))
             outs.append(torch.matmul(scores.softmax(-1), keys))
         out = torch.cat(outs, 0)  # (num_global, B, H*W, d)
-        return out.permute(1, 2, 0, 3).reshape(b, hh, ww, self.num_global * d)
+        return out.permute(1, 2, 0, 3).view(b, hh, ww, self.num_global, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.proj_qkv(x)
+        qkv = self.proj_qkv(x).permute(0, 2, 3, 1)  # (B, H, W, 2*C), a contiguous view
         out = self.ss_msa(qkv[..., :self.local_channels])
         if self.num_global:
-            out = torch.cat([out, self.mg_msa(qkv[..., self.local_channels:])], dim=-1)
-        return self.proj_drop(self.proj_concat(self.act(out)))
+            out = torch.cat([out, self.mg_msa(qkv[..., self.local_channels:])], dim=3)
+        # (B, H, W, heads, d) -> (B, C, H, W). GELU comes before heads and d merge, so that
+        # torch.compile fuses it with the window reverse into vectorised loops over d.
+        out = self.act(out).flatten(3).permute(0, 3, 1, 2)
+        return self.proj_drop(self.proj_concat(out))
 
 
 def _drop_unused_norm(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -227,14 +234,14 @@ def _drop_unused_norm(module: nn.Module, state_dict: dict, prefix: str, *args) -
 
 
 class ConvMlp(nn.Module):
-    """Convolutional feed-forward on ``(B, H, W, C)``:
+    """Convolutional feed-forward on ``(B, C, H, W)``:
     ``LN2d -> dw3x3 -> 1x1 (C -> rC) -> GELU -> dw7x7 -> 1x1 (rC -> C) -> Dropout``."""
 
     def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.dwconv = _depthwise(dim, 3)
-        self.norm = _layer_norm(dim)
+        self.norm = LayerNorm2d(dim)
         self.pwconv1 = _pointwise(dim, hidden)
         self.pwconv2 = _pointwise(hidden, dim)
         self.branch_dw = _depthwise(hidden, 7)
@@ -248,13 +255,13 @@ class ConvMlp(nn.Module):
 
 
 class MGSSAFBlock(nn.Module):
-    """``x + drop_path(attn(LN2d(x)))`` then ``x + drop_path(mlp(x))`` on ``(B, H, W, C)``."""
+    """``x + drop_path(attn(LN2d(x)))`` then ``x + drop_path(mlp(x))`` on ``(B, C, H, W)``."""
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
                  window_size: int, mlp_ratio: float, qkv_bias: bool, drop: float,
                  drop_path: float) -> None:
         super().__init__()
-        self.norm1 = _layer_norm(dim)
+        self.norm1 = LayerNorm2d(dim)
         self.attn = MGSSAFAttention(dim, num_heads, global_ratio, strip_width, window_size,
                                     qkv_bias, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -266,12 +273,12 @@ class MGSSAFBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Halves the resolution and doubles the channels of ``(B, H, W, C)``:
+    """Halves the resolution and doubles the channels of ``(B, C, H, W)``:
     ``LN2d -> dw3x3 s2 -> 1x1 -> GELU -> 1x1`` plus ``AvgPool 2 -> the same LN2d -> 1x1``."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = _layer_norm(dim)
+        self.norm = LayerNorm2d(dim)
         self.dwconv = _depthwise(dim, 3, stride=2)
         self.pwconv1 = _pointwise(dim, 2 * dim)
         self.pwconv2 = _pointwise(2 * dim, 2 * dim)
@@ -280,26 +287,26 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.pwconv2(self.act(self.pwconv1(self.dwconv(self.norm(x)))))
-        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
-        return a + self.Fuse1x1(self.norm(pooled))
+        return a + self.Fuse1x1(self.norm(F.avg_pool2d(x, 2)))
 
 
 class PatchEmbed(nn.Module):
     """Stride-4 stem: ``conv3x3 s2 -> GELU -> conv3x3 s2 -> LN2d -> GELU -> conv3x3``.
 
-    Takes channels-first images ``(B, C, H, W)``, returns ``(B, H/4, W/4, embed_dim)``.
+    ``(B, in_chans, H, W)`` images -> ``(B, embed_dim, H/4, W/4)``, channels-last from the first
+    convolution on.
     """
 
     def __init__(self, in_chans: int, embed_dim: int) -> None:
         super().__init__()
-        self.norm = _layer_norm(embed_dim)
-        self.Conv2Down = ChannelsLastConv(in_chans, embed_dim // 2, 3, stride=2, padding=1)
-        self.Conv4Down = ChannelsLastConv(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
-        self.ConvFuse = ChannelsLastConv(embed_dim, embed_dim, 3, padding=1)
+        self.norm = LayerNorm2d(embed_dim)
+        self.Conv2Down = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1)
+        self.Conv4Down = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
+        self.ConvFuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1).contiguous()  # channels-last from the first convolution on
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.Conv4Down(self.act(self.Conv2Down(x)))
         return self.ConvFuse(self.act(self.norm(x)))
 
@@ -355,7 +362,7 @@ class MGSSAF(nn.Module):
                 drop_path=rates[start:start + depths[i]], num_heads=num_heads[i],
                 global_ratio=global_ratio[i], strip_width=strip_width[i],
                 window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate))
-        self.norm = _layer_norm(self.num_features)
+        self.norm = LayerNorm2d(self.num_features)
         self.last_conv = _pointwise(self.num_features, head_hidden_dim)
         self.head_act = nn.GELU()
         self.head_drop = nn.Dropout(drop_rate)
@@ -386,7 +393,7 @@ class MGSSAF(nn.Module):
         return {"norm"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) images -> (B, H/32, W/32, num_features), normalised."""
+        """(B, in_chans, H, W) images -> (B, num_features, H/32, W/32), normalised."""
         if x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
                              f"{tuple(x.shape[-2:])}")
@@ -396,8 +403,8 @@ class MGSSAF(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, num_features) -> (B, num_classes): global average, 1x1, GELU, classifier."""
-        x = self.head_drop(self.head_act(self.last_conv(x.mean((1, 2), keepdim=True))))
+        """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier."""
+        x = self.head_drop(self.head_act(self.last_conv(x.mean((2, 3), keepdim=True))))
         return self.head(x.flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_input_not_multiple_of_32_is_an_error():
 
 def test_padded_windows_give_padded_keys_zero_weight():
     attn = MGSSAFAttention(dim=12, num_heads=2, global_ratio=0.0, strip_width=0, window_size=7)
-    x = torch.randn(2, 10, 12, 12)  # (B, H, W, C): padded to 14 x 14, four windows
+    x = torch.randn(2, 12, 10, 12)  # (B, C, H, W): padded to 14 x 14, four windows
     captured = {}
     hook = attn.attn_local_win.register_forward_hook(lambda m, a, o: captured.update(p=a[0]))
     out = attn(x)
