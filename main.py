@@ -42,8 +42,9 @@ from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
 from optimizer import build_optimizer
 from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, find_resume_checkpoint,
-                   get_rank, get_world_size, load_checkpoint_file, load_pretrained, load_weights,
-                   prepare_output_dir, restore_training_state, save_checkpoint, synchronize)
+                   get_rank, get_world_size, keep_freed_memory, load_checkpoint_file,
+                   load_pretrained, load_weights, prepare_output_dir, restore_training_state,
+                   save_checkpoint, synchronize)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable
 METRICS_FILE = "metrics.jsonl"
@@ -454,6 +455,8 @@ def run(config: CN, preemption: Preemption) -> None:
     if training:
         scale_lrs(config, world_size)
     logger.info(f"rank {rank} of {world_size} on {device}; full config:\n{config.dump()}")
+    if device.type == "cpu" and keep_freed_memory():
+        logger.info("glibc malloc keeps freed memory for reuse (no per-step page faults)")
     amp = amp_settings(config, device, logger)
 
     dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import pickle
@@ -26,6 +27,30 @@ class RunError(Exception):
 
 class CheckpointError(RunError):
     """A checkpoint that is missing, unreadable, unsafe or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU memory
+# ---------------------------------------------------------------------------------------------
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc's malloc keep freed memory for the next allocation instead of returning it.
+
+    By default glibc serves large blocks (activations, gradients) with mmap and unmaps them when
+    freed, so every training or inference step faults the same memory back in, page by page:
+    measured on a 2-core CPU, 330,000 page faults and a third of the time of a compiled MG-SSAF-T
+    training step. Without mmap and with trimming off, a step reuses the memory of the step
+    before. The process then holds its peak memory until it exits. Returns False, changing
+    nothing, where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 # ---------------------------------------------------------------------------------------------

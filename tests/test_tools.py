@@ -80,6 +80,7 @@ def test_benchmark_table_and_json(tmp_path):
     report = json.loads(out.read_text())
     assert report["reference"] == "test_resnet" and report["failed"] == []
     assert report["settings"]["infer_batch"] == 2 and report["settings"]["device"] == "cpu"
+    assert report["settings"]["keep_freed_memory"] is True
     assert report["table"] == result.stdout.strip()
     rows = {row["model"]: row for row in report["rows"]}
     assert set(rows) == {"MG-SSAF-pico", "test_resnet"}

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import synchronize  # noqa: E402
+from utils import keep_freed_memory, synchronize  # noqa: E402
 
 DEFAULT_CFGS = [os.path.join("configs", "MG-SSAF", f"MG-SSAF-{v}.yaml") for v in "TSB"]
 DEFAULT_PEERS = ["swin_tiny_patch4_window7_224", "convnext_tiny"]
@@ -176,6 +176,8 @@ def bench_phase(spec: str, phase: str, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(0)
     infer_batch, train_batch = batch_sizes(args, device)
     batch = infer_batch if phase == "infer" else train_batch
@@ -242,7 +244,8 @@ def run_in_subprocess(spec: str, phase: str, args: argparse.Namespace) -> dict:
            "--train-batch-size", str(args.train_batch_size),
            "--compile" if args.compile else "--no-compile",
            "--channels-last" if args.channels_last else "--no-channels-last",
-           "--flops" if args.flops else "--no-flops"]
+           "--flops" if args.flops else "--no-flops",
+           "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
     if args.opts:
         cmd += ["--opts", *args.opts]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -308,6 +311,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="torch CPU threads (0: torch's default)")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                         help="count multiply-adds of one image (one extra batch-1 forward)")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
+                        default=True, help="on CPU, let glibc malloc keep freed memory for reuse, "
+                                           "as main.py does (no per-step page faults)")
     parser.add_argument("--models-in-subprocess", action=argparse.BooleanOptionalAction,
                         default=True, help="run each model and phase in a fresh process "
                                            "(clean peak-memory figures)")
@@ -343,6 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "torch": torch.__version__, "threads": threads, "dtype": args.dtype,
                 "infer_batch": infer_batch, "train_batch": train_batch, "img_size": args.img_size,
                 "compile": args.compile, "channels_last": args.channels_last,
+                "keep_freed_memory": args.keep_freed_memory and device.type == "cpu",
                 "steps": args.steps, "warmup": args.warmup, "opts": args.opts,
                 "models_in_subprocess": args.models_in_subprocess,
                 "memory": "CUDA allocator peak (MB, weights included)" if device.type == "cuda"
@@ -350,7 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"# {settings['device_name']}; torch {torch.__version__}, {threads} threads, "
           f"{args.dtype}, batch {infer_batch} inference / {train_batch} training, "
           f"{args.img_size}px{', compiled' if args.compile else ''}"
-          f"{', channels-last' if args.channels_last else ''}", file=sys.stderr)
+          f"{', channels-last' if args.channels_last else ''}"
+          f"{', default malloc' if device.type == 'cpu' and not args.keep_freed_memory else ''}",
+          file=sys.stderr)
 
     rows, failed = [], []
     for spec in specs:
