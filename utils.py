@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import pickle
+import platform
 import random
 import re
 import tempfile
@@ -35,22 +36,26 @@ class CheckpointError(RunError):
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
 
 
+def uses_glibc_malloc() -> bool:
+    """True where malloc is glibc's: a glibc system with no allocator preloaded (LD_PRELOAD)."""
+    return platform.libc_ver()[0] == "glibc" and "malloc" not in os.environ.get("LD_PRELOAD", "")
+
+
 def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep freed memory for the next allocation instead of returning it.
 
     By default glibc serves large blocks (activations, gradients) with mmap and unmaps them when
-    freed, so every training or inference step faults the same memory back in, page by page:
-    measured on a 2-core CPU, 330,000 page faults and a third of the time of a compiled MG-SSAF-T
-    training step. Without mmap and with trimming off, a step reuses the memory of the step
-    before. The process then holds its peak memory until it exits. Returns False, changing
-    nothing, where the C library is not glibc.
+    freed, so every training or inference step faults the same memory back in, page by page
+    (README, Performance). Without mmap and with trimming off, a step reuses the memory of the
+    step before; the process then holds its peak memory until it exits. Returns True when both
+    settings took effect, False (changing nothing) where malloc is not glibc's.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    if not uses_glibc_malloc():
         return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    # -1 switches trimming off (mallopt(3))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 # ---------------------------------------------------------------------------------------------

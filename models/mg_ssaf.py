@@ -3,8 +3,8 @@ Attention Fusion module (SS-MSA + AF) side by side with multi-scale global atten
 
 Feature maps are ``(B, C, H, W)`` tensors in the channels-last memory format (laid out as
 ``(B, H, W, C)``): every convolution runs channels-last in oneDNN or cuDNN, LN2d normalises
-contiguous channels, and the attention reads ``x.permute(0, 2, 3, 1)``, a contiguous
-``(B, H, W, C)`` view whose heads are contiguous channels (the layout only changes how the same
+contiguous channels, and the attention reads its projection as a ``(B, H, W, C)`` view (a
+permutation, no copy) whose heads are contiguous channels (the layout only changes how the same
 numbers are computed). Parameter names and shapes follow the released checkpoints
 (``MG-SSAF-{T,S,B}.keys.txt``), so those state dicts load with ``strict=True``.
 
@@ -217,7 +217,8 @@ class MGSSAFAttention(nn.Module):
         return out.permute(1, 2, 0, 3).view(b, hh, ww, self.num_global, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.proj_qkv(x).permute(0, 2, 3, 1)  # (B, H, W, 2*C), a contiguous view
+        # (B, H, W, 2*C): a view, contiguous when x is channels-last
+        qkv = self.proj_qkv(x).permute(0, 2, 3, 1)
         out = self.ss_msa(qkv[..., :self.local_channels])
         if self.num_global:
             out = torch.cat([out, self.mg_msa(qkv[..., self.local_channels:])], dim=3)

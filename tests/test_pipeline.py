@@ -22,7 +22,7 @@ from lr_scheduler import build_scheduler, scale_lrs
 from main import Amp, Preemption, Progress, parse_option, train_one_epoch
 from models import build_model
 from optimizer import build_optimizer
-from utils import load_checkpoint_file
+from utils import load_checkpoint_file, uses_glibc_malloc
 
 ACC_LINE = re.compile(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images: (\d+) top-1 "
                       r"and (\d+) top-5 correct\)")
@@ -70,7 +70,7 @@ def test_training_writes_checkpoints_metrics_and_logs(reference, tmp_path_factor
     with open(os.path.join(reference, "log_rank0.txt"), encoding="utf-8") as f:
         log = f.read()
     assert "full config:" in log and "DATA_PATH:" in log and "KEEP_CHECKPOINTS: 2" in log
-    if sys.platform.startswith("linux"):
+    if uses_glibc_malloc():
         assert "glibc malloc keeps freed memory for reuse" in log
     assert re.search(r"Train: \[0/4\]\[0/3\]\teta \S+ lr [\d.]+\t wd [\d.]+\t"
                      r"time [\d.]+ \([\d.]+\)\tloss [\d.]+ \([\d.]+\)\t"
@@ -348,7 +348,7 @@ def test_accumulating_two_micro_batches_matches_one_double_batch():
     assert not torch.equal(results[0]["head.weight"], initial["head.weight"])  # the step moved them
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tunes glibc's malloc")
+@pytest.mark.skipif(not uses_glibc_malloc(), reason="tunes glibc's malloc")
 def test_keep_freed_memory_stops_per_step_page_faults():
     code = """
 import resource, sys, torch

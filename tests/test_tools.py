@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from utils import uses_glibc_malloc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT = os.path.join(ROOT, "tools", "plot_metrics.py")
 
@@ -88,6 +90,8 @@ def test_benchmark_table_and_json(tmp_path):
         for key in ("infer_img_s", "train_img_s", "infer_mem_mb", "train_mem_mb", "gflops"):
             assert row[key] >= 0, (row["model"], key)
         assert 0.1 < row["params_m"] < 1
+        kept = uses_glibc_malloc()
+        assert row["infer_kept_freed_memory"] is row["train_kept_freed_memory"] is kept
     assert rows["test_resnet"]["infer_ratio"] == rows["test_resnet"]["train_ratio"] == 1.0
     assert rows["MG-SSAF-pico"]["infer_ratio"] > 0
 

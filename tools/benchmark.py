@@ -5,9 +5,10 @@ cross-entropy, backward, AdamW step) and peak memory of each phase, with the par
 the multiply-add count (GFLOPs in the papers' sense) of one image. Speeds are the median over
 ``--steps`` timed steps after ``--warmup`` untimed ones, with CUDA synchronised around each step.
 Peak memory, over the timed steps, is the CUDA allocator peak on GPU (weights included) and, on
-CPU, the growth of the process's peak resident set over its size before the warm-up. Each
-(model, phase) runs in a fresh subprocess by default, so no model's memory or allocator state
-leaks into another's figures.
+CPU, the growth of the process's peak resident set over its size before the warm-up (with
+``--keep-freed-memory``, the default, freed memory stays resident, so this includes the warm-up's
+high-water mark). Each (model, phase) runs in a fresh subprocess by default, so no model's memory
+or allocator state leaks into another's figures.
 
 Prints a markdown table with every model's ratio to the first peer and writes the same as JSON.
 
@@ -176,13 +177,12 @@ def bench_phase(spec: str, phase: str, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.keep_freed_memory and device.type == "cpu":
-        keep_freed_memory()
+    kept = args.keep_freed_memory and device.type == "cpu" and keep_freed_memory()
     torch.manual_seed(0)
     infer_batch, train_batch = batch_sizes(args, device)
     batch = infer_batch if phase == "infer" else train_batch
     model = build_benchmark_model(spec, args.img_size, args.opts)
-    row: dict = {"model": spec_name(spec), "spec": spec}
+    row: dict = {"model": spec_name(spec), "spec": spec, f"{phase}_kept_freed_memory": kept}
     if phase == "infer":
         from tools.model_info import count_gmacs, count_params
 
@@ -219,8 +219,8 @@ def bench_phase(spec: str, phase: str, args: argparse.Namespace) -> dict:
             scaler.step(optimizer)
             scaler.update()
 
-    # Memory counts from here (optimizer state included), but its peak is taken over the timed
-    # steps only, so compilation and first-call transients stay out of it.
+    # Memory counts from here (optimizer state included), its peak over the timed steps (on CPU
+    # with freed memory kept resident, the warm-up's high-water mark stays in it).
     memory = PeakMemory(device)
     for _ in range(args.warmup):
         step()
