@@ -84,15 +84,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [v > 0 for v in all_reduce_sum([float(f) for f in flags], device)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Output folder
-# ---------------------------------------------------------------------------------------------
 def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work (a no-op on CPU), so that timings are honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+# ---------------------------------------------------------------------------------------------
+# Output folder
+# ---------------------------------------------------------------------------------------------
 def prepare_output_dir(path: str) -> None:
     """Creates ``path`` if needed and checks that files can be written there."""
     try:
@@ -307,13 +307,16 @@ def _describe(ckpt: dict) -> str:
     return ""
 
 
+def _misfit(path: str, ckpt: dict, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}{detail}")
+
+
 def load_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
     """Loads ``ckpt["model"]`` into ``model`` strictly; a mismatch lists the keys and shapes."""
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n"
-                              f"{e}") from None
+        raise _misfit(path, ckpt, f":\n{e}") from None
 
 
 def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -> None:
@@ -330,12 +333,11 @@ def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}:\n"
-                              f"{e}") from None
+        raise _misfit(path, ckpt, f":\n{e}") from None
     missing = [k for k in result.missing_keys if k not in head]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}: "
-                              f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
+        raise _misfit(path, ckpt, f": missing keys {missing}, unexpected keys "
+                                  f"{result.unexpected_keys}")
     logger.info(f"loaded pretrained weights from {path}")
 
 

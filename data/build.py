@@ -92,9 +92,9 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
         dataset = _image_folder(root, "train" if is_train else "val", transform, config)
         num_classes = len(dataset.classes)
     elif name == "digits":
-        from .digits import build_digits_dataset
+        from .digits import NUM_CLASSES, build_digits_dataset
         dataset = build_digits_dataset(is_train, transform)
-        num_classes = 10
+        num_classes = NUM_CLASSES
     else:
         raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet' or 'digits'")
     if num_classes != config.MODEL.NUM_CLASSES:
