@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode as CN
 
 from config import ConfigError, get_config
-from data import DataError, build_loader
+from data import DataError, build_loader, mixup_enabled
 from logger import create_logger
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
@@ -161,8 +161,7 @@ def check_config(config: CN) -> None:
          f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     need(config.DEVICE in ("auto", "cuda", "cpu"), f"DEVICE must be 'auto', 'cuda' or 'cpu', got "
          f"{config.DEVICE!r}")
-    mixup = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
-    need(not mixup or config.DATA.BATCH_SIZE % 2 == 0 or not training,
+    need(not mixup_enabled(config) or config.DATA.BATCH_SIZE % 2 == 0 or not training,
          f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an "
          f"even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
     for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):

@@ -1,4 +1,4 @@
 """Data loading: ``build_loader(config)`` for the ImageNet folder layout and the digits set."""
-from .build import DataError, build_loader, build_transform
+from .build import DataError, build_loader, build_transform, mixup_enabled
 
-__all__ = ["DataError", "build_loader", "build_transform"]
+__all__ = ["DataError", "build_loader", "build_transform", "mixup_enabled"]

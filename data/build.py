@@ -168,9 +168,14 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def mixup_enabled(config: CN) -> bool:
+    """Whether ``AUG.*`` turns Mixup or CutMix on."""
+    return config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
+
+
 def build_mixup(config: CN) -> Mixup | None:
     """timm's Mixup/CutMix from ``AUG.*`` (label smoothing included), or None when both are off."""
-    if config.AUG.MIXUP <= 0 and config.AUG.CUTMIX <= 0 and config.AUG.CUTMIX_MINMAX is None:
+    if not mixup_enabled(config):
         return None
     return Mixup(mixup_alpha=config.AUG.MIXUP, cutmix_alpha=config.AUG.CUTMIX,
                  cutmix_minmax=config.AUG.CUTMIX_MINMAX, prob=config.AUG.MIXUP_PROB,
