@@ -321,6 +321,9 @@ BAD_INPUTS = [
       "torch.Size([2, 64])", "torch.Size([3, 64])"]),
     ("batch_size_0", dict(batch_size=0),
      ["DATA.BATCH_SIZE (--batch-size) must be at least 1, got 0"]),
+    ("odd_batch_with_cutmix",
+     dict(batch_size=3, opts=[*h.NO_AUG, "AUG.CUTMIX_MINMAX", "[0.2, 0.8]"]),
+     ["Mixup/CutMix", "needs an even DATA.BATCH_SIZE, got 3"]),
     ("unwritable_output", dict(output="FILE/runs"), ["output folder", "cannot be written"]),
 ]
 
