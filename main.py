@@ -7,7 +7,8 @@
     python main.py --cfg ... --data-path ... --throughput --disable_amp
 
 Exit codes: 0 done, 1 bad input or a diverged run (the message says which), 2 bad command line,
-75 preempted (SIGTERM/SIGUSR1: a checkpoint was saved; run the same command again to resume).
+75 preempted (SIGTERM, SIGUSR1 or Ctrl-C: a checkpoint was saved and named in the file PREEMPTED
+of the run folder; run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ from logger import create_logger
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
 from optimizer import build_optimizer
-from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, find_resume_checkpoint,
-                   get_rank, get_world_size, keep_freed_memory, load_checkpoint_file,
-                   load_pretrained, load_weights, prepare_output_dir, restore_training_state,
-                   save_checkpoint, synchronize)
+from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, derive_seed,
+                   find_resume_checkpoint, get_rank, get_world_size, keep_freed_memory,
+                   load_checkpoint_file, load_pretrained, load_weights, prepare_output_dir,
+                   restore_training_state, save_checkpoint, seed_all, synchronize)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable
+PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run stands preempted
 METRICS_FILE = "metrics.jsonl"
 LOGGER_NAME = "mg_ssaf"
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,26 +59,32 @@ class NonFiniteLossError(RunError):
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint."""
+    """Training stopped on SIGTERM/SIGUSR1/SIGINT after saving a checkpoint."""
 
 
 class Preemption:
-    """Turns SIGTERM and SIGUSR1 into a request to stop after the current optimizer step; a
-    second signal ends the process at once."""
+    """Turns SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) into a request to stop after the current
+    optimizer step; a second signal ends the process at once, unless it comes within
+    ``REPEAT_WINDOW_S`` of the first (the same request delivered twice, e.g. by Slurm to the
+    process group and again by a launcher)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    REPEAT_WINDOW_S = 1.0
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.received_at = 0.0
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signal_name is not None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            self.received_at = time.monotonic()
+        elif time.monotonic() - self.received_at > self.REPEAT_WINDOW_S:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
-        self.signal_name = signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:
@@ -94,8 +102,8 @@ class Amp:
 class Progress:
     """Where training stands; a mid-epoch checkpoint restores it."""
     num_updates: int = 0      # optimizer steps since the start of training
-    epoch_step: int = 0       # loader steps done in the current epoch
-    loss_sum: float = 0.0     # this rank's summed training loss over the epoch's samples so far
+    epoch_step: int = 0       # loader steps of the current epoch up to the last optimizer step
+    loss_sum: float = 0.0     # summed training loss of those steps' samples, over all ranks
     loss_count: int = 0
     preempted: bool = False
 
@@ -235,19 +243,23 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, epoch: int, mixup_fn, lr_scheduler,
                     scaler: torch.amp.GradScaler, amp: Amp, device: torch.device,
                     progress: Progress, preemption: Preemption, logger: logging.Logger) -> None:
-    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress``. Stops early,
-    with ``progress.preempted`` set, after the optimizer step during which a preemption signal
-    arrived on any rank; raises NonFiniteLossError, before the update, on a NaN/inf loss."""
+    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress`` at each
+    optimizer step. Stops early, with ``progress.preempted`` set, after the optimizer step during
+    which a preemption signal arrived on any rank; raises NonFiniteLossError, before the update,
+    on a NaN/inf loss. Mixup/CutMix, drop path and dropout draw from generators seeded from
+    (SEED, epoch, step, rank) at each step, so a resumed epoch repeats the uninterrupted one."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     num_steps = progress.epoch_step + len(data_loader)
     batch_time, loss_meter, norm_meter, scale_meter = (AverageMeter() for _ in range(4))
     nonfinite = ""
+    group_loss = group_count = 0.0  # this rank's losses since the last optimizer step
     end = time.time()
     for idx, (samples, targets) in enumerate(data_loader, start=progress.epoch_step):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        seed_all(derive_seed(config.SEED, epoch, idx, get_rank()))
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         group_start = idx - idx % accum
@@ -263,9 +275,8 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
         if not math.isfinite(loss_value) and not nonfinite:
             nonfinite = f"loss is {loss_value}"
         loss_meter.update(loss_value, samples.size(0))
-        progress.loss_sum += loss_value * samples.size(0)
-        progress.loss_count += samples.size(0)
-        progress.epoch_step = idx + 1
+        group_loss += loss_value * samples.size(0)
+        group_count += samples.size(0)
 
         stop = False
         if is_update:
@@ -274,7 +285,10 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             if not math.isfinite(grad_norm) and not scaler.is_enabled() and not nonfinite:
                 nonfinite = f"gradient norm is {grad_norm}"
-            diverged, stop = any_rank([bool(nonfinite), preemption.requested], device)
+            diverged, requested, loss_sum, loss_count = all_reduce_sum(
+                [float(bool(nonfinite)), float(preemption.requested), group_loss, group_count],
+                device)
+            stop = requested > 0
             if diverged:
                 raise NonFiniteLossError(
                     f"training {nonfinite or 'loss is not finite on another rank'} at epoch "
@@ -284,6 +298,10 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             progress.num_updates += 1
+            progress.epoch_step = idx + 1
+            progress.loss_sum += loss_sum
+            progress.loss_count += int(loss_count)
+            group_loss = group_count = 0.0
             lr_scheduler.step_update(progress.num_updates)
             norm_meter.update(grad_norm)
             scale_meter.update(scaler.get_scale() if scaler.is_enabled() else 1.0)
@@ -382,6 +400,31 @@ def append_metrics(config: CN, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def write_preempted_marker(config: CN, checkpoint: str, preemption: Preemption, epoch: int,
+                           epoch_step: int | None) -> None:
+    """Writes OUTPUT/PREEMPTED (rank 0), ``key=value`` lines naming the checkpoint just saved and
+    the signal: what a requeue script reads, whatever exit code the launcher reports."""
+    if get_rank() != 0:
+        return
+    lines = {"checkpoint": checkpoint, "signal": preemption.signal_name or "on another rank",
+             "epoch": epoch, "step": "end" if epoch_step is None else epoch_step,
+             "exit_code": PREEMPTED_EXIT_CODE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = os.path.join(config.OUTPUT, PREEMPTED_MARKER)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(f"{key}={value}\n" for key, value in lines.items()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def remove_preempted_marker(config: CN) -> None:
+    """Removes OUTPUT/PREEMPTED (rank 0) once training runs again: from then on the run either
+    completes, or stops and writes a new one."""
+    path = os.path.join(config.OUTPUT, PREEMPTED_MARKER)
+    if get_rank() == 0 and os.path.exists(path):
+        os.remove(path)
+
+
 def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict] | None:
     """The checkpoint to start from: with TRAIN.AUTO_RESUME the newest loadable one in the output
     folder (it wins over --resume when training, so a requeued job continues where it stopped;
@@ -413,6 +456,50 @@ def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
     validate(config, data_loader_val, model, device, amp, logger)
 
 
+def batch_layout(ckpt: dict) -> tuple[int, int, int] | None:
+    """(DATA.BATCH_SIZE, processes, TRAIN.ACCUMULATION_STEPS) of the run that saved ``ckpt``, or
+    None where the checkpoint does not say (released ones)."""
+    try:
+        config = ckpt["config"]
+        world_size = ckpt.get("world_size") or len(ckpt["rng"])  # "rng": one state per rank
+        return config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+def resume_position(ckpt: dict, config: CN, updates_per_epoch: int,
+                    logger: logging.Logger) -> tuple[int, Progress]:
+    """The epoch and progress to continue from after ``ckpt``. When the batch layout (batch size,
+    processes, accumulation steps) differs from the saving run's, the position is recomputed from
+    the samples seen (epoch_step x batch x processes): the epoch continues after the largest
+    number of whole new optimizer steps that fit in them (the rest, less than one step's
+    samples, is seen again), and the LR schedule is placed at the optimizer steps that the new
+    layout makes up to there."""
+    mid_epoch = ckpt.get("epoch_step") is not None
+    start_epoch = ckpt["epoch"] if mid_epoch else ckpt["epoch"] + 1
+    done = ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch)  # released: estimated
+    progress = Progress(num_updates=int(done))
+    if mid_epoch:
+        progress.epoch_step = ckpt["epoch_step"]
+        progress.loss_sum, progress.loss_count = ckpt["train_loss"]
+    old = batch_layout(ckpt)
+    new = (config.DATA.BATCH_SIZE, get_world_size(), config.TRAIN.ACCUMULATION_STEPS)
+    if old is None or old == new:
+        return start_epoch, progress
+    batch, world_size, accum = new
+    seen = progress.epoch_step * old[0] * old[1]
+    progress.epoch_step = seen // (batch * world_size) // accum * accum
+    progress.num_updates = start_epoch * updates_per_epoch + progress.epoch_step // accum
+    skipped = progress.epoch_step * batch * world_size
+    logger.warning(
+        f"the checkpoint's run had DATA.BATCH_SIZE {old[0]} x {old[1]} process(es) x "
+        f"TRAIN.ACCUMULATION_STEPS {old[2]}, this one {batch} x {world_size} x {accum}: "
+        + (f"epoch {start_epoch} continues after {skipped} of the {seen} samples seen "
+           f"({seen - skipped} to be seen again), " if mid_epoch else "")
+        + f"the LR schedule continues at optimizer step {progress.num_updates} (not bit-exact)")
+    return start_epoch, progress
+
+
 def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
                     scaler: torch.amp.GradScaler, updates_per_epoch: int,
                     logger: logging.Logger) -> tuple[int, float, Progress]:
@@ -425,15 +512,9 @@ def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimiz
         return config.TRAIN.START_EPOCH, 0.0, Progress()
     path, ckpt = resume
     load_weights(model, ckpt, path)
-    restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
+    restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler)
     max_accuracy = float(ckpt.get("max_accuracy", 0.0))
-    done = ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch)  # released: estimated
-    progress = Progress(num_updates=int(done))
-    if ckpt.get("epoch_step") is None:
-        start_epoch = ckpt["epoch"] + 1
-    else:
-        start_epoch, progress.epoch_step = ckpt["epoch"], ckpt["epoch_step"]
-        progress.loss_sum, progress.loss_count = ckpt["train_loss"]
+    start_epoch, progress = resume_position(ckpt, config, updates_per_epoch, logger)
     lr_scheduler.step_update(progress.num_updates)
     logger.info(f"resumed from {path}: epoch {start_epoch}, step {progress.epoch_step}, "
                 f"{progress.num_updates} optimizer steps done, max accuracy {max_accuracy:.2f}%")
@@ -490,28 +571,40 @@ def run(config: CN, preemption: Preemption) -> None:
         config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger)
 
     logger.info("Start training")
+    remove_preempted_marker(config)
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         first_step = progress.epoch_step
         data_loader_train.sampler.set_epoch(epoch, first_step * config.DATA.BATCH_SIZE)
         epoch_start = time.time()
-        train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
-                        lr_scheduler, scaler, amp, device, progress, preemption, logger)
+        try:
+            train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch,
+                            mixup_fn, lr_scheduler, scaler, amp, device, progress, preemption,
+                            logger)
+        except RuntimeError as e:
+            if not preemption.requested:
+                raise
+            # A loader worker or a peer rank died of the signal: the state of the last
+            # optimizer step (progress) is intact, save that.
+            logger.warning(f"{type(e).__name__} while stopping on {preemption.signal_name}: "
+                           f"{(str(e).splitlines() or [''])[0]}")
+            progress.preempted = True
         epoch_time = time.time() - epoch_start
-        skipped = all_reduce_sum([getattr(dataset_train, "pop_skipped", lambda: 0)()], device)[0]
-        if skipped:
-            logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         if progress.preempted:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
                             epoch_step=progress.epoch_step,
                             train_loss=(progress.loss_sum, progress.loss_count))
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))
+            write_preempted_marker(config, saved, preemption, epoch, progress.epoch_step)
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
                             f"stopped at epoch {epoch} step "
                             f"{progress.epoch_step}/{num_steps} and saved {saved}")
+        skipped = all_reduce_sum([getattr(dataset_train, "pop_skipped", lambda: 0)()], device)[0]
+        if skipped:
+            logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
-        loss_sum, loss_count = all_reduce_sum([progress.loss_sum, progress.loss_count], device)
+        loss_sum, loss_count = progress.loss_sum, progress.loss_count
 
         stats = validate(config, data_loader_val, model_without_ddp, device, amp, logger)
         if not math.isfinite(stats["loss"]):
@@ -536,9 +629,10 @@ def run(config: CN, preemption: Preemption) -> None:
                             is_best=is_best, save_epoch=save_epoch)
         progress = Progress(num_updates=progress.num_updates)
         if stop:
+            saved = os.path.join(config.OUTPUT, checkpoint_name(epoch))
+            write_preempted_marker(config, saved, preemption, epoch, None)
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
-                            f"stopped after epoch {epoch} and saved "
-                            f"{os.path.join(config.OUTPUT, checkpoint_name(epoch))}")
+                            f"stopped after epoch {epoch} and saved {saved}")
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 

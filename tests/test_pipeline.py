@@ -81,7 +81,7 @@ def test_training_writes_checkpoints_metrics_and_logs(reference, tmp_path_factor
 
     ckpt = load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))
     assert set(ckpt) >= {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "max_accuracy",
-                         "config", "rng", "epoch_step", "num_updates"}
+                         "config", "world_size", "epoch_step", "num_updates"}
     assert ckpt["epoch"] == 3 and ckpt["epoch_step"] is None and ckpt["num_updates"] == 12
     assert ckpt["config"].MODEL.NAME == h.MODEL_NAME and ckpt["config"].TRAIN.EPOCHS == 4
 
