@@ -336,7 +336,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(ROW_PREFIX + json.dumps(bench_phase(args.worker, args.phase, args)), flush=True)
+        try:
+            row = bench_phase(args.worker, args.phase, args)
+        except ValueError as e:  # a config or input size the model refuses
+            sys.exit(f"benchmark: error: {e}")
+        print(ROW_PREFIX + json.dumps(row), flush=True)
         return
     try:
         device = resolve_device(args.device)

@@ -43,12 +43,15 @@ def main() -> None:
     try:
         config = load_config(args.cfg, args.opts)
         model = build_model(config)
-    except ValueError as e:  # ConfigError included
+        size = args.img_size or [config.DATA.IMG_SIZE]
+        size = (size[0], size[-1])
+        if min(size) <= 0:
+            raise ValueError(f"--img-size must be positive, got {size[0]}x{size[1]}")
+        gmacs = count_gmacs(model, size, config.MODEL.MGSSAF.IN_CHANS)
+    except ValueError as e:  # ConfigError and the model's input-size check included
         parser.exit(1, f"model_info.py: error: {e}\n")
-    size = args.img_size or [config.DATA.IMG_SIZE]
-    size = (size[0], size[-1])
     print(f"{config.MODEL.NAME}: {count_params(model) / 1e6:.2f} M parameters, "
-          f"{count_gmacs(model, size, config.MODEL.MGSSAF.IN_CHANS):.2f} GFLOPs at {size[0]}x{size[1]}")
+          f"{gmacs:.2f} GFLOPs at {size[0]}x{size[1]}")
 
 
 if __name__ == "__main__":
