@@ -151,6 +151,32 @@ def test_sigterm_to_torchrun_with_workers_saves_a_step_and_the_rerun_equals_an_u
     check_resumed_exactly(folder, reference, saved, read(os.path.join(folder, "log_rank0.txt")))
 
 
+# main.py with loader workers that do not guard against the stop signals (torch's own SIGTERM
+# handler: they die of it), as under a start method that does not inherit the signal mask.
+UNGUARDED_WORKERS = """
+import sys, torch.utils.data, data.build, main
+data.build.ignore_stop_signals = lambda worker_id: None
+data.build.Loader.__iter__ = torch.utils.data.DataLoader.__iter__
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(one_process_run, data48,
+                                                                    tmp_path):
+    args = argv(data48, str(tmp_path), "unguarded")
+    folder = h.run_dir(str(tmp_path), "unguarded")
+    log = str(tmp_path / "unguarded.log")
+    code = interrupt(args, folder, log, ("-c", UNGUARDED_WORKERS), signal.SIGTERM, to_group=True)
+    output = read(log)
+    assert code == 75, output[-3000:]
+    assert "RuntimeError while stopping on SIGTERM: DataLoader worker" in output
+    saved = check_stopped_mid_epoch(folder, "SIGTERM", 24)
+
+    resumed = h.run_cli(args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    check_resumed_exactly(folder, one_process_run, saved, resumed.stdout)
+
+
 SECOND_SIGNAL = """
 import os, signal, sys, time
 from main import Preemption
