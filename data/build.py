@@ -164,7 +164,7 @@ class EpochSeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        seed_all(derive_seed(self.seed, epoch, index))
+        seed_all(derive_seed(self.seed, epoch, index), accelerators=False)
         return self.dataset[index]
 
 

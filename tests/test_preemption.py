@@ -161,8 +161,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
-def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(one_process_run, data48,
-                                                                    tmp_path):
+def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(data48, tmp_path):
     args = argv(data48, str(tmp_path), "unguarded")
     folder = h.run_dir(str(tmp_path), "unguarded")
     log = str(tmp_path / "unguarded.log")
@@ -170,11 +169,7 @@ def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(one_process_
     output = read(log)
     assert code == 75, output[-3000:]
     assert "RuntimeError while stopping on SIGTERM: DataLoader worker" in output
-    saved = check_stopped_mid_epoch(folder, "SIGTERM", 24)
-
-    resumed = h.run_cli(args)
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    check_resumed_exactly(folder, one_process_run, saved, resumed.stdout)
+    check_stopped_mid_epoch(folder, "SIGTERM", 24)  # the state of the last optimizer step
 
 
 SECOND_SIGNAL = """

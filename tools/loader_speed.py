@@ -5,7 +5,9 @@ augmentation, collation, with DATA.NUM_WORKERS workers), no model.
         --batches 20 --opts DATA.NUM_WORKERS 2 DATA.BATCH_SIZE 32
 
 Prints images/s over ``--batches`` batches after ``--warmup`` untimed ones (worker start-up
-excluded), per epoch of ``--epochs``, then their median, and the CPU model.
+excluded), per epoch of ``--epochs``, then their median, and the CPU model; and what reseeding
+each sample from (SEED, epoch, index) costs (data.EpochSeededDataset), timed in the same run,
+as a share of the time one sample takes a worker.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+import timeit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -22,6 +25,7 @@ if ROOT not in sys.path:
 
 from config import load_config  # noqa: E402
 from data import DataError, build_loader  # noqa: E402
+from utils import derive_seed, seed_all  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -68,9 +72,16 @@ def main() -> None:
     except ValueError as e:  # ConfigError and DataError included
         parser.exit(1, f"loader_speed.py: error: {e}\n")
     rates = [time_epoch(loader, epoch, args.warmup, args.batches) for epoch in range(args.epochs)]
+    rate = statistics.median(rates)
     print(f"{config.DATA.NUM_WORKERS} workers, batch {config.DATA.BATCH_SIZE}, "
           f"{config.DATA.IMG_SIZE}px: " + ", ".join(f"{r:.1f}" for r in rates)
-          + f" images/s; median {statistics.median(rates):.1f} images/s on {cpu_model()}")
+          + f" images/s; median {rate:.1f} images/s on {cpu_model()}")
+    calls = 2000
+    reseed = timeit.timeit(lambda: seed_all(derive_seed(config.SEED, 1, 123456),
+                                            accelerators=False), number=calls) / calls
+    per_sample = max(1, config.DATA.NUM_WORKERS) / rate
+    print(f"reseeding per sample: {reseed * 1e6:.1f} us, {100 * reseed / per_sample:.2f}% of the "
+          f"{per_sample * 1e6:.0f} us a sample takes a worker (included in the figures above)")
 
 
 if __name__ == "__main__":
