@@ -210,3 +210,32 @@ def test_resume_with_another_batch_size_recomputes_the_position(one_process_run,
             in result.stdout)
     assert "Train: [0/2][2/12]" in result.stdout and "Train: [0/2][1/12]" not in result.stdout
     assert [row["num_updates"] for row in h.read_metrics(folder).values()] == [12, 24]
+
+
+# main.py where rank 1 cannot read the checkpoint files (an output folder not shared by its node)
+RANK_1_SEES_NO_CHECKPOINTS = """
+import os, sys, main, utils
+def load_checkpoint_file(path):
+    raise utils.CheckpointError(f"checkpoint not found: {path}")
+if os.environ["RANK"] == "1":
+    utils.load_checkpoint_file = load_checkpoint_file
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_ranks_resume_from_the_checkpoint_rank_0_chose_or_all_stop_naming_the_rank(
+        one_process_run, data48, tmp_path):
+    folder = h.copy_run(one_process_run, str(tmp_path), "unshared")
+    args = h.main_args(data48, str(tmp_path), "unshared", *OPTS, flags=("--eval",), batch_size=2)
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()))
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_1_SEES_NO_CHECKPOINTS, *args],
+                              cwd=h.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**h.child_env(), "RANK": str(r),
+                                              "LOCAL_RANK": str(r), **env})
+             for r in (0, 1)]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    newest = os.path.join(folder, "ckpt_epoch_1.pth")
+    for rank, output in zip(ranks, outputs):
+        assert rank.returncode == 1, output[-3000:]
+        assert (f"auto-resume: rank 0 chose {newest}, but rank 1 cannot load it (checkpoint not "
+                f"found: {newest})" in output), output[-3000:]
