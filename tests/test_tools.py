@@ -104,3 +104,11 @@ def test_benchmark_rejects_unknown_peer_and_config(tmp_path):
     assert result.returncode != 0 and missing in result.stderr
     result = run_tool(BENCH, "--opts", "MODEL.NO_SUCH_KEY", "1", "--peers", *TINY_BENCH)
     assert result.returncode != 0 and "MODEL.NO_SUCH_KEY" in result.stderr
+
+
+def test_benchmark_names_an_input_size_the_model_refuses():
+    result = run_tool(BENCH, "--cfg", os.path.join(ROOT, "configs", "MG-SSAF", "MG-SSAF-T.yaml"),
+                      "--peers", *TINY_BENCH, "--img-size", "100")
+    assert result.returncode == 1
+    assert "benchmark: error: DATA.IMG_SIZE 100 must be a multiple of 32" in result.stderr
+    assert "Traceback" not in result.stderr
