@@ -604,7 +604,6 @@ def run(config: CN, preemption: Preemption) -> None:
         if skipped:
             logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
-        loss_sum, loss_count = progress.loss_sum, progress.loss_count
 
         stats = validate(config, data_loader_val, model_without_ddp, device, amp, logger)
         if not math.isfinite(stats["loss"]):
@@ -617,7 +616,7 @@ def run(config: CN, preemption: Preemption) -> None:
         # epoch counts), it never leaves an epoch out.
         images = (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size
         append_metrics(config, {
-            "epoch": epoch, "train_loss": loss_sum / max(loss_count, 1),
+            "epoch": epoch, "train_loss": progress.loss_sum / max(progress.loss_count, 1),
             "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
             "acc5": stats["acc5"], "epoch_time": epoch_time, "images_per_sec": images / epoch_time,
             "num_updates": progress.num_updates})

@@ -334,28 +334,34 @@ def _describe(ckpt: dict) -> str:
 RELEASED_VARIANTS = {(96, (2, 2, 6, 2)): "MG-SSAF-T", (96, (2, 2, 18, 2)): "MG-SSAF-S",
                      (128, (2, 2, 18, 2)): "MG-SSAF-B"}
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
+_WIDTH = "embedding width (MODEL.MGSSAF.EMBED_DIM)"
+_CLASSES = "classes (MODEL.NUM_CLASSES)"
 
 
 def _architecture(weights: dict[str, Any]) -> dict[str, Any]:
-    """What the shapes of a state dict say about its network: embedding width, blocks per stage
-    and number of classes, each under the phrase that names it in messages."""
+    """What the shapes of a state dict say about its network (embedding width, blocks per stage,
+    number of classes), each under the phrase that names it in messages."""
     depths: dict[int, int] = {}
     for key in weights:
         match = _BLOCK_KEY.match(key)
         if match:
             stage, block = int(match.group(1)), int(match.group(2))
             depths[stage] = max(depths.get(stage, 0), block + 1)
-    arch: dict[str, Any] = {}
+    arch: dict[str, Any] = {"stages": len(depths)}
     if "patch_embed.norm.weight" in weights:
-        arch["embedding width (MODEL.MGSSAF.EMBED_DIM)"] = weights["patch_embed.norm.weight"].shape[0]
-    arch["stages"] = len(depths)
+        arch[_WIDTH] = weights["patch_embed.norm.weight"].shape[0]
     for stage, depth in sorted(depths.items()):
         arch[f"blocks in stage {stage} (layers.{stage})"] = depth
     if "head.weight" in weights:
-        arch["classes (MODEL.NUM_CLASSES)"] = weights["head.weight"].shape[0]
-    width = arch.get("embedding width (MODEL.MGSSAF.EMBED_DIM)")
-    arch["variant"] = RELEASED_VARIANTS.get((width, tuple(depths[s] for s in sorted(depths))))
+        arch[_CLASSES] = weights["head.weight"].shape[0]
     return arch
+
+
+def _variant(arch: dict[str, Any]) -> str | None:
+    """The released variant whose width and depths ``arch`` has, if any."""
+    depths = tuple(arch[f"blocks in stage {s} (layers.{s})"] for s in range(arch["stages"])
+                   if f"blocks in stage {s} (layers.{s})" in arch)
+    return RELEASED_VARIANTS.get((arch.get(_WIDTH), depths))
 
 
 def weight_differences(weights: dict[str, Any], own: dict[str, Any], limit: int = 3) -> list[str]:
@@ -363,12 +369,12 @@ def weight_differences(weights: dict[str, Any], own: dict[str, Any], limit: int 
     model's state dict ``own``: network dimensions first, else the first differing entries."""
     theirs, ours = _architecture(weights), _architecture(own)
     found = [f"{what}: {theirs.get(what)} in the checkpoint, {ours.get(what)} in this model"
-             for what in dict.fromkeys([*ours, *theirs])
-             if what != "variant" and theirs.get(what) != ours.get(what)]
+             for what in dict.fromkeys([*ours, *theirs]) if theirs.get(what) != ours.get(what)]
     if found:
-        if theirs["variant"] and theirs["variant"] != ours["variant"]:
-            into = f" into an {ours['variant']} model" if ours["variant"] else ""
-            found.append(f"an {theirs['variant']} checkpoint{into}?")
+        variant, own_variant = _variant(theirs), _variant(ours)
+        if variant and variant != own_variant:
+            into = f" into an {own_variant} model" if own_variant else ""
+            found = found[:limit] + [f"an {variant} checkpoint{into}?"]
         return found[:limit + 1]
     shapes = [f"size mismatch for {k}: {tuple(weights[k].shape)} in the checkpoint, "
               f"{tuple(own[k].shape)} in this model"

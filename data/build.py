@@ -275,6 +275,7 @@ def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None
                         f"{world_size} rank(s) {len(sampler)} images, less than one batch of "
                         f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
     data_loader_train = Loader(
-        EpochSeededDataset(dataset_train, config.SEED), sampler=sampler, batch_size=config.DATA.BATCH_SIZE,
-        num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True)
+        EpochSeededDataset(dataset_train, config.SEED), sampler=sampler,
+        batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+        pin_memory=pin_memory, drop_last=True)
     return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)
