@@ -108,17 +108,6 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
     return dataset, num_classes
 
 
-def _missing_classes(dataset: Dataset, is_train: bool) -> str:
-    """For a message: the class folders that the other split (train/ or val/) has and
-    ``dataset`` lacks, or ""."""
-    root = getattr(dataset, "root", None)
-    other = os.path.join(os.path.dirname(root or ""), "val" if is_train else "train")
-    if not root or not os.path.isdir(other):
-        return ""
-    missing = sorted({e.name for e in os.scandir(other) if e.is_dir()} - set(dataset.classes))
-    return f": missing {missing}, which {other} has" if missing else ""
-
-
 def build_transform(is_train: bool, config: CN) -> Callable:
     """Training: timm's RandomResizedCrop (``AUG.SCALE``), flip (``AUG.HFLIP``), RandAugment,
     colour jitter and random erasing (``AUG.*``).
@@ -147,6 +136,17 @@ def build_transform(is_train: bool, config: CN) -> Callable:
         resize = [transforms.Resize((size, size), interpolation=interpolation)]
     normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     return transforms.Compose(resize + [transforms.ToTensor(), normalize])
+
+
+def _missing_classes(dataset: Dataset, is_train: bool) -> str:
+    """For a message: the class folders that the other split (train/ or val/) has and
+    ``dataset`` lacks, or ""."""
+    root = getattr(dataset, "root", None)
+    other = os.path.join(os.path.dirname(root or ""), "val" if is_train else "train")
+    if not root or not os.path.isdir(other):
+        return ""
+    missing = sorted({e.name for e in os.scandir(other) if e.is_dir()} - set(dataset.classes))
+    return f": missing {missing}, which {other} has" if missing else ""
 
 
 class EpochSeededDataset(Dataset):
