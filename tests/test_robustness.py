@@ -324,12 +324,12 @@ BAD_INPUTS = [
     ("other_variant", dict(flags=("--eval", "--resume", "VICTIM/ckpt_epoch_3.pth"),
                            opts=["MODEL.MGSSAF.EMBED_DIM", "48"]),
      ["ckpt_epoch_3.pth: its weights do not fit this model (it was saved by a run of MODEL.NAME "
-      "mg_ssaf_tiny, NUM_CLASSES 3): embedding width (MODEL.MGSSAF.EMBED_DIM): 24 in the "
+      f"{h.MODEL_NAME}, NUM_CLASSES 3): embedding width (MODEL.MGSSAF.EMBED_DIM): 24 in the "
       "checkpoint, 48 in this model"]),
     ("other_depth_pretrained", dict(flags=("--eval", "--pretrained", "VICTIM/ckpt_epoch_3.pth"),
                                     opts=["MODEL.MGSSAF.DEPTHS", "[1,1,2,1]"]),
      ["ckpt_epoch_3.pth: its weights do not fit this model (it was saved by a run of MODEL.NAME "
-      "mg_ssaf_tiny, NUM_CLASSES 3): blocks in stage 2 (layers.2): 1 in the checkpoint, 2 in "
+      f"{h.MODEL_NAME}, NUM_CLASSES 3): blocks in stage 2 (layers.2): 1 in the checkpoint, 2 in "
       "this model"]),
     ("other_class_count", dict(flags=("--eval", "--resume", "TWO_CLASSES")),
      ["two_classes.pth: its weights do not fit this model",
