@@ -321,15 +321,20 @@ def load_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
 
 def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -> None:
     """Initialises ``model`` from the weights of a checkpoint (optimizer and epoch start fresh).
-    A classifier head of another class count is left at its initialisation, for fine-tuning."""
+    A classifier head of another class count is left at its initialisation, for fine-tuning; a
+    model without a classifier (``num_classes`` 0) does not load the checkpoint's."""
     ckpt = load_checkpoint_file(path)
     own = model.state_dict()
     weights = dict(ckpt["model"])
     head = [k for k in weights
-            if k.startswith("head.") and k in own and weights[k].shape != own[k].shape]
+            if k.startswith("head.") and (k not in own or weights[k].shape != own[k].shape)]
     for key in head:
-        logger.warning(f"{path}: {key} has shape {tuple(weights.pop(key).shape)}, the model "
-                       f"{tuple(own[key].shape)}: the head starts from its initialisation")
+        shape = tuple(weights.pop(key).shape)
+        if key in own:
+            logger.warning(f"{path}: {key} has shape {shape}, the model {tuple(own[key].shape)}: "
+                           "not loaded, the head starts from its initialisation")
+        else:
+            logger.info(f"{path}: {key} {shape} not loaded: the model has no classifier")
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:

@@ -1,10 +1,13 @@
-"""Model zoo of this repository: ``build_model(config)`` turns a config into a network."""
+"""Model zoo of this repository: ``build_model(config)`` turns a config into a network.
+
+Importing this package also registers ``mg_ssaf_t``, ``mg_ssaf_s`` and ``mg_ssaf_b`` with timm
+(``timm.create_model``; see models/mg_ssaf.py)."""
 from torch import nn
 from yacs.config import CfgNode
 
-from .mg_ssaf import MGSSAF
+from .mg_ssaf import MGSSAF, checkpoint_filter_fn
 
-__all__ = ["MGSSAF", "build_model"]
+__all__ = ["MGSSAF", "build_model", "checkpoint_filter_fn"]
 
 
 def build_model(config: CfgNode) -> nn.Module:

@@ -24,16 +24,25 @@ AF module fold its last bias into the output instead of adding it to every atten
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
+from timm.models import (build_model_with_cfg, clean_state_dict, generate_default_cfgs,
+                         register_model)
+from timm.models._features import feature_take_indices
 
-__all__ = ["MGSSAF"]
+from utils import load_pretrained
+
+__all__ = ["MGSSAF", "checkpoint_filter_fn"]
+
+_logger = logging.getLogger(__name__)
 
 
 def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
@@ -313,29 +322,42 @@ class PatchEmbed(nn.Module):
 
 
 class MGSSAFStage(nn.Module):
-    """``depth`` blocks at one resolution, then (except in the last stage) a PatchMerging."""
+    """``depth`` blocks at one resolution, then (except in the last stage) a PatchMerging.
+
+    The stage's feature map (its ``feature_info`` entry) is the output of ``blocks``, before the
+    PatchMerging: ``(B, dim, H, W)`` at the stage's own stride.
+    """
 
     def __init__(self, dim: int, depth: int, downsample: bool, drop_path: Sequence[float],
                  **block_kwargs) -> None:
         super().__init__()
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList(
-            MGSSAFBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path)
+        self.blocks = nn.Sequential(*(
+            MGSSAFBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path))
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's blocks: ``(B, dim, H, W) -> (B, dim, H, W)``."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.blocks(x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x)
         return self.downsample(x) if self.downsample is not None else x
 
 
 class MGSSAF(nn.Module):
     """MG-SSAF classifier: (B, in_chans, H, W) images -> (B, num_classes) logits.
 
-    H and W must be multiples of 32 (see the module docstring for sizes other than 224).
+    H and W must be multiples of 32 (see the module docstring for sizes other than 224). The
+    model follows timm's interface: ``forward_features`` gives the normalised last map,
+    ``forward_head`` pools it and applies the head (``1x1 -> GELU -> Dropout -> Linear``),
+    ``forward_intermediates`` the four stage maps of ``feature_info`` (strides 4/8/16/32, C, 2C,
+    4C, 8C channels, each taken before the stage's PatchMerging). ``num_classes=0`` has no
+    classifier: the model then returns the ``head_hidden_size`` pooled features.
     """
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
@@ -344,12 +366,18 @@ class MGSSAF(nn.Module):
                  global_ratio: Sequence[float] = (0.0, 0.5, 0.5, 0.0),
                  strip_width: Sequence[int] = (0, 2, 2, 0), window_size: int = 7,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, head_hidden_dim: int = 1280,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False) -> None:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False,
+                 global_pool: str = "avg") -> None:
         super().__init__()
         _check_arch(img_size, embed_dim, depths, num_heads, global_ratio, strip_width, window_size)
         num_stages = len(depths)
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.head_hidden_size = head_hidden_dim
+        self.feature_info = [
+            dict(num_chs=embed_dim * 2 ** i, reduction=4 * 2 ** i, module=f"layers.{i}.blocks")
+            for i in range(num_stages)]
         total = sum(depths)
         rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
 
@@ -367,9 +395,17 @@ class MGSSAF(nn.Module):
         self.last_conv = _pointwise(self.num_features, head_hidden_dim)
         self.head_act = nn.GELU()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(head_hidden_dim, num_classes)
+        self.head = self._classifier(num_classes)
         self._init_weights()
         self.set_grad_checkpointing(use_checkpoint)
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        head = nn.Linear(self.head_hidden_size, num_classes)
+        trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -384,32 +420,127 @@ class MGSSAF(nn.Module):
                     nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
                     nn.init.zeros_(m.bias)
 
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of every block (same outputs and gradients, less memory)."""
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The LN2d weights and biases (no weight decay, as for every other 1-D parameter)."""
+        return {f"{name}.{p}" for name, m in self.named_modules() if isinstance(m, LayerNorm2d)
+                for p in ("weight", "bias")}
+
+    @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return {"norm"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups, first to last (timm; layer-wise LR decay): the stem, then each block
+        (coarse: each stage) with a stage's PatchMerging after its last block, then the final norm;
+        ``last_conv`` and ``head`` match nothing, so they form the last group."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99999,)),
+                (r"^norm", (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0: none, the model returns
+        the pooled ``head_hidden_size`` features). ``global_pool`` '' keeps the spatial map
+        (``(B, head_hidden_size, h, w)``, only without a classifier); 'avg' pools it."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool {global_pool!r}: expected 'avg' or ''")
+            self.global_pool = global_pool
+        if num_classes > 0 and not self.global_pool:
+            raise ValueError("a classifier needs pooled features: global_pool must be 'avg'")
+        self.num_classes = num_classes
+        self.head = self._classifier(num_classes).to(self.patch_embed.ConvFuse.weight.device)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) images -> (B, num_features, H/32, W/32), normalised."""
-        if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
-                             f"{tuple(x.shape[-2:])}")
+        _check_input(x)
         x = self.pos_drop(self.patch_embed(x))
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier."""
-        x = self.head_drop(self.head_act(self.last_conv(x.mean((2, 3), keepdim=True))))
-        return self.head(x.flatten(1))
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage maps ``indices`` (timm: an int n takes the last n stages, None all), each
+        ``(B, C * 2**i, H / 2**(i+2), W / 2**(i+2))`` before the stage's PatchMerging; ``norm``
+        applies the final norm to the last stage's map. Returns the maps, or (unless
+        ``intermediates_only``) ``(forward_features(x), maps)``; with ``stop_early`` the stages
+        after the last one taken are skipped (the first item is then that stage's map)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: MG-SSAF gives NCHW maps only")
+        _check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        stages = self.layers if not stop_early else self.layers[:max_index + 1]
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x))
+        for i, stage in enumerate(stages):
+            x = stage.forward_blocks(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+            if stage.downsample is not None and i < len(stages) - 1:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(stages) == last + 1 else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drops what the stage maps ``indices`` do not need: later stages, the PatchMerging after
+        the last one kept, and (``prune_head``) the head; ``prune_norm`` drops the final norm.
+        Returns the indices taken (as ``forward_intermediates`` reads them)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        if prune_norm or max_index < len(self.layers) - 1:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None
+        if prune_head:
+            self.reset_classifier(0)
+            self.last_conv = nn.Identity()
+        return take_indices
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier.
+        ``pre_logits``: the ``(B, head_hidden_size)`` features before the classifier."""
+        if self.global_pool == "avg":
+            x = x.mean((2, 3), keepdim=True)
+        x = self.head_drop(self.head_act(self.last_conv(x)))
+        if not self.global_pool:
+            return x
+        x = x.flatten(1)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's loader for ``pretrained=True`` (the cfgs below set ``custom_load``): the
+        project's safe loader of local checkpoints (``utils.load_pretrained``)."""
+        load_pretrained(checkpoint_path, self, _logger)
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.shape[-2] % 32 or x.shape[-1] % 32:
+        raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
+                         f"{tuple(x.shape[-2:])}")
 
 
 def _check_arch(img_size: int, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
@@ -445,3 +576,64 @@ def _check_arch(img_size: int, embed_dim: int, depths: Sequence[int], num_heads:
         if sw < 1 or res % sw:
             raise ValueError(f"{where}: strip width {sw} does not divide the stage resolution "
                              f"{res} (DATA.IMG_SIZE {img_size})")
+
+
+# ---------------------------------------------------------------------------------------------
+# timm registration: timm.create_model("mg_ssaf_t" | "mg_ssaf_s" | "mg_ssaf_b", ...)
+# ---------------------------------------------------------------------------------------------
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A released or project checkpoint (``{"model": weights, "config": ..., ...}``) or a bare
+    state dict -> the model's state dict (``module.`` / ``_orig_mod.`` prefixes removed)."""
+    weights = state_dict.get("model", state_dict)
+    return clean_state_dict({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
+
+
+# The released networks (configs/MG-SSAF/MG-SSAF-{T,S,B}.yaml hold the same).
+_ARCHS = {
+    "mg_ssaf_t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      global_ratio=(0.0, 0.5, 0.5, 0.0), drop_path_rate=0.2),
+    "mg_ssaf_s": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                      global_ratio=(0.0, 0.5, 0.5, 0.0), drop_path_rate=0.2),
+    "mg_ssaf_b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                      global_ratio=(0.0, 0.75, 0.75, 0.0), drop_path_rate=0.3),
+}
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    """No URL or hub id: weights come only from a local file, given as
+    ``pretrained_cfg_overlay=dict(file=path)``, read by :meth:`MGSSAF.load_pretrained`."""
+    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv="patch_embed.Conv2Down", classifier="head", custom_load=True,
+                **kwargs)
+
+
+default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in _ARCHS})
+
+
+def _create_mg_ssaf(variant: str, pretrained: bool = False, **kwargs: Any) -> MGSSAF:
+    """``variant``'s network (kwargs override its arguments) through timm's builder; with
+    ``features_only=True`` a FeatureGetterNet over :meth:`MGSSAF.forward_intermediates`."""
+    args = dict(_ARCHS[variant], **kwargs)
+    out_indices = args.pop("out_indices", tuple(range(len(args["depths"]))))
+    return build_model_with_cfg(
+        MGSSAF, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)
+
+
+@register_model
+def mg_ssaf_t(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
+    """MG-SSAF-T (19.6 M parameters with the 1000-class head)."""
+    return _create_mg_ssaf("mg_ssaf_t", pretrained, **kwargs)
+
+
+@register_model
+def mg_ssaf_s(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
+    """MG-SSAF-S (32.5 M parameters with the 1000-class head)."""
+    return _create_mg_ssaf("mg_ssaf_s", pretrained, **kwargs)
+
+
+@register_model
+def mg_ssaf_b(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
+    """MG-SSAF-B (55.9 M parameters with the 1000-class head)."""
+    return _create_mg_ssaf("mg_ssaf_b", pretrained, **kwargs)
