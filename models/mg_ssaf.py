@@ -439,8 +439,8 @@ class MGSSAF(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups, first to last (timm; layer-wise LR decay): the stem, then each block
-        (coarse: each stage) with a stage's PatchMerging after its last block, then the final norm;
-        ``last_conv`` and ``head`` match nothing, so they form the last group."""
+        (coarse: each stage); a stage's PatchMerging and the final norm join the group before them
+        (timm's ``(99999,)``); ``last_conv`` and ``head`` match nothing: the last group."""
         return dict(
             stem=r"^patch_embed",
             blocks=r"^layers\.(\d+)" if coarse else [
@@ -532,8 +532,9 @@ class MGSSAF(nn.Module):
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's loader for ``pretrained=True`` (the cfgs below set ``custom_load``): the
-        project's safe loader of local checkpoints (``utils.load_pretrained``)."""
+        """timm's loader of a local weights file (``pretrained=True,
+        pretrained_cfg_overlay=dict(file=path)``): the project's safe loader of checkpoints
+        (``utils.load_pretrained``, as ``--pretrained``)."""
         load_pretrained(checkpoint_path, self, _logger)
 
 
@@ -601,11 +602,10 @@ _ARCHS = {
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     """No URL or hub id: weights come only from a local file, given as
-    ``pretrained_cfg_overlay=dict(file=path)``, read by :meth:`MGSSAF.load_pretrained`."""
+    ``pretrained_cfg_overlay=dict(file=path)``, or a state dict, ``dict(state_dict=...)``."""
     return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                 interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                first_conv="patch_embed.Conv2Down", classifier="head", custom_load=True,
-                **kwargs)
+                first_conv="patch_embed.Conv2Down", classifier="head", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in _ARCHS})
@@ -613,11 +613,19 @@ default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in _ARCHS}
 
 def _create_mg_ssaf(variant: str, pretrained: bool = False, **kwargs: Any) -> MGSSAF:
     """``variant``'s network (kwargs override its arguments) through timm's builder; with
-    ``features_only=True`` a FeatureGetterNet over :meth:`MGSSAF.forward_intermediates`."""
+    ``features_only=True`` a FeatureGetterNet over :meth:`MGSSAF.forward_intermediates`.
+
+    A local weights file is read by :meth:`MGSSAF.load_pretrained` (timm's ``custom_load``):
+    timm's own reader loads with ``weights_only`` and refuses the yacs config that project and
+    released checkpoints hold."""
     args = dict(_ARCHS[variant], **kwargs)
     out_indices = args.pop("out_indices", tuple(range(len(args["depths"]))))
+    overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
+    if overlay.get("file"):
+        overlay.setdefault("custom_load", True)
     return build_model_with_cfg(
-        MGSSAF, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        MGSSAF, variant, pretrained, pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)
 
 
