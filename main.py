@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import AverageMeter
+from timm.utils import AverageMeter, ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -164,6 +164,10 @@ def check_config(config: CN) -> None:
     need(not mixup_enabled(config) or config.DATA.BATCH_SIZE % 2 == 0 or not training,
          f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an "
          f"even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+    need(0.0 < config.TRAIN.LAYER_DECAY <= 1.0, f"TRAIN.LAYER_DECAY must be in (0, 1] (1 switches "
+         f"it off), got {config.TRAIN.LAYER_DECAY}")
+    need(0.0 < config.MODEL_EMA_DECAY < 1.0,
+         f"MODEL_EMA_DECAY must be in (0, 1), got {config.MODEL_EMA_DECAY}")
     for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):
         path = config.MODEL[key]
         need(not path or os.path.isfile(path), f"MODEL.{key} ({flag}) {path}: file not found")
@@ -234,8 +238,10 @@ def memory_mb(device: torch.device) -> float:
 def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
                     optimizer: torch.optim.Optimizer, epoch: int, mixup_fn, lr_scheduler,
                     scaler: torch.amp.GradScaler, amp: Amp, device: torch.device,
-                    progress: Progress, preemption: Preemption, logger: logging.Logger) -> None:
-    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress``. Stops early,
+                    progress: Progress, preemption: Preemption, logger: logging.Logger,
+                    model_ema: ModelEmaV3 | None = None) -> None:
+    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress`` (and the EMA
+    weights after every optimizer step). Stops early,
     with ``progress.preempted`` set, after the optimizer step during which a preemption signal
     arrived on any rank; raises NonFiniteLossError, before the update, on a NaN/inf loss."""
     model.train()
@@ -284,6 +290,8 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             progress.num_updates += 1
+            if model_ema is not None:
+                model_ema.update(model, step=progress.num_updates)
             lr_scheduler.step_update(progress.num_updates)
             norm_meter.update(grad_norm)
             scale_meter.update(scaler.get_scale() if scaler.is_enabled() else 1.0)
@@ -415,9 +423,11 @@ def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
 
 def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
                     scaler: torch.amp.GradScaler, updates_per_epoch: int,
-                    logger: logging.Logger) -> tuple[int, float, Progress]:
-    """Restores the checkpoint to resume, if any; returns the epoch to start, the best accuracy
-    so far and the progress (within the epoch too, after a mid-epoch checkpoint)."""
+                    logger: logging.Logger, model_ema: ModelEmaV3 | None = None
+                    ) -> tuple[int, float, Progress]:
+    """Restores the checkpoint to resume, if any (the EMA weights too); returns the epoch to
+    start, the best accuracy so far and the progress (within the epoch too, after a mid-epoch
+    checkpoint)."""
     resume = checkpoint_to_resume(config, logger)
     if not resume:
         if config.TRAIN.AUTO_RESUME:
@@ -425,6 +435,12 @@ def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimiz
         return config.TRAIN.START_EPOCH, 0.0, Progress()
     path, ckpt = resume
     load_weights(model, ckpt, path)
+    if model_ema is not None:
+        if "model_ema" in ckpt:
+            load_weights(model_ema.module, {**ckpt, "model": ckpt["model_ema"]}, path)
+        else:
+            logger.warning(f"{path} has no EMA weights: the EMA restarts from the model's")
+            model_ema.module.load_state_dict(model.state_dict())
     restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
     max_accuracy = float(ckpt.get("max_accuracy", 0.0))
     done = ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch)  # released: estimated
@@ -477,6 +493,7 @@ def run(config: CN, preemption: Preemption) -> None:
         return
 
     optimizer = build_optimizer(config, model)
+    model_ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
     model_without_ddp = model
     if dist.is_initialized():
         device_ids = [device.index] if device.type == "cuda" else None
@@ -487,7 +504,8 @@ def run(config: CN, preemption: Preemption) -> None:
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     criterion = build_criterion(config, mixup_fn is not None)
     start_epoch, max_accuracy, progress = resume_training(
-        config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger)
+        config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger,
+        model_ema)
 
     logger.info("Start training")
     start_time = time.time()
@@ -496,7 +514,7 @@ def run(config: CN, preemption: Preemption) -> None:
         data_loader_train.sampler.set_epoch(epoch, first_step * config.DATA.BATCH_SIZE)
         epoch_start = time.time()
         train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
-                        lr_scheduler, scaler, amp, device, progress, preemption, logger)
+                        lr_scheduler, scaler, amp, device, progress, preemption, logger, model_ema)
         epoch_time = time.time() - epoch_start
         skipped = all_reduce_sum([getattr(dataset_train, "pop_skipped", lambda: 0)()], device)[0]
         if skipped:
@@ -505,7 +523,8 @@ def run(config: CN, preemption: Preemption) -> None:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
                             epoch_step=progress.epoch_step,
-                            train_loss=(progress.loss_sum, progress.loss_count))
+                            train_loss=(progress.loss_sum, progress.loss_count),
+                            model_ema=model_ema.module if model_ema is not None else None)
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
                             f"stopped at epoch {epoch} step "
@@ -517,9 +536,16 @@ def run(config: CN, preemption: Preemption) -> None:
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"validation loss is {stats['loss']} after epoch {epoch}: the "
                                      "model diverged and is not saved")
-        is_best = stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, stats["acc1"])
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        acc1 = stats["acc1"]
+        if model_ema is not None:
+            logger.info("EMA weights:")
+            ema_stats = validate(config, data_loader_val, model_ema.module, device, amp, logger)
+            stats.update({f"{key}_ema": ema_stats[key] for key in ("loss", "acc1", "acc5")})
+            acc1 = max(acc1, ema_stats["acc1"])
+        is_best = acc1 > max_accuracy
+        max_accuracy = max(max_accuracy, acc1)
+        logger.info(f"Max accuracy: {max_accuracy:.2f}%" + (" (model or EMA weights)"
+                                                            if model_ema is not None else ""))
         # Metrics first: a crash in between repeats this line after the resume (the last one of an
         # epoch counts), it never leaves an epoch out.
         images = (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size
@@ -527,13 +553,15 @@ def run(config: CN, preemption: Preemption) -> None:
             "epoch": epoch, "train_loss": loss_sum / max(loss_count, 1),
             "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
             "acc5": stats["acc5"], "epoch_time": epoch_time, "images_per_sec": images / epoch_time,
-            "num_updates": progress.num_updates})
+            "num_updates": progress.num_updates,
+            **{k: v for k, v in stats.items() if k.endswith("_ema")}})
         stop = any_rank([preemption.requested], device)[0]
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stop
         if save_epoch or is_best:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
-                            is_best=is_best, save_epoch=save_epoch)
+                            is_best=is_best, save_epoch=save_epoch,
+                            model_ema=model_ema.module if model_ema is not None else None)
         progress = Progress(num_updates=progress.num_updates)
         if stop:
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "

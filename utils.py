@@ -200,13 +200,15 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any,
                     scaler: torch.amp.GradScaler, logger: logging.Logger, *, num_updates: int,
                     epoch_step: int | None = None, train_loss: tuple[float, float] = (0.0, 0.0),
-                    is_best: bool = False, save_epoch: bool = True) -> None:
+                    is_best: bool = False, save_epoch: bool = True,
+                    model_ema: torch.nn.Module | None = None) -> None:
     """Saves the training state (a collective: every rank calls it, rank 0 writes).
 
     Contents: ``model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, config`` as released
     checkpoints have them, plus ``epoch_step`` (loader steps done in ``epoch``; None after the
     whole epoch), ``num_updates`` (optimizer steps so far), ``train_loss`` (sum and count of the
-    epoch's losses so far) and ``rng`` (RNG states of every rank)."""
+    epoch's losses so far), ``rng`` (RNG states of every rank) and, with MODEL_EMA,
+    ``model_ema`` (the EMA weights)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -220,6 +222,8 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
         "train_loss": tuple(train_loss),
         "rng": gather_rng_states(),
     }
+    if model_ema is not None:
+        state["model_ema"] = model_ema.state_dict()
     if get_rank() != 0:
         return
     if save_epoch:
@@ -332,7 +336,7 @@ def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -
         shape = tuple(weights.pop(key).shape)
         if key in own:
             logger.warning(f"{path}: {key} has shape {shape}, the model {tuple(own[key].shape)}: "
-                           "not loaded, the head starts from its initialisation")
+                           "the head starts from its initialisation")
         else:
             logger.info(f"{path}: {key} {shape} not loaded: the model has no classifier")
     try:

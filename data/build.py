@@ -95,8 +95,16 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
         from .digits import NUM_CLASSES, build_digits_dataset
         dataset = build_digits_dataset(is_train, transform)
         num_classes = NUM_CLASSES
+    elif name == "cub":
+        from .cub import CUBDataset
+        if not config.DATA.DATA_PATH:
+            raise DataError("DATA.DATA_PATH (--data-path) is not set: give the CUB_200_2011 folder")
+        dataset = CUBDataset(config.DATA.DATA_PATH, is_train, transform,
+                             config.DATA.SKIP_BAD_IMAGES)
+        num_classes = len(dataset.classes)
     else:
-        raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet' or 'digits'")
+        raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet', 'digits' or "
+                        "'cub'")
     if num_classes != config.MODEL.NUM_CLASSES:
         where = getattr(dataset, "root", f"the {name} dataset")
         raise DataError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but {where} has "
