@@ -111,8 +111,8 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     add("--opts", nargs="+", default=None, metavar="KEY VALUE",
         help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
     add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
-    add("--data-path", help="dataset root holding train/<class>/* and val/<class>/* "
-        "(DATA.DATA_PATH)")
+    add("--data-path", help="dataset root holding train/<class>/* and val/<class>/*, or the "
+        "CUB_200_2011 folder with DATA.DATASET cub (DATA.DATA_PATH)")
     add("--pretrained", help="checkpoint whose weights initialise the model; optimizer, schedule "
         "and epoch start fresh; a head of another class count is re-initialised (MODEL.PRETRAINED)")
     add("--resume", help="checkpoint to resume training from (weights, optimizer, scheduler, "
