@@ -254,3 +254,12 @@ def test_segmentation_models_pytorch_encoder():
     masks.mean().backward()
     encoder_grads = [p.grad for p in model.encoder.parameters()]
     assert all(g is not None for g in encoder_grads)
+
+
+def test_cub_head_params_and_flops_at_448():
+    """The paper's CUB models: 200-class head, 448 input: GFLOPs 4x those at 224."""
+    from tools.model_info import count_gmacs, count_params
+    model = timm.create_model("mg_ssaf_t", num_classes=200)
+    assert count_params(model) / 1e6 == pytest.approx(18.5, abs=0.1)
+    ratio = count_gmacs(model, (448, 448)) / count_gmacs(model, (224, 224))
+    assert ratio == pytest.approx(4.0, rel=0.02)

@@ -160,3 +160,15 @@ def test_finetune_auto_resume_after_an_epoch_is_exact(finetune_run, cub, imagene
     b = load_checkpoint_file(os.path.join(folder, "ckpt_epoch_1.pth"))
     for part in ("model", "model_ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["TRAIN.LAYER_DECAY", "0.0"],
+     "TRAIN.LAYER_DECAY must be in (0, 1] (1 switches it off), got 0.0"),
+    (["MODEL_EMA_DECAY", "1.0"], "MODEL_EMA_DECAY must be in (0, 1), got 1.0"),
+])
+def test_bad_layer_decay_or_ema_decay_exits_1_naming_the_key(cub, tmp_path, opts, message):
+    result = h.run_cli(["--cfg", CFG, "--data-path", cub, "--output", str(tmp_path), "--opts",
+                        *TINY_MODEL, *opts])
+    assert result.returncode == 1 and message in result.stdout
+    assert not os.listdir(tmp_path)  # rejected before anything is written
