@@ -21,6 +21,10 @@ input whose sides are multiples of 32 also runs, square or not:
 
 The released network sets no attention dropout, and this implementation has none: it lets the
 AF module fold its last bias into the output instead of adding it to every attention weight.
+
+The model has timm's interface (multi-scale features at strides 4/8/16/32, ``features_only``,
+layer-wise decay groups), and importing this module registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
+``mg_ssaf_b`` with ``timm.create_model`` (end of the file), with weights from local files only.
 """
 from __future__ import annotations
 
@@ -395,23 +399,14 @@ class MGSSAF(nn.Module):
         self.last_conv = _pointwise(self.num_features, head_hidden_dim)
         self.head_act = nn.GELU()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._classifier(num_classes)
+        self.head = nn.Linear(head_hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
         self.set_grad_checkpointing(use_checkpoint)
-
-    def _classifier(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.head_hidden_size, num_classes)
-        trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
 
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                _init_linear(m)
         downsamplers = [self.patch_embed] + [s.downsample for s in self.layers if s.downsample]
         for module in downsamplers:
             for m in module.modules():
@@ -420,7 +415,6 @@ class MGSSAF(nn.Module):
                     nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
                     nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of every block (same outputs and gradients, less memory)."""
         for stage in self.layers:
@@ -464,7 +458,11 @@ class MGSSAF(nn.Module):
         if num_classes > 0 and not self.global_pool:
             raise ValueError("a classifier needs pooled features: global_pool must be 'avg'")
         self.num_classes = num_classes
-        self.head = self._classifier(num_classes).to(self.patch_embed.ConvFuse.weight.device)
+        self.head = nn.Identity()
+        if num_classes > 0:
+            self.head = nn.Linear(self.head_hidden_size, num_classes,
+                                  device=self.patch_embed.ConvFuse.weight.device)
+            _init_linear(self.head)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) images -> (B, num_features, H/32, W/32), normalised."""
@@ -518,7 +516,8 @@ class MGSSAF(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier.
-        ``pre_logits``: the ``(B, head_hidden_size)`` features before the classifier."""
+        ``pre_logits``: the ``(B, head_hidden_size)`` features before the classifier; with
+        ``global_pool`` '' no pooling: ``(B, head_hidden_size, h, w)``."""
         if self.global_pool == "avg":
             x = x.mean((2, 3), keepdim=True)
         x = self.head_drop(self.head_act(self.last_conv(x)))
@@ -536,6 +535,11 @@ class MGSSAF(nn.Module):
         pretrained_cfg_overlay=dict(file=path)``): the project's safe loader of checkpoints
         (``utils.load_pretrained``, as ``--pretrained``)."""
         load_pretrained(checkpoint_path, self, _logger)
+
+
+def _init_linear(m: nn.Linear) -> None:
+    trunc_normal_(m.weight, std=0.02)
+    nn.init.zeros_(m.bias)
 
 
 def _check_input(x: torch.Tensor) -> None:
