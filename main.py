@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode as CN
 
-from config import ConfigError, get_config
+from config import ConfigError, get_config, inert_settings
 from data import DataError, build_loader, mixup_enabled
 from logger import create_logger
 from lr_scheduler import build_scheduler, scale_lrs
@@ -113,6 +113,10 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
     add("--data-path", help="dataset root holding train/<class>/* and val/<class>/*, or the "
         "CUB_200_2011 folder with DATA.DATASET cub (DATA.DATA_PATH)")
+    add("--zip", action="store_true", help="Swin's zipped ImageNet: accepted, no effect here "
+        "(DATA.ZIP_MODE)")
+    add("--cache-mode", choices=("no", "full", "part"), help="Swin's zip cache mode: accepted, no "
+        "effect here (DATA.CACHE_MODE)")
     add("--pretrained", help="checkpoint whose weights initialise the model; optimizer, schedule "
         "and epoch start fresh; a head of another class count is re-initialised (MODEL.PRETRAINED)")
     add("--resume", help="checkpoint to resume training from (weights, optimizer, scheduler, "
@@ -122,6 +126,13 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     add("--use-checkpoint", action="store_true",
         help="activation checkpointing: less GPU memory, slower (TRAIN.USE_CHECKPOINT)")
     add("--disable_amp", action="store_true", help="no mixed precision (AMP_ENABLE false)")
+    add("--amp-opt-level", choices=("O0", "O1", "O2"), help="Swin's apex opt level (deprecated "
+        "there too): O0 switches AMP off, O1/O2 keep AMP_ENABLE (AMP_OPT_LEVEL)")
+    add("--optim", help="optimizer: adamw or sgd (TRAIN.OPTIMIZER.NAME)")
+    add("--fused_window_process", action="store_true", help="Swin's fused window kernel: "
+        "accepted, no effect here (FUSED_WINDOW_PROCESS)")
+    add("--fused_layernorm", action="store_true", help="Swin's fused LayerNorm: accepted, no "
+        "effect here (FUSED_LAYERNORM)")
     add("--output", metavar="PATH", help="root of output folders; the run writes to "
         "<output>/<MODEL.NAME>/<tag> (OUTPUT)")
     add("--tag", help="name of the run's folder under <output>/<MODEL.NAME> (TAG)")
@@ -153,6 +164,9 @@ def check_config(config: CN) -> None:
     need(0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS or not training,
          f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than "
          f"TRAIN.EPOCHS ({config.TRAIN.EPOCHS})")
+    need(0 <= config.TRAIN.START_EPOCH < config.TRAIN.EPOCHS or not training,
+         f"TRAIN.START_EPOCH must be at least 0 and less than TRAIN.EPOCHS "
+         f"({config.TRAIN.EPOCHS}), got {config.TRAIN.START_EPOCH}")
     need(config.TRAIN.KEEP_CHECKPOINTS >= 0, "TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or "
          f"more, got {config.TRAIN.KEEP_CHECKPOINTS}")
     need(config.DATA.NUM_WORKERS >= 0,
@@ -161,6 +175,11 @@ def check_config(config: CN) -> None:
          f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     need(config.DEVICE in ("auto", "cuda", "cpu"), f"DEVICE must be 'auto', 'cuda' or 'cpu', got "
          f"{config.DEVICE!r}")
+    minmax = config.AUG.CUTMIX_MINMAX
+    need(minmax is None or (isinstance(minmax, (list, tuple)) and len(minmax) == 2
+                            and 0 < minmax[0] < minmax[1] <= 1),
+         f"AUG.CUTMIX_MINMAX must be None (CutMix areas from AUG.CUTMIX's beta distribution) or "
+         f"[min, max] with 0 < min < max <= 1, got {minmax!r}")
     need(not mixup_enabled(config) or config.DATA.BATCH_SIZE % 2 == 0 or not training,
          f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an "
          f"even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
@@ -208,13 +227,13 @@ def seed_everything(config: CN) -> None:
 
 
 def amp_settings(config: CN, device: torch.device, logger: logging.Logger) -> Amp:
-    """AMP_ENABLE/AMP_DTYPE; float16 autocast is CUDA-only, so on CPU it falls back to float32."""
+    """AMP_ENABLE/AMP_DTYPE, as configured on every device (float16 with a GradScaler)."""
     if not config.AMP_ENABLE:
         return Amp(False, torch.float32)
     if device.type == "cpu" and config.AMP_DTYPE == "float16":
-        logger.warning("AMP_DTYPE float16 needs CUDA: running in float32 on CPU (set AMP_DTYPE "
-                       "bfloat16 for mixed precision on CPU, or --disable_amp to silence this)")
-        return Amp(False, torch.float32)
+        logger.warning("AMP_DTYPE float16 on CPU: most CPUs emulate float16 arithmetic (about 30x "
+                       "slower than float32 on an AVX-512 EPYC); set AMP_DTYPE bfloat16, or "
+                       "--disable_amp for float32")
     return Amp(True, AMP_DTYPES[config.AMP_DTYPE])
 
 
@@ -393,9 +412,10 @@ def append_metrics(config: CN, row: dict) -> None:
 def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict] | None:
     """The checkpoint to start from: with TRAIN.AUTO_RESUME the newest loadable one in the output
     folder (it wins over --resume when training, so a requeued job continues where it stopped;
-    with --eval an explicit --resume wins), else MODEL.RESUME, else none."""
+    with --eval the weights given by --resume or --pretrained win), else MODEL.RESUME, else none."""
     explicit = config.MODEL.RESUME
-    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and explicit):
+    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and (explicit or
+                                                              config.MODEL.PRETRAINED)):
         found = find_resume_checkpoint(config.OUTPUT, logger)
         if found:
             if explicit:
@@ -415,8 +435,10 @@ def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
     resume = checkpoint_to_resume(config, logger)
     if resume:
         load_weights(model, resume[1], resume[0])
-        logger.info(f"loaded weights from {resume[0]}")
-    elif not config.MODEL.PRETRAINED:
+        logger.info(f"evaluating the weights of {resume[0]}")
+    elif config.MODEL.PRETRAINED:
+        logger.info(f"evaluating the weights of {config.MODEL.PRETRAINED} (--pretrained)")
+    else:
         logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
     validate(config, data_loader_val, model, device, amp, logger)
 
@@ -432,7 +454,13 @@ def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimiz
     if not resume:
         if config.TRAIN.AUTO_RESUME:
             logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
-        return config.TRAIN.START_EPOCH, 0.0, Progress()
+        # The schedule stands where TRAIN.START_EPOCH begins, as if the epochs before it ran.
+        progress = Progress(num_updates=config.TRAIN.START_EPOCH * updates_per_epoch)
+        lr_scheduler.step_update(progress.num_updates)
+        if config.TRAIN.START_EPOCH:
+            logger.info(f"TRAIN.START_EPOCH {config.TRAIN.START_EPOCH}: the LR schedule starts "
+                        f"at optimizer step {progress.num_updates}")
+        return config.TRAIN.START_EPOCH, 0.0, progress
     path, ckpt = resume
     load_weights(model, ckpt, path)
     if model_ema is not None:
@@ -470,6 +498,10 @@ def run(config: CN, preemption: Preemption) -> None:
     if training:
         scale_lrs(config, world_size)
     logger.info(f"rank {rank} of {world_size} on {device}; full config:\n{config.dump()}")
+    inert = inert_settings(config)
+    if inert:
+        logger.warning("Swin Transformer settings accepted but without effect here: "
+                       + ", ".join(inert))
     if device.type == "cpu" and keep_freed_memory():
         logger.info("glibc malloc keeps freed memory for reuse (no per-step page faults)")
     amp = amp_settings(config, device, logger)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import auto_augment
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
@@ -112,25 +113,53 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
     return dataset, num_classes
 
 
+def posterize(img: Image.Image, bits: int, **_: Any) -> Image.Image:
+    """Keeps the ``bits`` (0 to 8) most significant bits of every channel; 0 bits gives a black
+    image, as Pillow did before version 13.
+
+    timm's RandAugment asks for 0 bits at its top magnitude (``PosterizeIncreasing`` at
+    magnitude 10, reached through ``mstd``), which Pillow 13 refuses with a ValueError; the
+    recipe was trained with the older behaviour, which this keeps for every Pillow version.
+    """
+    if bits >= 8:
+        return img
+    mask = 0xFF & ~(2 ** (8 - max(bits, 0)) - 1)
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+def _augment_ops(transform: Callable) -> Iterator[auto_augment.AugmentOp]:
+    """The ``AugmentOp``s of timm's RandAugment, AutoAugment and AugMix inside ``transform``."""
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, (auto_augment.RandAugment, auto_augment.AugMixAugment)):
+            yield from t.ops
+        elif isinstance(t, auto_augment.AutoAugment):
+            yield from itertools.chain.from_iterable(t.policy)
+
+
 def build_transform(is_train: bool, config: CN) -> Callable:
-    """Training: timm's RandomResizedCrop (``AUG.SCALE``), flip (``AUG.HFLIP``), RandAugment,
-    colour jitter and random erasing (``AUG.*``).
+    """Training: timm's RandomResizedCrop (``AUG.SCALE``), flip (``AUG.HFLIP``), RandAugment (its
+    posterize replaced by :func:`posterize`), colour jitter and random erasing (``AUG.*``).
     Evaluation: resize to IMG_SIZE * 256/224 and center-crop (``TEST.CROP``), or resize."""
     size = config.DATA.IMG_SIZE
     if is_train:
-        auto_augment = config.AUG.AUTO_AUGMENT
-        return create_transform(
+        auto_augment_policy = config.AUG.AUTO_AUGMENT
+        transform = create_transform(
             input_size=size,
             is_training=True,
             scale=tuple(config.AUG.SCALE),
             hflip=config.AUG.HFLIP,
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
-            auto_augment=auto_augment if auto_augment not in ("", "none") else None,
+            auto_augment=(auto_augment_policy if auto_augment_policy not in ("", "none")
+                          else None),
             re_prob=config.AUG.REPROB,
             re_mode=config.AUG.REMODE,
             re_count=config.AUG.RECOUNT,
             interpolation=config.DATA.INTERPOLATION,
         )
+        for op in _augment_ops(transform):
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
+        return transform
     interpolation = str_to_interp_mode(
         "bicubic" if config.DATA.INTERPOLATION == "random" else config.DATA.INTERPOLATION)
     if config.TEST.CROP:

@@ -8,9 +8,10 @@ permutation, no copy) whose heads are contiguous channels (the layout only chang
 numbers are computed). Parameter names and shapes follow the released checkpoints
 (``MG-SSAF-{T,S,B}.keys.txt``), so those state dicts load with ``strict=True``.
 
-Input sizes: at 224 (and sizes such as 448 whose stage maps divide by the window) the network is
-exactly the released one, with every pooling size following the actual resolution. Any other
-input whose sides are multiples of 32 also runs, square or not:
+Input sizes: at 224, the resolution of the released checkpoints, the network is exactly the
+released one (golden logits). At every size, every pooling size follows the actual resolution
+(the released code fixes its strip-pooling kernels when built, so at 448 its logits differ from
+these by up to 8.8e-4). Inputs whose sides are multiples of 32 run, square or not:
 
 * SS-MSA pads each stage map (bottom and right, with zero q and k) to a multiple of the window.
   Padded keys are masked out of both softmaxes of the separable map and, being zero vectors, add

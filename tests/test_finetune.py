@@ -55,28 +55,29 @@ def cub(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def imagenet_checkpoint(tmp_path_factory) -> str:
     """Weights of the tiny network as if trained on a 5-class ImageNet: a project checkpoint."""
-    config = load_config(CFG, TINY_MODEL + ["MODEL.NUM_CLASSES", "5"])
+    config = load_config(CFG, TINY_RUN + ["MODEL.NUM_CLASSES", "5"])
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("imagenet") / "ckpt_epoch_299.pth")
     torch.save({"model": build_model(config).state_dict(), "config": config, "epoch": 299}, path)
     return path
 
 
-# The tiny network of the pipeline tests; the schedule and optimizer stay the recipe's.
-TINY_MODEL = [v for key, value in zip(h.TINY[::2], h.TINY[1::2])
-              if key not in ("TRAIN.BASE_LR", "TRAIN.WARMUP_EPOCHS") for v in (key, value)]
+# The tiny network of the pipeline tests (MODEL.NAME h.MODEL_NAME); the schedule and optimizer
+# stay the recipe's.
+TINY_RUN = [v for key, value in zip(h.TINY[::2], h.TINY[1::2])
+            if key not in ("TRAIN.BASE_LR", "TRAIN.WARMUP_EPOCHS") for v in (key, value)]
 FINETUNE_OPTS = ("MODEL.NUM_CLASSES", "3", "TRAIN.EPOCHS", "2", "TRAIN.LAYER_DECAY", "0.75",
                  "MODEL_EMA", "true", "MODEL_EMA_DECAY", "0.5", "DETERMINISTIC", "true")
 
 
 def _finetune(cub: str, pretrained: str, output: str, tag: str):
     argv = ["--cfg", CFG, "--data-path", cub, "--pretrained", pretrained, "--output", output,
-            "--tag", tag, "--batch-size", "4", "--opts", *TINY_MODEL, *FINETUNE_OPTS]
+            "--tag", tag, "--batch-size", "4", "--opts", *TINY_RUN, *FINETUNE_OPTS]
     return h.run_cli(argv)
 
 
 def _run_dir(output: str, tag: str) -> str:
-    return os.path.join(output, "mg_ssaf_tiny_cub448", tag)
+    return os.path.join(output, h.MODEL_NAME, tag)
 
 
 def test_cub_reads_the_official_split(cub):
@@ -169,6 +170,6 @@ def test_finetune_auto_resume_after_an_epoch_is_exact(finetune_run, cub, imagene
 ])
 def test_bad_layer_decay_or_ema_decay_exits_1_naming_the_key(cub, tmp_path, opts, message):
     result = h.run_cli(["--cfg", CFG, "--data-path", cub, "--output", str(tmp_path), "--opts",
-                        *TINY_MODEL, *opts])
+                        *TINY_RUN, *opts])
     assert result.returncode == 1 and message in result.stdout
     assert not os.listdir(tmp_path)  # rejected before anything is written
