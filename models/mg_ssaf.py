@@ -24,8 +24,8 @@ The released network sets no attention dropout, and this implementation has none
 AF module fold its last bias into the output instead of adding it to every attention weight.
 
 The model has timm's interface (multi-scale features at strides 4/8/16/32, ``features_only``,
-layer-wise decay groups), and importing this module registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
-``mg_ssaf_b`` with ``timm.create_model`` (end of the file), with weights from local files only.
+layer-wise decay groups); models/registry.py registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
+``mg_ssaf_b`` with ``timm.create_model``, with weights from local files only.
 """
 from __future__ import annotations
 
@@ -37,15 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import (build_model_with_cfg, clean_state_dict, generate_default_cfgs,
-                         register_model)
 from timm.models._features import feature_take_indices
 
 from utils import load_pretrained
 
-__all__ = ["MGSSAF", "checkpoint_filter_fn"]
+__all__ = ["MGSSAF"]
 
 _logger = logging.getLogger(__name__)
 
@@ -582,71 +579,3 @@ def _check_arch(img_size: int, embed_dim: int, depths: Sequence[int], num_heads:
         if sw < 1 or res % sw:
             raise ValueError(f"{where}: strip width {sw} does not divide the stage resolution "
                              f"{res} (DATA.IMG_SIZE {img_size})")
-
-
-# ---------------------------------------------------------------------------------------------
-# timm registration: timm.create_model("mg_ssaf_t" | "mg_ssaf_s" | "mg_ssaf_b", ...)
-# ---------------------------------------------------------------------------------------------
-def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A released or project checkpoint (``{"model": weights, "config": ..., ...}``) or a bare
-    state dict -> the model's state dict (``module.`` / ``_orig_mod.`` prefixes removed)."""
-    weights = state_dict.get("model", state_dict)
-    return clean_state_dict({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
-
-
-# The released networks (configs/MG-SSAF/MG-SSAF-{T,S,B}.yaml hold the same).
-_ARCHS = {
-    "mg_ssaf_t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                      global_ratio=(0.0, 0.5, 0.5, 0.0), drop_path_rate=0.2),
-    "mg_ssaf_s": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                      global_ratio=(0.0, 0.5, 0.5, 0.0), drop_path_rate=0.2),
-    "mg_ssaf_b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                      global_ratio=(0.0, 0.75, 0.75, 0.0), drop_path_rate=0.3),
-}
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    """No URL or hub id: weights come only from a local file, given as
-    ``pretrained_cfg_overlay=dict(file=path)``, or a state dict, ``dict(state_dict=...)``."""
-    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                first_conv="patch_embed.Conv2Down", classifier="head", **kwargs)
-
-
-default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in _ARCHS})
-
-
-def _create_mg_ssaf(variant: str, pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """``variant``'s network (kwargs override its arguments) through timm's builder; with
-    ``features_only=True`` a FeatureGetterNet over :meth:`MGSSAF.forward_intermediates`.
-
-    A local weights file is read by :meth:`MGSSAF.load_pretrained` (timm's ``custom_load``):
-    timm's own reader loads with ``weights_only`` and refuses the yacs config that project and
-    released checkpoints hold."""
-    args = dict(_ARCHS[variant], **kwargs)
-    out_indices = args.pop("out_indices", tuple(range(len(args["depths"]))))
-    overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        overlay.setdefault("custom_load", True)
-    return build_model_with_cfg(
-        MGSSAF, variant, pretrained, pretrained_cfg_overlay=overlay,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)
-
-
-@register_model
-def mg_ssaf_t(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """MG-SSAF-T (19.6 M parameters with the 1000-class head)."""
-    return _create_mg_ssaf("mg_ssaf_t", pretrained, **kwargs)
-
-
-@register_model
-def mg_ssaf_s(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """MG-SSAF-S (32.5 M parameters with the 1000-class head)."""
-    return _create_mg_ssaf("mg_ssaf_s", pretrained, **kwargs)
-
-
-@register_model
-def mg_ssaf_b(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """MG-SSAF-B (55.9 M parameters with the 1000-class head)."""
-    return _create_mg_ssaf("mg_ssaf_b", pretrained, **kwargs)
