@@ -7,6 +7,7 @@ An unknown key or a value of the wrong type is an error that names the key and w
 """
 from __future__ import annotations
 
+import ast
 import os
 from typing import Any, Iterable, Sequence
 
@@ -26,8 +27,9 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128
 # Root of the dataset: <root>/train/<class>/* and <root>/val/<class>/* for 'imagenet'.
 _C.DATA.DATA_PATH = ""
-# 'imagenet' (an ImageFolder layout of any number of classes) or 'digits' (scikit-learn's
-# bundled 8x8 handwritten digits, no download).
+# 'imagenet' (an ImageFolder layout of any number of classes), 'digits' (scikit-learn's
+# bundled 8x8 handwritten digits, no download) or 'cub' (CUB-200-2011's official layout and split:
+# DATA_PATH is the CUB_200_2011 folder, see data/cub.py).
 _C.DATA.DATASET = "imagenet"
 # Input resolution (square).
 _C.DATA.IMG_SIZE = 224
@@ -39,12 +41,22 @@ _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 # Skip unreadable images with a warning (and a count per epoch) instead of stopping the run.
 _C.DATA.SKIP_BAD_IMAGES = False
+# Swin Transformer keys accepted for its configs and command lines, without effect here (a run
+# names those set to another value in one warning line): zipped ImageNet ('--zip'), its cache
+# mode ('no', 'full' or 'part'; '--cache-mode') and SimMIM's masking.
+_C.DATA.ZIP_MODE = False
+_C.DATA.CACHE_MODE = "part"
+_C.DATA.MASK_PATCH_SIZE = 32
+_C.DATA.MASK_RATIO = 0.6
 
 # -----------------------------------------------------------------------------
 # Model
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
 _C.MODEL.TYPE = "mg_ssaf"
+# A variant's name (mg_ssaf_tiny, mg_ssaf_small, mg_ssaf_base) stands for its architecture: the
+# MODEL.MGSSAF keys (and DROP_PATH_RATE) that no file or override sets take the variant's values,
+# and one set to another value is an error. Give a network of your own another name.
 _C.MODEL.NAME = "mg_ssaf_tiny"
 # Checkpoint whose weights initialise the model (weights only: optimizer and epoch start fresh).
 _C.MODEL.PRETRAINED = ""
@@ -94,18 +106,23 @@ _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
 # Epoch checkpoints kept in the output folder, newest first (0 keeps all); ckpt_best.pth is extra.
 _C.TRAIN.KEEP_CHECKPOINTS = 5
+# Layer-wise LR decay (BEiT; timm's param_groups_layer_decay over the model's group_matcher: stem,
+# each block, head): the LR of group g of n is scaled by LAYER_DECAY ** (n - 1 - g), so the head
+# trains at the full LR and the stem at the smallest. 1.0 switches it off.
+_C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 # 'cosine', 'linear', 'step' or 'multistep'.
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"
-# Epochs between decays ('step').
+# Epochs between decays ('step'), counted from the start of training (as in Swin).
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
-# LR multiplier at each decay ('step', 'multistep').
+# LR multiplier at each decay of 'step'.
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
-# Epochs at which the LR decays ('multistep').
+# Epochs at which 'multistep' multiplies the LR by GAMMA, counted from the start of training.
 _C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
-# Whether the schedule after warm-up starts from its own first value (timm's warmup_prefix); then
-# its length, DECAY_EPOCHS and MULTISTEPS count from the end of the warm-up.
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1
+# 'cosine' and 'linear': whether the decay starts after the warm-up (its length counted from the
+# warm-up's end, timm's warmup_prefix) or runs from step 0 under it.
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
 
 _C.TRAIN.OPTIMIZER = CN()
@@ -149,13 +166,29 @@ _C.TEST = CN()
 # Resize to IMG_SIZE / 0.875 then center-crop IMG_SIZE (False: resize straight to IMG_SIZE).
 # Validation is always exact: each rank evaluates its own slice, every image counted once.
 _C.TEST.CROP = True
+# Swin's validation sampler switches, accepted without effect: validation here always reads each
+# rank's slice in order.
+_C.TEST.SEQUENTIAL = False
+_C.TEST.SHUFFLE = False
 
 # -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
-# Mixed precision: float16 (with a GradScaler) or bfloat16 (without one).
+# Mixed precision: float16 (with a GradScaler) or bfloat16 (without one). On CPU, float16 is
+# emulated by most processors (about 30x slower than float32 on an AVX-512 EPYC): use bfloat16.
 _C.AMP_ENABLE = True
 _C.AMP_DTYPE = "float16"
+# Swin's apex opt level ('--amp-opt-level'): 'O0' switches AMP off, 'O1'/'O2' leave AMP_ENABLE.
+_C.AMP_OPT_LEVEL = ""
+# Swin's fused CUDA kernels ('--fused_window_process', '--fused_layernorm'): accepted without
+# effect (MG-SSAF has no such kernels).
+_C.FUSED_WINDOW_PROCESS = False
+_C.FUSED_LAYERNORM = False
+# Exponential moving average of the weights (timm's ModelEmaV3), updated after every optimizer
+# step with MODEL_EMA_DECAY, validated beside the model after every epoch (the best accuracy of the
+# two is kept) and saved in checkpoints under "model_ema".
+_C.MODEL_EMA = False
+_C.MODEL_EMA_DECAY = 0.9998
 # Output root: runs are written to <OUTPUT>/<MODEL.NAME>/<TAG>.
 _C.OUTPUT = "output"
 _C.TAG = "default"
@@ -179,6 +212,34 @@ _C.LOCAL_RANK = 0
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# The released variants: MODEL.NAME -> the architecture it stands for (MODEL.MGSSAF keys, plus
+# MODEL.DROP_PATH_RATE, which fills in when unset but may be changed, e.g. for fine-tuning).
+_T_LIKE = dict(EMBED_DIM=96, NUM_HEADS=[3, 6, 12, 24], GLOBAL_RATIO=[0.0, 0.5, 0.5, 0.0])
+_COMMON = dict(STRIP_WIDTH=[0, 2, 2, 0], WINDOW_SIZE=7, MLP_RATIO=2.0, QKV_BIAS=True,
+               HEAD_HIDDEN_DIM=1280)
+VARIANTS = {
+    "mg_ssaf_tiny": ("MG-SSAF-T", dict(_T_LIKE, DEPTHS=[2, 2, 6, 2], **_COMMON), 0.2),
+    "mg_ssaf_small": ("MG-SSAF-S", dict(_T_LIKE, DEPTHS=[2, 2, 18, 2], **_COMMON), 0.2),
+    "mg_ssaf_base": ("MG-SSAF-B", dict(EMBED_DIM=128, DEPTHS=[2, 2, 18, 2],
+                                       NUM_HEADS=[4, 8, 16, 32],
+                                       GLOBAL_RATIO=[0.0, 0.75, 0.75, 0.0], **_COMMON), 0.3),
+}
+
+# Keys kept for Swin Transformer's configs and command lines that change nothing here, with the
+# flag that sets each (if any).
+INERT_KEYS = {
+    "DATA.ZIP_MODE": "--zip",
+    "DATA.CACHE_MODE": "--cache-mode",
+    "DATA.MASK_PATCH_SIZE": None,
+    "DATA.MASK_RATIO": None,
+    "TEST.SEQUENTIAL": None,
+    "TEST.SHUFFLE": None,
+    "FUSED_WINDOW_PROCESS": "--fused_window_process",
+    "FUSED_LAYERNORM": "--fused_layernorm",
+    "AMP_OPT_LEVEL": "--amp-opt-level",  # apex's: only its 'O0' (AMP off) is honoured
+}
 
 
 def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
@@ -220,7 +281,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     raise fail(type(default).__name__)
 
 
-def _merge(node: CN, updates: dict, source: str, prefix: str = "") -> None:
+def _merge(node: CN, updates: dict, source: str, seen: dict[str, str], prefix: str = "") -> None:
+    """Merges ``updates`` into ``node``, recording each key set in ``seen`` (key -> source)."""
     for name, value in updates.items():
         key = prefix + str(name)
         if name not in node:
@@ -230,12 +292,13 @@ def _merge(node: CN, updates: dict, source: str, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: config key {key} is a section; expected a mapping, "
                                   f"got {value!r}")
-            _merge(default, value, source, key + ".")
+            _merge(default, value, source, seen, key + ".")
         else:
             node[name] = _coerce(value, default, key, source)
+            seen[key] = source
 
 
-def _merge_file(cfg: CN, path: str) -> None:
+def _merge_file(cfg: CN, path: str, seen: dict[str, str]) -> None:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -250,8 +313,23 @@ def _merge_file(cfg: CN, path: str) -> None:
         bases = [bases]
     for base in bases:
         if base:
-            _merge_file(cfg, os.path.join(os.path.dirname(path), base))
-    _merge(cfg, data, path)
+            _merge_file(cfg, os.path.join(os.path.dirname(path), base), seen)
+    _merge(cfg, data, path, seen)
+
+
+def _parse_value(text: Any) -> Any:
+    """An ``--opts`` value as yacs reads it (a Python literal: ``None``, ``(0.9, 0.999)``,
+    ``True``), else as YAML (``null``, ``false``, ``[1, 2]``, ``1e-3``), else the string."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _parse_opts(opts: Sequence[str]) -> dict:
@@ -259,16 +337,51 @@ def _parse_opts(opts: Sequence[str]) -> dict:
         raise ConfigError(f"--opts expects KEY VALUE pairs, got an odd number of items: {list(opts)}")
     tree: dict = {}
     for key, text in zip(opts[::2], opts[1::2]):
-        try:
-            value = yaml.safe_load(text) if isinstance(text, str) else text
-        except yaml.YAMLError:
-            value = text
         node = tree
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        node[leaf] = _parse_value(text)
     return tree
+
+
+def _apply_variant(cfg: CN, seen: dict[str, str]) -> None:
+    """Fills the architecture of the variant MODEL.NAME names into the keys nothing set; raises
+    ConfigError, naming both values, where a key that was set describes another network."""
+    if cfg.MODEL.NAME not in VARIANTS:
+        return
+    title, arch, drop_path = VARIANTS[cfg.MODEL.NAME]
+    conflicts = []
+    for name, value in arch.items():
+        key = f"MODEL.MGSSAF.{name}"
+        if key not in seen:
+            cfg.MODEL.MGSSAF[name] = value
+        elif cfg.MODEL.MGSSAF[name] != value:
+            conflicts.append(f"{key} is {cfg.MODEL.MGSSAF[name]} ({seen[key]}) where {title} has "
+                             f"{value}")
+    if conflicts:
+        raise ConfigError(f"MODEL.NAME {cfg.MODEL.NAME} ({seen.get('MODEL.NAME', 'the default')}) "
+                          f"names {title}, but " + "; ".join(conflicts) + ". Give a network of "
+                          "your own another MODEL.NAME, or drop the keys to build " + title)
+    if "MODEL.DROP_PATH_RATE" not in seen:
+        cfg.MODEL.DROP_PATH_RATE = drop_path
+
+
+def _get_key(cfg: CN, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def inert_settings(cfg: CN) -> list[str]:
+    """The Swin keys of ``INERT_KEYS`` that ``cfg`` sets to another value than the default, as
+    ``KEY value (--flag)`` strings: accepted, but they change nothing here."""
+    found = []
+    for key, flag in INERT_KEYS.items():
+        value = _get_key(cfg, key)
+        if value != _get_key(_C, key) and not (key == "AMP_OPT_LEVEL" and value == "O0"):
+            found.append(f"{key} {value!r}" + (f" ({flag})" if flag else ""))
+    return found
 
 
 def get_defaults() -> CN:
@@ -279,17 +392,26 @@ def get_defaults() -> CN:
 def load_config(path: str | None = None, opts: Iterable[str] = (),
                 flags: dict[str, Any] | None = None) -> CN:
     """Defaults, then ``path`` (with its ``BASE`` files), then ``opts``, then ``flags`` (a mapping
-    of dotted keys to values, not parsed as YAML); returns a frozen CfgNode."""
+    of dotted keys to values, not parsed); then the architecture of a variant's MODEL.NAME fills
+    the keys none of them set. Returns a frozen CfgNode."""
     cfg = get_defaults()
+    seen: dict[str, str] = {}
     if path:
-        _merge_file(cfg, path)
-    _merge(cfg, _parse_opts(list(opts)), "--opts")
+        _merge_file(cfg, path, seen)
+    _merge(cfg, _parse_opts(list(opts)), "--opts", seen)
     for key, value in (flags or {}).items():
         *parents, leaf = key.split(".")
         node = cfg
         for p in parents:
             node = node[p]
         node[leaf] = _coerce(value, node[leaf], key, "command line")
+        seen[key] = "command line"
+    _apply_variant(cfg, seen)
+    if cfg.AMP_OPT_LEVEL not in ("", "O0", "O1", "O2"):
+        raise ConfigError(f"AMP_OPT_LEVEL (--amp-opt-level) must be O0, O1 or O2, got "
+                          f"{cfg.AMP_OPT_LEVEL!r}")
+    if cfg.AMP_OPT_LEVEL == "O0":
+        cfg.AMP_ENABLE = False
     cfg.freeze()
     return cfg
 
@@ -298,19 +420,25 @@ def load_config(path: str | None = None, opts: Iterable[str] = (),
 _VALUE_FLAGS = {
     "batch_size": "DATA.BATCH_SIZE",
     "data_path": "DATA.DATA_PATH",
+    "cache_mode": "DATA.CACHE_MODE",
     "pretrained": "MODEL.PRETRAINED",
     "resume": "MODEL.RESUME",
     "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
+    "optim": "TRAIN.OPTIMIZER.NAME",
+    "amp_opt_level": "AMP_OPT_LEVEL",
     "output": "OUTPUT",
     "tag": "TAG",
     "device": "DEVICE",
 }
 # main.py on/off flags, and the config key and value each one sets when given.
 _SWITCH_FLAGS = {
+    "zip": ("DATA.ZIP_MODE", True),
     "use_checkpoint": ("TRAIN.USE_CHECKPOINT", True),
     "disable_amp": ("AMP_ENABLE", False),
     "eval": ("EVAL_MODE", True),
     "throughput": ("THROUGHPUT_MODE", True),
+    "fused_window_process": ("FUSED_WINDOW_PROCESS", True),
+    "fused_layernorm": ("FUSED_LAYERNORM", True),
 }
 
 

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import AverageMeter
+from timm.utils import AverageMeter, ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode as CN
 
-from config import ConfigError, get_config
+from config import ConfigError, get_config, inert_settings
 from data import DataError, build_loader, mixup_enabled
 from logger import create_logger
 from lr_scheduler import build_scheduler, scale_lrs
@@ -119,8 +119,12 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     add("--opts", nargs="+", default=None, metavar="KEY VALUE",
         help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
     add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
-    add("--data-path", help="dataset root holding train/<class>/* and val/<class>/* "
-        "(DATA.DATA_PATH)")
+    add("--data-path", help="dataset root holding train/<class>/* and val/<class>/*, or the "
+        "CUB_200_2011 folder with DATA.DATASET cub (DATA.DATA_PATH)")
+    add("--zip", action="store_true", help="Swin's zipped ImageNet: accepted, no effect here "
+        "(DATA.ZIP_MODE)")
+    add("--cache-mode", choices=("no", "full", "part"), help="Swin's zip cache mode: accepted, no "
+        "effect here (DATA.CACHE_MODE)")
     add("--pretrained", help="checkpoint whose weights initialise the model; optimizer, schedule "
         "and epoch start fresh; a head of another class count is re-initialised (MODEL.PRETRAINED)")
     add("--resume", help="checkpoint to resume training from (weights, optimizer, scheduler, "
@@ -130,6 +134,13 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     add("--use-checkpoint", action="store_true",
         help="activation checkpointing: less GPU memory, slower (TRAIN.USE_CHECKPOINT)")
     add("--disable_amp", action="store_true", help="no mixed precision (AMP_ENABLE false)")
+    add("--amp-opt-level", choices=("O0", "O1", "O2"), help="Swin's apex opt level (deprecated "
+        "there too): O0 switches AMP off, O1/O2 keep AMP_ENABLE (AMP_OPT_LEVEL)")
+    add("--optim", help="optimizer: adamw or sgd (TRAIN.OPTIMIZER.NAME)")
+    add("--fused_window_process", action="store_true", help="Swin's fused window kernel: "
+        "accepted, no effect here (FUSED_WINDOW_PROCESS)")
+    add("--fused_layernorm", action="store_true", help="Swin's fused LayerNorm: accepted, no "
+        "effect here (FUSED_LAYERNORM)")
     add("--output", metavar="PATH", help="root of output folders; the run writes to "
         "<output>/<MODEL.NAME>/<tag> (OUTPUT)")
     add("--tag", help="name of the run's folder under <output>/<MODEL.NAME> (TAG)")
@@ -161,6 +172,9 @@ def check_config(config: CN) -> None:
     need(0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS or not training,
          f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than "
          f"TRAIN.EPOCHS ({config.TRAIN.EPOCHS})")
+    need(0 <= config.TRAIN.START_EPOCH < config.TRAIN.EPOCHS or not training,
+         f"TRAIN.START_EPOCH must be at least 0 and less than TRAIN.EPOCHS "
+         f"({config.TRAIN.EPOCHS}), got {config.TRAIN.START_EPOCH}")
     need(config.TRAIN.KEEP_CHECKPOINTS >= 0, "TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or "
          f"more, got {config.TRAIN.KEEP_CHECKPOINTS}")
     need(config.DATA.NUM_WORKERS >= 0,
@@ -169,9 +183,18 @@ def check_config(config: CN) -> None:
          f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     need(config.DEVICE in ("auto", "cuda", "cpu"), f"DEVICE must be 'auto', 'cuda' or 'cpu', got "
          f"{config.DEVICE!r}")
+    minmax = config.AUG.CUTMIX_MINMAX
+    need(minmax is None or (isinstance(minmax, (list, tuple)) and len(minmax) == 2
+                            and 0 < minmax[0] < minmax[1] <= 1),
+         f"AUG.CUTMIX_MINMAX must be None (CutMix areas from AUG.CUTMIX's beta distribution) or "
+         f"[min, max] with 0 < min < max <= 1, got {minmax!r}")
     need(not mixup_enabled(config) or config.DATA.BATCH_SIZE % 2 == 0 or not training,
          f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an "
          f"even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+    need(0.0 < config.TRAIN.LAYER_DECAY <= 1.0, f"TRAIN.LAYER_DECAY must be in (0, 1] (1 switches "
+         f"it off), got {config.TRAIN.LAYER_DECAY}")
+    need(0.0 < config.MODEL_EMA_DECAY < 1.0,
+         f"MODEL_EMA_DECAY must be in (0, 1), got {config.MODEL_EMA_DECAY}")
     for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):
         path = config.MODEL[key]
         need(not path or os.path.isfile(path), f"MODEL.{key} ({flag}) {path}: file not found")
@@ -212,13 +235,13 @@ def seed_everything(config: CN) -> None:
 
 
 def amp_settings(config: CN, device: torch.device, logger: logging.Logger) -> Amp:
-    """AMP_ENABLE/AMP_DTYPE; float16 autocast is CUDA-only, so on CPU it falls back to float32."""
+    """AMP_ENABLE/AMP_DTYPE, as configured on every device (float16 with a GradScaler)."""
     if not config.AMP_ENABLE:
         return Amp(False, torch.float32)
     if device.type == "cpu" and config.AMP_DTYPE == "float16":
-        logger.warning("AMP_DTYPE float16 needs CUDA: running in float32 on CPU (set AMP_DTYPE "
-                       "bfloat16 for mixed precision on CPU, or --disable_amp to silence this)")
-        return Amp(False, torch.float32)
+        logger.warning("AMP_DTYPE float16 on CPU: most CPUs emulate float16 arithmetic (about 30x "
+                       "slower than float32 on an AVX-512 EPYC); set AMP_DTYPE bfloat16, or "
+                       "--disable_amp for float32")
     return Amp(True, AMP_DTYPES[config.AMP_DTYPE])
 
 
@@ -242,12 +265,14 @@ def memory_mb(device: torch.device) -> float:
 def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
                     optimizer: torch.optim.Optimizer, epoch: int, mixup_fn, lr_scheduler,
                     scaler: torch.amp.GradScaler, amp: Amp, device: torch.device,
-                    progress: Progress, preemption: Preemption, logger: logging.Logger) -> None:
-    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress`` at each
-    optimizer step. Stops early, with ``progress.preempted`` set, after the optimizer step during
-    which a preemption signal arrived on any rank; raises NonFiniteLossError, before the update,
-    on a NaN/inf loss. Mixup/CutMix, drop path and dropout draw from generators seeded from
-    (SEED, epoch, step, rank) at each step, so a resumed epoch repeats the uninterrupted one."""
+                    progress: Progress, preemption: Preemption, logger: logging.Logger,
+                    model_ema: ModelEmaV3 | None = None) -> None:
+    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress`` (and the EMA
+    weights) at each optimizer step. Stops early, with ``progress.preempted`` set, after the
+    optimizer step during which a preemption signal arrived on any rank; raises
+    NonFiniteLossError, before the update, on a NaN/inf loss. Mixup/CutMix, drop path and dropout
+    draw from generators seeded from (SEED, epoch, step, rank) at each step, so a resumed epoch
+    repeats the uninterrupted one."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
@@ -302,6 +327,8 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
             progress.loss_sum += loss_sum
             progress.loss_count += int(loss_count)
             group_loss = group_count = 0.0
+            if model_ema is not None:
+                model_ema.update(model, step=progress.num_updates)
             lr_scheduler.step_update(progress.num_updates)
             norm_meter.update(grad_norm)
             scale_meter.update(scaler.get_scale() if scaler.is_enabled() else 1.0)
@@ -428,9 +455,10 @@ def remove_preempted_marker(config: CN) -> None:
 def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict] | None:
     """The checkpoint to start from: with TRAIN.AUTO_RESUME the newest loadable one in the output
     folder (it wins over --resume when training, so a requeued job continues where it stopped;
-    with --eval an explicit --resume wins), else MODEL.RESUME, else none."""
+    with --eval the weights given by --resume or --pretrained win), else MODEL.RESUME, else none."""
     explicit = config.MODEL.RESUME
-    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and explicit):
+    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and (explicit or
+                                                              config.MODEL.PRETRAINED)):
         found = find_resume_checkpoint(config.OUTPUT, logger)
         if found:
             if explicit:
@@ -450,8 +478,10 @@ def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
     resume = checkpoint_to_resume(config, logger)
     if resume:
         load_weights(model, resume[1], resume[0])
-        logger.info(f"loaded weights from {resume[0]}")
-    elif not config.MODEL.PRETRAINED:
+        logger.info(f"evaluating the weights of {resume[0]}")
+    elif config.MODEL.PRETRAINED:
+        logger.info(f"evaluating the weights of {config.MODEL.PRETRAINED} (--pretrained)")
+    else:
         logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
     validate(config, data_loader_val, model, device, amp, logger)
 
@@ -502,16 +532,30 @@ def resume_position(ckpt: dict, config: CN, updates_per_epoch: int,
 
 def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
                     scaler: torch.amp.GradScaler, updates_per_epoch: int,
-                    logger: logging.Logger) -> tuple[int, float, Progress]:
-    """Restores the checkpoint to resume, if any; returns the epoch to start, the best accuracy
-    so far and the progress (within the epoch too, after a mid-epoch checkpoint)."""
+                    logger: logging.Logger, model_ema: ModelEmaV3 | None = None
+                    ) -> tuple[int, float, Progress]:
+    """Restores the checkpoint to resume, if any (the EMA weights too); returns the epoch to
+    start, the best accuracy so far and the progress (within the epoch too, after a mid-epoch
+    checkpoint)."""
     resume = checkpoint_to_resume(config, logger)
     if not resume:
         if config.TRAIN.AUTO_RESUME:
             logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
-        return config.TRAIN.START_EPOCH, 0.0, Progress()
+        # The schedule stands where TRAIN.START_EPOCH begins, as if the epochs before it ran.
+        progress = Progress(num_updates=config.TRAIN.START_EPOCH * updates_per_epoch)
+        lr_scheduler.step_update(progress.num_updates)
+        if config.TRAIN.START_EPOCH:
+            logger.info(f"TRAIN.START_EPOCH {config.TRAIN.START_EPOCH}: the LR schedule starts "
+                        f"at optimizer step {progress.num_updates}")
+        return config.TRAIN.START_EPOCH, 0.0, progress
     path, ckpt = resume
     load_weights(model, ckpt, path)
+    if model_ema is not None:
+        if "model_ema" in ckpt:
+            load_weights(model_ema.module, {**ckpt, "model": ckpt["model_ema"]}, path)
+        else:
+            logger.warning(f"{path} has no EMA weights: the EMA restarts from the model's")
+            model_ema.module.load_state_dict(model.state_dict())
     restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler)
     max_accuracy = float(ckpt.get("max_accuracy", 0.0))
     start_epoch, progress = resume_position(ckpt, config, updates_per_epoch, logger)
@@ -535,6 +579,10 @@ def run(config: CN, preemption: Preemption) -> None:
     if training:
         scale_lrs(config, world_size)
     logger.info(f"rank {rank} of {world_size} on {device}; full config:\n{config.dump()}")
+    inert = inert_settings(config)
+    if inert:
+        logger.warning("Swin Transformer settings accepted but without effect here: "
+                       + ", ".join(inert))
     if device.type == "cpu" and keep_freed_memory():
         logger.info("glibc malloc keeps freed memory for reuse (no per-step page faults)")
     amp = amp_settings(config, device, logger)
@@ -558,6 +606,7 @@ def run(config: CN, preemption: Preemption) -> None:
         return
 
     optimizer = build_optimizer(config, model)
+    model_ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
     model_without_ddp = model
     if dist.is_initialized():
         device_ids = [device.index] if device.type == "cuda" else None
@@ -568,7 +617,8 @@ def run(config: CN, preemption: Preemption) -> None:
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     criterion = build_criterion(config, mixup_fn is not None)
     start_epoch, max_accuracy, progress = resume_training(
-        config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger)
+        config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger,
+        model_ema)
 
     logger.info("Start training")
     remove_preempted_marker(config)
@@ -580,7 +630,7 @@ def run(config: CN, preemption: Preemption) -> None:
         try:
             train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch,
                             mixup_fn, lr_scheduler, scaler, amp, device, progress, preemption,
-                            logger)
+                            logger, model_ema)
         except RuntimeError as e:
             if not preemption.requested:
                 raise
@@ -594,7 +644,8 @@ def run(config: CN, preemption: Preemption) -> None:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
                             epoch_step=progress.epoch_step,
-                            train_loss=(progress.loss_sum, progress.loss_count))
+                            train_loss=(progress.loss_sum, progress.loss_count),
+                            model_ema=model_ema.module if model_ema is not None else None)
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))
             write_preempted_marker(config, saved, preemption, epoch, progress.epoch_step)
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
@@ -609,9 +660,16 @@ def run(config: CN, preemption: Preemption) -> None:
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"validation loss is {stats['loss']} after epoch {epoch}: the "
                                      "model diverged and is not saved")
-        is_best = stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, stats["acc1"])
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        acc1 = stats["acc1"]
+        if model_ema is not None:
+            logger.info("EMA weights:")
+            ema_stats = validate(config, data_loader_val, model_ema.module, device, amp, logger)
+            stats.update({f"{key}_ema": ema_stats[key] for key in ("loss", "acc1", "acc5")})
+            acc1 = max(acc1, ema_stats["acc1"])
+        is_best = acc1 > max_accuracy
+        max_accuracy = max(max_accuracy, acc1)
+        logger.info(f"Max accuracy: {max_accuracy:.2f}%" + (" (model or EMA weights)"
+                                                            if model_ema is not None else ""))
         # Metrics first: a crash in between repeats this line after the resume (the last one of an
         # epoch counts), it never leaves an epoch out.
         images = (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size
@@ -619,13 +677,15 @@ def run(config: CN, preemption: Preemption) -> None:
             "epoch": epoch, "train_loss": progress.loss_sum / max(progress.loss_count, 1),
             "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
             "acc5": stats["acc5"], "epoch_time": epoch_time, "images_per_sec": images / epoch_time,
-            "num_updates": progress.num_updates})
+            "num_updates": progress.num_updates,
+            **{k: v for k, v in stats.items() if k.endswith("_ema")}})
         stop = any_rank([preemption.requested], device)[0]
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stop
         if save_epoch or is_best:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
-                            is_best=is_best, save_epoch=save_epoch)
+                            is_best=is_best, save_epoch=save_epoch,
+                            model_ema=model_ema.module if model_ema is not None else None)
         progress = Progress(num_updates=progress.num_updates)
         if stop:
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch))

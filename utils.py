@@ -190,15 +190,17 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any,
                     scaler: torch.amp.GradScaler, logger: logging.Logger, *, num_updates: int,
                     epoch_step: int | None = None, train_loss: tuple[float, float] = (0.0, 0.0),
-                    is_best: bool = False, save_epoch: bool = True) -> None:
+                    is_best: bool = False, save_epoch: bool = True,
+                    model_ema: torch.nn.Module | None = None) -> None:
     """Saves the training state (rank 0 writes, the other ranks return; no collective, so a rank
     can save while its peers are gone).
 
     Contents: ``model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, config`` as released
     checkpoints have them, plus ``epoch_step`` (loader steps done in ``epoch``; None after the
     whole epoch), ``num_updates`` (optimizer steps so far), ``train_loss`` (sum and count of the
-    epoch's losses so far, over all ranks) and ``world_size`` (processes of the run). No RNG
-    state: every random draw of training is a function of SEED, epoch and step or sample."""
+    epoch's losses so far, over all ranks), ``world_size`` (processes of the run) and, with
+    MODEL_EMA, ``model_ema`` (the EMA weights). No RNG state: every random draw of training is a
+    function of SEED, epoch and step or sample."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -212,6 +214,8 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
         "train_loss": tuple(train_loss),
         "world_size": get_world_size(),
     }
+    if model_ema is not None:
+        state["model_ema"] = model_ema.state_dict()
     if get_rank() != 0:
         return
     if save_epoch:
@@ -407,22 +411,27 @@ def load_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
 
 def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -> None:
     """Initialises ``model`` from the weights of a checkpoint (optimizer and epoch start fresh).
-    A classifier head of another class count is left at its initialisation, for fine-tuning."""
+    A classifier head of another class count is left at its initialisation, for fine-tuning; a
+    model without a classifier (``num_classes`` 0) does not load the checkpoint's."""
     ckpt = load_checkpoint_file(path)
     own = model.state_dict()
     weights = dict(ckpt["model"])
     head = [k for k in weights
-            if k.startswith("head.") and k in own and weights[k].shape != own[k].shape]
+            if k.startswith("head.") and (k not in own or weights[k].shape != own[k].shape)]
     mismatched = [k for k in own if k in weights and k not in head
                   and weights[k].shape != own[k].shape]
     missing = [k for k in own if k not in weights and k not in head]
-    unexpected = [k for k in weights if k not in own]
+    unexpected = [k for k in weights if k not in own and k not in head]
     if mismatched or missing or unexpected:
         ckpt = {**ckpt, "model": {k: v for k, v in weights.items() if k not in head}}
         raise _misfit(path, ckpt, {k: v for k, v in own.items() if k not in head})
     for key in head:
-        logger.warning(f"{path}: {key} has shape {tuple(weights.pop(key).shape)}, the model "
-                       f"{tuple(own[key].shape)}: the head starts from its initialisation")
+        shape = tuple(weights.pop(key).shape)
+        if key in own:
+            logger.warning(f"{path}: {key} has shape {shape}, the model {tuple(own[key].shape)}: "
+                           "the head starts from its initialisation")
+        else:
+            logger.info(f"{path}: {key} {shape} not loaded: the model has no classifier")
     model.load_state_dict(weights, strict=False)
     logger.info(f"loaded pretrained weights from {path}")
 

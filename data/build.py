@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import auto_augment
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
@@ -99,8 +100,16 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
         from .digits import NUM_CLASSES, build_digits_dataset
         dataset = build_digits_dataset(is_train, transform)
         num_classes = NUM_CLASSES
+    elif name == "cub":
+        from .cub import CUBDataset
+        if not config.DATA.DATA_PATH:
+            raise DataError("DATA.DATA_PATH (--data-path) is not set: give the CUB_200_2011 folder")
+        dataset = CUBDataset(config.DATA.DATA_PATH, is_train, transform,
+                             config.DATA.SKIP_BAD_IMAGES)
+        num_classes = len(dataset.classes)
     else:
-        raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet' or 'digits'")
+        raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet', 'digits' or "
+                        "'cub'")
     if num_classes != config.MODEL.NUM_CLASSES:
         where = getattr(dataset, "root", f"the {name} dataset")
         raise DataError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but {where} has "
@@ -108,25 +117,53 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
     return dataset, num_classes
 
 
+def posterize(img: Image.Image, bits: int, **_: Any) -> Image.Image:
+    """Keeps the ``bits`` (0 to 8) most significant bits of every channel; 0 bits gives a black
+    image, as Pillow did before version 13.
+
+    timm's RandAugment asks for 0 bits at its top magnitude (``PosterizeIncreasing`` at
+    magnitude 10, reached through ``mstd``), which Pillow 13 refuses with a ValueError; the
+    recipe was trained with the older behaviour, which this keeps for every Pillow version.
+    """
+    if bits >= 8:
+        return img
+    mask = 0xFF & ~(2 ** (8 - max(bits, 0)) - 1)
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+def _augment_ops(transform: Callable) -> Iterator[auto_augment.AugmentOp]:
+    """The ``AugmentOp``s of timm's RandAugment, AutoAugment and AugMix inside ``transform``."""
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, (auto_augment.RandAugment, auto_augment.AugMixAugment)):
+            yield from t.ops
+        elif isinstance(t, auto_augment.AutoAugment):
+            yield from itertools.chain.from_iterable(t.policy)
+
+
 def build_transform(is_train: bool, config: CN) -> Callable:
-    """Training: timm's RandomResizedCrop (``AUG.SCALE``), flip (``AUG.HFLIP``), RandAugment,
-    colour jitter and random erasing (``AUG.*``).
+    """Training: timm's RandomResizedCrop (``AUG.SCALE``), flip (``AUG.HFLIP``), RandAugment (its
+    posterize replaced by :func:`posterize`), colour jitter and random erasing (``AUG.*``).
     Evaluation: resize to IMG_SIZE * 256/224 and center-crop (``TEST.CROP``), or resize."""
     size = config.DATA.IMG_SIZE
     if is_train:
-        auto_augment = config.AUG.AUTO_AUGMENT
-        return create_transform(
+        auto_augment_policy = config.AUG.AUTO_AUGMENT
+        transform = create_transform(
             input_size=size,
             is_training=True,
             scale=tuple(config.AUG.SCALE),
             hflip=config.AUG.HFLIP,
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
-            auto_augment=auto_augment if auto_augment not in ("", "none") else None,
+            auto_augment=(auto_augment_policy if auto_augment_policy not in ("", "none")
+                          else None),
             re_prob=config.AUG.REPROB,
             re_mode=config.AUG.REMODE,
             re_count=config.AUG.RECOUNT,
             interpolation=config.DATA.INTERPOLATION,
         )
+        for op in _augment_ops(transform):
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
+        return transform
     interpolation = str_to_interp_mode(
         "bicubic" if config.DATA.INTERPOLATION == "random" else config.DATA.INTERPOLATION)
     if config.TEST.CROP:

@@ -9,21 +9,24 @@ import shutil
 import socket
 import subprocess
 import sys
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs", "MG-SSAF", "MG-SSAF-T.yaml")
-MODEL_NAME = "mg_ssaf_tiny"  # MODEL.NAME of CFG: runs write to <output>/mg_ssaf_tiny/<tag>
+MODEL_NAME = "mg_ssaf_test"  # MODEL.NAME of TINY: runs write to <output>/mg_ssaf_test/<tag>
 NUM_CLASSES = 3
 TRAIN_PER_CLASS = 5  # 15 training images
 VAL_PER_CLASS = 3    # 9 validation images: odd, so two ranks get 5 and 4
 
-# A tiny network at 32x32 and a short, fast schedule (the LR is scaled by batch / 512).
-TINY = ["MODEL.MGSSAF.EMBED_DIM", "24", "MODEL.MGSSAF.DEPTHS", "[1,1,1,1]",
-        "MODEL.MGSSAF.NUM_HEADS", "[1,6,6,2]", "MODEL.MGSSAF.HEAD_HIDDEN_DIM", "64",
-        "DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", str(NUM_CLASSES), "DATA.NUM_WORKERS", "0",
+# A tiny network at 32x32 and a short, fast schedule (the LR is scaled by batch / 512). It is
+# not MG-SSAF-T, so it has a name of its own (MODEL.NAME mg_ssaf_tiny stands for T's architecture).
+TINY_MODEL = ["MODEL.NAME", MODEL_NAME, "MODEL.MGSSAF.EMBED_DIM", "24",
+              "MODEL.MGSSAF.DEPTHS", "[1,1,1,1]", "MODEL.MGSSAF.NUM_HEADS", "[1,6,6,2]",
+              "MODEL.MGSSAF.HEAD_HIDDEN_DIM", "64", "MODEL.NUM_CLASSES", str(NUM_CLASSES)]
+TINY = [*TINY_MODEL, "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
         "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.BASE_LR", "0.2", "PRINT_FREQ", "1",
         "AMP_ENABLE", "false"]
 NO_AUG = ["AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0", "AUG.AUTO_AUGMENT", "none", "AUG.REPROB", "0.0",
@@ -32,19 +35,45 @@ NO_AUG = ["AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0", "AUG.AUTO_AUGMENT", "none", "
 _cache: dict[str, str] = {}
 
 
+def _write_imagefolder(root: str, classes: int, counts: tuple[int, int], class_dir: str,
+                       draw: Callable[[np.random.Generator, int, int], tuple[Image.Image, str]]
+                       ) -> str:
+    """``root/{train,val}/<class_dir % c>/<file>`` with ``counts`` images per class of each split;
+    ``draw(rng, c, i)`` gives image i of class c and its file name."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), counts):
+        for c in range(classes):
+            folder = os.path.join(root, split, class_dir % c)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                image, name = draw(rng, c, i)
+                image.save(os.path.join(folder, name), quality=90)
+    return root
+
+
 def make_imagefolder(root: str, classes: int = NUM_CLASSES, train_per_class: int = TRAIN_PER_CLASS,
                      val_per_class: int = VAL_PER_CLASS, size: int = 32) -> str:
     """``root/{train,val}/class{c}/{i}.png``: noise tinted by class (learnable classes)."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = os.path.join(root, split, f"class{c}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-                pixels[..., c % 3] += 160
-                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
-    return root
+    def draw(rng: np.random.Generator, c: int, i: int) -> tuple[Image.Image, str]:
+        pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+        pixels[..., c % 3] += 160
+        return Image.fromarray(pixels), f"{i}.png"
+
+    return _write_imagefolder(root, classes, (train_per_class, val_per_class), "class%d", draw)
+
+
+def make_jpeg_folder(root: str, classes: int = NUM_CLASSES, train_per_class: int = 8,
+                     val_per_class: int = 2) -> str:
+    """``root/{train,val}/n0000000{c}/{i}.JPEG`` of ImageNet-like sizes (500x375 landscape and
+    333x500 portrait photos): smooth class-tinted gradients with noise, JPEG quality 90."""
+    def draw(rng: np.random.Generator, c: int, i: int) -> tuple[Image.Image, str]:
+        width, height = (500, 375) if i % 2 == 0 else (333, 500)
+        ramp = np.linspace(0, 120, width, dtype=np.float32)[None, :, None]
+        pixels = rng.normal(60, 25, (height, width, 3)).astype(np.float32) + ramp
+        pixels[..., c % 3] += 80
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), f"{i}.JPEG"
+
+    return _write_imagefolder(root, classes, (train_per_class, val_per_class), "n%08d", draw)
 
 
 def shared_dataset(base: str) -> str:
@@ -130,7 +159,7 @@ def reference_log(base: str) -> str:
 
 
 def copy_run(src: str, dst_output: str, tag: str) -> str:
-    """A copy of run folder ``src`` as ``<dst_output>/mg_ssaf_tiny/<tag>``."""
+    """A copy of run folder ``src`` as ``<dst_output>/<MODEL_NAME>/<tag>``."""
     dst = run_dir(dst_output, tag)
     shutil.copytree(src, dst)
     return dst

@@ -32,7 +32,8 @@ def test_variant_files_write_out_the_architecture():
 def test_base_inheritance_and_opts(tmp_path):
     base = _write(tmp_path / "base.yaml", "MODEL:\n  NUM_CLASSES: 10\n  DROP_RATE: 0.1\n")
     child = _write(tmp_path / "child.yaml",
-                   "BASE: ['base.yaml']\nMODEL:\n  DROP_RATE: 0\nTRAIN:\n  BASE_LR: 1e-3\n")
+                   "BASE: ['base.yaml']\nMODEL:\n  NAME: custom\n  DROP_RATE: 0\nTRAIN:\n"
+                   "  BASE_LR: 1e-3\n")
     cfg = load_config(child, ["DATA.IMG_SIZE", "448", "MODEL.MGSSAF.DEPTHS", "[1, 1, 2, 1]"])
     assert cfg.MODEL.NUM_CLASSES == 10
     assert cfg.MODEL.DROP_RATE == 0.0 and isinstance(cfg.MODEL.DROP_RATE, float)
@@ -68,3 +69,80 @@ def test_bad_opts():
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: nowhere.yaml"):
         load_config("nowhere.yaml")
+
+
+# Issue 10 (2): the released repository's S/B files hold only MODEL.NAME and DROP_PATH_RATE.
+@pytest.mark.parametrize("variant, name, depths, embed, params", [
+    ("S", "mg_ssaf_small", [2, 2, 18, 2], 96, 32.52), ("B", "mg_ssaf_base", [2, 2, 18, 2], 128, 55.89)])
+def test_released_style_variant_file_builds_that_variant(tmp_path, variant, name, depths, embed,
+                                                         params):
+    from models import build_model
+    path = _write(tmp_path / f"MG-SSAF-{variant}.yaml",
+                  f"MODEL:\n  TYPE: mg_ssaf\n  NAME: {name}\n  DROP_PATH_RATE: 0.25\n")
+    cfg = load_config(path)
+    assert (cfg.MODEL.MGSSAF.DEPTHS, cfg.MODEL.MGSSAF.EMBED_DIM) == (depths, embed)
+    assert cfg.MODEL.DROP_PATH_RATE == 0.25  # set by the file: kept
+    model = build_model(cfg)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == params
+    # Unset, DROP_PATH_RATE is the variant's too.
+    assert load_config(None, ["MODEL.NAME", name]).MODEL.DROP_PATH_RATE == (
+        0.3 if variant == "B" else 0.2)
+
+
+def test_variant_name_with_another_architecture_names_both(tmp_path):
+    path = _write(tmp_path / "b.yaml", "MODEL:\n  NAME: mg_ssaf_base\n  MGSSAF:\n"
+                                       "    EMBED_DIM: 96\n")
+    with pytest.raises(ConfigError, match=r"MODEL\.NAME mg_ssaf_base \(.*b\.yaml\) names "
+                                          r"MG-SSAF-B, but MODEL\.MGSSAF\.EMBED_DIM is 96 "
+                                          r"\(.*b\.yaml\) where MG-SSAF-B has 128"):
+        load_config(path)
+    # The shipped T file applied to the name of S: DEPTHS differ.
+    with pytest.raises(ConfigError, match=r"names MG-SSAF-S, but MODEL\.MGSSAF\.DEPTHS is "
+                                          r"\[2, 2, 6, 2\] \(.*MG-SSAF-T\.yaml\)"):
+        load_config("configs/MG-SSAF/MG-SSAF-T.yaml", ["MODEL.NAME", "mg_ssaf_small"])
+    # Another name is a network of one's own.
+    assert load_config(path, ["MODEL.NAME", "mine"]).MODEL.MGSSAF.EMBED_DIM == 96
+
+
+# Issue 10 (5): None in --opts is None, as yacs reads it; Python literals as yacs reads them.
+def test_opts_none_and_python_literals():
+    cfg = load_config(None, ["AUG.CUTMIX_MINMAX", "None", "TRAIN.OPTIMIZER.BETAS", "(0.9, 0.95)",
+                             "TRAIN.AUTO_RESUME", "False", "AMP_ENABLE", "false",
+                             "MODEL.PRETRAINED", "null", "AUG.AUTO_AUGMENT", "none"])
+    assert cfg.AUG.CUTMIX_MINMAX is None and cfg.TRAIN.OPTIMIZER.BETAS == [0.9, 0.95]
+    assert cfg.TRAIN.AUTO_RESUME is False and cfg.AMP_ENABLE is False
+    assert cfg.MODEL.PRETRAINED is None
+    assert cfg.AUG.AUTO_AUGMENT == "none"
+    assert load_config(None, ["AUG.CUTMIX_MINMAX", "[0.2, 0.8]"]).AUG.CUTMIX_MINMAX == [0.2, 0.8]
+    with pytest.raises(ConfigError, match=r"--opts: config key TRAIN\.EPOCHS expects an integer, "
+                                          r"got None"):
+        load_config(None, ["TRAIN.EPOCHS", "None"])
+
+
+# Issue 10 (3): Swin's keys are accepted; those without effect here are named.
+def test_swin_keys_accepted_and_inert_ones_named(tmp_path):
+    from config import inert_settings
+    path = _write(tmp_path / "swin.yaml", """DATA:
+  ZIP_MODE: true
+  CACHE_MODE: full
+  MASK_PATCH_SIZE: 32
+  MASK_RATIO: 0.6
+TRAIN:
+  LR_SCHEDULER: {NAME: multistep, MULTISTEPS: [30, 60], GAMMA: 0.5}
+  OPTIMIZER: {NAME: sgd, EPS: 1.0e-8, BETAS: [0.9, 0.999], MOMENTUM: 0.9}
+TEST: {CROP: true, SEQUENTIAL: true, SHUFFLE: false}
+AMP_OPT_LEVEL: O1
+FUSED_WINDOW_PROCESS: true
+FUSED_LAYERNORM: false
+""")
+    cfg = load_config(path)
+    assert cfg.TRAIN.LR_SCHEDULER.GAMMA == 0.5 and cfg.AMP_ENABLE
+    assert inert_settings(cfg) == ["DATA.ZIP_MODE True (--zip)",
+                                   "DATA.CACHE_MODE 'full' (--cache-mode)",
+                                   "TEST.SEQUENTIAL True", "FUSED_WINDOW_PROCESS True "
+                                   "(--fused_window_process)", "AMP_OPT_LEVEL 'O1' "
+                                   "(--amp-opt-level)"]
+    o0 = load_config(path, ["AMP_OPT_LEVEL", "O0"])
+    assert not o0.AMP_ENABLE and "AMP_OPT_LEVEL" not in " ".join(inert_settings(o0))
+    with pytest.raises(ConfigError, match="AMP_OPT_LEVEL .* must be O0, O1 or O2, got 'O3'"):
+        load_config(path, ["AMP_OPT_LEVEL", "O3"])

@@ -20,7 +20,7 @@ def _config(variant: str):
 
 def _golden(reference_dir: str, name: str):
     golden = torch.load(os.path.join(reference_dir, f"golden_tiny_{name}.pt"), weights_only=True)
-    opts = []
+    opts = ["MODEL.NAME", f"golden_tiny_{name}"]
     for key, value in golden["arch"].items():
         opts += [key, str(value)]
     model = build_model(load_config(None, opts)).eval()
@@ -193,8 +193,9 @@ def test_model_info_cli_names_a_bad_config():
     import subprocess
     import sys
     result = subprocess.run([sys.executable, "tools/model_info.py", "--cfg",
-                             "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts", "MODEL.MGSSAF.NUM_HEADS",
-                             "[3, 5, 12, 24]"], capture_output=True, text=True)
+                             "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts", "MODEL.NAME", "custom",
+                             "MODEL.MGSSAF.NUM_HEADS", "[3, 5, 12, 24]"],
+                            capture_output=True, text=True)
     assert result.returncode == 1
     assert "error: stage 1 (dim 192" in result.stderr and "Traceback" not in result.stderr
 

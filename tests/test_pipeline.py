@@ -200,7 +200,9 @@ def test_help_explains_every_swin_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--cfg", "--opts", "--batch-size", "--data-path", "--pretrained", "--resume",
                  "--accumulation-steps", "--use-checkpoint", "--disable_amp", "--output", "--tag",
-                 "--eval", "--throughput", "--device", "--local_rank", "--local-rank"):
+                 "--eval", "--throughput", "--device", "--local_rank", "--local-rank", "--zip",
+                 "--cache-mode", "--amp-opt-level", "--optim", "--fused_window_process",
+                 "--fused_layernorm"):
         assert flag in text
 
 
@@ -219,7 +221,7 @@ def test_flags_map_to_config_keys(monkeypatch, tmp_path):
     assert config.TRAIN.ACCUMULATION_STEPS == 4 and config.TRAIN.USE_CHECKPOINT
     assert not config.AMP_ENABLE and config.EVAL_MODE and config.THROUGHPUT_MODE
     assert config.DEVICE == "cpu" and config.LOCAL_RANK == 3
-    assert config.OUTPUT == os.path.join(str(tmp_path), h.MODEL_NAME, "007")  # a tag is a string
+    assert config.OUTPUT == os.path.join(str(tmp_path), "mg_ssaf_tiny", "007")  # a tag is a string
     monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's way wins over the flag
     assert get_config(parse_option(["--cfg", h.CFG, "--local_rank", "5"])).LOCAL_RANK == 1
 
@@ -285,14 +287,20 @@ def test_lr_scaling_and_schedules_follow_the_recipe_formulas():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9), t
 
     linear_42 = low + (base - low) * (1 - (42 - warmup) / (total - warmup))
-    for name, t, expected in (("linear", 42, linear_42), ("step", warmup + 3 * n - 1, base),
-                              ("step", warmup + 3 * n, base * 0.1),
-                              ("multistep", warmup + 5 * n, base * 0.01)):
+    # As in Swin: 'step' decays by DECAY_RATE every DECAY_EPOCHS and 'multistep' by GAMMA at each
+    # of MULTISTEPS, counted from step 0 (not from the end of the warm-up).
+    for name, t, expected in (("linear", 42, linear_42), ("step", 3 * n - 1, base),
+                              ("step", 3 * n, base * 0.1), ("step", 6 * n, base * 0.01),
+                              ("multistep", 3 * n - 1, base), ("multistep", 3 * n, base * 0.5),
+                              ("multistep", 5 * n - 1, base * 0.5),
+                              ("multistep", 5 * n, base * 0.25), ("multistep", 1, None)):
         cfg = config.clone()
         cfg.defrost()
         cfg.TRAIN.LR_SCHEDULER.NAME = name
         cfg.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 3
-        cfg.TRAIN.LR_SCHEDULER.MULTISTEPS = [3, 5]
+        cfg.TRAIN.LR_SCHEDULER.MULTISTEPS = [5, 3]
+        cfg.TRAIN.LR_SCHEDULER.GAMMA = 0.5
+        expected = warm + (base - warm) * t / warmup if expected is None else expected
         optimizer = torch.optim.AdamW([param], lr=base)
         scheduler = build_scheduler(cfg, optimizer, n)
         scheduler.step_update(t)

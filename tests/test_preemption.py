@@ -19,10 +19,7 @@ from utils import load_checkpoint_file
 # 48 training images: 24 steps per epoch with one process, 12 with two (batch 2).
 TRAIN_PER_CLASS = 16
 OPTS = ("TRAIN.EPOCHS", "2", "DATA.NUM_WORKERS", "2", "DETERMINISTIC", "true",
-        "MODEL.DROP_RATE", "0.1",
-        # RandAugment without the increasing posterize of the default policy, whose top
-        # magnitude Pillow 13 refuses (issue 10)
-        "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5")
+        "MODEL.DROP_RATE", "0.1")
 COMPARED = ("train_loss", "lr", "val_loss", "acc1", "acc5", "num_updates")
 
 

@@ -183,7 +183,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(referenc
     result = h.run_cli(h.main_args(data, str(tmp_path), "truncated", flags=("--eval",)))
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"auto-resume skips {newest}: cannot be read (truncated or corrupt?)" in result.stdout
-    assert f"loaded weights from {os.path.join(folder, 'ckpt_epoch_2.pth')}" in result.stdout
+    assert f"evaluating the weights of {os.path.join(folder, 'ckpt_epoch_2.pth')}" in result.stdout
     assert os.path.getsize(newest) == size
 
 
@@ -258,7 +258,7 @@ def test_released_layout_checkpoint_with_a_yacs_config_loads(reference, data, tm
     result = h.run_cli(h.main_args(data, str(tmp_path), "released",
                                    flags=("--eval", "--resume", path)))
     assert result.returncode == 0, result.stdout[-3000:]
-    assert f"loaded weights from {path}" in result.stdout and " * Acc@1 " in result.stdout
+    assert f"evaluating the weights of {path}" in result.stdout and " * Acc@1 " in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ TINY_BENCH = ["--img-size", "64", "--steps", "1", "--warmup", "1", "--batch-size
               "--train-batch-size", "2", "--threads", "1"]
 TINY_MGSSAF = """BASE: ["{base}"]
 MODEL:
+  NAME: mg_ssaf_pico
   MGSSAF: {{EMBED_DIM: 24, DEPTHS: [1, 1, 1, 1], NUM_HEADS: [1, 6, 6, 2], HEAD_HIDDEN_DIM: 64}}
 """
 
