@@ -55,16 +55,16 @@ def read(path: str) -> str:
 
 
 def interrupt(argv_: list[str], folder: str, log: str, prefix: tuple[str, ...], sig: int,
-              to_group: bool) -> int:
-    """Starts a run in its own session, sends ``sig`` once rank 0 has logged step 3 of epoch 0 (to
-    the whole process group, or to the launched process alone); returns the exit code."""
+              to_group: bool, step: int = 3) -> int:
+    """Starts a run in its own session, sends ``sig`` once rank 0 has logged ``step`` of epoch 0
+    (to the whole process group, or to the launched process alone); returns the exit code."""
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, *prefix, *argv_], cwd=h.ROOT, stdout=out,
                                    stderr=subprocess.STDOUT, env=h.child_env(),
                                    start_new_session=True)
     rank0 = os.path.join(folder, "log_rank0.txt")
     deadline = time.time() + 180
-    while not (os.path.exists(rank0) and "Train: [0/2][3/" in read(rank0)):
+    while not (os.path.exists(rank0) and f"Train: [0/2][{step}/" in read(rank0)):
         assert process.poll() is None, read(log)[-3000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.02)
@@ -159,14 +159,18 @@ sys.exit(main.main(sys.argv[1:]))
 
 
 def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(data48, tmp_path):
-    args = argv(data48, str(tmp_path), "unguarded")
+    # Optimizer steps after loader steps 16 and 24: signalled at step 17, the run needs batches
+    # that the dead workers never made before it can stop at an optimizer step.
+    args = [*argv(data48, str(tmp_path), "unguarded"), "TRAIN.ACCUMULATION_STEPS", "16"]
     folder = h.run_dir(str(tmp_path), "unguarded")
     log = str(tmp_path / "unguarded.log")
-    code = interrupt(args, folder, log, ("-c", UNGUARDED_WORKERS), signal.SIGTERM, to_group=True)
+    code = interrupt(args, folder, log, ("-c", UNGUARDED_WORKERS), signal.SIGTERM, to_group=True,
+                     step=17)
     output = read(log)
     assert code == 75, output[-3000:]
     assert "RuntimeError while stopping on SIGTERM: DataLoader worker" in output
-    check_stopped_mid_epoch(folder, "SIGTERM", 24)  # the state of the last optimizer step
+    assert "stopped at epoch 0 step 16/24" in output  # the state of the last optimizer step
+    assert marker(folder)["checkpoint"] == os.path.join(folder, "ckpt_epoch_0_step_16.pth")
 
 
 SECOND_SIGNAL = """
