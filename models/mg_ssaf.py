@@ -33,6 +33,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
+from .depthwise import DepthwiseConv2d
+
 __all__ = ["MGSSAF"]
 
 
@@ -41,7 +43,7 @@ def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
 
 
 def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim)
+    return DepthwiseConv2d(dim, kernel_size, stride)
 
 
 class LayerNorm2d(nn.LayerNorm):
