@@ -476,6 +476,7 @@ def run(config: CN, preemption: Preemption) -> None:
         evaluate_or_time(config, model, data_loader_val, device, amp, logger)
         return
 
+    model.to(memory_format=torch.channels_last)  # weights laid out as their gradients (DDP buckets)
     optimizer = build_optimizer(config, model)
     model_without_ddp = model
     if dist.is_initialized():
