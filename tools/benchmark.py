@@ -11,7 +11,8 @@ high-water mark). Each (model, phase) runs in a fresh subprocess by default, so 
 or allocator state leaks into another's figures.
 
 Efficiency: once per run the tool measures the machine's matrix-multiply peak in the benchmark's
-dtype (the best of several large square ``torch.mm`` calls, on the same device and threads) and
+dtype (the faster of a large ``torch.mm`` and a large 1x1 convolution, on the same device and
+threads; see ``gemm_peak_gflops``) and
 reports for every row the achieved FLOP/s (2 FLOPs per multiply-add; a training step counted as 3
 forward passes: forward, input gradients, weight gradients) and its fraction of that peak, which
 carries over between machines better than img/s does.
@@ -178,21 +179,35 @@ def median_step_seconds(step: Callable[[], None], steps: int, device: torch.devi
     return statistics.median(times)
 
 
-def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048,
-                     repeats: int = 5) -> float:
-    """The machine's matrix-multiply peak in GFLOP/s: the best of ``repeats`` timed
-    ``size x size`` products in ``dtype`` (after one untimed), 2 FLOPs per multiply-add."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.mm(a, b)
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (after one untimed)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b)
+        fn()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+    return best
+
+
+def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
+    """The machine's matrix-multiply peak in GFLOP/s (2 FLOPs per multiply-add), as the faster
+    of the two GEMM libraries PyTorch calls: ``torch.mm`` of 2048 x 2048 matrices (MKL or
+    OpenBLAS on CPU, cuBLAS on CUDA) and a 1024 -> 1024-channel 1x1 convolution of a 16 x 16 x 16
+    channels-last batch (oneDNN on CPU, cuDNN on CUDA). On AMD CPUs MKL runs AVX2 code while
+    oneDNN runs AVX-512, so the two can differ by 2x; models reach one or the other."""
+    n = 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    mm = 2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), device, repeats) / 1e9
+    batch, c, size = 16, 1024, 16
+    x = torch.randn(batch, c, size, size, device=device).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c, 1, 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    seconds = _best_seconds(lambda: torch.nn.functional.conv2d(x, w), device, repeats)
+    conv = 2 * batch * size * size * c * c / seconds / 1e9
+    return {"peak": max(mm, conv), "mm": mm, "conv1x1": conv}
 
 
 def add_efficiency(rows: list[dict], peak_gflops: float) -> None:
@@ -386,7 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    peak = gemm_peak_gflops(device, DTYPES[args.dtype])
+    with torch.no_grad():
+        gemm = gemm_peak_gflops(device, DTYPES[args.dtype])
+    peak = gemm["peak"]
     settings = {"device": str(device), "device_name": device_description(device),
                 "torch": torch.__version__, "threads": threads, "dtype": args.dtype,
                 "infer_batch": infer_batch, "train_batch": train_batch, "img_size": args.img_size,
@@ -394,7 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "keep_freed_memory": args.keep_freed_memory and device.type == "cpu",
                 "steps": args.steps, "warmup": args.warmup, "opts": args.opts,
                 "models_in_subprocess": args.models_in_subprocess,
-                "gemm_peak_gflop_s": peak,
+                "gemm_peak_gflop_s": peak, "gemm_mm_gflop_s": gemm["mm"],
+                "gemm_conv1x1_gflop_s": gemm["conv1x1"],
                 "memory": "CUDA allocator peak (MB, weights included)" if device.type == "cuda"
                           else "growth of the process's peak RSS during the phase (MB)"}
     print(f"# {settings['device_name']}; torch {torch.__version__}, {threads} threads, "
@@ -402,7 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{args.img_size}px{', compiled' if args.compile else ''}"
           f"{', channels-last' if args.channels_last else ''}"
           f"{', default malloc' if device.type == 'cpu' and not args.keep_freed_memory else ''}; "
-          f"{args.dtype} GEMM peak {peak:.0f} GFLOP/s (% peak: achieved FLOP/s over it, a training "
+          f"{args.dtype} GEMM peak {peak:.0f} GFLOP/s (mm {gemm['mm']:.0f}, "
+          f"1x1 conv {gemm['conv1x1']:.0f}; % peak: achieved FLOP/s over it, a training "
           "step counted as 3 forward passes)", file=sys.stderr)
 
     rows, failed = [], []
