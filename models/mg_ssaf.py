@@ -34,12 +34,13 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
 from .depthwise import DepthwiseConv2d
+from .pointwise import PointwiseConv2d
 
 __all__ = ["MGSSAF"]
 
 
 def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(in_chans, out_chans, 1, bias=bias)
+    return PointwiseConv2d(in_chans, out_chans, bias)
 
 
 def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
