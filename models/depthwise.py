@@ -11,7 +11,8 @@ and, on CPU in float32/float64 with stride 1, computes the gradients as:
   C kernel (below) that walks the channels-last maps once per kernel row with the k partial sums
   of a row and a block of channels in registers. It is compiled with the system C compiler on
   first use (a fraction of a second; cached in ``~/.cache/mgssaf``) for the instruction set
-  PyTorch itself dispatches to (``torch.backends.cpu.get_cpu_capability()``).
+  PyTorch itself dispatches to (``torch.backends.cpu.get_cpu_capability()``); the bias
+  gradient is summed beside it.
 
 It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within ~3x of the
 forward). Everywhere else (CUDA, where cuDNN has dedicated depthwise kernels; autocast; stride
@@ -192,9 +193,11 @@ def fast_backward_available(x: torch.Tensor, weight: torch.Tensor, stride: int) 
 
 
 @torch.library.custom_op("mgssaf::depthwise_weight_grad", mutates_args=())
-def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Weight gradient ``(C, 1, k, k)`` of a stride-1, 'same'-padded depthwise convolution of
-    ``x`` ``(B, C, H, W)`` whose output gradient is ``grad_out`` ``(B, C, H, W)`` (CPU)."""
+def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
+                          kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias gradients, ``(C, 1, k, k)`` and ``(C,)``, of a stride-1, 'same'-padded
+    depthwise convolution of ``x`` ``(B, C, H, W)`` whose output gradient is ``grad_out``
+    ``(B, C, H, W)`` (CPU)."""
     b, c, h, w = x.shape
     pad = kernel_size // 2
     # (B, H+k-1, W+k-1, C) and (B, H, W, C): views, copied only if not channels-last already
@@ -206,12 +209,15 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: 
         torch.get_num_threads())
     if status:
         raise RuntimeError(f"depthwise_weight_grad: kernel size {kernel_size} not supported")
-    return out.permute(2, 0, 1).reshape(c, 1, kernel_size, kernel_size).contiguous()
+    grad_w = out.permute(2, 0, 1).reshape(c, 1, kernel_size, kernel_size).contiguous()
+    return grad_w, g.view(-1, c).sum(0)
 
 
 @depthwise_weight_grad.register_fake
-def _(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    return x.new_empty(x.shape[1], 1, kernel_size, kernel_size)
+def _(x: torch.Tensor, grad_out: torch.Tensor,
+      kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = x.shape[1]
+    return x.new_empty(channels, 1, kernel_size, kernel_size), x.new_empty(channels)
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -231,12 +237,11 @@ class _DepthwiseConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, k // 2, 1, channels)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            grad_w, grad_b = depthwise_weight_grad(x, grad_out, k)
             # in the weight's own strides, as autograd and DDP's gradient buckets expect
-            grad_w = torch.empty_like(weight).copy_(depthwise_weight_grad(x, grad_out, k))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b
+            grad_w = torch.empty_like(weight).copy_(grad_w)
+        return grad_x, grad_w, grad_b if ctx.has_bias else None
 
 
 class DepthwiseConv2d(nn.Conv2d):

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.profiler import profile
 
+from models import pointwise
 from models.pointwise import PointwiseConv2d
 
 
@@ -42,6 +43,7 @@ def test_bfloat16_autocast():
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.skipif(not pointwise._ONEDNN_ROWS, reason="plain nn.Conv2d without AVX-512")
 def test_single_thread_small_batch_runs_on_onednn():
     """The case PyTorch would send to its slower native kernel (1 thread, batch < 16): here a
     (B*H = 20, C, W, 1) batch."""
