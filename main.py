@@ -605,6 +605,7 @@ def run(config: CN, preemption: Preemption) -> None:
         evaluate_or_time(config, model, data_loader_val, device, amp, logger)
         return
 
+    model.to(memory_format=torch.channels_last)  # weights laid out as their gradients (DDP buckets)
     optimizer = build_optimizer(config, model)
     model_ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
     model_without_ddp = model

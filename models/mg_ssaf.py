@@ -42,17 +42,20 @@ from timm.models._features import feature_take_indices
 
 from utils import load_pretrained
 
+from .depthwise import DepthwiseConv2d
+from .pointwise import PointwiseConv2d
+
 __all__ = ["MGSSAF"]
 
 _logger = logging.getLogger(__name__)
 
 
 def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(in_chans, out_chans, 1, bias=bias)
+    return PointwiseConv2d(in_chans, out_chans, bias)
 
 
 def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim)
+    return DepthwiseConv2d(dim, kernel_size, stride)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -117,8 +120,10 @@ class AttentionFusion(nn.Sequential):
         y = torch.baddbmm(dw.bias.to(dtype).view(heads, 1, 1), flat,
                           self._spatial_operator(map_size, attn))
         # attn + 1x1-over-heads(GELU(y)), without the 1x1's bias (added below)
-        weights = torch.addmm(flat.view(heads, -1), pw.weight.to(dtype).view(heads, heads),
-                              act(y).view(heads, -1))
+        # the 1x1's (heads, heads, 1, 1) weight read through the channels-last order, so that its
+        # gradient comes back channels-last, like every other convolution's (DDP buckets)
+        mix = pw.weight.to(dtype).permute(0, 2, 3, 1).reshape(heads, heads)
+        weights = torch.addmm(flat.view(heads, -1), mix, act(y).view(heads, -1))
         # the 1x1's bias is added to every weight, so it contributes bias * (sum of the values)
         bias = pw.bias.to(dtype).view(heads, 1, 1, 1) * values.sum(2, keepdim=True)
         out = torch.baddbmm(bias.view(heads * groups, 1, d), weights.view(heads * groups, nq, m),
