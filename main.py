@@ -108,10 +108,11 @@ class Progress:
     preempted: bool = False
 
 
-def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_option(argv: list[str] | None = None, prog: str = "main.py",
+                 what: str = "MG-SSAF") -> argparse.Namespace:
     """The Swin Transformer command line; every flag overrides the config key it names."""
     parser = argparse.ArgumentParser(
-        "main.py", description="Train, evaluate (--eval) or time (--throughput) MG-SSAF. Flags "
+        prog, description=f"Train, evaluate (--eval) or time (--throughput) {what}. Flags "
         "override the config file; --opts overrides any key.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
@@ -468,9 +469,10 @@ def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict]
     return (explicit, load_checkpoint_file(explicit)) if explicit else None
 
 
-def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
-                     device: torch.device, amp: Amp, logger: logging.Logger) -> None:
-    """--eval: loss and accuracy of the checkpoint to resume (or the pretrained weights);
+def evaluate_or_time(config: CN, task: "ClassificationTask", model: nn.Module,
+                     data_loader_val: DataLoader, device: torch.device, amp: Amp,
+                     logger: logging.Logger) -> None:
+    """--eval: the task's validation of the checkpoint to resume (or the pretrained weights);
     --throughput: images/s of the model."""
     if config.THROUGHPUT_MODE and not config.EVAL_MODE:
         throughput(data_loader_val, model, device, amp, logger)
@@ -483,7 +485,7 @@ def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
         logger.info(f"evaluating the weights of {config.MODEL.PRETRAINED} (--pretrained)")
     else:
         logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
-    validate(config, data_loader_val, model, device, amp, logger)
+    task.validate(config, data_loader_val, model, device, amp, logger)
 
 
 def batch_layout(ckpt: dict) -> tuple[int, int, int] | None:
@@ -568,8 +570,44 @@ def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimiz
     return start_epoch, max_accuracy, progress
 
 
-def run(config: CN, preemption: Preemption) -> None:
-    """Builds everything from ``config`` and trains, evaluates or times the model."""
+class ClassificationTask:
+    """What :func:`run` builds, trains and measures for image classification (ImageNet-style
+    folders, the digits demo, CUB). ``main_seg.SegmentationTask`` is the other task on the same
+    engine; each method is the task's one way to do that job."""
+    prog, what = "main.py", "MG-SSAF"  # for --help
+    best_metric = "acc1"  # the statistic of validate() that ranks checkpoints (ckpt_best.pth)
+    best_metric_name = "accuracy"
+
+    def prepare_config(self, config: CN) -> None:
+        """Sets the keys that the task derives from others (nothing here), before checks."""
+
+    def scale_lrs(self, config: CN, world_size: int) -> None:
+        scale_lrs(config, world_size)
+
+    def build_loader(self, config: CN) -> tuple:
+        return build_loader(config)
+
+    def build_model(self, config: CN) -> nn.Module:
+        return build_model(config)
+
+    def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
+        return build_criterion(config, mixup_active)
+
+    def build_scheduler(self, config: CN, optimizer: torch.optim.Optimizer,
+                        updates_per_epoch: int):
+        return build_scheduler(config, optimizer, updates_per_epoch)
+
+    def validate(self, config: CN, data_loader: DataLoader, model: nn.Module,
+                 device: torch.device, amp: Amp, logger: logging.Logger) -> dict:
+        return validate(config, data_loader, model, device, amp, logger)
+
+    def metrics_row(self, stats: dict) -> dict:
+        """The validation statistics that go into a metrics.jsonl line."""
+        return {"val_loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"]}
+
+
+def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
+    """Builds everything from ``config`` and trains, evaluates or times the ``task``'s model."""
     prepare_output_dir(config.OUTPUT)
     device = init_device(config)
     rank, world_size = get_rank(), get_world_size()
@@ -577,7 +615,7 @@ def run(config: CN, preemption: Preemption) -> None:
     seed_everything(config)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training:
-        scale_lrs(config, world_size)
+        task.scale_lrs(config, world_size)
     logger.info(f"rank {rank} of {world_size} on {device}; full config:\n{config.dump()}")
     inert = inert_settings(config)
     if inert:
@@ -587,11 +625,12 @@ def run(config: CN, preemption: Preemption) -> None:
         logger.info("glibc malloc keeps freed memory for reuse (no per-step page faults)")
     amp = amp_settings(config, device, logger)
 
-    dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+    dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = task.build_loader(
+        config)
     logger.info(f"{len(dataset_val)} validation images" + (f", {len(dataset_train)} training images"
                                                            if training else ""))
     try:
-        model = build_model(config)
+        model = task.build_model(config)
     except ValueError as e:
         raise ConfigError(f"cannot build {config.MODEL.NAME}: {e}") from None
     model.to(device)
@@ -602,7 +641,7 @@ def run(config: CN, preemption: Preemption) -> None:
         load_pretrained(config.MODEL.PRETRAINED, model, logger)
 
     if not training:
-        evaluate_or_time(config, model, data_loader_val, device, amp, logger)
+        evaluate_or_time(config, task, model, data_loader_val, device, amp, logger)
         return
 
     model.to(memory_format=torch.channels_last)  # weights laid out as their gradients (DDP buckets)
@@ -615,8 +654,8 @@ def run(config: CN, preemption: Preemption) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp.enabled and amp.dtype == torch.float16)
     num_steps = len(data_loader_train)
     updates_per_epoch = math.ceil(num_steps / config.TRAIN.ACCUMULATION_STEPS)
-    lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
-    criterion = build_criterion(config, mixup_fn is not None)
+    lr_scheduler = task.build_scheduler(config, optimizer, updates_per_epoch)
+    criterion = task.build_criterion(config, mixup_fn is not None)
     start_epoch, max_accuracy, progress = resume_training(
         config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger,
         model_ema)
@@ -657,29 +696,30 @@ def run(config: CN, preemption: Preemption) -> None:
             logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
 
-        stats = validate(config, data_loader_val, model_without_ddp, device, amp, logger)
+        stats = task.validate(config, data_loader_val, model_without_ddp, device, amp, logger)
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"validation loss is {stats['loss']} after epoch {epoch}: the "
                                      "model diverged and is not saved")
-        acc1 = stats["acc1"]
+        row, ema_row = task.metrics_row(stats), {}
+        best = stats[task.best_metric]
         if model_ema is not None:
             logger.info("EMA weights:")
-            ema_stats = validate(config, data_loader_val, model_ema.module, device, amp, logger)
-            stats.update({f"{key}_ema": ema_stats[key] for key in ("loss", "acc1", "acc5")})
-            acc1 = max(acc1, ema_stats["acc1"])
-        is_best = acc1 > max_accuracy
-        max_accuracy = max(max_accuracy, acc1)
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%" + (" (model or EMA weights)"
-                                                            if model_ema is not None else ""))
+            ema_stats = task.validate(config, data_loader_val, model_ema.module, device, amp,
+                                      logger)
+            ema_row = {f"{key.removeprefix('val_')}_ema": value
+                       for key, value in task.metrics_row(ema_stats).items()}
+            best = max(best, ema_stats[task.best_metric])
+        is_best = best > max_accuracy
+        max_accuracy = max(max_accuracy, best)
+        logger.info(f"Max {task.best_metric_name}: {max_accuracy:.2f}%" + (
+            " (model or EMA weights)" if model_ema is not None else ""))
         # Metrics first: a crash in between repeats this line after the resume (the last one of an
         # epoch counts), it never leaves an epoch out.
         images = (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size
         append_metrics(config, {
             "epoch": epoch, "train_loss": progress.loss_sum / max(progress.loss_count, 1),
-            "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
-            "acc5": stats["acc5"], "epoch_time": epoch_time, "images_per_sec": images / epoch_time,
-            "num_updates": progress.num_updates,
-            **{k: v for k, v in stats.items() if k.endswith("_ema")}})
+            "lr": optimizer.param_groups[0]["lr"], **row, "epoch_time": epoch_time,
+            "images_per_sec": images / epoch_time, "num_updates": progress.num_updates, **ema_row})
         stop = any_rank([preemption.requested], device)[0]
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stop
         if save_epoch or is_best:
@@ -708,16 +748,21 @@ def report(message: str, level: int = logging.ERROR) -> None:
               flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs main.py with ``argv``; returns the exit code."""
-    args = parse_option(argv)
+def main(argv: list[str] | None = None, task: ClassificationTask | None = None) -> int:
+    """Runs ``task`` (classification by default) with the command line ``argv``; returns the exit
+    code."""
+    task = task or ClassificationTask()
+    args = parse_option(argv, task.prog, task.what)
     preemption = Preemption()
     try:
         config = get_config(args)
+        config.defrost()
+        task.prepare_config(config)
+        config.freeze()
         check_config(config)
         if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
             preemption.install()
-        run(config, preemption)
+        run(config, preemption, task)
         code = 0
     except Preempted as e:
         report(f"preempted: {e}; run the same command again to resume (exit code "
