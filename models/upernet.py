@@ -19,8 +19,16 @@ from yacs.config import CfgNode
 
 from .mg_ssaf import MGSSAF
 
-__all__ = ["ConvBNReLU", "PPM", "UPerHead", "FCNHead", "UPerNet", "build_segmentor",
+__all__ = ["SEG_DATASETS", "is_seg_config", "ConvBNReLU", "PPM", "UPerHead", "FCNHead", "UPerNet", "build_segmentor",
            "convert_sync_batchnorm"]
+
+# DATA.DATASET values of segmentation configs (main_seg.py, configs/seg/).
+SEG_DATASETS = ("ade20k", "digits_seg")
+
+
+def is_seg_config(config: CfgNode) -> bool:
+    """Whether ``config`` describes a segmentation run (its DATA.DATASET is in SEG_DATASETS)."""
+    return config.DATA.DATASET in SEG_DATASETS
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
