@@ -202,6 +202,8 @@ _C.SEG.TEST_MODE = "whole"
 _C.SEG.SLIDE_CROP = [512, 512]
 _C.SEG.SLIDE_STRIDE = [341, 341]
 _C.SEG.MS_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+# ms_flip with sliding windows at each ratio (False: each ratio whole).
+_C.SEG.MS_SLIDE = False
 
 # -----------------------------------------------------------------------------
 # Misc

@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from yacs.config import CfgNode
 
-__all__ = ["whole_inference", "slide_inference", "ms_flip_inference"]
+__all__ = ["whole_inference", "slide_inference", "ms_flip_inference", "inference"]
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -72,3 +73,19 @@ def ms_flip_inference(model: nn.Module, x: torch.Tensor, out_size: Sequence[int]
             total = total + (probs.flip(-1) if flipped else probs)
             n += 1
     return total / n
+
+
+def inference(model: nn.Module, x: torch.Tensor, out_size: Sequence[int],
+              seg: CfgNode) -> torch.Tensor:
+    """Probabilities by the mode of ``seg.TEST_MODE`` ('whole', 'slide' or 'ms_flip'; ms_flip
+    uses sliding windows when ``seg.MS_SLIDE``), with the windows/ratios of ``seg`` (config.SEG)."""
+    slide = dict(crop=seg.SLIDE_CROP, stride=seg.SLIDE_STRIDE)
+    if seg.TEST_MODE == "whole":
+        return whole_inference(model, x, out_size)
+    if seg.TEST_MODE == "slide":
+        return slide_inference(model, x, out_size, **slide)
+    if seg.TEST_MODE == "ms_flip":
+        return ms_flip_inference(model, x, out_size, seg.MS_RATIOS, flip=True,
+                                 slide=slide if seg.MS_SLIDE else None)
+    raise ValueError(f"SEG.TEST_MODE {seg.TEST_MODE!r} is unknown: expected 'whole', 'slide' or "
+                     "'ms_flip'")

@@ -175,3 +175,25 @@ def test_digits_scenes_are_deterministic_and_use_the_split():
     a = train[5][1]
     train.set_epoch(2)
     assert not torch.equal(a, train[5][1])
+
+
+def test_overlay_palette_is_deterministic_and_distinct():
+    from tools.seg_overlay import overlay, palette, panel
+    colours = palette(150)
+    assert np.array_equal(colours, palette(150)) and len({tuple(c) for c in colours}) == 150
+    image = np.full((4, 4, 3), 100, np.uint8)
+    label = np.array([[0, 1, 255, 255]] * 4, np.uint8)
+    out = overlay(image, label, colours)
+    assert (out[:, 2:] == 100).all() and not (out[:, :2] == 100).all()
+    assert panel(image, label, label, colours).size == (12, 4)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide", "ms_flip"])
+def test_inference_dispatches_on_seg_test_mode(mode):
+    from models.seg_inference import inference
+    cfg = load_config(None, ["SEG.TEST_MODE", mode, "SEG.SLIDE_CROP", "[32, 32]",
+                             "SEG.SLIDE_STRIDE", "[21, 21]", "SEG.MS_RATIOS", "[1.0]"])
+    model = nn.Conv2d(3, 4, 1).eval()
+    x = torch.randn(1, 3, 64, 96)
+    assert torch.allclose(inference(model, x, (64, 96), cfg.SEG),
+                          whole_inference(model, x, (64, 96)), atol=1e-5)
