@@ -20,7 +20,7 @@ from yacs.config import CfgNode
 from .mg_ssaf import MGSSAF
 
 __all__ = ["SEG_DATASETS", "is_seg_config", "ConvBNReLU", "PPM", "UPerHead", "FCNHead", "UPerNet", "build_segmentor",
-           "convert_sync_batchnorm"]
+           "convert_sync_batchnorm", "load_backbone_weights"]
 
 # DATA.DATASET values of segmentation configs (main_seg.py, configs/seg/).
 SEG_DATASETS = ("ade20k", "digits_seg")
@@ -158,3 +158,17 @@ def build_segmentor(config: CfgNode) -> UPerNet:
     return UPerNet(backbone, config.MODEL.NUM_CLASSES, channels=seg.CHANNELS,
                    aux_channels=seg.AUX_CHANNELS, aux_index=seg.AUX_INDEX,
                    pool_scales=seg.POOL_SCALES, dropout=seg.DROPOUT)
+
+
+# Classifier parameters of an MG-SSAF checkpoint, not part of the segmentor's backbone.
+_CLASSIFIER_PREFIXES = ("last_conv.", "head.")
+
+
+def load_backbone_weights(model: UPerNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load an ImageNet MG-SSAF state dict (``checkpoint["model"]``) into ``model.backbone``,
+    dropping its classifier; raises on any other missing or unexpected key. Returns the names
+    of the dropped classifier keys (for the log)."""
+    dropped = [k for k in state_dict if k.startswith(_CLASSIFIER_PREFIXES)]
+    weights = {k: v for k, v in state_dict.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    model.backbone.load_state_dict(weights, strict=True)
+    return dropped

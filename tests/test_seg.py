@@ -197,3 +197,17 @@ def test_inference_dispatches_on_seg_test_mode(mode):
     x = torch.randn(1, 3, 64, 96)
     assert torch.allclose(inference(model, x, (64, 96), cfg.SEG),
                           whole_inference(model, x, (64, 96)), atol=1e-5)
+
+
+def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
+    from models.upernet import load_backbone_weights
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    model = build_segmentor(cfg)
+    arch = cfg.MODEL.MGSSAF
+    classifier = MGSSAF(img_size=64, num_classes=10, embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS,
+                        num_heads=arch.NUM_HEADS, global_ratio=arch.GLOBAL_RATIO,
+                        head_hidden_dim=arch.HEAD_HIDDEN_DIM)
+    dropped = load_backbone_weights(model, classifier.state_dict())
+    assert sorted(dropped) == ["head.bias", "head.weight", "last_conv.bias", "last_conv.weight"]
+    source = classifier.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in model.backbone.state_dict().items())
