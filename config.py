@@ -27,8 +27,9 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128
 # Root of the dataset: <root>/train/<class>/* and <root>/val/<class>/* for 'imagenet'.
 _C.DATA.DATA_PATH = ""
-# 'imagenet' (an ImageFolder layout of any number of classes) or 'digits' (scikit-learn's
-# bundled 8x8 handwritten digits, no download).
+# 'imagenet' (an ImageFolder layout of any number of classes), 'digits' (scikit-learn's
+# bundled 8x8 handwritten digits, no download) or 'cub' (CUB-200-2011's official layout and split:
+# DATA_PATH is the CUB_200_2011 folder, see data/cub.py).
 _C.DATA.DATASET = "imagenet"
 # Input resolution (square).
 _C.DATA.IMG_SIZE = 224
@@ -105,6 +106,10 @@ _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
 # Epoch checkpoints kept in the output folder, newest first (0 keeps all); ckpt_best.pth is extra.
 _C.TRAIN.KEEP_CHECKPOINTS = 5
+# Layer-wise LR decay (BEiT; timm's param_groups_layer_decay over the model's group_matcher: stem,
+# each block, head): the LR of group g of n is scaled by LAYER_DECAY ** (n - 1 - g), so the head
+# trains at the full LR and the stem at the smallest. 1.0 switches it off.
+_C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 # 'cosine', 'linear', 'step' or 'multistep'.
@@ -218,6 +223,11 @@ _C.AMP_OPT_LEVEL = ""
 # effect (MG-SSAF has no such kernels).
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
+# Exponential moving average of the weights (timm's ModelEmaV3), updated after every optimizer
+# step with MODEL_EMA_DECAY, validated beside the model after every epoch (the best accuracy of the
+# two is kept) and saved in checkpoints under "model_ema".
+_C.MODEL_EMA = False
+_C.MODEL_EMA_DECAY = 0.9998
 # Output root: runs are written to <OUTPUT>/<MODEL.NAME>/<TAG>.
 _C.OUTPUT = "output"
 _C.TAG = "default"

@@ -7,7 +7,8 @@
     python main.py --cfg ... --data-path ... --throughput --disable_amp
 
 Exit codes: 0 done, 1 bad input or a diverged run (the message says which), 2 bad command line,
-75 preempted (SIGTERM/SIGUSR1: a checkpoint was saved; run the same command again to resume).
+75 preempted (SIGTERM, SIGUSR1 or Ctrl-C: a checkpoint was saved and named in the file PREEMPTED
+of the run folder; run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import AverageMeter
+from timm.utils import AverageMeter, ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -41,12 +42,13 @@ from logger import create_logger
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
 from optimizer import build_optimizer
-from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, find_resume_checkpoint,
-                   get_rank, get_world_size, keep_freed_memory, load_checkpoint_file,
-                   load_pretrained, load_weights, prepare_output_dir, restore_training_state,
-                   save_checkpoint, synchronize)
+from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, derive_seed,
+                   find_resume_checkpoint, get_rank, get_world_size, keep_freed_memory,
+                   load_checkpoint_file, load_pretrained, load_weights, prepare_output_dir,
+                   restore_training_state, save_checkpoint, seed_all, synchronize)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable
+PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run stands preempted
 METRICS_FILE = "metrics.jsonl"
 LOGGER_NAME = "mg_ssaf"
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,26 +59,32 @@ class NonFiniteLossError(RunError):
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint."""
+    """Training stopped on SIGTERM/SIGUSR1/SIGINT after saving a checkpoint."""
 
 
 class Preemption:
-    """Turns SIGTERM and SIGUSR1 into a request to stop after the current optimizer step; a
-    second signal ends the process at once."""
+    """Turns SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) into a request to stop after the current
+    optimizer step; a second signal ends the process at once, unless it comes within
+    ``REPEAT_WINDOW_S`` of the first (the same request delivered twice, e.g. by Slurm to the
+    process group and again by a launcher)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    REPEAT_WINDOW_S = 1.0
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.received_at = 0.0
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signal_name is not None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            self.received_at = time.monotonic()
+        elif time.monotonic() - self.received_at > self.REPEAT_WINDOW_S:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
-        self.signal_name = signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:
@@ -94,16 +102,17 @@ class Amp:
 class Progress:
     """Where training stands; a mid-epoch checkpoint restores it."""
     num_updates: int = 0      # optimizer steps since the start of training
-    epoch_step: int = 0       # loader steps done in the current epoch
-    loss_sum: float = 0.0     # this rank's summed training loss over the epoch's samples so far
+    epoch_step: int = 0       # loader steps of the current epoch up to the last optimizer step
+    loss_sum: float = 0.0     # summed training loss of those steps' samples, over all ranks
     loss_count: int = 0
     preempted: bool = False
 
 
-def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_option(argv: list[str] | None = None, prog: str = "main.py",
+                 what: str = "MG-SSAF") -> argparse.Namespace:
     """The Swin Transformer command line; every flag overrides the config key it names."""
     parser = argparse.ArgumentParser(
-        "main.py", description="Train, evaluate (--eval) or time (--throughput) MG-SSAF. Flags "
+        prog, description=f"Train, evaluate (--eval) or time (--throughput) {what}. Flags "
         "override the config file; --opts overrides any key.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
@@ -111,8 +120,8 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     add("--opts", nargs="+", default=None, metavar="KEY VALUE",
         help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
     add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
-    add("--data-path", help="dataset root holding train/<class>/* and val/<class>/* "
-        "(DATA.DATA_PATH)")
+    add("--data-path", help="dataset root holding train/<class>/* and val/<class>/*, or the "
+        "CUB_200_2011 folder with DATA.DATASET cub (DATA.DATA_PATH)")
     add("--zip", action="store_true", help="Swin's zipped ImageNet: accepted, no effect here "
         "(DATA.ZIP_MODE)")
     add("--cache-mode", choices=("no", "full", "part"), help="Swin's zip cache mode: accepted, no "
@@ -183,6 +192,10 @@ def check_config(config: CN) -> None:
     need(not mixup_enabled(config) or config.DATA.BATCH_SIZE % 2 == 0 or not training,
          f"Mixup/CutMix (AUG.MIXUP {config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) needs an "
          f"even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+    need(0.0 < config.TRAIN.LAYER_DECAY <= 1.0, f"TRAIN.LAYER_DECAY must be in (0, 1] (1 switches "
+         f"it off), got {config.TRAIN.LAYER_DECAY}")
+    need(0.0 < config.MODEL_EMA_DECAY < 1.0,
+         f"MODEL_EMA_DECAY must be in (0, 1), got {config.MODEL_EMA_DECAY}")
     for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):
         path = config.MODEL[key]
         need(not path or os.path.isfile(path), f"MODEL.{key} ({flag}) {path}: file not found")
@@ -253,20 +266,26 @@ def memory_mb(device: torch.device) -> float:
 def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
                     optimizer: torch.optim.Optimizer, epoch: int, mixup_fn, lr_scheduler,
                     scaler: torch.amp.GradScaler, amp: Amp, device: torch.device,
-                    progress: Progress, preemption: Preemption, logger: logging.Logger) -> None:
-    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress``. Stops early,
-    with ``progress.preempted`` set, after the optimizer step during which a preemption signal
-    arrived on any rank; raises NonFiniteLossError, before the update, on a NaN/inf loss."""
+                    progress: Progress, preemption: Preemption, logger: logging.Logger,
+                    model_ema: ModelEmaV3 | None = None) -> None:
+    """One epoch (or its rest, from ``progress.epoch_step``), updating ``progress`` (and the EMA
+    weights) at each optimizer step. Stops early, with ``progress.preempted`` set, after the
+    optimizer step during which a preemption signal arrived on any rank; raises
+    NonFiniteLossError, before the update, on a NaN/inf loss. Mixup/CutMix, drop path and dropout
+    draw from generators seeded from (SEED, epoch, step, rank) at each step, so a resumed epoch
+    repeats the uninterrupted one."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     num_steps = progress.epoch_step + len(data_loader)
     batch_time, loss_meter, norm_meter, scale_meter = (AverageMeter() for _ in range(4))
     nonfinite = ""
+    group_loss = group_count = 0.0  # this rank's losses since the last optimizer step
     end = time.time()
     for idx, (samples, targets) in enumerate(data_loader, start=progress.epoch_step):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        seed_all(derive_seed(config.SEED, epoch, idx, get_rank()))
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         group_start = idx - idx % accum
@@ -282,9 +301,8 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
         if not math.isfinite(loss_value) and not nonfinite:
             nonfinite = f"loss is {loss_value}"
         loss_meter.update(loss_value, samples.size(0))
-        progress.loss_sum += loss_value * samples.size(0)
-        progress.loss_count += samples.size(0)
-        progress.epoch_step = idx + 1
+        group_loss += loss_value * samples.size(0)
+        group_count += samples.size(0)
 
         stop = False
         if is_update:
@@ -293,7 +311,10 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             if not math.isfinite(grad_norm) and not scaler.is_enabled() and not nonfinite:
                 nonfinite = f"gradient norm is {grad_norm}"
-            diverged, stop = any_rank([bool(nonfinite), preemption.requested], device)
+            diverged, requested, loss_sum, loss_count = all_reduce_sum(
+                [float(bool(nonfinite)), float(preemption.requested), group_loss, group_count],
+                device)
+            stop = requested > 0
             if diverged:
                 raise NonFiniteLossError(
                     f"training {nonfinite or 'loss is not finite on another rank'} at epoch "
@@ -303,6 +324,12 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             progress.num_updates += 1
+            progress.epoch_step = idx + 1
+            progress.loss_sum += loss_sum
+            progress.loss_count += int(loss_count)
+            group_loss = group_count = 0.0
+            if model_ema is not None:
+                model_ema.update(model, step=progress.num_updates)
             lr_scheduler.step_update(progress.num_updates)
             norm_meter.update(grad_norm)
             scale_meter.update(scaler.get_scale() if scaler.is_enabled() else 1.0)
@@ -401,6 +428,31 @@ def append_metrics(config: CN, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def write_preempted_marker(config: CN, checkpoint: str, preemption: Preemption, epoch: int,
+                           epoch_step: int | None) -> None:
+    """Writes OUTPUT/PREEMPTED (rank 0), ``key=value`` lines naming the checkpoint just saved and
+    the signal: what a requeue script reads, whatever exit code the launcher reports."""
+    if get_rank() != 0:
+        return
+    lines = {"checkpoint": checkpoint, "signal": preemption.signal_name or "on another rank",
+             "epoch": epoch, "step": "end" if epoch_step is None else epoch_step,
+             "exit_code": PREEMPTED_EXIT_CODE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = os.path.join(config.OUTPUT, PREEMPTED_MARKER)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(f"{key}={value}\n" for key, value in lines.items()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def remove_preempted_marker(config: CN) -> None:
+    """Removes OUTPUT/PREEMPTED (rank 0) once training runs again: from then on the run either
+    completes, or stops and writes a new one."""
+    path = os.path.join(config.OUTPUT, PREEMPTED_MARKER)
+    if get_rank() == 0 and os.path.exists(path):
+        os.remove(path)
+
+
 def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict] | None:
     """The checkpoint to start from: with TRAIN.AUTO_RESUME the newest loadable one in the output
     folder (it wins over --resume when training, so a requeued job continues where it stopped;
@@ -417,9 +469,10 @@ def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict]
     return (explicit, load_checkpoint_file(explicit)) if explicit else None
 
 
-def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
-                     device: torch.device, amp: Amp, logger: logging.Logger) -> None:
-    """--eval: loss and accuracy of the checkpoint to resume (or the pretrained weights);
+def evaluate_or_time(config: CN, task: "ClassificationTask", model: nn.Module,
+                     data_loader_val: DataLoader, device: torch.device, amp: Amp,
+                     logger: logging.Logger) -> None:
+    """--eval: the task's validation of the checkpoint to resume (or the pretrained weights);
     --throughput: images/s of the model."""
     if config.THROUGHPUT_MODE and not config.EVAL_MODE:
         throughput(data_loader_val, model, device, amp, logger)
@@ -432,14 +485,60 @@ def evaluate_or_time(config: CN, model: nn.Module, data_loader_val: DataLoader,
         logger.info(f"evaluating the weights of {config.MODEL.PRETRAINED} (--pretrained)")
     else:
         logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
-    validate(config, data_loader_val, model, device, amp, logger)
+    task.validate(config, data_loader_val, model, device, amp, logger)
+
+
+def batch_layout(ckpt: dict) -> tuple[int, int, int] | None:
+    """(DATA.BATCH_SIZE, processes, TRAIN.ACCUMULATION_STEPS) of the run that saved ``ckpt``, or
+    None where the checkpoint does not say (released ones)."""
+    try:
+        config = ckpt["config"]
+        world_size = ckpt.get("world_size") or len(ckpt["rng"])  # "rng": one state per rank
+        return config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+def resume_position(ckpt: dict, config: CN, updates_per_epoch: int,
+                    logger: logging.Logger) -> tuple[int, Progress]:
+    """The epoch and progress to continue from after ``ckpt``. When the batch layout (batch size,
+    processes, accumulation steps) differs from the saving run's, the position is recomputed from
+    the samples seen (epoch_step x batch x processes): the epoch continues after the largest
+    number of whole new optimizer steps that fit in them (the rest, less than one step's
+    samples, is seen again), and the LR schedule is placed at the optimizer steps that the new
+    layout makes up to there."""
+    mid_epoch = ckpt.get("epoch_step") is not None
+    start_epoch = ckpt["epoch"] if mid_epoch else ckpt["epoch"] + 1
+    done = ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch)  # released: estimated
+    progress = Progress(num_updates=int(done))
+    if mid_epoch:
+        progress.epoch_step = ckpt["epoch_step"]
+        progress.loss_sum, progress.loss_count = ckpt["train_loss"]
+    old = batch_layout(ckpt)
+    new = (config.DATA.BATCH_SIZE, get_world_size(), config.TRAIN.ACCUMULATION_STEPS)
+    if old is None or old == new:
+        return start_epoch, progress
+    batch, world_size, accum = new
+    seen = progress.epoch_step * old[0] * old[1]
+    progress.epoch_step = seen // (batch * world_size) // accum * accum
+    progress.num_updates = start_epoch * updates_per_epoch + progress.epoch_step // accum
+    skipped = progress.epoch_step * batch * world_size
+    logger.warning(
+        f"the checkpoint's run had DATA.BATCH_SIZE {old[0]} x {old[1]} process(es) x "
+        f"TRAIN.ACCUMULATION_STEPS {old[2]}, this one {batch} x {world_size} x {accum}: "
+        + (f"epoch {start_epoch} continues after {skipped} of the {seen} samples seen "
+           f"({seen - skipped} to be seen again), " if mid_epoch else "")
+        + f"the LR schedule continues at optimizer step {progress.num_updates} (not bit-exact)")
+    return start_epoch, progress
 
 
 def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
                     scaler: torch.amp.GradScaler, updates_per_epoch: int,
-                    logger: logging.Logger) -> tuple[int, float, Progress]:
-    """Restores the checkpoint to resume, if any; returns the epoch to start, the best accuracy
-    so far and the progress (within the epoch too, after a mid-epoch checkpoint)."""
+                    logger: logging.Logger, model_ema: ModelEmaV3 | None = None
+                    ) -> tuple[int, float, Progress]:
+    """Restores the checkpoint to resume, if any (the EMA weights too); returns the epoch to
+    start, the best accuracy so far and the progress (within the epoch too, after a mid-epoch
+    checkpoint)."""
     resume = checkpoint_to_resume(config, logger)
     if not resume:
         if config.TRAIN.AUTO_RESUME:
@@ -453,15 +552,15 @@ def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimiz
         return config.TRAIN.START_EPOCH, 0.0, progress
     path, ckpt = resume
     load_weights(model, ckpt, path)
-    restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
+    if model_ema is not None:
+        if "model_ema" in ckpt:
+            load_weights(model_ema.module, {**ckpt, "model": ckpt["model_ema"]}, path)
+        else:
+            logger.warning(f"{path} has no EMA weights: the EMA restarts from the model's")
+            model_ema.module.load_state_dict(model.state_dict())
+    restore_training_state(ckpt, path, optimizer, lr_scheduler, scaler)
     max_accuracy = float(ckpt.get("max_accuracy", 0.0))
-    done = ckpt.get("num_updates", (ckpt["epoch"] + 1) * updates_per_epoch)  # released: estimated
-    progress = Progress(num_updates=int(done))
-    if ckpt.get("epoch_step") is None:
-        start_epoch = ckpt["epoch"] + 1
-    else:
-        start_epoch, progress.epoch_step = ckpt["epoch"], ckpt["epoch_step"]
-        progress.loss_sum, progress.loss_count = ckpt["train_loss"]
+    start_epoch, progress = resume_position(ckpt, config, updates_per_epoch, logger)
     lr_scheduler.step_update(progress.num_updates)
     logger.info(f"resumed from {path}: epoch {start_epoch}, step {progress.epoch_step}, "
                 f"{progress.num_updates} optimizer steps done, max accuracy {max_accuracy:.2f}%")
@@ -471,8 +570,44 @@ def resume_training(config: CN, model: nn.Module, optimizer: torch.optim.Optimiz
     return start_epoch, max_accuracy, progress
 
 
-def run(config: CN, preemption: Preemption) -> None:
-    """Builds everything from ``config`` and trains, evaluates or times the model."""
+class ClassificationTask:
+    """What :func:`run` builds, trains and measures for image classification (ImageNet-style
+    folders, the digits demo, CUB). ``main_seg.SegmentationTask`` is the other task on the same
+    engine; each method is the task's one way to do that job."""
+    prog, what = "main.py", "MG-SSAF"  # for --help
+    best_metric = "acc1"  # the statistic of validate() that ranks checkpoints (ckpt_best.pth)
+    best_metric_name = "accuracy"
+
+    def prepare_config(self, config: CN) -> None:
+        """Sets the keys that the task derives from others (nothing here), before checks."""
+
+    def scale_lrs(self, config: CN, world_size: int) -> None:
+        scale_lrs(config, world_size)
+
+    def build_loader(self, config: CN) -> tuple:
+        return build_loader(config)
+
+    def build_model(self, config: CN) -> nn.Module:
+        return build_model(config)
+
+    def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
+        return build_criterion(config, mixup_active)
+
+    def build_scheduler(self, config: CN, optimizer: torch.optim.Optimizer,
+                        updates_per_epoch: int):
+        return build_scheduler(config, optimizer, updates_per_epoch)
+
+    def validate(self, config: CN, data_loader: DataLoader, model: nn.Module,
+                 device: torch.device, amp: Amp, logger: logging.Logger) -> dict:
+        return validate(config, data_loader, model, device, amp, logger)
+
+    def metrics_row(self, stats: dict) -> dict:
+        """The validation statistics that go into a metrics.jsonl line."""
+        return {"val_loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"]}
+
+
+def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
+    """Builds everything from ``config`` and trains, evaluates or times the ``task``'s model."""
     prepare_output_dir(config.OUTPUT)
     device = init_device(config)
     rank, world_size = get_rank(), get_world_size()
@@ -480,7 +615,7 @@ def run(config: CN, preemption: Preemption) -> None:
     seed_everything(config)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training:
-        scale_lrs(config, world_size)
+        task.scale_lrs(config, world_size)
     logger.info(f"rank {rank} of {world_size} on {device}; full config:\n{config.dump()}")
     inert = inert_settings(config)
     if inert:
@@ -490,11 +625,12 @@ def run(config: CN, preemption: Preemption) -> None:
         logger.info("glibc malloc keeps freed memory for reuse (no per-step page faults)")
     amp = amp_settings(config, device, logger)
 
-    dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+    dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = task.build_loader(
+        config)
     logger.info(f"{len(dataset_val)} validation images" + (f", {len(dataset_train)} training images"
                                                            if training else ""))
     try:
-        model = build_model(config)
+        model = task.build_model(config)
     except ValueError as e:
         raise ConfigError(f"cannot build {config.MODEL.NAME}: {e}") from None
     model.to(device)
@@ -505,10 +641,12 @@ def run(config: CN, preemption: Preemption) -> None:
         load_pretrained(config.MODEL.PRETRAINED, model, logger)
 
     if not training:
-        evaluate_or_time(config, model, data_loader_val, device, amp, logger)
+        evaluate_or_time(config, task, model, data_loader_val, device, amp, logger)
         return
 
+    model.to(memory_format=torch.channels_last)  # weights laid out as their gradients (DDP buckets)
     optimizer = build_optimizer(config, model)
+    model_ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
     model_without_ddp = model
     if dist.is_initialized():
         device_ids = [device.index] if device.type == "cuda" else None
@@ -516,61 +654,85 @@ def run(config: CN, preemption: Preemption) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp.enabled and amp.dtype == torch.float16)
     num_steps = len(data_loader_train)
     updates_per_epoch = math.ceil(num_steps / config.TRAIN.ACCUMULATION_STEPS)
-    lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
-    criterion = build_criterion(config, mixup_fn is not None)
+    lr_scheduler = task.build_scheduler(config, optimizer, updates_per_epoch)
+    criterion = task.build_criterion(config, mixup_fn is not None)
     start_epoch, max_accuracy, progress = resume_training(
-        config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger)
+        config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger,
+        model_ema)
 
     logger.info("Start training")
+    remove_preempted_marker(config)
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         first_step = progress.epoch_step
         data_loader_train.sampler.set_epoch(epoch, first_step * config.DATA.BATCH_SIZE)
         epoch_start = time.time()
-        train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch, mixup_fn,
-                        lr_scheduler, scaler, amp, device, progress, preemption, logger)
+        try:
+            train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch,
+                            mixup_fn, lr_scheduler, scaler, amp, device, progress, preemption,
+                            logger, model_ema)
+        except RuntimeError as e:
+            if not preemption.requested:
+                raise
+            # A loader worker or a peer rank died of the signal: the state of the last
+            # optimizer step (progress) is intact, save that.
+            logger.warning(f"{type(e).__name__} while stopping on {preemption.signal_name}: "
+                           f"{(str(e).splitlines() or [''])[0]}")
+            progress.preempted = True
         epoch_time = time.time() - epoch_start
-        skipped = all_reduce_sum([getattr(dataset_train, "pop_skipped", lambda: 0)()], device)[0]
-        if skipped:
-            logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         if progress.preempted:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
                             epoch_step=progress.epoch_step,
-                            train_loss=(progress.loss_sum, progress.loss_count))
+                            train_loss=(progress.loss_sum, progress.loss_count),
+                            model_ema=model_ema.module if model_ema is not None else None)
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))
+            write_preempted_marker(config, saved, preemption, epoch, progress.epoch_step)
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
                             f"stopped at epoch {epoch} step "
                             f"{progress.epoch_step}/{num_steps} and saved {saved}")
+        skipped = all_reduce_sum([getattr(dataset_train, "pop_skipped", lambda: 0)()], device)[0]
+        if skipped:
+            logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
-        loss_sum, loss_count = all_reduce_sum([progress.loss_sum, progress.loss_count], device)
 
-        stats = validate(config, data_loader_val, model_without_ddp, device, amp, logger)
+        stats = task.validate(config, data_loader_val, model_without_ddp, device, amp, logger)
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"validation loss is {stats['loss']} after epoch {epoch}: the "
                                      "model diverged and is not saved")
-        is_best = stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, stats["acc1"])
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        row, ema_row = task.metrics_row(stats), {}
+        best = stats[task.best_metric]
+        if model_ema is not None:
+            logger.info("EMA weights:")
+            ema_stats = task.validate(config, data_loader_val, model_ema.module, device, amp,
+                                      logger)
+            ema_row = {f"{key.removeprefix('val_')}_ema": value
+                       for key, value in task.metrics_row(ema_stats).items()}
+            best = max(best, ema_stats[task.best_metric])
+        is_best = best > max_accuracy
+        max_accuracy = max(max_accuracy, best)
+        logger.info(f"Max {task.best_metric_name}: {max_accuracy:.2f}%" + (
+            " (model or EMA weights)" if model_ema is not None else ""))
         # Metrics first: a crash in between repeats this line after the resume (the last one of an
         # epoch counts), it never leaves an epoch out.
         images = (progress.epoch_step - first_step) * config.DATA.BATCH_SIZE * world_size
         append_metrics(config, {
-            "epoch": epoch, "train_loss": loss_sum / max(loss_count, 1),
-            "lr": optimizer.param_groups[0]["lr"], "val_loss": stats["loss"], "acc1": stats["acc1"],
-            "acc5": stats["acc5"], "epoch_time": epoch_time, "images_per_sec": images / epoch_time,
-            "num_updates": progress.num_updates})
+            "epoch": epoch, "train_loss": progress.loss_sum / max(progress.loss_count, 1),
+            "lr": optimizer.param_groups[0]["lr"], **row, "epoch_time": epoch_time,
+            "images_per_sec": images / epoch_time, "num_updates": progress.num_updates, **ema_row})
         stop = any_rank([preemption.requested], device)[0]
         save_epoch = epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stop
         if save_epoch or is_best:
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
-                            is_best=is_best, save_epoch=save_epoch)
+                            is_best=is_best, save_epoch=save_epoch,
+                            model_ema=model_ema.module if model_ema is not None else None)
         progress = Progress(num_updates=progress.num_updates)
         if stop:
+            saved = os.path.join(config.OUTPUT, checkpoint_name(epoch))
+            write_preempted_marker(config, saved, preemption, epoch, None)
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
-                            f"stopped after epoch {epoch} and saved "
-                            f"{os.path.join(config.OUTPUT, checkpoint_name(epoch))}")
+                            f"stopped after epoch {epoch} and saved {saved}")
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
@@ -586,16 +748,21 @@ def report(message: str, level: int = logging.ERROR) -> None:
               flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs main.py with ``argv``; returns the exit code."""
-    args = parse_option(argv)
+def main(argv: list[str] | None = None, task: ClassificationTask | None = None) -> int:
+    """Runs ``task`` (classification by default) with the command line ``argv``; returns the exit
+    code."""
+    task = task or ClassificationTask()
+    args = parse_option(argv, task.prog, task.what)
     preemption = Preemption()
     try:
         config = get_config(args)
+        config.defrost()
+        task.prepare_config(config)
+        config.freeze()
         check_config(config)
         if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
             preemption.install()
-        run(config, preemption)
+        run(config, preemption, task)
         code = 0
     except Preempted as e:
         report(f"preempted: {e}; run the same command again to resume (exit code "

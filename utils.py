@@ -1,4 +1,4 @@
-"""Checkpoints (atomic saves, safe loads, auto-resume), RNG state and distributed helpers."""
+"""Checkpoints (atomic saves, safe loads, auto-resume), seeding and distributed helpers."""
 from __future__ import annotations
 
 import collections
@@ -20,6 +20,7 @@ from yacs.config import CfgNode as CN
 
 CHECKPOINT_RE = re.compile(r"^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
 BEST_CHECKPOINT = "ckpt_best.pth"
+TORCH_SAVE_MAGIC = (b"PK", b"\x80")  # torch.save's zip format; its legacy format (a pickle)
 
 
 class RunError(Exception):
@@ -104,37 +105,26 @@ def prepare_output_dir(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG state
+# Random draws as functions of (SEED, epoch, step or sample index)
 # ---------------------------------------------------------------------------------------------
-def get_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and (current device) CUDA generator states, as plain data."""
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }
+def derive_seed(*keys: int) -> int:
+    """A 64-bit seed that depends on every one of ``keys`` (non-negative integers such as SEED,
+    epoch, step, rank or sample index), hashed by NumPy's SeedSequence: neighbouring keys give
+    unrelated streams."""
+    high, low = np.random.SeedSequence(list(keys)).generate_state(2)
+    return int(high) << 32 | int(low)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores the states returned by :func:`get_rng_state`."""
-    random.setstate(state["python"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states() -> list[dict[str, Any]]:
-    """The RNG states of every rank, in rank order (a collective: all ranks call it)."""
-    state = get_rng_state()
-    if get_world_size() == 1:
-        return [state]
-    states: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+def seed_all(seed: int, accelerators: bool = True) -> None:
+    """Seeds python's ``random``, NumPy's global generator and torch's CPU generator, and with
+    ``accelerators`` torch's CUDA (and other device) generators too. Those take ~90 us, 20 times
+    the rest: per-sample seeding in loaders, which draw on the CPU only, leaves them out."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    if accelerators:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,13 +190,17 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any,
                     scaler: torch.amp.GradScaler, logger: logging.Logger, *, num_updates: int,
                     epoch_step: int | None = None, train_loss: tuple[float, float] = (0.0, 0.0),
-                    is_best: bool = False, save_epoch: bool = True) -> None:
-    """Saves the training state (a collective: every rank calls it, rank 0 writes).
+                    is_best: bool = False, save_epoch: bool = True,
+                    model_ema: torch.nn.Module | None = None) -> None:
+    """Saves the training state (rank 0 writes, the other ranks return; no collective, so a rank
+    can save while its peers are gone).
 
     Contents: ``model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, config`` as released
     checkpoints have them, plus ``epoch_step`` (loader steps done in ``epoch``; None after the
     whole epoch), ``num_updates`` (optimizer steps so far), ``train_loss`` (sum and count of the
-    epoch's losses so far) and ``rng`` (RNG states of every rank)."""
+    epoch's losses so far, over all ranks), ``world_size`` (processes of the run) and, with
+    MODEL_EMA, ``model_ema`` (the EMA weights). No RNG state: every random draw of training is a
+    function of SEED, epoch and step or sample."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -218,8 +212,10 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
         "epoch_step": epoch_step,
         "num_updates": num_updates,
         "train_loss": tuple(train_loss),
-        "rng": gather_rng_states(),
+        "world_size": get_world_size(),
     }
+    if model_ema is not None:
+        state["model_ema"] = model_ema.state_dict()
     if get_rank() != 0:
         return
     if save_epoch:
@@ -265,6 +261,11 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     Anything else (a pickled object that could run code) is refused."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_SAVE_MAGIC):
+        found = f"it starts with {head!r}" if head else "it is empty"
+        raise CheckpointError(f"{path}: not a checkpoint (not a torch.save file: {found})")
     try:
         with torch.serialization.safe_globals([(_ConfigAsMapping, "yacs.config.CfgNode")]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -288,7 +289,7 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def find_resume_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
+def newest_loadable_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
     """The newest epoch checkpoint in ``folder`` that loads, with its contents; unreadable or
     refused ones are reported and skipped (left in place)."""
     for _, _, path in reversed(list_checkpoints(folder)):
@@ -299,6 +300,32 @@ def find_resume_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, di
     return None
 
 
+def find_resume_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
+    """The checkpoint to auto-resume from, the same on every rank (a collective): rank 0 picks the
+    newest loadable one in ``folder`` and sends its path; the other ranks load that path. A rank
+    that cannot load it makes every rank raise CheckpointError naming the rank and the file."""
+    if get_world_size() == 1:
+        return newest_loadable_checkpoint(folder, logger)
+    found = newest_loadable_checkpoint(folder, logger) if get_rank() == 0 else None
+    chosen = [found[0] if found else None]
+    dist.broadcast_object_list(chosen, src=0)
+    path, error = chosen[0], None
+    if path is not None and get_rank() != 0:
+        try:
+            found = path, load_checkpoint_file(path)
+        except CheckpointError as e:
+            error = str(e)
+    errors: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, message) for rank, message in enumerate(errors) if message]
+    if failed:
+        rank, message = failed[0]
+        raise CheckpointError(f"auto-resume: rank 0 chose {path}, but rank {rank} cannot load it "
+                              f"({message}); the output folder must be one that every node "
+                              f"sees (a shared filesystem)")
+    return found
+
+
 def _describe(ckpt: dict) -> str:
     config = ckpt.get("config")
     if isinstance(config, dict) and isinstance(config.get("MODEL"), dict):
@@ -307,44 +334,111 @@ def _describe(ckpt: dict) -> str:
     return ""
 
 
-def _misfit(path: str, ckpt: dict, detail: str) -> CheckpointError:
-    return CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}{detail}")
+# (embedding width, blocks per stage) of the released variants, to name a checkpoint's variant
+RELEASED_VARIANTS = {(96, (2, 2, 6, 2)): "MG-SSAF-T", (96, (2, 2, 18, 2)): "MG-SSAF-S",
+                     (128, (2, 2, 18, 2)): "MG-SSAF-B"}
+_BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
+_WIDTH = "embedding width (MODEL.MGSSAF.EMBED_DIM)"
+_CLASSES = "classes (MODEL.NUM_CLASSES)"
+
+
+def _architecture(weights: dict[str, Any]) -> dict[str, Any]:
+    """What the shapes of a state dict say about its network (embedding width, blocks per stage,
+    number of classes), each under the phrase that names it in messages."""
+    depths: dict[int, int] = {}
+    for key in weights:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    arch: dict[str, Any] = {"stages": len(depths)}
+    if "patch_embed.norm.weight" in weights:
+        arch[_WIDTH] = weights["patch_embed.norm.weight"].shape[0]
+    for stage, depth in sorted(depths.items()):
+        arch[f"blocks in stage {stage} (layers.{stage})"] = depth
+    if "head.weight" in weights:
+        arch[_CLASSES] = weights["head.weight"].shape[0]
+    return arch
+
+
+def _variant(arch: dict[str, Any]) -> str | None:
+    """The released variant whose width and depths ``arch`` has, if any."""
+    depths = tuple(arch[f"blocks in stage {s} (layers.{s})"] for s in range(arch["stages"])
+                   if f"blocks in stage {s} (layers.{s})" in arch)
+    return RELEASED_VARIANTS.get((arch.get(_WIDTH), depths))
+
+
+def weight_differences(weights: dict[str, Any], own: dict[str, Any], limit: int = 3) -> list[str]:
+    """At most ``limit`` (+1) short phrases saying how the checkpoint's ``weights`` differ from the
+    model's state dict ``own``: network dimensions first, else the first differing entries."""
+    theirs, ours = _architecture(weights), _architecture(own)
+    found = [f"{what}: {theirs.get(what)} in the checkpoint, {ours.get(what)} in this model"
+             for what in dict.fromkeys([*ours, *theirs]) if theirs.get(what) != ours.get(what)]
+    if found:
+        variant, own_variant = _variant(theirs), _variant(ours)
+        if variant and variant != own_variant:
+            into = f" into an {own_variant} model" if own_variant else ""
+            found = found[:limit] + [f"an {variant} checkpoint{into}?"]
+        return found[:limit + 1]
+    shapes = [f"size mismatch for {k}: {tuple(weights[k].shape)} in the checkpoint, "
+              f"{tuple(own[k].shape)} in this model"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    found = shapes[:limit] + ([f"{len(shapes) - limit} more size mismatches"]
+                              if len(shapes) > limit else [])
+    if missing:
+        found.append(f"{len(missing)} of the model's keys missing (first: {missing[0]})")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+    return found
+
+
+def _misfit(path: str, ckpt: dict, own: dict[str, Any]) -> CheckpointError:
+    differences = "; ".join(weight_differences(ckpt["model"], own))
+    return CheckpointError(f"{path}: its weights do not fit this model{_describe(ckpt)}: "
+                           f"{differences}")
 
 
 def load_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
-    """Loads ``ckpt["model"]`` into ``model`` strictly; a mismatch lists the keys and shapes."""
+    """Loads ``ckpt["model"]`` into ``model`` strictly; a mismatch is refused with a message
+    that says which dimensions (or, failing that, which entries) differ."""
     try:
         model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise _misfit(path, ckpt, f":\n{e}") from None
+    except RuntimeError:
+        raise _misfit(path, ckpt, model.state_dict()) from None
 
 
 def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -> None:
     """Initialises ``model`` from the weights of a checkpoint (optimizer and epoch start fresh).
-    A classifier head of another class count is left at its initialisation, for fine-tuning."""
+    A classifier head of another class count is left at its initialisation, for fine-tuning; a
+    model without a classifier (``num_classes`` 0) does not load the checkpoint's."""
     ckpt = load_checkpoint_file(path)
     own = model.state_dict()
     weights = dict(ckpt["model"])
     head = [k for k in weights
-            if k.startswith("head.") and k in own and weights[k].shape != own[k].shape]
+            if k.startswith("head.") and (k not in own or weights[k].shape != own[k].shape)]
+    mismatched = [k for k in own if k in weights and k not in head
+                  and weights[k].shape != own[k].shape]
+    missing = [k for k in own if k not in weights and k not in head]
+    unexpected = [k for k in weights if k not in own and k not in head]
+    if mismatched or missing or unexpected:
+        ckpt = {**ckpt, "model": {k: v for k, v in weights.items() if k not in head}}
+        raise _misfit(path, ckpt, {k: v for k, v in own.items() if k not in head})
     for key in head:
-        logger.warning(f"{path}: {key} has shape {tuple(weights.pop(key).shape)}, the model "
-                       f"{tuple(own[key].shape)}: the head starts from its initialisation")
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        raise _misfit(path, ckpt, f":\n{e}") from None
-    missing = [k for k in result.missing_keys if k not in head]
-    if missing or result.unexpected_keys:
-        raise _misfit(path, ckpt, f": missing keys {missing}, unexpected keys "
-                                  f"{result.unexpected_keys}")
+        shape = tuple(weights.pop(key).shape)
+        if key in own:
+            logger.warning(f"{path}: {key} has shape {shape}, the model {tuple(own[key].shape)}: "
+                           "the head starts from its initialisation")
+        else:
+            logger.info(f"{path}: {key} {shape} not loaded: the model has no classifier")
+    model.load_state_dict(weights, strict=False)
     logger.info(f"loaded pretrained weights from {path}")
 
 
 def restore_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer,
-                           lr_scheduler: Any, scaler: torch.amp.GradScaler,
-                           logger: logging.Logger) -> None:
-    """Restores optimizer, LR scheduler, loss scaler and this rank's RNG states from ``ckpt``."""
+                           lr_scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+    """Restores optimizer, LR scheduler and loss scaler from ``ckpt``."""
     for key in ("optimizer", "lr_scheduler"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: has no '{key}' entry: it holds weights only; "
@@ -356,9 +450,3 @@ def restore_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimiz
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    states = ckpt.get("rng")
-    if states and len(states) == get_world_size():
-        set_rng_state(states[get_rank()])
-    else:
-        logger.warning(f"{path}: RNG states of {len(states or [])} rank(s) for "
-                       f"{get_world_size()} now: random streams start afresh (not bit-exact)")

@@ -5,6 +5,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 from typing import Any, Callable, Iterator
 
 import torch
@@ -16,7 +17,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from yacs.config import CfgNode as CN
 
-from utils import get_rank, get_world_size
+from utils import derive_seed, get_rank, get_world_size, seed_all
+
+# Signals by which a launcher, Slurm or Ctrl-C asks training to stop (main.Preemption).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class DataError(ValueError):
@@ -96,12 +100,20 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
         from .digits import NUM_CLASSES, build_digits_dataset
         dataset = build_digits_dataset(is_train, transform)
         num_classes = NUM_CLASSES
+    elif name == "cub":
+        from .cub import CUBDataset
+        if not config.DATA.DATA_PATH:
+            raise DataError("DATA.DATA_PATH (--data-path) is not set: give the CUB_200_2011 folder")
+        dataset = CUBDataset(config.DATA.DATA_PATH, is_train, transform,
+                             config.DATA.SKIP_BAD_IMAGES)
+        num_classes = len(dataset.classes)
     else:
-        raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet' or 'digits'")
+        raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet', 'digits' or "
+                        "'cub'")
     if num_classes != config.MODEL.NUM_CLASSES:
         where = getattr(dataset, "root", f"the {name} dataset")
         raise DataError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but {where} has "
-                        f"{num_classes} classes")
+                        f"{num_classes} classes{_missing_classes(dataset, is_train)}")
     return dataset, num_classes
 
 
@@ -163,9 +175,40 @@ def build_transform(is_train: bool, config: CN) -> Callable:
     return transforms.Compose(resize + [transforms.ToTensor(), normalize])
 
 
+def _missing_classes(dataset: Dataset, is_train: bool) -> str:
+    """For a message: the class folders that the other split (train/ or val/) has and
+    ``dataset`` lacks, or ""."""
+    root = getattr(dataset, "root", None)
+    other = os.path.join(os.path.dirname(root or ""), "val" if is_train else "train")
+    if not root or not os.path.isdir(other):
+        return ""
+    missing = sorted({e.name for e in os.scandir(other) if e.is_dir()} - set(dataset.classes))
+    return f": missing {missing}, which {other} has" if missing else ""
+
+
+class EpochSeededDataset(Dataset):
+    """A training dataset indexed by ``(epoch, index)`` (see :class:`TrainSampler`) whose every
+    random draw is a function of (``seed``, epoch, index): python's ``random``, NumPy and torch,
+    which timm's transforms use, are reseeded before each sample is loaded and transformed. So
+    an image gets the same augmentation in a resumed run, whichever worker or rank loads it."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        seed_all(derive_seed(self.seed, epoch, index), accelerators=False)
+        return self.dataset[index]
+
+
 class TrainSampler(DistributedSampler):
-    """torch's DistributedSampler (a fresh shuffle per epoch from the seed) that can start an
-    epoch part-way through, for a resume from a mid-epoch checkpoint."""
+    """torch's DistributedSampler (a fresh shuffle per epoch from the seed, split over ranks) that
+    yields ``(epoch, index)`` pairs for :class:`EpochSeededDataset` and can start an epoch
+    part-way through, for a resume from a mid-epoch checkpoint."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
@@ -176,8 +219,9 @@ class TrainSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.start_index = start_index
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start_index, None)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = itertools.islice(super().__iter__(), self.start_index, None)
+        return ((self.epoch, index) for index in indices)
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
@@ -195,6 +239,32 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders: a worker ignores the stop signals, which a launcher or
+    Slurm sends to the whole process group; the main process decides when to stop and ends its
+    workers itself. (They start with the signals blocked, see :class:`Loader`.)"""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose worker processes survive a stop signal sent to the process group: the
+    workers start (at each ``iter``) with the stop signals blocked and ignore them from their
+    ``worker_init_fn`` on, so no signal reaches them in between. The main process receives a
+    signal that arrives meanwhile as soon as the workers have started."""
+
+    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+        super().__init__(dataset, worker_init_fn=ignore_stop_signals, **kwargs)
+
+    def __iter__(self) -> Iterator:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def mixup_enabled(config: CN) -> bool:
@@ -222,7 +292,7 @@ def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None
     rank, world_size = get_rank(), get_world_size()
     pin_memory = config.DATA.PIN_MEMORY and torch.cuda.is_available()
     dataset_val, _ = build_dataset(is_train=False, config=config)
-    data_loader_val = DataLoader(
+    data_loader_val = Loader(
         dataset_val, sampler=ShardSampler(dataset_val, world_size, rank),
         batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=pin_memory, drop_last=False)
@@ -241,7 +311,8 @@ def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None
         raise DataError(f"the training set ({len(dataset_train)} images) gives each of the "
                         f"{world_size} rank(s) {len(sampler)} images, less than one batch of "
                         f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
-    data_loader_train = DataLoader(
-        dataset_train, sampler=sampler, batch_size=config.DATA.BATCH_SIZE,
-        num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True)
+    data_loader_train = Loader(
+        EpochSeededDataset(dataset_train, config.SEED), sampler=sampler,
+        batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+        pin_memory=pin_memory, drop_last=True)
     return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)

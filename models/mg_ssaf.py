@@ -22,27 +22,40 @@ these by up to 8.8e-4). Inputs whose sides are multiples of 32 run, square or no
 
 The released network sets no attention dropout, and this implementation has none: it lets the
 AF module fold its last bias into the output instead of adding it to every attention weight.
+
+The model has timm's interface (multi-scale features at strides 4/8/16/32, ``features_only``,
+layer-wise decay groups); models/registry.py registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
+``mg_ssaf_b`` with ``timm.create_model``, with weights from local files only.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
+from timm.models._features import feature_take_indices
+
+from utils import load_pretrained
+
+from .depthwise import DepthwiseConv2d
+from .pointwise import PointwiseConv2d
 
 __all__ = ["MGSSAF"]
 
+_logger = logging.getLogger(__name__)
+
 
 def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(in_chans, out_chans, 1, bias=bias)
+    return PointwiseConv2d(in_chans, out_chans, bias)
 
 
 def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim)
+    return DepthwiseConv2d(dim, kernel_size, stride)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -107,8 +120,10 @@ class AttentionFusion(nn.Sequential):
         y = torch.baddbmm(dw.bias.to(dtype).view(heads, 1, 1), flat,
                           self._spatial_operator(map_size, attn))
         # attn + 1x1-over-heads(GELU(y)), without the 1x1's bias (added below)
-        weights = torch.addmm(flat.view(heads, -1), pw.weight.to(dtype).view(heads, heads),
-                              act(y).view(heads, -1))
+        # the 1x1's (heads, heads, 1, 1) weight read through the channels-last order, so that its
+        # gradient comes back channels-last, like every other convolution's (DDP buckets)
+        mix = pw.weight.to(dtype).permute(0, 2, 3, 1).reshape(heads, heads)
+        weights = torch.addmm(flat.view(heads, -1), mix, act(y).view(heads, -1))
         # the 1x1's bias is added to every weight, so it contributes bias * (sum of the values)
         bias = pw.bias.to(dtype).view(heads, 1, 1, 1) * values.sum(2, keepdim=True)
         out = torch.baddbmm(bias.view(heads * groups, 1, d), weights.view(heads * groups, nq, m),
@@ -314,29 +329,42 @@ class PatchEmbed(nn.Module):
 
 
 class MGSSAFStage(nn.Module):
-    """``depth`` blocks at one resolution, then (except in the last stage) a PatchMerging."""
+    """``depth`` blocks at one resolution, then (except in the last stage) a PatchMerging.
+
+    The stage's feature map (its ``feature_info`` entry) is the output of ``blocks``, before the
+    PatchMerging: ``(B, dim, H, W)`` at the stage's own stride.
+    """
 
     def __init__(self, dim: int, depth: int, downsample: bool, drop_path: Sequence[float],
                  **block_kwargs) -> None:
         super().__init__()
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList(
-            MGSSAFBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path)
+        self.blocks = nn.Sequential(*(
+            MGSSAFBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path))
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's blocks: ``(B, dim, H, W) -> (B, dim, H, W)``."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.blocks(x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x)
         return self.downsample(x) if self.downsample is not None else x
 
 
 class MGSSAF(nn.Module):
     """MG-SSAF classifier: (B, in_chans, H, W) images -> (B, num_classes) logits.
 
-    H and W must be multiples of 32 (see the module docstring for sizes other than 224).
+    H and W must be multiples of 32 (see the module docstring for sizes other than 224). The
+    model follows timm's interface: ``forward_features`` gives the normalised last map,
+    ``forward_head`` pools it and applies the head (``1x1 -> GELU -> Dropout -> Linear``),
+    ``forward_intermediates`` the four stage maps of ``feature_info`` (strides 4/8/16/32, C, 2C,
+    4C, 8C channels, each taken before the stage's PatchMerging). ``num_classes=0`` has no
+    classifier: the model then returns the ``head_hidden_size`` pooled features.
     """
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
@@ -345,12 +373,18 @@ class MGSSAF(nn.Module):
                  global_ratio: Sequence[float] = (0.0, 0.5, 0.5, 0.0),
                  strip_width: Sequence[int] = (0, 2, 2, 0), window_size: int = 7,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, head_hidden_dim: int = 1280,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False) -> None:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False,
+                 global_pool: str = "avg") -> None:
         super().__init__()
         _check_arch(img_size, embed_dim, depths, num_heads, global_ratio, strip_width, window_size)
         num_stages = len(depths)
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.head_hidden_size = head_hidden_dim
+        self.feature_info = [
+            dict(num_chs=embed_dim * 2 ** i, reduction=4 * 2 ** i, module=f"layers.{i}.blocks")
+            for i in range(num_stages)]
         total = sum(depths)
         rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
 
@@ -368,15 +402,14 @@ class MGSSAF(nn.Module):
         self.last_conv = _pointwise(self.num_features, head_hidden_dim)
         self.head_act = nn.GELU()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(head_hidden_dim, num_classes)
+        self.head = nn.Linear(head_hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
         self.set_grad_checkpointing(use_checkpoint)
 
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                _init_linear(m)
         downsamplers = [self.patch_embed] + [s.downsample for s in self.layers if s.downsample]
         for module in downsamplers:
             for m in module.modules():
@@ -391,26 +424,131 @@ class MGSSAF(nn.Module):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The LN2d weights and biases (no weight decay, as for every other 1-D parameter)."""
+        return {f"{name}.{p}" for name, m in self.named_modules() if isinstance(m, LayerNorm2d)
+                for p in ("weight", "bias")}
+
+    @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return {"norm"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups, first to last (timm; layer-wise LR decay): the stem, then each block
+        (coarse: each stage); a stage's PatchMerging and the final norm join the group before them
+        (timm's ``(99999,)``); ``last_conv`` and ``head`` match nothing: the last group."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99999,)),
+                (r"^norm", (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0: none, the model returns
+        the pooled ``head_hidden_size`` features). ``global_pool`` '' keeps the spatial map
+        (``(B, head_hidden_size, h, w)``, only without a classifier); 'avg' pools it."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool {global_pool!r}: expected 'avg' or ''")
+            self.global_pool = global_pool
+        if num_classes > 0 and not self.global_pool:
+            raise ValueError("a classifier needs pooled features: global_pool must be 'avg'")
+        self.num_classes = num_classes
+        self.head = nn.Identity()
+        if num_classes > 0:
+            self.head = nn.Linear(self.head_hidden_size, num_classes,
+                                  device=self.patch_embed.ConvFuse.weight.device)
+            _init_linear(self.head)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) images -> (B, num_features, H/32, W/32), normalised."""
-        if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
-                             f"{tuple(x.shape[-2:])}")
+        _check_input(x)
         x = self.pos_drop(self.patch_embed(x))
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier."""
-        x = self.head_drop(self.head_act(self.last_conv(x.mean((2, 3), keepdim=True))))
-        return self.head(x.flatten(1))
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage maps ``indices`` (timm: an int n takes the last n stages, None all), each
+        ``(B, C * 2**i, H / 2**(i+2), W / 2**(i+2))`` before the stage's PatchMerging; ``norm``
+        applies the final norm to the last stage's map. Returns the maps, or (unless
+        ``intermediates_only``) ``(forward_features(x), maps)``; with ``stop_early`` the stages
+        after the last one taken are skipped (the first item is then that stage's map)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: MG-SSAF gives NCHW maps only")
+        _check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        stages = self.layers if not stop_early else self.layers[:max_index + 1]
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x))
+        for i, stage in enumerate(stages):
+            x = stage.forward_blocks(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+            if stage.downsample is not None and i < len(stages) - 1:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(stages) == last + 1 else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drops what the stage maps ``indices`` do not need: later stages, the PatchMerging after
+        the last one kept, and (``prune_head``) the head; ``prune_norm`` drops the final norm.
+        Returns the indices taken (as ``forward_intermediates`` reads them)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        if prune_norm or max_index < len(self.layers) - 1:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None
+        if prune_head:
+            self.reset_classifier(0)
+            self.last_conv = nn.Identity()
+        return take_indices
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier.
+        ``pre_logits``: the ``(B, head_hidden_size)`` features before the classifier; with
+        ``global_pool`` '' no pooling: ``(B, head_hidden_size, h, w)``."""
+        if self.global_pool == "avg":
+            x = x.mean((2, 3), keepdim=True)
+        x = self.head_drop(self.head_act(self.last_conv(x)))
+        if not self.global_pool:
+            return x
+        x = x.flatten(1)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's loader of a local weights file (``pretrained=True,
+        pretrained_cfg_overlay=dict(file=path)``): the project's safe loader of checkpoints
+        (``utils.load_pretrained``, as ``--pretrained``)."""
+        load_pretrained(checkpoint_path, self, _logger)
+
+
+def _init_linear(m: nn.Linear) -> None:
+    trunc_normal_(m.weight, std=0.02)
+    nn.init.zeros_(m.bias)
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.shape[-2] % 32 or x.shape[-1] % 32:
+        raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
+                         f"{tuple(x.shape[-2:])}")
 
 
 def _check_arch(img_size: int, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],

@@ -198,3 +198,15 @@ def test_model_info_cli_names_a_bad_config():
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "error: stage 1 (dim 192" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("size, message", [
+    (["100"], "error: MG-SSAF needs input sides that are multiples of 32, got (100, 100)"),
+    (["0"], "error: --img-size must be positive, got 0x0")])
+def test_model_info_cli_names_a_bad_input_size(size, message):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "tools/model_info.py", "--cfg",
+                             "configs/MG-SSAF/MG-SSAF-T.yaml", "--img-size", *size],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == f"model_info.py: {message}\n"

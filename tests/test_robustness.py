@@ -17,7 +17,8 @@ import torch
 import pipeline_helpers as h
 from config import load_config
 from main import Preemption
-from utils import CheckpointError, atomic_save, load_checkpoint_file, prune_checkpoints
+from utils import (CheckpointError, atomic_save, load_checkpoint_file, prune_checkpoints,
+                   weight_differences)
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
 NAN_FROM_SECOND_STEP = """
@@ -141,25 +142,8 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(dat
     assert not os.path.exists(os.path.join(folder, mid[0]))  # superseded once epoch 0 was saved
 
 
-def test_torchrun_forwards_sigterm_and_both_ranks_stop_at_the_same_step(data, tmp_path):
-    launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}",
-                "main.py")
-    argv = h.main_args(data, str(tmp_path), "ddp", "TRAIN.EPOCHS", "2", *h.NO_AUG, batch_size=1)
-    folder = h.run_dir(str(tmp_path), "ddp")
-    process = start(argv, str(tmp_path / "torchrun.log"), launcher)
-    log = os.path.join(folder, "log_rank0.txt")
-    wait_for(lambda: os.path.exists(log) and "Train: [0/2][2/8]" in read(log), process)
-    process.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both workers
-    assert process.wait(timeout=120) != 0
-    stops = [re.findall(r"preempted: SIGTERM received: stopped at epoch 0 step (\d+)/8",
-                        read(os.path.join(folder, f"log_rank{r}.txt"))) for r in (0, 1)]
-    assert stops[0] and stops[0] == stops[1]
-    assert os.path.exists(os.path.join(folder, f"ckpt_epoch_0_step_{stops[0][0]}.pth"))
-
-
-def test_sigterm_and_sigusr1_request_a_stop():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+def test_sigterm_sigusr1_and_sigint_request_a_stop():
+    saved = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
     try:
         for sig in saved:
             preemption = Preemption()
@@ -238,6 +222,27 @@ def test_checkpoint_that_would_run_code_is_refused(data, tmp_path):
     assert not os.path.exists(marker)
 
 
+def released_keys(reference_dir: str, variant: str) -> dict[str, torch.Tensor]:
+    """MG-SSAF-{variant}.keys.txt as a state dict of shape-only (meta) tensors."""
+    weights = {}
+    with open(os.path.join(reference_dir, f"MG-SSAF-{variant}.keys.txt"), encoding="utf-8") as f:
+        for line in f:
+            name, shape = line.split()
+            weights[name] = torch.empty([int(n) for n in shape.split("x")], device="meta")
+    return weights
+
+
+def test_released_s_weights_into_t_are_refused_naming_the_depths_not_listing_keys(reference_dir):
+    s, t = (released_keys(reference_dir, v) for v in "ST")
+    assert weight_differences(s, t) == [
+        "blocks in stage 2 (layers.2): 18 in the checkpoint, 6 in this model",
+        "an MG-SSAF-S checkpoint into an MG-SSAF-T model?"]
+    b = released_keys(reference_dir, "B")
+    assert weight_differences(b, t)[:2] == [
+        "embedding width (MODEL.MGSSAF.EMBED_DIM): 128 in the checkpoint, 96 in this model",
+        "blocks in stage 2 (layers.2): 18 in the checkpoint, 6 in this model"]
+
+
 def test_released_layout_checkpoint_with_a_yacs_config_loads(reference, data, tmp_path):
     weights = dict(load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))["model"])
     for key in [k for k in weights if k.endswith("attn.proj_qkv.weight")]:  # released extra norm
@@ -286,6 +291,8 @@ def _layout(tmp: str, kind: str, data: str) -> str:
     shutil.copytree(data, root)
     if kind in ("no_val", "no_train"):
         shutil.rmtree(os.path.join(root, "val" if kind == "no_val" else "train"))
+    if kind == "missing_val_class":
+        shutil.rmtree(os.path.join(root, "val", "class2"))
     if kind == "empty_class":
         for name in os.listdir(os.path.join(root, "train", "class1")):
             os.remove(os.path.join(root, "train", "class1", name))
@@ -311,14 +318,24 @@ BAD_INPUTS = [
      ["TRAIN.EPOCHS expects an integer", "five"]),
     ("missing_resume", dict(flags=("--resume", "/nonexistent/ckpt.pth")),
      ["MODEL.RESUME (--resume) /nonexistent/ckpt.pth: file not found"]),
+    ("missing_val_class", dict(layout="missing_val_class"),
+     ["MODEL.NUM_CLASSES is 3 but", "/val has 2 classes: missing ['class2'], which",
+      "missing_val_class/train has"]),
     ("other_variant", dict(flags=("--eval", "--resume", "VICTIM/ckpt_epoch_3.pth"),
                            opts=["MODEL.MGSSAF.EMBED_DIM", "48"]),
-     ["ckpt_epoch_3.pth: its weights do not fit this model",
-      "size mismatch for patch_embed.norm.weight",
-      "torch.Size([24])", "torch.Size([48])"]),
+     ["ckpt_epoch_3.pth: its weights do not fit this model (it was saved by a run of MODEL.NAME "
+      f"{h.MODEL_NAME}, NUM_CLASSES 3): embedding width (MODEL.MGSSAF.EMBED_DIM): 24 in the "
+      "checkpoint, 48 in this model"]),
+    ("other_depth_pretrained", dict(flags=("--eval", "--pretrained", "VICTIM/ckpt_epoch_3.pth"),
+                                    opts=["MODEL.MGSSAF.DEPTHS", "[1,1,2,1]"]),
+     ["ckpt_epoch_3.pth: its weights do not fit this model (it was saved by a run of MODEL.NAME "
+      f"{h.MODEL_NAME}, NUM_CLASSES 3): blocks in stage 2 (layers.2): 1 in the checkpoint, 2 in "
+      "this model"]),
     ("other_class_count", dict(flags=("--eval", "--resume", "TWO_CLASSES")),
-     ["two_classes.pth: its weights do not fit this model", "size mismatch for head.weight",
-      "torch.Size([2, 64])", "torch.Size([3, 64])"]),
+     ["two_classes.pth: its weights do not fit this model",
+      "classes (MODEL.NUM_CLASSES): 2 in the checkpoint, 3 in this model"]),
+    ("not_a_checkpoint", dict(flags=("--eval", "--resume", "TEXT_FILE")),
+     ["notes.txt: not a checkpoint (not a torch.save file: it starts with b'some'"]),
     ("batch_size_0", dict(batch_size=0),
      ["DATA.BATCH_SIZE (--batch-size) must be at least 1, got 0"]),
     ("odd_batch_with_cutmix",
@@ -342,7 +359,9 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
         dataset = bad_image_data
     elif change.get("layout"):
         dataset = _layout(str(tmp_path), change["layout"], data)
+    (tmp_path / "notes.txt").write_text("some notes, not a checkpoint")
     flags = tuple(f.replace("VICTIM", folder).replace("TWO_CLASSES", other_class_count_checkpoint)
+                  .replace("TEXT_FILE", str(tmp_path / "notes.txt"))
                   for f in change.get("flags", ()))
     argv = h.main_args(dataset, output, "victim", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5",
                        *change.get("opts", []), flags=flags, batch_size=change.get("batch_size", 4))
@@ -350,6 +369,8 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
     assert result.returncode == 1, result.stdout[-3000:]
     for message in messages:
         assert message in result.stdout, result.stdout[-3000:]
+    error = [line for line in result.stdout.splitlines() if "ERROR" in line or "error:" in line]
+    assert error and len(error[-1]) < 600, error  # one line that says it, no key lists
     assert "Traceback" not in result.stdout, result.stdout[-3000:]
     assert h.digests(folder) == before
     assert not os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))

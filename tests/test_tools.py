@@ -78,12 +78,17 @@ def test_benchmark_table_and_json(tmp_path):
     table = result.stdout.strip().splitlines()
     assert table[0].startswith("| model | params (M) | GFLOPs | infer img/s | train img/s")
     assert "infer x test_resnet" in table[0] and len(table) == 2 + 2
+    assert table[0].endswith("| infer GFLOP/s | infer % peak | train GFLOP/s | train % peak |")
+    assert "GEMM peak" in result.stderr
     assert table[2].startswith("| MG-SSAF-pico |") and table[3].startswith("| test_resnet |")
 
     report = json.loads(out.read_text())
     assert report["reference"] == "test_resnet" and report["failed"] == []
     assert report["settings"]["infer_batch"] == 2 and report["settings"]["device"] == "cpu"
     assert report["settings"]["keep_freed_memory"] is True
+    peak = report["settings"]["gemm_peak_gflop_s"]
+    assert peak == max(report["settings"]["gemm_mm_gflop_s"],
+                       report["settings"]["gemm_conv1x1_gflop_s"]) > 0
     assert report["table"] == result.stdout.strip()
     rows = {row["model"]: row for row in report["rows"]}
     assert set(rows) == {"MG-SSAF-pico", "test_resnet"}
@@ -91,6 +96,11 @@ def test_benchmark_table_and_json(tmp_path):
         for key in ("infer_img_s", "train_img_s", "infer_mem_mb", "train_mem_mb", "gflops"):
             assert row[key] >= 0, (row["model"], key)
         assert 0.1 < row["params_m"] < 1
+        # achieved FLOP/s: 2 FLOPs per multiply-add, a training step as 3 forward passes
+        assert row["infer_gflop_s"] == pytest.approx(2 * row["gflops"] * row["infer_img_s"])
+        assert row["train_gflop_s"] == pytest.approx(6 * row["gflops"] * row["train_img_s"])
+        for phase in ("infer", "train"):
+            assert row[f"{phase}_peak_frac"] == pytest.approx(row[f"{phase}_gflop_s"] / peak)
         kept = uses_glibc_malloc()
         assert row["infer_kept_freed_memory"] is row["train_kept_freed_memory"] is kept
     assert rows["test_resnet"]["infer_ratio"] == rows["test_resnet"]["train_ratio"] == 1.0
@@ -105,3 +115,11 @@ def test_benchmark_rejects_unknown_peer_and_config(tmp_path):
     assert result.returncode != 0 and missing in result.stderr
     result = run_tool(BENCH, "--opts", "MODEL.NO_SUCH_KEY", "1", "--peers", *TINY_BENCH)
     assert result.returncode != 0 and "MODEL.NO_SUCH_KEY" in result.stderr
+
+
+def test_benchmark_names_an_input_size_the_model_refuses():
+    result = run_tool(BENCH, "--cfg", os.path.join(ROOT, "configs", "MG-SSAF", "MG-SSAF-T.yaml"),
+                      "--peers", *TINY_BENCH, "--img-size", "100")
+    assert result.returncode == 1
+    assert "benchmark: error: DATA.IMG_SIZE 100 must be a multiple of 32" in result.stderr
+    assert "Traceback" not in result.stderr

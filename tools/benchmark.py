@@ -10,6 +10,13 @@ CPU, the growth of the process's peak resident set over its size before the warm
 high-water mark). Each (model, phase) runs in a fresh subprocess by default, so no model's memory
 or allocator state leaks into another's figures.
 
+Efficiency: once per run the tool measures the machine's matrix-multiply peak in the benchmark's
+dtype (the faster of a large ``torch.mm`` and a large 1x1 convolution, on the same device and
+threads; see ``gemm_peak_gflops``) and
+reports for every row the achieved FLOP/s (2 FLOPs per multiply-add; a training step counted as 3
+forward passes: forward, input gradients, weight gradients) and its fraction of that peak, which
+carries over between machines better than img/s does.
+
 Prints a markdown table with every model's ratio to the first peer and writes the same as JSON.
 
     python tools/benchmark.py                                  # MG-SSAF-T/S/B vs Swin-T, ConvNeXt-T
@@ -172,6 +179,48 @@ def median_step_seconds(step: Callable[[], None], steps: int, device: torch.devi
     return statistics.median(times)
 
 
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (after one untimed)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
+    """The machine's matrix-multiply peak in GFLOP/s (2 FLOPs per multiply-add), as the faster
+    of the two GEMM libraries PyTorch calls: ``torch.mm`` of 2048 x 2048 matrices (MKL or
+    OpenBLAS on CPU, cuBLAS on CUDA) and a 1024 -> 1024-channel 1x1 convolution of a 16 x 16 x 16
+    channels-last batch (oneDNN on CPU, cuDNN on CUDA). On AMD CPUs MKL runs AVX2 code while
+    oneDNN runs AVX-512, so the two can differ by 2x; models reach one or the other."""
+    n = 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    mm = 2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), device, repeats) / 1e9
+    batch, c, size = 16, 1024, 16
+    x = torch.randn(batch, c, size, size, device=device).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c, 1, 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    seconds = _best_seconds(lambda: torch.nn.functional.conv2d(x, w), device, repeats)
+    conv = 2 * batch * size * size * c * c / seconds / 1e9
+    return {"peak": max(mm, conv), "mm": mm, "conv1x1": conv}
+
+
+def add_efficiency(rows: list[dict], peak_gflops: float) -> None:
+    """``<phase>_gflop_s`` (achieved) and ``<phase>_peak_frac`` (of the GEMM peak) per row; a
+    training step counts 3 forward passes. None where img/s or the FLOP count is missing."""
+    for row in rows:
+        for phase, passes in (("infer", 1), ("train", 3)):
+            speed, gmacs = row.get(f"{phase}_img_s"), row.get("gflops")
+            achieved = 2 * passes * gmacs * speed if speed and gmacs else None
+            row[f"{phase}_gflop_s"] = achieved
+            row[f"{phase}_peak_frac"] = achieved / peak_gflops if achieved else None
+
+
 def bench_phase(spec: str, phase: str, args: argparse.Namespace) -> dict:
     """One model's row for one phase: speed, peak memory, and (inference) params and GFLOPs."""
     device = resolve_device(args.device)
@@ -266,6 +315,7 @@ def add_ratios(rows: list[dict], reference: Optional[str]) -> None:
 
 
 def markdown_table(rows: list[dict], reference: Optional[str]) -> str:
+    """One row per model; ``% peak`` columns are fractions of the run's GEMM peak."""
     ref = reference or "first peer"
     columns = [("model", "model", "{}"), ("params_m", "params (M)", "{:.1f}"),
                ("gflops", "GFLOPs", "{:.2f}"), ("infer_img_s", "infer img/s", "{:.1f}"),
@@ -273,7 +323,11 @@ def markdown_table(rows: list[dict], reference: Optional[str]) -> str:
                ("infer_mem_mb", "infer mem (MB)", "{:.0f}"),
                ("train_mem_mb", "train mem (MB)", "{:.0f}"),
                ("infer_ratio", f"infer x {ref}", "{:.2f}"),
-               ("train_ratio", f"train x {ref}", "{:.2f}")]
+               ("train_ratio", f"train x {ref}", "{:.2f}"),
+               ("infer_gflop_s", "infer GFLOP/s", "{:.0f}"),
+               ("infer_peak_frac", "infer % peak", "{:.0%}"),
+               ("train_gflop_s", "train GFLOP/s", "{:.0f}"),
+               ("train_peak_frac", "train % peak", "{:.0%}")]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
              "|" + "|".join("---" if key == "model" else "---:" for key, _, _ in columns) + "|"]
     for row in rows:
@@ -336,7 +390,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(ROW_PREFIX + json.dumps(bench_phase(args.worker, args.phase, args)), flush=True)
+        try:
+            row = bench_phase(args.worker, args.phase, args)
+        except ValueError as e:  # a config or input size the model refuses
+            sys.exit(f"benchmark: error: {e}")
+        print(ROW_PREFIX + json.dumps(row), flush=True)
         return
     try:
         device = resolve_device(args.device)
@@ -344,7 +402,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (BenchmarkError, ValueError) as e:  # config.ConfigError is a ValueError
         sys.exit(f"benchmark: error: {e}")
     infer_batch, train_batch = batch_sizes(args, device)
-    threads = args.threads or torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        gemm = gemm_peak_gflops(device, DTYPES[args.dtype])
+    peak = gemm["peak"]
     settings = {"device": str(device), "device_name": device_description(device),
                 "torch": torch.__version__, "threads": threads, "dtype": args.dtype,
                 "infer_batch": infer_batch, "train_batch": train_batch, "img_size": args.img_size,
@@ -352,14 +415,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "keep_freed_memory": args.keep_freed_memory and device.type == "cpu",
                 "steps": args.steps, "warmup": args.warmup, "opts": args.opts,
                 "models_in_subprocess": args.models_in_subprocess,
+                "gemm_peak_gflop_s": peak, "gemm_mm_gflop_s": gemm["mm"],
+                "gemm_conv1x1_gflop_s": gemm["conv1x1"],
                 "memory": "CUDA allocator peak (MB, weights included)" if device.type == "cuda"
                           else "growth of the process's peak RSS during the phase (MB)"}
     print(f"# {settings['device_name']}; torch {torch.__version__}, {threads} threads, "
           f"{args.dtype}, batch {infer_batch} inference / {train_batch} training, "
           f"{args.img_size}px{', compiled' if args.compile else ''}"
           f"{', channels-last' if args.channels_last else ''}"
-          f"{', default malloc' if device.type == 'cpu' and not args.keep_freed_memory else ''}",
-          file=sys.stderr)
+          f"{', default malloc' if device.type == 'cpu' and not args.keep_freed_memory else ''}; "
+          f"{args.dtype} GEMM peak {peak:.0f} GFLOP/s (mm {gemm['mm']:.0f}, "
+          f"1x1 conv {gemm['conv1x1']:.0f}; % peak: achieved FLOP/s over it, a training "
+          "step counted as 3 forward passes)", file=sys.stderr)
 
     rows, failed = [], []
     for spec in specs:
@@ -378,6 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rows.append(row)
     reference = spec_name(specs[len(args.cfg)]) if args.peers else None
     add_ratios(rows, reference)
+    add_efficiency(rows, peak)
     table = markdown_table(rows, reference)
     print(table)
     if args.json:

@@ -48,15 +48,18 @@ def main() -> None:
     args = parser.parse_args()
     try:
         config = load_config(args.cfg, args.opts)
-        model = build_segmentor(config) if is_seg_config(config) else build_model(config)
-    except ValueError as e:  # ConfigError included
+        seg = is_seg_config(config)
+        model = build_segmentor(config) if seg else build_model(config)
+        size = args.img_size or ([min(config.SEG.SCALE), max(config.SEG.SCALE)] if seg
+                                 else [config.DATA.IMG_SIZE])
+        size = (size[0], size[-1])
+        if min(size) <= 0:
+            raise ValueError(f"--img-size must be positive, got {size[0]}x{size[1]}")
+        gmacs = count_gmacs(model, size, config.MODEL.MGSSAF.IN_CHANS)
+    except ValueError as e:  # ConfigError and the model's input-size check included
         parser.exit(1, f"model_info.py: error: {e}\n")
-    default = ([min(config.SEG.SCALE), max(config.SEG.SCALE)] if is_seg_config(config)
-               else [config.DATA.IMG_SIZE])
-    size = args.img_size or default
-    size = (size[0], size[-1])
     print(f"{config.MODEL.NAME}: {count_params(model) / 1e6:.2f} M parameters, "
-          f"{count_gmacs(model, size, config.MODEL.MGSSAF.IN_CHANS):.2f} GFLOPs at {size[0]}x{size[1]}")
+          f"{gmacs:.2f} GFLOPs at {size[0]}x{size[1]}")
 
 
 if __name__ == "__main__":

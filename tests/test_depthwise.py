@@ -1,0 +1,114 @@
+"""models.depthwise: the fast CPU backward gives nn.Conv2d's gradients, in every layout and mode."""
+import pytest
+import torch
+from torch import nn
+
+from models import depthwise
+from models.depthwise import DepthwiseConv2d, fast_backward_available
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _pair(channels: int, kernel: int, dtype=torch.float32, stride: int = 1):
+    torch.manual_seed(0)
+    native = nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=channels)
+    fast = DepthwiseConv2d(channels, kernel, stride)
+    fast.load_state_dict(native.state_dict())
+    return native.to(dtype), fast.to(dtype)
+
+
+def _grads(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    x = x.detach().clone().requires_grad_(True)
+    out = conv(x)
+    gx, gw, gb = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    return out, gx, gw, gb
+
+
+def test_fast_path_is_taken():
+    x = torch.randn(2, 32, 14, 14)
+    assert fast_backward_available(x, DepthwiseConv2d(32, 7).weight, stride=1)
+    assert not fast_backward_available(x, DepthwiseConv2d(32, 3).weight, stride=1)  # oneDNN's
+    assert not fast_backward_available(x, DepthwiseConv2d(32, 7).weight, stride=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_backward_available(x, DepthwiseConv2d(32, 7).weight, stride=1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kernel", [5, 7])
+def test_gradcheck_float64(layout, kernel):
+    _, fast = _pair(16, kernel, torch.float64)
+    x = torch.randn(2, 16, 9, 8, dtype=torch.float64).contiguous(memory_format=layout)
+    assert fast_backward_available(x, fast.weight, stride=1)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(fast, (x,))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(3, 48, 28, 28), (2, 96, 7, 7), (1, 16, 5, 11)])
+def test_float32_matches_conv2d(layout, shape):
+    native, fast = _pair(shape[1], 7)
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    grad = torch.randn(shape).contiguous(memory_format=layout)
+    expected, got = _grads(native, x, grad), _grads(fast, x, grad)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)  # the same forward call
+    for name, g, e in zip(("input", "weight", "bias"), got[1:], expected[1:]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=name)
+    assert got[2].stride() == fast.weight.stride()
+
+
+def test_weight_gradient_keeps_the_weight_strides():
+    """A channels-last weight (as DDP buckets see it after model.to(channels_last)) gets a
+    channels-last gradient."""
+    _, fast = _pair(32, 7)
+    fast = fast.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    fast(x).sum().backward()
+    assert fast.weight.grad.stride() == fast.weight.stride()
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (7, 2)])
+def test_other_shapes_are_exactly_conv2d(kernel, stride):
+    native, fast = _pair(32, kernel, stride=stride)
+    x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(native(x))
+    for g, e in zip(_grads(fast, x, grad), _grads(native, x, grad)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_bfloat16_autocast_matches_conv2d():
+    native, fast = _pair(32, 7)
+    x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 32, 14, 14, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = _grads(native, x, grad), _grads(fast, x, grad)
+    assert got[0].dtype == torch.bfloat16
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_without_a_c_compiler_it_is_conv2d(monkeypatch):
+    monkeypatch.setattr(depthwise, "_libraries", {torch.float32: None})
+    monkeypatch.setattr(depthwise, "_kernel_ready", lambda dtype, channels: False)
+    native, fast = _pair(32, 7)
+    x = torch.randn(2, 32, 8, 8)
+    assert not fast_backward_available(x, fast.weight, stride=1)
+    grad = torch.randn(2, 32, 8, 8)
+    for g, e in zip(_grads(fast, x, grad), _grads(native, x, grad)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_torch_compile_matches_eager():
+    native, fast = _pair(32, 7)
+    compiled = torch.compile(fast)
+    x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 32, 14, 14)
+    expected = _grads(native, x, grad)
+    for _ in range(2):  # the first call compiles
+        got = _grads(compiled, x, grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_custom_op_passes_opcheck():
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(depthwise.depthwise_weight_grad, (x, torch.randn(2, 16, 6, 6), 5))

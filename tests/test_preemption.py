@@ -1,0 +1,242 @@
+"""Preemption as launchers and Slurm deliver it, and exact resume at any step (issue 11), through
+the real command line on CPU: a tiny model, loader workers on, augmentation, Mixup/CutMix, drop
+path and dropout on; a signal mid-epoch, then the same command again."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pipeline_helpers as h
+from utils import load_checkpoint_file
+
+# 48 training images: 24 steps per epoch with one process, 12 with two (batch 2).
+TRAIN_PER_CLASS = 16
+OPTS = ("TRAIN.EPOCHS", "2", "DATA.NUM_WORKERS", "2", "DETERMINISTIC", "true",
+        "MODEL.DROP_RATE", "0.1")
+COMPARED = ("train_loss", "lr", "val_loss", "acc1", "acc5", "num_updates")
+
+
+def torchrun() -> tuple[str, ...]:
+    return ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", "main.py")
+
+
+@pytest.fixture(scope="module")
+def data48(tmp_path_factory) -> str:
+    return h.make_imagefolder(str(tmp_path_factory.mktemp("data48")),
+                              train_per_class=TRAIN_PER_CLASS)
+
+
+def argv(data: str, output: str, tag: str) -> list[str]:
+    return h.main_args(data, output, tag, *OPTS, batch_size=2)
+
+
+def uninterrupted(data: str, output: str, prefix: tuple[str, ...]) -> str:
+    result = h.run_cli(argv(data, output, "uninterrupted"), prefix=prefix)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return h.run_dir(output, "uninterrupted")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data48, tmp_path_factory) -> str:
+    return uninterrupted(data48, str(tmp_path_factory.mktemp("one")), ("main.py",))
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def interrupt(argv_: list[str], folder: str, log: str, prefix: tuple[str, ...], sig: int,
+              to_group: bool, step: int = 3) -> int:
+    """Starts a run in its own session, sends ``sig`` once rank 0 has logged ``step`` of epoch 0
+    (to the whole process group, or to the launched process alone); returns the exit code."""
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, *prefix, *argv_], cwd=h.ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, env=h.child_env(),
+                                   start_new_session=True)
+    rank0 = os.path.join(folder, "log_rank0.txt")
+    deadline = time.time() + 180
+    while not (os.path.exists(rank0) and f"Train: [0/2][{step}/" in read(rank0)):
+        assert process.poll() is None, read(log)[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+    if to_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
+    return process.wait(timeout=120)
+
+
+def marker(folder: str) -> dict[str, str]:
+    """OUTPUT/PREEMPTED as a dict."""
+    lines = read(os.path.join(folder, "PREEMPTED")).splitlines()
+    return dict(line.split("=", 1) for line in lines)
+
+
+def check_stopped_mid_epoch(folder: str, signal_name: str, steps: int) -> str:
+    """One step checkpoint of epoch 0, named by the marker; returns its path."""
+    saved = [n for n in os.listdir(folder) if re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n)]
+    assert len(saved) == 1, os.listdir(folder)
+    step = int(re.search(r"step_(\d+)", saved[0]).group(1))
+    assert 3 < step < steps
+    found = marker(folder)
+    path = os.path.join(folder, saved[0])
+    assert found["checkpoint"] == path and found["signal"] == signal_name
+    assert found["epoch"] == "0" and found["step"] == str(step) and found["exit_code"] == "75"
+    return path
+
+
+def check_resumed_exactly(folder: str, reference: str, saved: str, stdout: str) -> None:
+    assert f"resumed from {saved}: epoch 0" in stdout
+    assert not os.path.exists(os.path.join(folder, "PREEMPTED"))
+    expected, got = h.read_metrics(reference), h.read_metrics(folder)
+    assert sorted(got) == [0, 1]
+    for epoch in got:
+        for key in COMPARED:
+            assert got[epoch][key] == expected[epoch][key], (epoch, key)
+    final, ref = (load_checkpoint_file(os.path.join(f, "ckpt_epoch_1.pth"))["model"]
+                  for f in (folder, reference))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_to_the_process_group_saves_a_step_and_the_rerun_equals_an_uninterrupted_run(
+        sig, one_process_run, data48, tmp_path):
+    # Slurm signals the job step's process group, a terminal's Ctrl-C the foreground group:
+    # the loader workers get the signal too.
+    args = argv(data48, str(tmp_path), "preempted")
+    folder = h.run_dir(str(tmp_path), "preempted")
+    log = str(tmp_path / "preempted.log")
+    assert interrupt(args, folder, log, ("main.py",), sig, to_group=True) == 75, read(log)[-3000:]
+    output = read(log)
+    assert f"preempted: {sig.name} received: stopped at epoch 0 step" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    saved = check_stopped_mid_epoch(folder, sig.name, 24)
+
+    resumed = h.run_cli(args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    check_resumed_exactly(folder, one_process_run, saved, resumed.stdout)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_with_workers_saves_a_step_and_the_rerun_equals_an_uninterrupted_run(
+        data48, tmp_path):
+    reference = uninterrupted(data48, str(tmp_path / "reference"), torchrun())
+    args = argv(data48, str(tmp_path), "preempted")
+    folder = h.run_dir(str(tmp_path), "preempted")
+    log = str(tmp_path / "torchrun.log")
+    # torchrun forwards SIGTERM to each rank's process group, waits for the ranks, then exits 1
+    # (not 75): the marker is what tells a requeue script that the run was preempted.
+    assert interrupt(args, folder, log, torchrun(), signal.SIGTERM, to_group=False) != 0
+    saved = check_stopped_mid_epoch(folder, "SIGTERM", 12)
+    step = marker(folder)["step"]
+    for rank in (0, 1):
+        assert (f"preempted: SIGTERM received: stopped at epoch 0 step {step}/12"
+                in read(os.path.join(folder, f"log_rank{rank}.txt")))
+    assert "killed by signal" not in read(log)
+
+    resumed = h.run_cli(args, prefix=torchrun())
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    check_resumed_exactly(folder, reference, saved, read(os.path.join(folder, "log_rank0.txt")))
+
+
+# main.py with loader workers that do not guard against the stop signals (torch's own SIGTERM
+# handler: they die of it), as under a start method that does not inherit the signal mask.
+UNGUARDED_WORKERS = """
+import sys, torch.utils.data, data.build, main
+data.build.ignore_stop_signals = lambda worker_id: None
+data.build.Loader.__iter__ = torch.utils.data.DataLoader.__iter__
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(data48, tmp_path):
+    # Optimizer steps after loader steps 16 and 24: signalled at step 17, the run needs batches
+    # that the dead workers never made before it can stop at an optimizer step.
+    args = [*argv(data48, str(tmp_path), "unguarded"), "TRAIN.ACCUMULATION_STEPS", "16"]
+    folder = h.run_dir(str(tmp_path), "unguarded")
+    log = str(tmp_path / "unguarded.log")
+    code = interrupt(args, folder, log, ("-c", UNGUARDED_WORKERS), signal.SIGTERM, to_group=True,
+                     step=17)
+    output = read(log)
+    assert code == 75, output[-3000:]
+    assert "RuntimeError while stopping on SIGTERM: DataLoader worker" in output
+    assert "stopped at epoch 0 step 16/24" in output  # the state of the last optimizer step
+    assert marker(folder)["checkpoint"] == os.path.join(folder, "ckpt_epoch_0_step_16.pth")
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from main import Preemption
+preemption = Preemption()
+preemption.install()
+os.kill(os.getpid(), signal.SIGINT)
+os.kill(os.getpid(), signal.SIGINT)  # the same request delivered twice: still running
+assert preemption.signal_name == "SIGINT"
+time.sleep(Preemption.REPEAT_WINDOW_S + 0.2)
+print("still running", flush=True)
+os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: ends at once
+time.sleep(30)
+"""
+
+
+def test_a_second_ctrl_c_ends_at_once_but_a_repeat_of_the_first_does_not():
+    result = h.run_cli([], prefix=("-c", SECOND_SIGNAL), timeout=60)
+    assert result.returncode == -signal.SIGINT, result.stdout[-3000:]
+    assert "still running" in result.stdout and "Traceback" not in result.stdout
+
+
+def test_resume_with_another_batch_size_recomputes_the_position(one_process_run, data48,
+                                                                tmp_path):
+    # A step checkpoint of the batch-2 run after 5 steps (10 samples), resumed with batch 4.
+    folder = h.run_dir(str(tmp_path), "rebatched")
+    os.makedirs(folder)
+    ckpt = load_checkpoint_file(os.path.join(one_process_run, "ckpt_epoch_0.pth"))
+    ckpt.update(epoch_step=5, num_updates=5, train_loss=(10.0, 10))
+    torch.save(ckpt, os.path.join(folder, "ckpt_epoch_0_step_5.pth"))
+    result = h.run_cli(h.main_args(data48, str(tmp_path), "rebatched", *OPTS,
+                                   "DATA.NUM_WORKERS", "0", batch_size=4))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert ("the checkpoint's run had DATA.BATCH_SIZE 2 x 1 process(es) x "
+            "TRAIN.ACCUMULATION_STEPS 1, this one 4 x 1 x 1: epoch 0 continues after 8 of the 10 "
+            "samples seen (2 to be seen again), the LR schedule continues at optimizer step 2"
+            in result.stdout)
+    assert "Train: [0/2][2/12]" in result.stdout and "Train: [0/2][1/12]" not in result.stdout
+    assert [row["num_updates"] for row in h.read_metrics(folder).values()] == [12, 24]
+
+
+# main.py where rank 1 cannot read the checkpoint files (an output folder not shared by its node)
+RANK_1_SEES_NO_CHECKPOINTS = """
+import os, sys, main, utils
+def load_checkpoint_file(path):
+    raise utils.CheckpointError(f"checkpoint not found: {path}")
+if os.environ["RANK"] == "1":
+    utils.load_checkpoint_file = load_checkpoint_file
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_ranks_resume_from_the_checkpoint_rank_0_chose_or_all_stop_naming_the_rank(
+        one_process_run, data48, tmp_path):
+    folder = h.copy_run(one_process_run, str(tmp_path), "unshared")
+    args = h.main_args(data48, str(tmp_path), "unshared", *OPTS, flags=("--eval",), batch_size=2)
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()))
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_1_SEES_NO_CHECKPOINTS, *args],
+                              cwd=h.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**h.child_env(), "RANK": str(r),
+                                              "LOCAL_RANK": str(r), **env})
+             for r in (0, 1)]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    newest = os.path.join(folder, "ckpt_epoch_1.pth")
+    for rank, output in zip(ranks, outputs):
+        assert rank.returncode == 1, output[-3000:]
+        assert (f"auto-resume: rank 0 chose {newest}, but rank 1 cannot load it (checkpoint not "
+                f"found: {newest})" in output), output[-3000:]

@@ -1,0 +1,92 @@
+"""Depthwise convolution forward and backward at MG-SSAF's shapes: ``nn.Conv2d`` (PyTorch's own
+backward) against ``models.depthwise.DepthwiseConv2d`` (the fast CPU backward), timed alternately
+in one process so that both see the same machine load.
+
+    python tools/bench_depthwise.py                      # MG-SSAF-T's shapes, batch 8, 2 threads
+    python tools/bench_depthwise.py --threads 1 --batch-size 8 --repeats 20
+
+Each row: the ConvMlp depthwise convolutions of one stage (3x3 on C channels, 7x7 on 2C), on
+channels-last float32 maps. Times are medians in ms; the backward computes the input, weight and
+bias gradients (``torch.autograd.grad`` of a retained graph).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.depthwise import DepthwiseConv2d, fast_backward_available  # noqa: E402
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench_shape(channels: int, size: int, kernel: int, batch: int, repeats: int) -> dict:
+    """Median forward and backward ms of both implementations, alternating call by call."""
+    x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    native = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+    fast = DepthwiseConv2d(channels, kernel)
+    fast.load_state_dict(native.state_dict())
+    times: dict = {}
+    runs = {}
+    for name, conv in (("native", native), ("fast", fast)):
+        y = conv(x)
+        grad = torch.randn_like(y)
+        inputs = (x, conv.weight, conv.bias)
+        runs[name] = (lambda c=conv: c(x),
+                      lambda y=y, g=grad, i=inputs: torch.autograd.grad(y, i, g, retain_graph=True))
+        times[name] = {"fwd": [], "bwd": []}
+    for _ in range(2 + repeats):  # the first two rounds warm up
+        for name, (forward, backward) in runs.items():
+            times[name]["fwd"].append(timed(forward))
+            times[name]["bwd"].append(timed(backward))
+    row = {"shape": f"{channels}x{size}x{size} {kernel}x{kernel}",
+           "fast": fast_backward_available(x, fast.weight, 1)}
+    for name in runs:
+        for part in ("fwd", "bwd"):
+            row[f"{name}_{part}"] = statistics.median(times[name][part][2:])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--embed-dim", type=int, default=96, help="stage-0 channels (T, S: 96)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {torch.get_num_threads()} threads, batch {args.batch_size}, float32, "
+          f"channels-last, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          "median ms", file=sys.stderr)
+    print("| shape (C x H x W, kernel) | fwd | bwd nn.Conv2d | bwd / fwd | bwd DepthwiseConv2d "
+          "| bwd / fwd | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for stage in range(4):
+        channels, size = args.embed_dim * 2 ** stage, args.img_size // 2 ** (stage + 2)
+        for c, kernel in ((channels, 3), (2 * channels, 7)):
+            r = bench_shape(c, size, kernel, args.batch_size, args.repeats)
+            fwd = min(r["native_fwd"], r["fast_fwd"])  # the same F.conv2d call
+            print(f"| {r['shape']}{'' if r['fast'] else ' (no fast path)'} | {fwd:.2f} "
+                  f"| {r['native_bwd']:.2f} | {r['native_bwd'] / fwd:.1f} | {r['fast_bwd']:.2f} "
+                  f"| {r['fast_bwd'] / fwd:.1f} | {r['native_bwd'] / r['fast_bwd']:.1f}x |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

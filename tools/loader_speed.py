@@ -1,0 +1,88 @@
+"""Images/s of the training data pipeline alone: the training loader of a config (decode,
+augmentation, collation, with DATA.NUM_WORKERS workers), no model.
+
+    python tools/loader_speed.py --cfg configs/MG-SSAF/MG-SSAF-T.yaml --data-path <imagenet> \
+        --batches 20 --opts DATA.NUM_WORKERS 2 DATA.BATCH_SIZE 32
+
+Prints images/s over ``--batches`` batches after ``--warmup`` untimed ones (worker start-up
+excluded), per epoch of ``--epochs``, then their median, and the CPU model; and what reseeding
+each sample from (SEED, epoch, index) costs (data.EpochSeededDataset), timed in the same run,
+as a share of the time one sample takes a worker.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import timeit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from config import load_config  # noqa: E402
+from data import DataError, build_loader  # noqa: E402
+from utils import derive_seed, seed_all  # noqa: E402
+
+
+def cpu_model() -> str:
+    """The CPU model name (``lscpu``'s "Model name"), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def time_epoch(loader, epoch: int, warmup: int, batches: int) -> float:
+    """Images/s over ``batches`` batches of ``epoch`` after ``warmup`` untimed ones."""
+    loader.sampler.set_epoch(epoch)
+    images, start = 0, 0.0
+    for i, (samples, _) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        elif i > warmup:
+            images += samples.size(0)
+        if i == warmup + batches:
+            break
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg", required=True, help="config file (YAML)")
+    parser.add_argument("--data-path", required=True, help="folder holding train/ and val/")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per epoch")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs (one timing each)")
+    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.cfg, ["DATA.DATA_PATH", args.data_path, *args.opts])
+        loader = build_loader(config)[2]
+        if len(loader) <= args.warmup + args.batches:
+            raise DataError(f"{len(loader)} batches per epoch: need more than --warmup + "
+                            f"--batches ({args.warmup + args.batches})")
+    except ValueError as e:  # ConfigError and DataError included
+        parser.exit(1, f"loader_speed.py: error: {e}\n")
+    rates = [time_epoch(loader, epoch, args.warmup, args.batches) for epoch in range(args.epochs)]
+    rate = statistics.median(rates)
+    print(f"{config.DATA.NUM_WORKERS} workers, batch {config.DATA.BATCH_SIZE}, "
+          f"{config.DATA.IMG_SIZE}px: " + ", ".join(f"{r:.1f}" for r in rates)
+          + f" images/s; median {rate:.1f} images/s on {cpu_model()}")
+    calls = 2000
+    reseed = timeit.timeit(lambda: seed_all(derive_seed(config.SEED, 1, 123456),
+                                            accelerators=False), number=calls) / calls
+    per_sample = max(1, config.DATA.NUM_WORKERS) / rate
+    print(f"reseeding per sample: {reseed * 1e6:.1f} us, {100 * reseed / per_sample:.2f}% of the "
+          f"{per_sample * 1e6:.0f} us a sample takes a worker (included in the figures above)")
+
+
+if __name__ == "__main__":
+    main()
