@@ -67,8 +67,12 @@ class ADE20K(Dataset):
         return image, Image.fromarray(reduce_zero_label(label))
 
     def __getitem__(self, index: int):
+        return self.draw(index, item_rng(self.seed, self.epoch, index))
+
+    def draw(self, index: int, rng: np.random.Generator):
+        """Item ``index`` transformed with the random draws of ``rng``."""
         image, label = self.load(index)
-        return self.transform(image, label, item_rng(self.seed, self.epoch, index))
+        return self.transform(image, label, rng)
 
 
 def build_ade20k(root: str, is_train: bool, transform: Callable,

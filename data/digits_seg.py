@@ -46,10 +46,13 @@ class DigitsSegDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(size, size, 3) uint8 image and (size, size) uint8 label of scene ``index``."""
-        rng = (item_rng(self.seed, self.epoch, index) if self.is_train
-               else item_rng(VAL_SEED, 0, index))
+    def scene(self, index: int, rng: np.random.Generator | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(size, size, 3) uint8 image and (size, size) uint8 label of scene ``index``, drawn
+        from ``rng`` (default: the generator of (seed, epoch, index), fixed for val)."""
+        if rng is None:
+            rng = (item_rng(self.seed, self.epoch, index) if self.is_train
+                   else item_rng(VAL_SEED, 0, index))
         canvas = np.zeros((self.size, self.size), np.float32)
         label = np.zeros((self.size, self.size), np.uint8)
         occupied = np.zeros_like(label, dtype=bool)
@@ -71,5 +74,9 @@ class DigitsSegDataset(Dataset):
         return np.repeat(image[..., None], 3, axis=2), label
 
     def __getitem__(self, index: int):
-        image, label = self.scene(index)
+        return self.draw(index, None)
+
+    def draw(self, index: int, rng: np.random.Generator | None):
+        """Scene ``index`` drawn from ``rng`` as (image tensor, int64 label)."""
+        image, label = self.scene(index, rng)
         return to_tensor(image), torch.from_numpy(label.astype(np.int64))
