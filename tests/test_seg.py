@@ -64,8 +64,6 @@ def test_segmentor_params_match_the_paper(variant, expected):
     assert abs(params - expected) / expected < 0.015, params
 
 
-@pytest.mark.skipif(not hasattr(MGSSAF, "forward_intermediates"),
-                    reason="MGSSAF.forward_intermediates comes with issue 12 (backbone API)")
 def test_segmentor_on_the_mg_ssaf_backbone():
     cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
     model = build_segmentor(cfg).eval()
