@@ -119,8 +119,12 @@ def test_digits_demo_command_runs_one_short_epoch(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:]
     assert re.search(r"\* mIoU [\d.]+ mAcc [\d.]+ aAcc [\d.]+ loss [\d.]+ over 360 images",
                      result.stdout)
-    row = h.read_metrics(os.path.join(str(tmp_path), "mg_ssaf_nano_digits_seg", "default"))[0]
+    folder = os.path.join(str(tmp_path), "mg_ssaf_nano_digits_seg", "default")
+    row = h.read_metrics(folder)[0]
     assert row["num_updates"] == 2 and "mIoU" in row
+    plot = h.run_cli([folder], prefix=(os.path.join("tools", "plot_metrics.py"),))
+    assert plot.returncode == 0, plot.stdout  # the mIoU panel of a segmentation run
+    assert os.path.isfile(os.path.join(folder, "metrics.png"))
 
 
 def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
