@@ -37,7 +37,8 @@ class IterationSampler(Sampler):
     """The draws of one engine epoch: ``num_samples`` per rank from seeded permutations of the
     dataset laid end to end (an image appears several times when the epoch is longer than the
     dataset), split over ranks. Yields ``(epoch, position, index)`` keys for
-    :class:`PositionSeeded`; ``set_epoch(epoch, start_index)`` starts part-way (mid-epoch resume)."""
+    :class:`PositionSeeded`; ``set_epoch(epoch, start_index)`` starts part-way (mid-epoch
+    resume)."""
 
     def __init__(self, dataset: Dataset, num_samples: int, num_replicas: int, rank: int,
                  seed: int) -> None:
