@@ -4,6 +4,7 @@ data, the iteration schedule's checks and the digits demo."""
 import os
 import re
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -139,3 +140,21 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"loaded the backbone from {path}; not loaded (classifier): " in result.stdout
     assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
+
+
+def test_preempted_run_resumes_mid_epoch_exactly(ade, tmp_path):
+    from test_preemption import interrupt
+    opts = ("SEG.ITERS", "16", "SEG.EVAL_INTERVAL", "8")
+    reference = run_seg(seg_args(ade, str(tmp_path), "ref", *opts))
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    folder = os.path.join(str(tmp_path), NAME, "pre")
+    code = interrupt(seg_args(ade, str(tmp_path), "pre", *opts), folder, str(tmp_path / "pre.log"),
+                     ("main_seg.py",), signal.SIGTERM, to_group=True)
+    assert code == 75, open(tmp_path / "pre.log").read()[-3000:]
+    assert any(re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n) for n in os.listdir(folder))
+    resumed = run_seg(seg_args(ade, str(tmp_path), "pre", *opts))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout and "epoch 0, step" in resumed.stdout
+    final, ref = (torch.load(os.path.join(str(tmp_path), NAME, tag, "ckpt_epoch_1.pth"),
+                             weights_only=False)["model"] for tag in ("pre", "ref"))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)  # same draws, same augmentations
