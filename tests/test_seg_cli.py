@@ -64,6 +64,14 @@ def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
     assert "Train: [0/2][1/2]" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
     final = torch.load(os.path.join(folder, "ckpt_epoch_1.pth"), weights_only=False)["model"]
 
+    # --eval --resume loads the whole segmentor and prints the last epoch's mIoU; ms+flip runs.
+    for mode in ("whole", "ms_flip"):
+        ev = run_seg(seg_args(ade, str(tmp_path), "e", "SEG.TEST_MODE", mode, flags=(
+            "--eval", "--resume", os.path.join(folder, "ckpt_epoch_1.pth"))))
+        assert ev.returncode == 0, ev.stdout[-3000:]
+        assert f"over {VAL_IMAGES} images" in ev.stdout
+        assert mode != "whole" or f"* mIoU {rows[1]['mIoU']:.2f} " in ev.stdout
+
     # Lose the last epoch: the same command continues at epoch 1 and ends where it ended.
     os.remove(os.path.join(folder, "ckpt_epoch_1.pth"))
     again = run_seg(seg_args(ade, str(tmp_path), "t", "SEG.ITERS", "4", "SEG.EVAL_INTERVAL", "2"))
@@ -84,7 +92,7 @@ def test_torchrun_two_processes_count_every_validation_image_once(ade, tmp_path)
     assert f"over {VAL_IMAGES} images" in result.stdout  # 2 + 1, no duplicates
 
 
-def test_missing_annotation_is_an_error_naming_the_file(ade, tmp_path):
+def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_path):
     broken = str(tmp_path / "ade")
     shutil.copytree(ade, broken)
     missing = os.path.join(broken, "annotations", "validation", "ADE_validation_00000001.png")
@@ -92,6 +100,12 @@ def test_missing_annotation_is_an_error_naming_the_file(ade, tmp_path):
     result = run_seg(seg_args(broken, str(tmp_path), "m", flags=("--eval",)))
     assert result.returncode == 1, result.stdout[-3000:]
     assert f"has no annotation {missing}" in result.stdout and "Traceback" not in result.stdout
+
+    wrong = os.path.join(broken, "annotations", "validation", "ADE_validation_00000000.png")
+    Image.fromarray(np.ones((10, 20), np.uint8)).save(wrong)  # not the image's 96x64
+    result = run_seg(seg_args(broken, str(tmp_path), "w", flags=("--eval",)))
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert f"annotation {wrong} is 20x10 but image" in result.stdout
 
 
 def test_iters_must_be_a_multiple_of_the_eval_interval(ade, tmp_path):
