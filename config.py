@@ -172,6 +172,45 @@ _C.TEST.SEQUENTIAL = False
 _C.TEST.SHUFFLE = False
 
 # -----------------------------------------------------------------------------
+# Semantic segmentation (main_seg.py, configs/seg/): UPerNet on an MG-SSAF backbone
+# -----------------------------------------------------------------------------
+# DATA.DATASET 'ade20k' (DATA.DATA_PATH = the ADEChallengeData2016 folder) or 'digits_seg' (the
+# CPU demo); MODEL.NUM_CLASSES is the number of segmentation classes (150 for ADE20K).
+_C.SEG = CN()
+# Iteration-based schedule: total iterations, evaluation + checkpoint every EVAL_INTERVAL, LR
+# warm-up iterations (TRAIN.WARMUP_LR -> TRAIN.BASE_LR, then poly decay to TRAIN.MIN_LR).
+_C.SEG.ITERS = 160000
+_C.SEG.EVAL_INTERVAL = 16000
+_C.SEG.WARMUP_ITERS = 1500
+_C.SEG.POLY_POWER = 1.0
+# Decode head (UPerHead) and auxiliary FCN head on backbone map AUX_INDEX (2: stride 16); the
+# trainer adds AUX_WEIGHT x the auxiliary loss. AUX_CHANNELS 0 removes the auxiliary head.
+_C.SEG.CHANNELS = 512
+_C.SEG.POOL_SCALES = [1, 2, 3, 6]
+_C.SEG.DROPOUT = 0.1
+_C.SEG.AUX_CHANNELS = 256
+_C.SEG.AUX_INDEX = 2
+_C.SEG.AUX_WEIGHT = 0.4
+# Label ignored by the loss and the metrics (ADE20K's 'other' class 0 becomes it).
+_C.SEG.IGNORE_INDEX = 255
+# Training pipeline: resize to SCALE (long side, short side) x a ratio in RATIO_RANGE keeping the
+# aspect ratio, random crop CROP_SIZE (h, w) with no class above CAT_MAX_RATIO of it (10 tries),
+# flip, photometric distortion, pad to CROP_SIZE.
+_C.SEG.SCALE = [2048, 512]
+_C.SEG.RATIO_RANGE = [0.5, 2.0]
+_C.SEG.CROP_SIZE = [512, 512]
+_C.SEG.CAT_MAX_RATIO = 0.75
+_C.SEG.PHOTOMETRIC = True
+# Evaluation: 'whole' (resize to SCALE, pad to a multiple of 32), 'slide' (SLIDE_CROP windows at
+# SLIDE_STRIDE) or 'ms_flip' (ratios MS_RATIOS of SCALE, each with its horizontal flip).
+_C.SEG.TEST_MODE = "whole"
+_C.SEG.SLIDE_CROP = [512, 512]
+_C.SEG.SLIDE_STRIDE = [341, 341]
+_C.SEG.MS_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+# ms_flip with sliding windows at each ratio (False: each ratio whole).
+_C.SEG.MS_SLIDE = False
+
+# -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
 # Mixed precision: float16 (with a GradScaler) or bfloat16 (without one). On CPU, float16 is

@@ -590,6 +590,10 @@ class ClassificationTask:
     def build_model(self, config: CN) -> nn.Module:
         return build_model(config)
 
+    def load_pretrained(self, config: CN, model: nn.Module, logger: logging.Logger) -> None:
+        """Initialises ``model`` from ``--pretrained`` (MODEL.PRETRAINED)."""
+        load_pretrained(config.MODEL.PRETRAINED, model, logger)
+
     def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
         return build_criterion(config, mixup_active)
 
@@ -638,7 +642,7 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"number of params: {n_parameters}")
     if config.MODEL.PRETRAINED:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger)
+        task.load_pretrained(config, model, logger)
 
     if not training:
         evaluate_or_time(config, task, model, data_loader_val, device, amp, logger)

@@ -235,7 +235,7 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
     if is_best:
         path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
         atomic_save(state, path)
-        logger.info(f"{path} saved (Acc@1 {max_accuracy:.3f})")
+        logger.info(f"{path} saved (best validation score {max_accuracy:.3f})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,8 +108,10 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
                              config.DATA.SKIP_BAD_IMAGES)
         num_classes = len(dataset.classes)
     else:
+        seg = name in ("ade20k", "digits_seg")
+        hint = " (a segmentation dataset: run main_seg.py)" if seg else ""
         raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet', 'digits' or "
-                        "'cub'")
+                        f"'cub'{hint}")
     if num_classes != config.MODEL.NUM_CLASSES:
         where = getattr(dataset, "root", f"the {name} dataset")
         raise DataError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but {where} has "

@@ -1,6 +1,10 @@
 """Parameters and GFLOPs of a config's network.
 
     python tools/model_info.py --cfg configs/MG-SSAF/MG-SSAF-T.yaml [--img-size 224]
+    python tools/model_info.py --cfg configs/seg/upernet_mg_ssaf_t_512x512_160k_ade20k.yaml
+
+A segmentation config (configs/seg/) counts the whole UPerNet (backbone, decode and auxiliary
+heads) at 512x2048 by default, the size the field reports for ADE20K.
 
 FLOPs are counted the way the field reports them, one multiply-add = one FLOP, with torch's
 own counter (``torch.utils.flop_counter``) over one forward pass of a single image.
@@ -19,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
+from models.upernet import build_segmentor, is_seg_config  # noqa: E402
 
 
 def count_params(model: nn.Module) -> int:
@@ -37,13 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg", required=True, help="config file (YAML)")
     parser.add_argument("--img-size", type=int, nargs="+", default=None,
-                        help="input size: N or H W (default: the config's DATA.IMG_SIZE)")
+                        help="input size: N or H W (default: the config's DATA.IMG_SIZE; for a "
+                        "segmentation config min(SEG.SCALE) x max(SEG.SCALE), 512x2048 for ADE20K)")
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
     try:
         config = load_config(args.cfg, args.opts)
-        model = build_model(config)
-        size = args.img_size or [config.DATA.IMG_SIZE]
+        seg = is_seg_config(config)
+        model = build_segmentor(config) if seg else build_model(config)
+        size = args.img_size or ([min(config.SEG.SCALE), max(config.SEG.SCALE)] if seg
+                                 else [config.DATA.IMG_SIZE])
         size = (size[0], size[-1])
         if min(size) <= 0:
             raise ValueError(f"--img-size must be positive, got {size[0]}x{size[1]}")

@@ -1,8 +1,9 @@
-"""Plot train loss, val loss and Acc@1 per epoch of one or more runs into one PNG.
+"""Plot train loss, val loss and Acc@1 (mIoU for main_seg.py) per epoch of runs into one PNG.
 
 Each run folder (``<OUTPUT>/<MODEL.NAME>/<TAG>``) holds the ``metrics.jsonl`` that main.py appends
 to after every epoch: one JSON object a line with at least ``epoch``, ``train_loss``, ``val_loss``
-and ``acc1``. Runs are overlaid and labelled with their folder (or ``--labels``).
+and ``acc1`` (main_seg.py: ``mIoU``; an epoch is SEG.EVAL_INTERVAL iterations there). Runs are
+overlaid and labelled with their folder (or ``--labels``).
 
     python tools/plot_metrics.py output/mg_ssaf_nano/default [more runs...] [--out FILE.png]
 """
@@ -21,8 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
-# (key in metrics.jsonl, panel title) of the three panels.
-PANELS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("acc1", "val Acc@1 (%)"))
+# (key in metrics.jsonl, panel title) of the loss panels; the third panel shows the run's score.
+PANELS = (("train_loss", "train loss"), ("val_loss", "val loss"))
+SCORES = {"acc1": "Acc@1", "mIoU": "mIoU"}  # classification (main.py), segmentation (main_seg.py)
+
+
+def score_key(row: dict) -> str | None:
+    """The score of a metrics.jsonl row: 'acc1' or 'mIoU' (None when it has neither)."""
+    return next((k for k in SCORES if k in row), None)
 
 
 class MetricsError(ValueError):
@@ -51,6 +58,8 @@ def read_metrics(run_dir: str) -> list[dict]:
                 raise MetricsError(f"{path}:{lineno}: not a JSON line: {e}") from None
             missing = [k for k in ("epoch",) + tuple(k for k, _ in PANELS)
                        if not isinstance(row, dict) or k not in row]
+            if isinstance(row, dict) and score_key(row) is None:
+                missing.append(" or ".join(SCORES))
             if missing:
                 raise MetricsError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
             by_epoch[int(row["epoch"])] = row
@@ -64,14 +73,18 @@ def plot_metrics(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[st
     if labels is not None and len(labels) != len(run_dirs):
         raise MetricsError(f"--labels gives {len(labels)} label(s) for {len(run_dirs)} run(s)")
     runs = [read_metrics(d) for d in run_dirs]  # every folder is checked before anything is drawn
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
+    score = score_key(runs[0][0])
+    panels = PANELS + ((score, f"val {SCORES[score]} (%)"),)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
     for i, (run_dir, rows) in enumerate(zip(run_dirs, runs)):
         label = labels[i] if labels else os.path.normpath(run_dir)
-        label += f" (last Acc@1 {rows[-1]['acc1']:.1f})"
+        key = score_key(rows[-1])
+        label += f" (last {SCORES[key]} {rows[-1][key]:.1f})"
         epochs = [r["epoch"] for r in rows]
-        for ax, (key, _) in zip(axes, PANELS):
-            ax.plot(epochs, [r[key] for r in rows], marker="o", markersize=3, label=label)
-    for ax, (_, title) in zip(axes, PANELS):
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(epochs, [r.get(key, float("nan")) for r in rows], marker="o", markersize=3,
+                    label=label)
+    for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,0 +1,80 @@
+"""ADE20K (SceneParsing, ADEChallengeData2016) for semantic segmentation, 150 classes.
+
+Layout: ``<root>/images/{training,validation}/<name>.jpg`` with
+``<root>/annotations/{training,validation}/<name>.png`` (0 = other, 1..150 = classes). Labels are
+read with reduce_zero_label: 0 becomes the ignore index 255, every other label minus 1.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .build import DataError
+from .seg_pipeline import item_rng
+
+NUM_CLASSES = 150
+IGNORE_INDEX = 255
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """0 -> 255 (ignored), k -> k - 1 for k in 1..255 (uint8)."""
+    return (label.astype(np.int16) - 1).astype(np.uint8)  # 0 - 1 wraps to 255
+
+
+class ADE20K(Dataset):
+    """One split ('training' or 'validation') of ADEChallengeData2016. Items are
+    ``transform(image, label, rng)`` where ``rng`` is seeded from (seed, epoch, index); call
+    ``set_epoch`` before each pass."""
+
+    def __init__(self, root: str, split: str, transform: Callable, seed: int = 0) -> None:
+        image_dir = os.path.join(root, "images", split)
+        self.ann_dir = os.path.join(root, "annotations", split)
+        if not os.path.isdir(image_dir):
+            raise DataError(f"ADE20K: no folder {image_dir} (expected the ADEChallengeData2016 "
+                            f"layout images/{{training,validation}}/*.jpg)")
+        self.images = sorted(os.path.join(image_dir, f) for f in os.listdir(image_dir)
+                             if f.lower().endswith(".jpg"))
+        if not self.images:
+            raise DataError(f"ADE20K: no .jpg images in {image_dir}")
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def annotation_path(self, index: int) -> str:
+        name = os.path.splitext(os.path.basename(self.images[index]))[0]
+        return os.path.join(self.ann_dir, name + ".png")
+
+    def load(self, index: int) -> tuple[Image.Image, Image.Image]:
+        """The RGB image and its reduced label (a PIL 'L' image), checked to match in size."""
+        path, ann = self.images[index], self.annotation_path(index)
+        if not os.path.isfile(ann):
+            raise DataError(f"ADE20K: image {path} has no annotation {ann}")
+        image = Image.open(path).convert("RGB")
+        label = np.asarray(Image.open(ann))
+        if label.ndim != 2:
+            raise DataError(f"ADE20K: annotation {ann} is not a single-channel label map")
+        if label.shape[::-1] != image.size:
+            raise DataError(f"ADE20K: annotation {ann} is {label.shape[1]}x{label.shape[0]} but "
+                            f"image {path} is {image.size[0]}x{image.size[1]}")
+        return image, Image.fromarray(reduce_zero_label(label))
+
+    def __getitem__(self, index: int):
+        return self.draw(index, item_rng(self.seed, self.epoch, index))
+
+    def draw(self, index: int, rng: np.random.Generator):
+        """Item ``index`` transformed with the random draws of ``rng``."""
+        image, label = self.load(index)
+        return self.transform(image, label, rng)
+
+
+def build_ade20k(root: str, is_train: bool, transform: Callable,
+                 seed: int = 0) -> ADE20K:
+    return ADE20K(root, "training" if is_train else "validation", transform, seed)

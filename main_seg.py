@@ -1,0 +1,238 @@
+"""Semantic segmentation with UPerNet on an MG-SSAF backbone (ADE20K; the digits demo), on the
+engine of main.py: same command line, launchers, AMP, checkpoints, auto-resume, preemption and
+metrics.jsonl. Training counts iterations (optimizer steps): an engine "epoch" is SEG.EVAL_INTERVAL
+of them, each followed by evaluation (aAcc / mAcc / mIoU) and a checkpoint.
+
+    python main_seg.py --cfg configs/seg/upernet_mg_ssaf_t_512x512_160k_ade20k.yaml \\
+        --data-path ADEChallengeData2016 --pretrained mg_ssaf_t.pth
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.scheduler import PolyLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from yacs.config import CfgNode as CN
+
+from config import ConfigError
+from data import DataError
+from data.build import Loader, ShardSampler
+from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng
+from main import Amp, ClassificationTask, main
+from models.seg_inference import inference
+from models.upernet import build_segmentor, convert_sync_batchnorm, load_backbone_weights
+from seg_metrics import SegMetrics, format_table, summarize
+from utils import get_rank, get_world_size, load_checkpoint_file
+
+SEG_DATASETS = ("ade20k", "digits_seg")
+
+
+class IterationSampler(Sampler):
+    """The draws of one engine epoch: ``num_samples`` per rank from seeded permutations of the
+    dataset laid end to end (an image appears several times when the epoch is longer than the
+    dataset), split over ranks. Yields ``(epoch, position, index)`` keys for
+    :class:`PositionSeeded`; ``set_epoch(epoch, start_index)`` starts part-way (mid-epoch
+    resume)."""
+
+    def __init__(self, dataset: Dataset, num_samples: int, num_replicas: int, rank: int,
+                 seed: int) -> None:
+        self.size, self.num_samples = len(dataset), num_samples
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch = self.start_index = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        self.epoch, self.start_index = epoch, start_index
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        total = self.num_samples * self.num_replicas
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.cat([torch.randperm(self.size, generator=g)
+                           for _ in range(-(-total // self.size))])[:total].tolist()
+        positions = range(self.rank, total, self.num_replicas)  # this rank's draws, interleaved
+        return ((self.epoch, p, order[p])
+                for p in itertools.islice(positions, self.start_index, None))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class PositionSeeded(Dataset):
+    """A training dataset (with ``draw(index, rng)``) keyed by ``(epoch, position, index)``: the
+    augmentation of a draw is a function of (seed, epoch, position in the epoch), so the repeats of
+    an image within an epoch differ and a resumed epoch repeats the uninterrupted one."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        epoch, position, index = key
+        return self.dataset.draw(index, item_rng(self.seed, epoch, position))
+
+
+def class_names(config: CN) -> list[str]:
+    """Names of the classes of DATA.DATASET, for the per-class table."""
+    if config.DATA.DATASET == "digits_seg":
+        from data.digits_seg import CLASS_NAMES
+        return CLASS_NAMES
+    return [str(k) for k in range(config.MODEL.NUM_CLASSES)]
+
+
+def build_seg_dataset(config: CN, is_train: bool) -> Dataset:
+    """The split of DATA.DATASET."""
+    name, seg = config.DATA.DATASET, config.SEG
+    if name == "ade20k":
+        from data.ade20k import NUM_CLASSES, build_ade20k
+        if not config.DATA.DATA_PATH:
+            raise DataError("DATA.DATA_PATH (--data-path) is not set: give the "
+                            "ADEChallengeData2016 folder")
+        transform = (SegTrainTransform(seg.SCALE, seg.RATIO_RANGE, seg.CROP_SIZE,
+                                       seg.CAT_MAX_RATIO, photometric=seg.PHOTOMETRIC,
+                                       ignore_index=seg.IGNORE_INDEX)
+                     if is_train else SegTestTransform(seg.SCALE))
+        dataset = build_ade20k(config.DATA.DATA_PATH, is_train, transform, config.SEED)
+    elif name == "digits_seg":
+        from data.digits_seg import NUM_CLASSES, DigitsSegDataset
+        dataset = DigitsSegDataset(is_train, size=seg.CROP_SIZE[0], seed=config.SEED)
+    else:
+        raise DataError(f"DATA.DATASET {name!r} is unknown to main_seg.py: expected one of "
+                        f"{', '.join(repr(n) for n in SEG_DATASETS)}")
+    if NUM_CLASSES != config.MODEL.NUM_CLASSES:
+        raise DataError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the {name} dataset "
+                        f"has {NUM_CLASSES} classes")
+    return dataset
+
+
+class SegLoss(nn.Module):
+    """Cross-entropy of the decode head's logits plus ``aux_weight`` x that of the auxiliary
+    head's, pixels labelled ``ignore_index`` left out."""
+
+    def __init__(self, ignore_index: int, aux_weight: float) -> None:
+        super().__init__()
+        self.ignore_index, self.aux_weight = ignore_index, aux_weight
+
+    def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                target: torch.Tensor) -> torch.Tensor:
+        logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        if aux is not None:
+            loss = loss + self.aux_weight * F.cross_entropy(aux.float(), target,
+                                                            ignore_index=self.ignore_index)
+        return loss
+
+
+class SegmentationTask(ClassificationTask):
+    """UPerNet + MG-SSAF on ADE20K or the digit scenes, trained by iterations."""
+    prog, what = "main_seg.py", "UPerNet + MG-SSAF semantic segmentation"
+    best_metric, best_metric_name = "mIoU", "mIoU"
+
+    def prepare_config(self, config: CN) -> None:
+        """The iteration schedule onto the engine's epochs: SEG.ITERS / SEG.EVAL_INTERVAL epochs
+        of SEG.EVAL_INTERVAL optimizer steps; warm-up is in iterations (build_scheduler)."""
+        seg = config.SEG
+        if seg.EVAL_INTERVAL < 1 or seg.ITERS < 1 or seg.ITERS % seg.EVAL_INTERVAL:
+            raise ConfigError(f"SEG.ITERS ({seg.ITERS}) must be a positive multiple of "
+                              f"SEG.EVAL_INTERVAL ({seg.EVAL_INTERVAL})")
+        if config.DATA.DATASET not in SEG_DATASETS:
+            raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} is not a segmentation "
+                              f"dataset: expected one of {', '.join(map(repr, SEG_DATASETS))}")
+        config.TRAIN.EPOCHS = seg.ITERS // seg.EVAL_INTERVAL
+        config.TRAIN.WARMUP_EPOCHS = 0
+
+    def scale_lrs(self, config: CN, world_size: int) -> None:
+        """None: the recipe's LR is for its total batch (16 images), as in mmsegmentation."""
+
+    def build_loader(self, config: CN) -> tuple:
+        rank, world_size = get_rank(), get_world_size()
+        dataset_val = build_seg_dataset(config, is_train=False)
+        # batch 1: validation images differ in size; every image once across ranks
+        loader_val = Loader(dataset_val, sampler=ShardSampler(dataset_val, world_size, rank),
+                            batch_size=1, num_workers=config.DATA.NUM_WORKERS)
+        if config.EVAL_MODE or config.THROUGHPUT_MODE:
+            return None, dataset_val, None, loader_val, None
+        dataset_train = build_seg_dataset(config, is_train=True)
+        per_rank = (config.SEG.EVAL_INTERVAL * config.TRAIN.ACCUMULATION_STEPS
+                    * config.DATA.BATCH_SIZE)
+        sampler = IterationSampler(dataset_train, per_rank, world_size, rank, config.SEED)
+        loader_train = Loader(PositionSeeded(dataset_train, config.SEED), sampler=sampler,
+                              batch_size=config.DATA.BATCH_SIZE,
+                              num_workers=config.DATA.NUM_WORKERS,
+                              pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                              drop_last=True)
+        return dataset_train, dataset_val, loader_train, loader_val, None
+
+    def build_model(self, config: CN) -> nn.Module:
+        device = torch.device("cuda" if torch.cuda.is_available() and config.DEVICE != "cpu"
+                              else "cpu")
+        return convert_sync_batchnorm(build_segmentor(config), get_world_size(), device)
+
+    def load_pretrained(self, config: CN, model: nn.Module, logger: logging.Logger) -> None:
+        """ImageNet MG-SSAF weights into ``model.backbone`` (its classifier dropped)."""
+        path = config.MODEL.PRETRAINED
+        dropped = load_backbone_weights(model, load_checkpoint_file(path)["model"])
+        logger.info(f"loaded the backbone from {path}; not loaded (classifier): "
+                    f"{', '.join(dropped) or 'nothing'}; heads start from their initialisation")
+
+    def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
+        return SegLoss(config.SEG.IGNORE_INDEX, config.SEG.AUX_WEIGHT)
+
+    def build_scheduler(self, config: CN, optimizer: torch.optim.Optimizer,
+                        updates_per_epoch: int):
+        """Per optimizer step: linear warm-up over SEG.WARMUP_ITERS from TRAIN.WARMUP_LR, then
+        poly (SEG.POLY_POWER) to TRAIN.MIN_LR at SEG.ITERS. Unlike mmseg, which multiplies the
+        poly curve by the warm-up factor, timm's warm-up is a line to the base LR; the poly
+        curve counts from step 0 (warmup_prefix False), so at the warm-up's end the LR steps
+        down from the base LR to the poly value (by WARMUP_ITERS / ITERS: 0.9% in the recipe)."""
+        return PolyLRScheduler(optimizer, t_initial=config.SEG.ITERS, power=config.SEG.POLY_POWER,
+                               lr_min=config.TRAIN.MIN_LR, warmup_t=config.SEG.WARMUP_ITERS,
+                               warmup_lr_init=config.TRAIN.WARMUP_LR, warmup_prefix=False,
+                               t_in_epochs=False)
+
+    @torch.no_grad()
+    def validate(self, config: CN, data_loader: DataLoader, model: nn.Module,
+                 device: torch.device, amp: Amp, logger: logging.Logger) -> dict:
+        """aAcc / mAcc / mIoU from intersection / union totals summed over all ranks (every
+        image once), by SEG.TEST_MODE; loss: the cross-entropy of the predicted probabilities."""
+        model.eval()
+        seg = config.SEG
+        metrics = SegMetrics(config.MODEL.NUM_CLASSES, seg.IGNORE_INDEX, device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x pixels, pixels, images
+        for image, label in data_loader:
+            image, label = image.to(device), label.to(device)
+            with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
+                probs = inference(model, image, label.shape[-2:], seg).float()
+            valid = int((label != seg.IGNORE_INDEX).sum())
+            if valid:
+                loss = F.nll_loss(probs.clamp_min(1e-12).log(), label,
+                                  ignore_index=seg.IGNORE_INDEX)
+                sums += torch.tensor([loss.item() * valid, valid, 0], device=device,
+                                     dtype=torch.float64)
+            sums[2] += 1
+            metrics.update(probs.argmax(1), label)
+        if get_world_size() > 1:
+            torch.distributed.all_reduce(metrics.totals)
+            torch.distributed.all_reduce(sums)
+        summary = summarize(metrics.totals)
+        logger.info("per-class results:\n" + format_table(summary, class_names(config)))
+        loss = float(sums[0] / sums[1].clamp_min(1))
+        images = int(sums[2])
+        logger.info(f" * mIoU {summary['mIoU']:.2f} mAcc {summary['mAcc']:.2f} "
+                    f"aAcc {summary['aAcc']:.2f} loss {loss:.4f} over {images} images")
+        return {"loss": loss, "aAcc": summary["aAcc"], "mAcc": summary["mAcc"],
+                "mIoU": summary["mIoU"], "images": images}
+
+    def metrics_row(self, stats: dict) -> dict:
+        return {"val_loss": stats["loss"], "aAcc": stats["aAcc"], "mAcc": stats["mAcc"],
+                "mIoU": stats["mIoU"]}
+
+
+if __name__ == "__main__":
+    sys.exit(main(task=SegmentationTask()))

@@ -1,0 +1,174 @@
+"""UPerNet semantic segmentation on an MG-SSAF backbone (the paper's ADE20K table).
+
+The decode head is UPerNet's (Xiao et al., 2018) as configured in mmsegmentation's Swin recipe:
+a pyramid pooling module (PPM, pool scales 1/2/3/6) on the stride-32 map, an FPN over the four
+backbone maps (strides 4/8/16/32), all maps upsampled to stride 4, concatenated and fused by a
+3x3 conv, dropout 0.1, a 1x1 classifier. An FCN auxiliary head on the stride-16 map (one 3x3
+conv) adds a loss (weight 0.4, applied by the trainer) during training only.
+
+All tensors are NCHW. Convolutions in the heads are conv (no bias) + BatchNorm + ReLU; under
+multi-process CUDA the trainer converts BatchNorm to SyncBatchNorm with
+``convert_sync_batchnorm`` after moving the model to its device.
+"""
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode
+
+from .mg_ssaf import MGSSAF
+
+__all__ = ["SEG_DATASETS", "is_seg_config", "ConvBNReLU", "PPM", "UPerHead", "FCNHead", "UPerNet", "build_segmentor",
+           "convert_sync_batchnorm", "load_backbone_weights"]
+
+# DATA.DATASET values of segmentation configs (main_seg.py, configs/seg/).
+SEG_DATASETS = ("ade20k", "digits_seg")
+
+
+def is_seg_config(config: CfgNode) -> bool:
+    """Whether ``config`` describes a segmentation run (its DATA.DATASET is in SEG_DATASETS)."""
+    return config.DATA.DATASET in SEG_DATASETS
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of an NCHW tensor to ``size`` (align_corners False)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU, 'same' padding."""
+
+    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_chans, out_chans, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_chans),
+            nn.ReLU(inplace=True),
+        )
+
+
+class PPM(nn.ModuleList):
+    """Pyramid pooling: for each scale s, adaptive average pool to s x s, 1x1 ConvBNReLU,
+    upsample back. (B, C, h, w) -> list of (B, channels, h, w)."""
+
+    def __init__(self, in_chans: int, channels: int, pool_scales: Sequence[int]) -> None:
+        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_chans, channels))
+                         for s in pool_scales)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [_resize(branch(x), x.shape[2:]) for branch in self]
+
+
+class UPerHead(nn.Module):
+    """UPerNet decode head: four maps (B, in_chans[i], H/s_i, W/s_i), s = 4/8/16/32 ->
+    (B, num_classes, H/4, W/4) logits."""
+
+    def __init__(self, in_chans: Sequence[int], num_classes: int, channels: int = 512,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
+        super().__init__()
+        self.ppm = PPM(in_chans[-1], channels, pool_scales)
+        self.bottleneck = ConvBNReLU(in_chans[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels) for c in in_chans[:-1])
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_chans[:-1])
+        self.fpn_bottleneck = ConvBNReLU(len(in_chans) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        top = features[-1]
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features[:-1])]
+        laterals.append(self.bottleneck(torch.cat([top, *self.ppm(top)], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down: add the coarser map, upsampled
+            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[2:])
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[2:]
+        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], 1))
+        return self.conv_seg(self.dropout(fused))
+
+
+class FCNHead(nn.Module):
+    """FCN auxiliary head: (B, in_chans, h, w) -> (B, num_classes, h, w) through ``num_convs``
+    3x3 ConvBNReLU, dropout and a 1x1 classifier (the input is not concatenated back)."""
+
+    def __init__(self, in_chans: int, num_classes: int, channels: int = 256, num_convs: int = 1,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*(ConvBNReLU(in_chans if i == 0 else channels, channels, 3)
+                                     for i in range(num_convs)))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+class UPerNet(nn.Module):
+    """Segmentor: (B, 3, H, W) images, H and W multiples of 32 -> (B, num_classes, H, W) logits;
+    in training mode also the auxiliary head's logits, as a tuple ``(logits, aux_logits)``, both
+    upsampled to (H, W).
+
+    ``backbone`` is an MG-SSAF without classifier (``num_classes=0``); its four maps come from the
+    timm-standard ``forward_intermediates(x, intermediates_only=True)``.
+    """
+
+    def __init__(self, backbone: MGSSAF, num_classes: int, channels: int = 512,
+                 aux_channels: int = 256, aux_index: int = 2,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
+        super().__init__()
+        embed_dim = backbone.num_features // 2 ** (len(backbone.layers) - 1)
+        in_chans = [embed_dim * 2 ** i for i in range(len(backbone.layers))]
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.aux_index = aux_index
+        self.decode_head = UPerHead(in_chans, num_classes, channels, pool_scales, dropout)
+        self.auxiliary_head = (FCNHead(in_chans[aux_index], num_classes, aux_channels,
+                                       dropout=dropout) if aux_channels > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        size = x.shape[2:]
+        features = self.backbone.forward_intermediates(x, intermediates_only=True)
+        logits = _resize(self.decode_head(features), size)
+        if not self.training or self.auxiliary_head is None:
+            return logits
+        return logits, _resize(self.auxiliary_head(features[self.aux_index]), size)
+
+
+def convert_sync_batchnorm(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """SyncBatchNorm in place of BatchNorm when several processes train on CUDA (call before
+    wrapping in DDP); the model unchanged otherwise (gloo/CPU has no SyncBatchNorm)."""
+    if world_size > 1 and device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_segmentor(config: CfgNode) -> UPerNet:
+    """UPerNet on the MG-SSAF named by ``config.MODEL.*`` (built without classifier), heads from
+    ``config.SEG.*`` (see config.py)."""
+    arch = config.MODEL.MGSSAF
+    backbone = MGSSAF(
+        img_size=config.SEG.CROP_SIZE[0], in_chans=arch.IN_CHANS, num_classes=0,
+        embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS, num_heads=arch.NUM_HEADS,
+        global_ratio=arch.GLOBAL_RATIO, strip_width=arch.STRIP_WIDTH,
+        window_size=arch.WINDOW_SIZE, mlp_ratio=arch.MLP_RATIO, qkv_bias=arch.QKV_BIAS,
+        head_hidden_dim=arch.HEAD_HIDDEN_DIM, drop_rate=config.MODEL.DROP_RATE,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+    for name in ("last_conv", "head_act", "head_drop", "head"):  # classifier: unused here
+        setattr(backbone, name, nn.Identity())
+    seg = config.SEG
+    return UPerNet(backbone, config.MODEL.NUM_CLASSES, channels=seg.CHANNELS,
+                   aux_channels=seg.AUX_CHANNELS, aux_index=seg.AUX_INDEX,
+                   pool_scales=seg.POOL_SCALES, dropout=seg.DROPOUT)
+
+
+# Classifier parameters of an MG-SSAF checkpoint, not part of the segmentor's backbone.
+_CLASSIFIER_PREFIXES = ("last_conv.", "head.")
+
+
+def load_backbone_weights(model: UPerNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load an ImageNet MG-SSAF state dict (``checkpoint["model"]``) into ``model.backbone``,
+    dropping its classifier; raises on any other missing or unexpected key. Returns the names
+    of the dropped classifier keys (for the log)."""
+    dropped = [k for k in state_dict if k.startswith(_CLASSIFIER_PREFIXES)]
+    weights = {k: v for k, v in state_dict.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    model.backbone.load_state_dict(weights, strict=True)
+    return dropped

@@ -1,0 +1,211 @@
+"""Segmentation components (issue 13): UPerNet heads, ADE20K reader and pipelines, inference
+helpers, metrics, the digits scenes."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from config import load_config
+from data.ade20k import ADE20K, reduce_zero_label
+from data.build import DataError
+from data.digits_seg import NUM_CLASSES as DIGITS_CLASSES, DigitsSegDataset
+from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, rescale_size
+from models.mg_ssaf import MGSSAF
+from models.seg_inference import ms_flip_inference, slide_inference, whole_inference
+from models.upernet import FCNHead, UPerHead, UPerNet, build_segmentor
+from pipeline_helpers import ROOT
+from seg_metrics import SegMetrics, format_table, intersect_and_union, summarize
+
+
+def _features(embed_dim: int, size: int, batch: int = 2) -> list[torch.Tensor]:
+    return [torch.randn(batch, embed_dim * 2 ** i, size // 4 // 2 ** i, size // 4 // 2 ** i)
+            for i in range(4)]
+
+
+def test_heads_map_four_features_to_logits():
+    feats = _features(16, 64)
+    head = UPerHead([16, 32, 64, 128], num_classes=7, channels=24)
+    assert head(feats).shape == (2, 7, 16, 16)
+    aux = FCNHead(64, num_classes=7, channels=12)
+    assert aux(feats[2]).shape == (2, 7, 4, 4)
+
+
+class _StubBackbone(nn.Module):
+    """Four maps at strides 4/8/16/32 with C..8C channels, as forward_intermediates returns."""
+
+    def __init__(self, embed_dim: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Identity() for _ in range(4))
+        self.num_features = embed_dim * 8
+        self.convs = nn.ModuleList(nn.Conv2d(3, embed_dim * 2 ** i, 1) for i in range(4))
+
+    def forward_intermediates(self, x, intermediates_only=False):
+        assert intermediates_only
+        return [conv(nn.functional.avg_pool2d(x, 4 * 2 ** i)) for i, conv in enumerate(self.convs)]
+
+
+def test_segmentor_upsamples_to_the_input_and_adds_aux_logits_in_training():
+    model = UPerNet(_StubBackbone(), num_classes=5, channels=16, aux_channels=8)
+    x = torch.randn(2, 3, 64, 96)
+    logits, aux = model.train()(x)
+    assert logits.shape == aux.shape == (2, 5, 64, 96)
+    assert model.eval()(x).shape == (2, 5, 64, 96)
+
+
+@pytest.mark.parametrize("variant,expected", [("t", 49.7), ("s", 62.7), ("b", 87.8)])
+def test_segmentor_params_match_the_paper(variant, expected):
+    cfg = load_config(os.path.join(ROOT, f"configs/seg/upernet_mg_ssaf_{variant}_512x512_160k_"
+                                         "ade20k.yaml"))
+    params = sum(p.numel() for p in build_segmentor(cfg).parameters()) / 1e6
+    assert abs(params - expected) / expected < 0.015, params
+
+
+def test_segmentor_on_the_mg_ssaf_backbone():
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    model = build_segmentor(cfg).eval()
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, DIGITS_CLASSES, 64, 96)
+
+
+def test_miou_of_a_known_prediction():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    totals = intersect_and_union(pred, label, num_classes=4)
+    # class 0: inter 1, union 3 (pred {0,0 at (1,1)}, label 2 px); class 1: 2/3; class 2: 1/2;
+    # class 3: no label -> nan, left out of the means.
+    s = summarize(totals)
+    assert s["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3 * 100)
+    assert s["mAcc"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3 * 100)
+    assert s["aAcc"] == pytest.approx(4 / 6 * 100)
+    assert math.isnan(s["IoU"][3])
+    metrics = SegMetrics(4)
+    metrics.update(pred[:1], label[:1])
+    metrics.update(pred[1:], label[1:])
+    assert torch.equal(metrics.totals, totals)
+    assert "mIoU 50.00" in format_table(s, ["a", "b", "c", "d"])
+
+
+def test_label_zero_is_ignored_after_reduce_zero_label():
+    raw = np.array([[0, 1], [150, 0]], np.uint8)
+    label = torch.from_numpy(reduce_zero_label(raw).astype(np.int64))
+    assert label.tolist() == [[255, 0], [149, 255]]
+    pred = torch.tensor([[7, 0], [149, 3]])  # wrong only where the label was 0
+    assert summarize(intersect_and_union(pred, label, 150))["mIoU"] == 100.0
+
+
+def _ade_folder(root, sizes=((40, 30), (64, 48))):
+    rng = np.random.default_rng(0)
+    for split in ("training", "validation"):
+        os.makedirs(os.path.join(root, "images", split))
+        os.makedirs(os.path.join(root, "annotations", split))
+        for i, (w, h) in enumerate(sizes):
+            name = f"ADE_{split}_{i:08d}"
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+                os.path.join(root, "images", split, name + ".jpg"))
+            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(
+                os.path.join(root, "annotations", split, name + ".png"))
+    return str(root)
+
+
+def test_ade20k_reads_reduced_labels_and_is_reproducible(tmp_path):
+    root = _ade_folder(tmp_path)
+    train = ADE20K(root, "training", SegTrainTransform((128, 32), (0.5, 2.0), (32, 32)))
+    x, y = train[1]
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.int64
+    assert y.max() <= 255 and not ((y > 149) & (y < 255)).any()
+    x2, y2 = train[1]
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # same (seed, epoch, index)
+    train.set_epoch(1)
+    assert not torch.equal(train[1][0], x)
+    val = ADE20K(root, "validation", SegTestTransform((128, 32)))
+    x, y = val[1]
+    assert x.shape == (3, 32, 43) and y.shape == (48, 64)
+
+
+def test_ade20k_names_the_file_of_a_missing_or_mismatched_annotation(tmp_path):
+    root = _ade_folder(tmp_path)
+    ann = os.path.join(root, "annotations", "training", "ADE_training_00000001.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(ann)
+    data = ADE20K(root, "training", SegTestTransform((128, 32)))
+    with pytest.raises(DataError, match="ADE_training_00000001.png is 10x10 but image .*64x48"):
+        data[1]
+    os.remove(ann)
+    with pytest.raises(DataError, match="has no annotation .*ADE_training_00000001.png"):
+        data[1]
+
+
+def test_random_crop_respects_cat_max_ratio_and_pads_with_ignore():
+    image = Image.fromarray(np.zeros((100, 100, 3), np.uint8))
+    seg = np.zeros((100, 100), np.uint8)
+    seg[:, 90:] = 1  # class 1 only in a strip: most crops are > 75% class 0
+    transform = SegTrainTransform((100, 100), (1.0, 1.0), (20, 20), photometric=False, hflip=0.0)
+    hits = [(transform(image, Image.fromarray(seg), item_rng(0, 0, i))[1] == 1).any().item()
+            for i in range(20)]
+    assert sum(hits) > 10
+    small = SegTrainTransform((10, 10), (1.0, 1.0), (16, 16))
+    x, y = small(Image.new("RGB", (10, 10)), Image.new("L", (10, 10)), item_rng(0, 0, 0))
+    assert x.shape == (3, 16, 16) and (y[10:] == 255).all() and (y[:, 10:] == 255).all()
+    assert rescale_size((683, 512), (2048, 512)) == (683, 512)
+    assert rescale_size((4000, 1000), (2048, 512)) == (2048, 512)
+
+
+def test_sliding_window_and_multi_scale_agree_with_whole_for_a_pointwise_model():
+    model = nn.Conv2d(3, 4, 1).eval()
+    x = torch.randn(1, 3, 64, 96)
+    whole = whole_inference(model, x, (64, 96))
+    slide = slide_inference(model, x, (64, 96), crop=(32, 32), stride=(21, 21))
+    assert torch.allclose(whole, slide, atol=1e-5)
+    ms = ms_flip_inference(model, x, (64, 96), ratios=(1.0,), flip=True)
+    assert torch.allclose(whole, ms, atol=1e-5)
+
+
+def test_digits_scenes_are_deterministic_and_use_the_split():
+    train, val = DigitsSegDataset(True), DigitsSegDataset(False)
+    assert len(train) == 1437 and len(val) == 360
+    x, y = val[3]
+    assert x.shape == (3, 64, 64) and torch.equal(y, val[3][1])
+    assert 0 < (y > 0).float().mean() < 0.5 and int(y.max()) < DIGITS_CLASSES
+    assert torch.equal(train[5][1], train[5][1])
+    train.set_epoch(1)
+    a = train[5][1]
+    train.set_epoch(2)
+    assert not torch.equal(a, train[5][1])
+
+
+def test_overlay_palette_is_deterministic_and_distinct():
+    from tools.seg_overlay import overlay, palette, panel
+    colours = palette(150)
+    assert np.array_equal(colours, palette(150)) and len({tuple(c) for c in colours}) == 150
+    image = np.full((4, 4, 3), 100, np.uint8)
+    label = np.array([[0, 1, 255, 255]] * 4, np.uint8)
+    out = overlay(image, label, colours)
+    assert (out[:, 2:] == 100).all() and not (out[:, :2] == 100).all()
+    assert panel(image, label, label, colours).size == (12, 4)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide", "ms_flip"])
+def test_inference_dispatches_on_seg_test_mode(mode):
+    from models.seg_inference import inference
+    cfg = load_config(None, ["SEG.TEST_MODE", mode, "SEG.SLIDE_CROP", "[32, 32]",
+                             "SEG.SLIDE_STRIDE", "[21, 21]", "SEG.MS_RATIOS", "[1.0]"])
+    model = nn.Conv2d(3, 4, 1).eval()
+    x = torch.randn(1, 3, 64, 96)
+    assert torch.allclose(inference(model, x, (64, 96), cfg.SEG),
+                          whole_inference(model, x, (64, 96)), atol=1e-5)
+
+
+def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
+    from models.upernet import load_backbone_weights
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    model = build_segmentor(cfg)
+    arch = cfg.MODEL.MGSSAF
+    classifier = MGSSAF(img_size=64, num_classes=10, embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS,
+                        num_heads=arch.NUM_HEADS, global_ratio=arch.GLOBAL_RATIO,
+                        head_hidden_dim=arch.HEAD_HIDDEN_DIM)
+    dropped = load_backbone_weights(model, classifier.state_dict())
+    assert sorted(dropped) == ["head.bias", "head.weight", "last_conv.bias", "last_conv.weight"]
+    source = classifier.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in model.backbone.state_dict().items())

@@ -1,0 +1,174 @@
+"""main_seg.py through its command line (issue 13): training by iterations with checkpoints,
+metrics.jsonl and auto-resume on an ADE20K-layout folder, torchrun x2 validation counts, bad
+data, the iteration schedule's checks and the digits demo."""
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline_helpers as h
+from main_seg import IterationSampler
+
+SEG_CFG = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
+DEMO_CFG = SEG_CFG
+NAME = "upernet_seg_test"  # a custom MODEL.NAME: the tiny architecture below is ours
+TINY_SEG = ["MODEL.NAME", NAME, "DATA.DATASET", "ade20k", "MODEL.NUM_CLASSES", "150",
+            "MODEL.MGSSAF.EMBED_DIM", "16", "MODEL.MGSSAF.DEPTHS", "[1, 1, 1, 1]",
+            "SEG.CHANNELS", "16", "SEG.AUX_CHANNELS", "8", "SEG.CROP_SIZE", "[64, 64]",
+            "SEG.SCALE", "[96, 64]", "SEG.WARMUP_ITERS", "1", "PRINT_FREQ", "1",
+            "DETERMINISTIC", "true"]
+VAL_IMAGES = 3  # odd: two ranks evaluate 2 and 1
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory):
+    """ADEChallengeData2016 layout: 4 training and 3 validation 96x64 JPEG + PNG pairs whose
+    labels are 0 (ignored) on the left quarter and 1..150 elsewhere."""
+    root = tmp_path_factory.mktemp("ADEChallengeData2016")
+    rng = np.random.default_rng(0)
+    for split, count in (("training", 4), ("validation", VAL_IMAGES)):
+        os.makedirs(root / "images" / split)
+        os.makedirs(root / "annotations" / split)
+        for i in range(count):
+            name = f"ADE_{split}_{i:08d}"
+            label = rng.integers(1, 151, (64, 96), dtype=np.uint8)
+            label[:, :24] = 0
+            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"{name}.jpg")
+            Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
+    return str(root)
+
+
+def seg_args(data: str, output: str, tag: str, *opts: str, flags: tuple[str, ...] = ()) -> list:
+    return ["--cfg", SEG_CFG, "--data-path", data, "--output", output, "--tag", tag,
+            "--batch-size", "2", *flags, "--opts", *TINY_SEG, *opts]
+
+
+def run_seg(argv: list, launcher: tuple = ()):
+    return h.run_cli(argv, prefix=(*launcher, "main_seg.py"))
+
+
+def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
+    result = run_seg(seg_args(ade, str(tmp_path), "t", "SEG.ITERS", "4", "SEG.EVAL_INTERVAL", "2"))
+    assert result.returncode == 0, result.stdout[-4000:]
+    folder = os.path.join(str(tmp_path), NAME, "t")
+    assert {"ckpt_epoch_0.pth", "ckpt_epoch_1.pth", "ckpt_best.pth"} <= set(os.listdir(folder))
+    rows = h.read_metrics(folder)
+    assert sorted(rows) == [0, 1] and rows[1]["num_updates"] == 4  # 2 iterations per epoch
+    assert all(0 <= rows[e][k] <= 100 for e in rows for k in ("aAcc", "mAcc", "mIoU"))
+    assert "Train: [0/2][1/2]" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
+    final = torch.load(os.path.join(folder, "ckpt_epoch_1.pth"), weights_only=False)["model"]
+
+    # --eval --resume loads the whole segmentor and prints the last epoch's mIoU; ms+flip runs.
+    for mode in ("whole", "ms_flip"):
+        ev = run_seg(seg_args(ade, str(tmp_path), "e", "SEG.TEST_MODE", mode, flags=(
+            "--eval", "--resume", os.path.join(folder, "ckpt_epoch_1.pth"))))
+        assert ev.returncode == 0, ev.stdout[-3000:]
+        assert f"over {VAL_IMAGES} images" in ev.stdout
+        assert mode != "whole" or f"* mIoU {rows[1]['mIoU']:.2f} " in ev.stdout
+
+    # Lose the last epoch: the same command continues at epoch 1 and ends where it ended.
+    os.remove(os.path.join(folder, "ckpt_epoch_1.pth"))
+    again = run_seg(seg_args(ade, str(tmp_path), "t", "SEG.ITERS", "4", "SEG.EVAL_INTERVAL", "2"))
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "epoch 1, step 0, 2 optimizer steps done" in again.stdout
+    assert "Train: [0/2]" not in again.stdout
+    resumed = torch.load(os.path.join(folder, "ckpt_epoch_1.pth"), weights_only=False)["model"]
+    assert all(torch.equal(final[k], resumed[k]) for k in final)  # exact resume
+
+
+def test_torchrun_two_processes_count_every_validation_image_once(ade, tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}")
+    result = run_seg(seg_args(ade, str(tmp_path), "ddp", "SEG.ITERS", "1", "SEG.EVAL_INTERVAL",
+                              "1"), launcher)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "rank 0 of 2" in result.stdout
+    assert f"over {VAL_IMAGES} images" in result.stdout  # 2 + 1, no duplicates
+
+
+def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_path):
+    broken = str(tmp_path / "ade")
+    shutil.copytree(ade, broken)
+    missing = os.path.join(broken, "annotations", "validation", "ADE_validation_00000001.png")
+    os.remove(missing)
+    result = run_seg(seg_args(broken, str(tmp_path), "m", flags=("--eval",)))
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert f"has no annotation {missing}" in result.stdout and "Traceback" not in result.stdout
+
+    wrong = os.path.join(broken, "annotations", "validation", "ADE_validation_00000000.png")
+    Image.fromarray(np.ones((10, 20), np.uint8)).save(wrong)  # not the image's 96x64
+    result = run_seg(seg_args(broken, str(tmp_path), "w", flags=("--eval",)))
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert f"annotation {wrong} is 20x10 but image" in result.stdout
+
+
+def test_iters_must_be_a_multiple_of_the_eval_interval(ade, tmp_path):
+    result = run_seg(seg_args(ade, str(tmp_path), "c", "SEG.ITERS", "5", "SEG.EVAL_INTERVAL",
+                              "2"))
+    assert result.returncode == 1
+    assert "SEG.ITERS (5) must be a positive multiple of SEG.EVAL_INTERVAL (2)" in result.stdout
+
+
+def test_iteration_sampler_covers_ranks_and_resumes_part_way():
+    data = list(range(5))
+    shards = [list(IterationSampler(data, 6, 2, r, seed=0)) for r in range(2)]
+    positions = sorted(p for s in shards for _, p, _ in s)
+    assert positions == list(range(12))  # every draw of the epoch once, two passes and a bit
+    indices = [i for _, _, i in sorted((k for s in shards for k in s), key=lambda k: k[1])]
+    assert sorted(indices[:5]) == data and sorted(indices[5:10]) == data
+    sampler = IterationSampler(data, 6, 2, 1, seed=0)
+    sampler.set_epoch(0, 4)
+    assert list(sampler) == shards[1][4:] and len(sampler) == 2
+
+
+def test_digits_demo_command_runs_one_short_epoch(tmp_path):
+    result = h.run_cli(["--cfg", DEMO_CFG, "--output", str(tmp_path), "--opts", "SEG.ITERS",
+                        "2", "SEG.EVAL_INTERVAL", "2", "SEG.WARMUP_ITERS", "1"],
+                       prefix=("main_seg.py",))
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert re.search(r"\* mIoU [\d.]+ mAcc [\d.]+ aAcc [\d.]+ loss [\d.]+ over 360 images",
+                     result.stdout)
+    folder = os.path.join(str(tmp_path), "mg_ssaf_nano_digits_seg", "default")
+    row = h.read_metrics(folder)[0]
+    assert row["num_updates"] == 2 and "mIoU" in row
+    plot = h.run_cli([folder], prefix=(os.path.join("tools", "plot_metrics.py"),))
+    assert plot.returncode == 0, plot.stdout  # the mIoU panel of a segmentation run
+    assert os.path.isfile(os.path.join(folder, "metrics.png"))
+
+
+def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
+    from models.mg_ssaf import MGSSAF
+    classifier = MGSSAF(img_size=64, num_classes=10, embed_dim=16, depths=[1, 1, 1, 1],
+                        num_heads=[1, 4, 4, 4], global_ratio=[0.0, 0.75, 0.75, 0.0],
+                        strip_width=[0, 2, 2, 0], window_size=7, mlp_ratio=2.0,
+                        head_hidden_dim=128)
+    path = str(tmp_path / "imagenet.pth")
+    torch.save({"model": classifier.state_dict()}, path)
+    result = run_seg(seg_args(ade, str(tmp_path), "p", flags=("--eval", "--pretrained", path)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"loaded the backbone from {path}; not loaded (classifier): " in result.stdout
+    assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
+
+
+def test_preempted_run_resumes_mid_epoch_exactly(ade, tmp_path):
+    from test_preemption import interrupt
+    opts = ("SEG.ITERS", "16", "SEG.EVAL_INTERVAL", "8")
+    reference = run_seg(seg_args(ade, str(tmp_path), "ref", *opts))
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    folder = os.path.join(str(tmp_path), NAME, "pre")
+    code = interrupt(seg_args(ade, str(tmp_path), "pre", *opts), folder, str(tmp_path / "pre.log"),
+                     ("main_seg.py",), signal.SIGTERM, to_group=True)
+    assert code == 75, open(tmp_path / "pre.log").read()[-3000:]
+    assert any(re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n) for n in os.listdir(folder))
+    resumed = run_seg(seg_args(ade, str(tmp_path), "pre", *opts))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout and "epoch 0, step" in resumed.stdout
+    final, ref = (torch.load(os.path.join(str(tmp_path), NAME, tag, "ckpt_epoch_1.pth"),
+                             weights_only=False)["model"] for tag in ("pre", "ref"))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)  # same draws, same augmentations
