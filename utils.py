@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from yacs.config import CfgNode as CN
 
+from config import VARIANTS
+
 CHECKPOINT_RE = re.compile(r"^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
 BEST_CHECKPOINT = "ckpt_best.pth"
 TORCH_SAVE_MAGIC = (b"PK", b"\x80")  # torch.save's zip format; its legacy format (a pickle)
@@ -335,8 +337,8 @@ def _describe(ckpt: dict) -> str:
 
 
 # (embedding width, blocks per stage) of the released variants, to name a checkpoint's variant
-RELEASED_VARIANTS = {(96, (2, 2, 6, 2)): "MG-SSAF-T", (96, (2, 2, 18, 2)): "MG-SSAF-S",
-                     (128, (2, 2, 18, 2)): "MG-SSAF-B"}
+RELEASED_VARIANTS = {(arch["EMBED_DIM"], tuple(arch["DEPTHS"])): title
+                     for title, arch, _ in VARIANTS.values()}
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 _WIDTH = "embedding width (MODEL.MGSSAF.EMBED_DIM)"
 _CLASSES = "classes (MODEL.NUM_CLASSES)"
