@@ -22,16 +22,13 @@ from yacs.config import CfgNode as CN
 
 from config import ConfigError
 from data import DataError
-from data.build import Loader, ShardSampler
+from data.build import SEGMENTATION_DATASETS, Loader, ShardSampler
 from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng
 from main import Amp, ClassificationTask, main
 from models.seg_inference import inference
 from models.upernet import build_segmentor, convert_sync_batchnorm, load_backbone_weights
 from seg_metrics import SegMetrics, format_table, summarize
 from utils import get_rank, get_world_size, load_checkpoint_file
-
-SEG_DATASETS = ("ade20k", "digits_seg")
-
 
 class IterationSampler(Sampler):
     """The draws of one engine epoch: ``num_samples`` per rank from seeded permutations of the
@@ -104,7 +101,7 @@ def build_seg_dataset(config: CN, is_train: bool) -> Dataset:
         dataset = DigitsSegDataset(is_train, size=seg.CROP_SIZE[0], seed=config.SEED)
     else:
         raise DataError(f"DATA.DATASET {name!r} is unknown to main_seg.py: expected one of "
-                        f"{', '.join(repr(n) for n in SEG_DATASETS)}")
+                        f"{', '.join(repr(n) for n in SEGMENTATION_DATASETS)}")
     if NUM_CLASSES != config.MODEL.NUM_CLASSES:
         raise DataError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the {name} dataset "
                         f"has {NUM_CLASSES} classes")
@@ -141,9 +138,10 @@ class SegmentationTask(ClassificationTask):
         if seg.EVAL_INTERVAL < 1 or seg.ITERS < 1 or seg.ITERS % seg.EVAL_INTERVAL:
             raise ConfigError(f"SEG.ITERS ({seg.ITERS}) must be a positive multiple of "
                               f"SEG.EVAL_INTERVAL ({seg.EVAL_INTERVAL})")
-        if config.DATA.DATASET not in SEG_DATASETS:
+        if config.DATA.DATASET not in SEGMENTATION_DATASETS:
             raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} is not a segmentation "
-                              f"dataset: expected one of {', '.join(map(repr, SEG_DATASETS))}")
+                              "dataset: expected one of "
+                              + ", ".join(map(repr, SEGMENTATION_DATASETS)))
         config.TRAIN.EPOCHS = seg.ITERS // seg.EVAL_INTERVAL
         config.TRAIN.WARMUP_EPOCHS = 0
 

@@ -19,6 +19,9 @@ from yacs.config import CfgNode as CN
 
 from utils import derive_seed, get_rank, get_world_size, seed_all
 
+# DATA.DATASET values of segmentation runs (main_seg.py, configs/seg/).
+SEGMENTATION_DATASETS = ("ade20k", "digits_seg")
+
 # Signals by which a launcher, Slurm or Ctrl-C asks training to stop (main.Preemption).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -108,8 +111,8 @@ def build_dataset(is_train: bool, config: CN) -> tuple[Dataset, int]:
                              config.DATA.SKIP_BAD_IMAGES)
         num_classes = len(dataset.classes)
     else:
-        seg = name in ("ade20k", "digits_seg")
-        hint = " (a segmentation dataset: run main_seg.py)" if seg else ""
+        hint = (" (a segmentation dataset: run main_seg.py)" if name in SEGMENTATION_DATASETS
+                else "")
         raise DataError(f"DATA.DATASET {name!r} is unknown: expected 'imagenet', 'digits' or "
                         f"'cub'{hint}")
     if num_classes != config.MODEL.NUM_CLASSES:

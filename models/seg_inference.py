@@ -14,11 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode
 
+from .upernet import _resize
+
 __all__ = ["whole_inference", "slide_inference", "ms_flip_inference", "inference"]
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _padded_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -17,18 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode
 
+from data.build import SEGMENTATION_DATASETS
+
+from .build import model_kwargs
 from .mg_ssaf import MGSSAF
 
-__all__ = ["SEG_DATASETS", "is_seg_config", "ConvBNReLU", "PPM", "UPerHead", "FCNHead", "UPerNet", "build_segmentor",
-           "convert_sync_batchnorm", "load_backbone_weights"]
-
-# DATA.DATASET values of segmentation configs (main_seg.py, configs/seg/).
-SEG_DATASETS = ("ade20k", "digits_seg")
+__all__ = ["is_seg_config", "ConvBNReLU", "PPM", "UPerHead", "FCNHead", "UPerNet",
+           "build_segmentor", "convert_sync_batchnorm", "load_backbone_weights"]
 
 
 def is_seg_config(config: CfgNode) -> bool:
-    """Whether ``config`` describes a segmentation run (its DATA.DATASET is in SEG_DATASETS)."""
-    return config.DATA.DATASET in SEG_DATASETS
+    """Whether ``config`` describes a segmentation run (its DATA.DATASET is a segmentation
+    dataset, ``data.build.SEGMENTATION_DATASETS``)."""
+    return config.DATA.DATASET in SEGMENTATION_DATASETS
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -144,16 +145,8 @@ def convert_sync_batchnorm(model: nn.Module, world_size: int, device: torch.devi
 def build_segmentor(config: CfgNode) -> UPerNet:
     """UPerNet on the MG-SSAF named by ``config.MODEL.*`` (built without classifier), heads from
     ``config.SEG.*`` (see config.py)."""
-    arch = config.MODEL.MGSSAF
-    backbone = MGSSAF(
-        img_size=config.SEG.CROP_SIZE[0], in_chans=arch.IN_CHANS, num_classes=0,
-        embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS, num_heads=arch.NUM_HEADS,
-        global_ratio=arch.GLOBAL_RATIO, strip_width=arch.STRIP_WIDTH,
-        window_size=arch.WINDOW_SIZE, mlp_ratio=arch.MLP_RATIO, qkv_bias=arch.QKV_BIAS,
-        head_hidden_dim=arch.HEAD_HIDDEN_DIM, drop_rate=config.MODEL.DROP_RATE,
-        drop_path_rate=config.MODEL.DROP_PATH_RATE, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
-    for name in ("last_conv", "head_act", "head_drop", "head"):  # classifier: unused here
-        setattr(backbone, name, nn.Identity())
+    backbone = MGSSAF(**{**model_kwargs(config), "img_size": config.SEG.CROP_SIZE[0]})
+    backbone.prune_intermediate_layers(len(backbone.layers), prune_head=True)  # no classifier
     seg = config.SEG
     return UPerNet(backbone, config.MODEL.NUM_CLASSES, channels=seg.CHANNELS,
                    aux_channels=seg.AUX_CHANNELS, aux_index=seg.AUX_INDEX,
