@@ -7,12 +7,12 @@ and, on CPU in float32/float64 with stride 1, computes the gradients as:
 
 * input gradient: the same depthwise convolution of the output gradient with the kernel flipped
   in both spatial dimensions (oneDNN's fast forward kernel);
-* weight gradient: ``dW[c, i, j] = sum_{b,h,w} dY[b, c, h, w] * Xpad[b, c, h+i, w+j]``, a small
-  C kernel (below) that walks the channels-last maps once per kernel row with the k partial sums
-  of a row and a block of channels in registers. It is compiled with the system C compiler on
-  first use (a fraction of a second; cached in ``~/.cache/mgssaf``) for the instruction set
-  PyTorch itself dispatches to (``torch.backends.cpu.get_cpu_capability()``); the bias
-  gradient is summed beside it.
+* weight and bias gradients: ``dW[c, i, j] = sum_{b,h,w} dY[b, c, h, w] * X[b, c, h+i-p, w+j-p]``
+  (zero outside the map) and ``db[c] = sum dY[b, c, h, w]``, one pass of a small C kernel (below)
+  over the channels-last maps, row by row, with the k partial sums of a kernel row and a block of
+  channels in registers, on PyTorch's own OpenMP threads. It is compiled with the system C
+  compiler on first use (a fraction of a second; cached in ``~/.cache/mgssaf``) for the
+  instruction set PyTorch itself dispatches to (``torch.backends.cpu.get_cpu_capability()``).
 
 It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within ~3x of the
 forward). Everywhere else (CUDA, where cuDNN has dedicated depthwise kernels; autocast; stride
@@ -42,82 +42,104 @@ _CHANNEL_BLOCK = {"AVX512": 16, "AVX2": 8}
 _ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 _KERNEL_SOURCE = r"""
-/* Weight gradient of a stride-1 depthwise convolution on channels-last maps:
- *   out[i][j][c] = sum_{b,h,w} g[b][h][w][c] * xp[b][h+i][w+j][c]
- * g: (B, H, W, C) output gradient, xp: (B, H+K-1, W+K-1, C) zero-padded input, out: (K, K, C).
- * Threads take interleaved blocks of CB channels; a block's K*K*CB sums stay in an array, and the
- * K sums of one kernel row are kept in registers while a map row is swept. */
-#include <pthread.h>
-#include <string.h>
-
+/* Weight and bias gradients of a stride-1, 'same'-padded depthwise convolution on channels-last
+ * maps (P = K/2, x zero outside the map):
+ *   out[i][j][c] = sum_{b,h,w} g[b][h][w][c] * x[b][h+i-P][w+j-P][c],  out[K][0][c] = sum g
+ * g, x: (B, H, W, C); out: K*K*C + C values, zeroed by the caller.
+ * Each thread owns a contiguous range of CB-channel blocks and walks the maps row by row; for
+ * one output row h and kernel row i it sweeps every block of its range along the row, with the
+ * K sums of (i, block) in registers. Consecutive blocks share the cache lines the sweep before
+ * brought in, and rows h..h+K-1 of x stay in cache while h advances, so each map is read from
+ * memory about once. Rows and columns outside the map are skipped instead of padded.
+ * The threads are those of PyTorch's OpenMP pool when the caller passes libgomp's
+ * GOMP_parallel and omp_get_thread_num (threads of another pool would compete with PyTorch's
+ * spinning workers), else the work runs on the calling thread. */
 typedef struct {
-    const REAL *xp, *g;
+    const REAL *x, *g;
     REAL *out;
-    long B, H, W, C, K, first, step;
+    long B, H, W, C, K, threads;
+    int (*thread_num)(void);
 } Job;
 
 typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(REAL)),
                                  may_alias));
 
 #define SWEEP(K)                                                                        \
-    static void sweep##K(const Job *t, long c0) {                                       \
-        const long C = t->C, Hp = t->H + K - 1, Wp = t->W + K - 1;                      \
-        vec acc[K][K];                                                                  \
-        memset(acc, 0, sizeof acc);                                                     \
+    static void sweep##K(const Job *t, long first, long last) {                         \
+        const long C = t->C, H = t->H, W = t->W, P = K / 2;                             \
         for (long b = 0; b < t->B; b++)                                                 \
-            for (long h = 0; h < t->H; h++) {                                           \
-                const REAL *grow = t->g + ((b * t->H + h) * t->W) * C + c0;             \
+            for (long h = 0; h < H; h++)                                                \
                 for (long i = 0; i < K; i++) {                                          \
-                    const REAL *xrow = t->xp + ((b * Hp + h + i) * Wp) * C + c0;        \
-                    vec s[K];                                                           \
-                    _Pragma("GCC unroll 8")                                             \
-                    for (long j = 0; j < K; j++) s[j] = acc[i][j];                      \
-                    for (long w = 0; w < t->W; w++) {                                   \
-                        const vec gv = *(const vec *)(grow + w * C);                    \
-                        const REAL *xv = xrow + w * C;                                  \
+                    const long hi = h + i - P;                                          \
+                    if (hi < 0 || hi >= H) continue;                                    \
+                    const int centre = i == P;                                          \
+                    const REAL *grow = t->g + ((b * H + h) * W) * C;                    \
+                    const REAL *xrow = t->x + ((b * H + hi) * W) * C;                   \
+                    for (long c0 = first * CB; c0 < last * CB; c0 += CB) {              \
+                        REAL *o = t->out + i * K * C + c0;                              \
+                        vec s[K], bias = {0};                                           \
                         _Pragma("GCC unroll 8")                                         \
-                        for (long j = 0; j < K; j++)                                    \
-                            s[j] += gv * *(const vec *)(xv + j * C);                    \
+                        for (long j = 0; j < K; j++) s[j] = *(vec *)(o + j * C);        \
+                        long w = 0;                                                     \
+                        for (; w < W && (w < P || w + P >= W); w++) {                   \
+                            const vec gv = *(const vec *)(grow + w * C + c0);           \
+                            bias += gv;                                                 \
+                            _Pragma("GCC unroll 8")                                     \
+                            for (long j = 0; j < K; j++) {                              \
+                                const long wj = w + j - P;                              \
+                                if (wj >= 0 && wj < W)                                  \
+                                    s[j] += gv * *(const vec *)(xrow + wj * C + c0);    \
+                            }                                                           \
+                        }                                                               \
+                        for (; w + P < W; w++) {                                        \
+                            const vec gv = *(const vec *)(grow + w * C + c0);           \
+                            const REAL *xv = xrow + (w - P) * C + c0;                   \
+                            bias += gv;                                                 \
+                            _Pragma("GCC unroll 8")                                     \
+                            for (long j = 0; j < K; j++)                                \
+                                s[j] += gv * *(const vec *)(xv + j * C);                \
+                        }                                                               \
+                        for (; w < W; w++) {                                            \
+                            const vec gv = *(const vec *)(grow + w * C + c0);           \
+                            bias += gv;                                                 \
+                            _Pragma("GCC unroll 8")                                     \
+                            for (long j = 0; j < K; j++) {                              \
+                                const long wj = w + j - P;                              \
+                                if (wj < W)                                             \
+                                    s[j] += gv * *(const vec *)(xrow + wj * C + c0);    \
+                            }                                                           \
+                        }                                                               \
+                        _Pragma("GCC unroll 8")                                         \
+                        for (long j = 0; j < K; j++) *(vec *)(o + j * C) = s[j];        \
+                        if (centre) *(vec *)(t->out + K * K * C + c0) += bias;          \
                     }                                                                   \
-                    _Pragma("GCC unroll 8")                                             \
-                    for (long j = 0; j < K; j++) acc[i][j] = s[j];                      \
                 }                                                                       \
-            }                                                                           \
-        for (long i = 0; i < K; i++)                                                    \
-            for (long j = 0; j < K; j++)                                                \
-                memcpy(t->out + (i * K + j) * C + c0, &acc[i][j], sizeof(vec));         \
     }
 SWEEP(3)
 SWEEP(5)
 SWEEP(7)
 
-static void *run(void *arg) {
+static void run(void *arg) {
     const Job *t = (const Job *)arg;
-    for (long c0 = t->first * CB; c0 < t->C; c0 += t->step * CB) {
-        if (t->K == 3) sweep3(t, c0);
-        else if (t->K == 5) sweep5(t, c0);
-        else sweep7(t, c0);
-    }
-    return 0;
+    const long n = t->thread_num ? t->thread_num() : 0, blocks = t->C / CB;
+    const long first = n * blocks / t->threads, last = (n + 1) * blocks / t->threads;
+    if (t->K == 3) sweep3(t, first, last);
+    else if (t->K == 5) sweep5(t, first, last);
+    else sweep7(t, first, last);
 }
 
 /* Returns 0, or -1 for a kernel size it does not handle. C must be a multiple of CB. */
-int depthwise_weight_grad(const REAL *xp, const REAL *g, REAL *out, long B, long H, long W,
-                          long C, long K, long threads) {
+int depthwise_weight_grad(const REAL *x, const REAL *g, REAL *out, long B, long H, long W,
+                          long C, long K, long threads,
+                          void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned),
+                          int (*thread_num)(void)) {
     if (K != 3 && K != 5 && K != 7) return -1;
-    long blocks = C / CB;
+    const long blocks = C / CB;
+    if (!gomp_parallel || !thread_num || threads < 1) threads = 1;
     if (threads > blocks) threads = blocks;
-    if (threads < 1) threads = 1;
-    Job jobs[64];
-    pthread_t ids[64];
-    if (threads > 64) threads = 64;
-    for (long n = 0; n < threads; n++) {
-        Job job = {xp, g, out, B, H, W, C, K, n, threads};
-        jobs[n] = job;
-    }
-    for (long n = 1; n < threads; n++) pthread_create(&ids[n], 0, run, &jobs[n]);
-    run(&jobs[0]);
-    for (long n = 1; n < threads; n++) pthread_join(ids[n], 0);
+    Job job = {x, g, out, B, H, W, C, K, threads, threads > 1 ? thread_num : 0};
+    if (threads > 1) gomp_parallel(run, &job, (unsigned)threads, 0);
+    else run(&job);
     return 0;
 }
 """
@@ -127,6 +149,7 @@ int depthwise_weight_grad(const REAL *xp, const REAL *g, REAL *out, long B, long
 _FAST_KERNELS = (5, 7)
 _lock = threading.Lock()
 _libraries: dict[torch.dtype, Optional[ctypes.CDLL]] = {}
+_pool: list[tuple[Optional[int], Optional[int]]] = []
 
 
 def _capability() -> str:
@@ -143,7 +166,7 @@ def _compile(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
     """Compiles (once per source, type and instruction set; cached on disk) and loads the kernel,
     or returns None where there is no working C compiler."""
     real = {torch.float32: "float", torch.float64: "double"}[dtype]
-    flags = ["-O3", "-shared", "-fPIC", "-pthread", f"-DREAL={real}",
+    flags = ["-O3", "-shared", "-fPIC", f"-DREAL={real}",
              f"-DCB={channel_block()}", *_ISA_FLAGS.get(_capability(), [])]
     key = hashlib.sha256((_KERNEL_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
@@ -165,14 +188,33 @@ def _compile(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
             return None
     library = ctypes.CDLL(path)
     library.depthwise_weight_grad.restype = ctypes.c_int
-    library.depthwise_weight_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
+    library.depthwise_weight_grad.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
+                                              + [ctypes.c_void_p] * 2)
     return library
+
+
+def _openmp_pool() -> tuple[Optional[int], Optional[int]]:
+    """Addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in the libgomp that PyTorch
+    runs its intra-op threads on, or ``(None, None)`` (another parallel backend or OpenMP
+    runtime, or no ``/proc``): the kernel then runs on the calling thread."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None, None
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+        gomp = ctypes.CDLL(paths.pop())  # the loaded library: a new handle, the same pool
+        return (ctypes.cast(gomp.GOMP_parallel, ctypes.c_void_p).value,
+                ctypes.cast(gomp.omp_get_thread_num, ctypes.c_void_p).value)
+    except (OSError, KeyError, AttributeError):
+        return None, None
 
 
 def _library(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
     with _lock:
         if dtype not in _libraries:
             _libraries[dtype] = _compile(dtype)
+        if not _pool:
+            _pool.append(_openmp_pool())
         return _libraries[dtype]
 
 
@@ -199,18 +241,17 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
     depthwise convolution of ``x`` ``(B, C, H, W)`` whose output gradient is ``grad_out``
     ``(B, C, H, W)`` (CPU)."""
     b, c, h, w = x.shape
-    pad = kernel_size // 2
-    # (B, H+k-1, W+k-1, C) and (B, H, W, C): views, copied only if not channels-last already
-    xp = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1).contiguous()
+    # (B, H, W, C): views, copied only if not channels-last already
+    xt = x.permute(0, 2, 3, 1).contiguous()
     g = grad_out.permute(0, 2, 3, 1).contiguous()
-    out = torch.empty(kernel_size, kernel_size, c, dtype=x.dtype)  # (k, k, C)
+    out = torch.zeros(kernel_size * kernel_size + 1, c, dtype=x.dtype)  # (k*k weights + bias, C)
     status = _library(x.dtype).depthwise_weight_grad(
-        xp.data_ptr(), g.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size,
-        torch.get_num_threads())
+        xt.data_ptr(), g.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size,
+        torch.get_num_threads(), *_pool[0])
     if status:
         raise RuntimeError(f"depthwise_weight_grad: kernel size {kernel_size} not supported")
-    grad_w = out.permute(2, 0, 1).reshape(c, 1, kernel_size, kernel_size).contiguous()
-    return grad_w, g.view(-1, c).sum(0)
+    grad_w = out[:-1].t().reshape(c, 1, kernel_size, kernel_size).contiguous()
+    return grad_w, out[-1].clone()
 
 
 @depthwise_weight_grad.register_fake
