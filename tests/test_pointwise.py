@@ -25,8 +25,8 @@ def _grads(conv, x, grad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_conv2d(layout, dtype):
     native, fast = _pair(dtype)
-    x = torch.randn(2, 32, 5, 7, dtype=dtype).contiguous(memory_format=layout)
-    grad = torch.randn(2, 48, 5, 7, dtype=dtype)
+    x = torch.randn(2, 32, 6, 7, dtype=dtype).contiguous(memory_format=layout)
+    grad = torch.randn(2, 48, 6, 7, dtype=dtype)
     got, expected = _grads(fast, x, grad), _grads(native, x, grad)
     assert got[0].is_contiguous(memory_format=layout)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -43,12 +43,19 @@ def test_bfloat16_autocast():
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.skipif(not pointwise._ONEDNN_ROWS, reason="plain nn.Conv2d without AVX-512")
-def test_single_thread_small_batch_runs_on_onednn():
+def test_pieces():
+    assert [pointwise._pieces(8, h) for h in (56, 28, 14, 7)] == [2, 2, 2, 7]
+    assert pointwise._pieces(4, 5) == 5 and pointwise._pieces(1, 12) == 12
+    assert pointwise._pieces(3, 12) == 6 and pointwise._pieces(16, 7) == 1
+
+
+@pytest.mark.skipif(not pointwise._ONEDNN_FASTER, reason="plain nn.Conv2d without AVX2")
+@pytest.mark.parametrize("height", [5, 8])
+def test_single_thread_small_batch_runs_on_onednn(height):
     """The case PyTorch would send to its slower native kernel (1 thread, batch < 16): here a
-    (B*H = 20, C, W, 1) batch."""
+    batch of 4 x 5 one-row images or of 4 x 4 images of two rows."""
     _, fast = _pair()
-    x = torch.randn(4, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 32, height, 7).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
