@@ -56,6 +56,32 @@ def test_float32_matches_conv2d(layout, shape):
     assert got[2].stride() == fast.weight.stride()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("openmp", [True, False])
+def test_weight_gradient_with_any_thread_count_and_without_openmp(monkeypatch, threads, openmp):
+    """Channel blocks split unevenly over threads (48 channels: 3 or 6 blocks), on PyTorch's
+    OpenMP pool or on the calling thread alone; a map narrower and shorter than the kernel."""
+    if not openmp:
+        monkeypatch.setattr(depthwise, "_pool", [(None, None)])
+    native, fast = _pair(48, 7, torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in ((2, 48, 9, 12), (1, 48, 3, 5)):
+            x, grad = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+            for g, e in zip(_grads(fast, x, grad)[2:], _grads(native, x, grad)[2:]):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_kernel_runs_on_pytorchs_openmp_pool():
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("PyTorch is not built with OpenMP here")
+    depthwise._library(torch.float32)
+    assert all(depthwise._pool[0]), "libgomp's entry points not found"
+
+
 def test_weight_gradient_keeps_the_weight_strides():
     """A channels-last weight (as DDP buckets see it after model.to(channels_last)) gets a
     channels-last gradient."""
