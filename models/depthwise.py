@@ -23,6 +23,7 @@ before, and the weight gradient has the weight's own strides (what DDP's buckets
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -149,7 +150,6 @@ int depthwise_weight_grad(const REAL *x, const REAL *g, REAL *out, long B, long 
 _FAST_KERNELS = (5, 7)
 _lock = threading.Lock()
 _libraries: dict[torch.dtype, Optional[ctypes.CDLL]] = {}
-_pool: list[tuple[Optional[int], Optional[int]]] = []
 
 
 def _capability() -> str:
@@ -193,19 +193,21 @@ def _compile(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
     return library
 
 
+@functools.lru_cache(maxsize=None)
 def _openmp_pool() -> tuple[Optional[int], Optional[int]]:
-    """Addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in the libgomp that PyTorch
-    runs its intra-op threads on, or ``(None, None)`` (another parallel backend or OpenMP
-    runtime, or no ``/proc``): the kernel then runs on the calling thread."""
+    """Addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` as libtorch_cpu resolves them,
+    i.e. of the OpenMP runtime whose threads PyTorch runs its intra-op work on, or
+    ``(None, None)`` (another parallel backend, or the library not found): the kernel then runs
+    on the calling thread."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None, None
     try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
-        gomp = ctypes.CDLL(paths.pop())  # the loaded library: a new handle, the same pool
-        return (ctypes.cast(gomp.GOMP_parallel, ctypes.c_void_p).value,
-                ctypes.cast(gomp.omp_get_thread_num, ctypes.c_void_p).value)
-    except (OSError, KeyError, AttributeError):
+        # dlsym on libtorch_cpu's handle searches its own dependencies: PyTorch's runtime
+        torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
+                                             "libtorch_cpu.so"))
+        return (ctypes.cast(torch_cpu.GOMP_parallel, ctypes.c_void_p).value,
+                ctypes.cast(torch_cpu.omp_get_thread_num, ctypes.c_void_p).value)
+    except (OSError, AttributeError):
         return None, None
 
 
@@ -213,8 +215,6 @@ def _library(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
     with _lock:
         if dtype not in _libraries:
             _libraries[dtype] = _compile(dtype)
-        if not _pool:
-            _pool.append(_openmp_pool())
         return _libraries[dtype]
 
 
@@ -247,7 +247,7 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
     out = torch.zeros(kernel_size * kernel_size + 1, c, dtype=x.dtype)  # (k*k weights + bias, C)
     status = _library(x.dtype).depthwise_weight_grad(
         xt.data_ptr(), g.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size,
-        torch.get_num_threads(), *_pool[0])
+        torch.get_num_threads(), *_openmp_pool())
     if status:
         raise RuntimeError(f"depthwise_weight_grad: kernel size {kernel_size} not supported")
     grad_w = out[:-1].t().reshape(c, 1, kernel_size, kernel_size).contiguous()

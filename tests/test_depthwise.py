@@ -62,7 +62,7 @@ def test_weight_gradient_with_any_thread_count_and_without_openmp(monkeypatch, t
     """Channel blocks split unevenly over threads (48 channels: 3 or 6 blocks), on PyTorch's
     OpenMP pool or on the calling thread alone; a map narrower and shorter than the kernel."""
     if not openmp:
-        monkeypatch.setattr(depthwise, "_pool", [(None, None)])
+        monkeypatch.setattr(depthwise, "_openmp_pool", lambda: (None, None))
     native, fast = _pair(48, 7, torch.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -78,8 +78,7 @@ def test_weight_gradient_with_any_thread_count_and_without_openmp(monkeypatch, t
 def test_kernel_runs_on_pytorchs_openmp_pool():
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("PyTorch is not built with OpenMP here")
-    depthwise._library(torch.float32)
-    assert all(depthwise._pool[0]), "libgomp's entry points not found"
+    assert all(depthwise._openmp_pool()), "GOMP_parallel/omp_get_thread_num not found"
 
 
 def test_weight_gradient_keeps_the_weight_strides():
