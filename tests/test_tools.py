@@ -73,8 +73,9 @@ def test_benchmark_table_and_json(tmp_path):
                                                         "MG-SSAF-T.yaml")))
     out = tmp_path / "bench.json"
     result = run_tool(BENCH, "--cfg", str(cfg), "--opts", "MODEL.NUM_CLASSES", "10",
-                      "--peers", "test_resnet", *TINY_BENCH, "--json", str(out))
+                      "--peers", "test_resnet", *TINY_BENCH, "--rounds", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
+    assert "test_resnet (round 2): train" in result.stderr
     table = result.stdout.strip().splitlines()
     assert table[0].startswith("| model | params (M) | GFLOPs | infer img/s | train img/s")
     assert "infer x test_resnet" in table[0] and len(table) == 2 + 2
@@ -103,6 +104,9 @@ def test_benchmark_table_and_json(tmp_path):
             assert row[f"{phase}_peak_frac"] == pytest.approx(row[f"{phase}_gflop_s"] / peak)
         kept = uses_glibc_malloc()
         assert row["infer_kept_freed_memory"] is row["train_kept_freed_memory"] is kept
+        for phase in ("infer", "train"):  # the median of the two rounds
+            assert len(row[f"{phase}_img_s_rounds"]) == 2
+            assert row[f"{phase}_img_s"] == pytest.approx(sum(row[f"{phase}_img_s_rounds"]) / 2)
     assert rows["test_resnet"]["infer_ratio"] == rows["test_resnet"]["train_ratio"] == 1.0
     assert rows["MG-SSAF-pico"]["infer_ratio"] > 0
 

@@ -8,7 +8,9 @@ Peak memory, over the timed steps, is the CUDA allocator peak on GPU (weights in
 CPU, the growth of the process's peak resident set over its size before the warm-up (with
 ``--keep-freed-memory``, the default, freed memory stays resident, so this includes the warm-up's
 high-water mark). Each (model, phase) runs in a fresh subprocess by default, so no model's memory
-or allocator state leaks into another's figures.
+or allocator state leaks into another's figures. With ``--rounds N`` the whole sequence of
+measurements runs N times and each figure is the median over the rounds (peak memory: the
+largest): on a shared machine a busy moment then hits every model alike instead of one row.
 
 Efficiency: once per run the tool measures the machine's matrix-multiply peak in the benchmark's
 dtype (the faster of a large ``torch.mm`` and a large 1x1 convolution, on the same device and
@@ -304,6 +306,22 @@ def run_in_subprocess(spec: str, phase: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1][len(ROW_PREFIX):])
 
 
+def merge_rounds(spec: str, results: dict[tuple[str, str], list[dict]]) -> dict:
+    """One table row from a model's rounds: median img/s, largest peak memory, the rest (params,
+    GFLOPs, settings) from the first round; each round's img/s is kept in ``{phase}_img_s_rounds``."""
+    row: dict = {"model": spec_name(spec), "spec": spec}
+    for phase in PHASES:
+        rounds = results[spec, phase]
+        for result in reversed(rounds):
+            row.update(result)
+        speeds = [r[f"{phase}_img_s"] for r in rounds]
+        row[f"{phase}_img_s"] = statistics.median(speeds) if speeds else None
+        row[f"{phase}_img_s_rounds"] = speeds
+        if rounds:
+            row[f"{phase}_mem_mb"] = max(r[f"{phase}_mem_mb"] for r in rounds)
+    return row
+
+
 def add_ratios(rows: list[dict], reference: Optional[str]) -> None:
     """``<phase>_ratio``: each model's img/s over the reference model's (None without one)."""
     ref = next((r for r in rows if r["model"] == reference), None)
@@ -361,6 +379,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="channels-last model and input")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per phase")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every model and phase this many times, one after the "
+                             "other, and report the median img/s of the rounds")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default)")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
@@ -375,7 +396,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=PHASES, default="infer", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name, least in (("steps", 1), ("img_size", 1), ("warmup", 0), ("batch_size", 0),
+    for name, least in (("steps", 1), ("rounds", 1), ("img_size", 1), ("warmup", 0),
+                        ("batch_size", 0),
                         ("train_batch_size", 0), ("threads", 0)):
         if getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, "
@@ -413,7 +435,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "infer_batch": infer_batch, "train_batch": train_batch, "img_size": args.img_size,
                 "compile": args.compile, "channels_last": args.channels_last,
                 "keep_freed_memory": args.keep_freed_memory and device.type == "cpu",
-                "steps": args.steps, "warmup": args.warmup, "opts": args.opts,
+                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                "opts": args.opts,
                 "models_in_subprocess": args.models_in_subprocess,
                 "gemm_peak_gflop_s": peak, "gemm_mm_gflop_s": gemm["mm"],
                 "gemm_conv1x1_gflop_s": gemm["conv1x1"],
@@ -428,21 +451,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"1x1 conv {gemm['conv1x1']:.0f}; % peak: achieved FLOP/s over it, a training "
           "step counted as 3 forward passes)", file=sys.stderr)
 
-    rows, failed = [], []
-    for spec in specs:
-        row: dict = {"model": spec_name(spec), "spec": spec}
-        for phase in PHASES:
-            print(f"[{time.strftime('%H:%M:%S')}] {row['model']}: {phase} ...", file=sys.stderr,
-                  flush=True)
-            try:
-                row.update(run_in_subprocess(spec, phase, args) if args.models_in_subprocess
-                           else bench_phase(spec, phase, args))
-                print(f"    {row[f'{phase}_img_s']:.1f} img/s, peak memory "
-                      f"{row[f'{phase}_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
-            except Exception as e:  # keep measuring the other models; report the failure at the end
-                failed.append(f"{row['model']} ({phase}): {e}")
-                row[f"{phase}_img_s"] = None
-        rows.append(row)
+    results: dict[tuple[str, str], list[dict]] = {(spec, phase): [] for spec in specs
+                                                  for phase in PHASES}
+    failed = []
+    for round_ in range(args.rounds):
+        for spec in specs:
+            for phase in PHASES:
+                name = spec_name(spec) + (f" (round {round_ + 1})" if args.rounds > 1 else "")
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {phase} ...", file=sys.stderr,
+                      flush=True)
+                try:
+                    result = (run_in_subprocess(spec, phase, args) if args.models_in_subprocess
+                              else bench_phase(spec, phase, args))
+                    results[spec, phase].append(result)
+                    print(f"    {result[f'{phase}_img_s']:.1f} img/s, peak memory "
+                          f"{result[f'{phase}_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
+                except Exception as e:  # measure the others; report the failure at the end
+                    failed.append(f"{name} ({phase}): {e}")
+    rows = [merge_rounds(spec, results) for spec in specs]
     reference = spec_name(specs[len(args.cfg)]) if args.peers else None
     add_ratios(rows, reference)
     add_efficiency(rows, peak)
