@@ -65,6 +65,18 @@ typedef struct {
 typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(REAL)),
                                  may_alias));
 
+/* One output column w near the left or right edge: only the kernel columns inside the map. */
+#define EDGE_STEP(K)                                                                    \
+    {                                                                                   \
+        const vec gv = *(const vec *)(grow + w * C + c0);                               \
+        bias += gv;                                                                     \
+        _Pragma("GCC unroll 8")                                                         \
+        for (long j = 0; j < K; j++) {                                                  \
+            const long wj = w + j - P;                                                  \
+            if (wj >= 0 && wj < W) s[j] += gv * *(const vec *)(xrow + wj * C + c0);     \
+        }                                                                               \
+    }
+
 #define SWEEP(K)                                                                        \
     static void sweep##K(const Job *t, long first, long last) {                         \
         const long C = t->C, H = t->H, W = t->W, P = K / 2;                             \
@@ -82,16 +94,7 @@ typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(R
                         _Pragma("GCC unroll 8")                                         \
                         for (long j = 0; j < K; j++) s[j] = *(vec *)(o + j * C);        \
                         long w = 0;                                                     \
-                        for (; w < W && (w < P || w + P >= W); w++) {                   \
-                            const vec gv = *(const vec *)(grow + w * C + c0);           \
-                            bias += gv;                                                 \
-                            _Pragma("GCC unroll 8")                                     \
-                            for (long j = 0; j < K; j++) {                              \
-                                const long wj = w + j - P;                              \
-                                if (wj >= 0 && wj < W)                                  \
-                                    s[j] += gv * *(const vec *)(xrow + wj * C + c0);    \
-                            }                                                           \
-                        }                                                               \
+                        for (; w < W && (w < P || w + P >= W); w++) EDGE_STEP(K)        \
                         for (; w + P < W; w++) {                                        \
                             const vec gv = *(const vec *)(grow + w * C + c0);           \
                             const REAL *xv = xrow + (w - P) * C + c0;                   \
@@ -100,16 +103,7 @@ typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(R
                             for (long j = 0; j < K; j++)                                \
                                 s[j] += gv * *(const vec *)(xv + j * C);                \
                         }                                                               \
-                        for (; w < W; w++) {                                            \
-                            const vec gv = *(const vec *)(grow + w * C + c0);           \
-                            bias += gv;                                                 \
-                            _Pragma("GCC unroll 8")                                     \
-                            for (long j = 0; j < K; j++) {                              \
-                                const long wj = w + j - P;                              \
-                                if (wj < W)                                             \
-                                    s[j] += gv * *(const vec *)(xrow + wj * C + c0);    \
-                            }                                                           \
-                        }                                                               \
+                        for (; w < W; w++) EDGE_STEP(K)                                 \
                         _Pragma("GCC unroll 8")                                         \
                         for (long j = 0; j < K; j++) *(vec *)(o + j * C) = s[j];        \
                         if (centre) *(vec *)(t->out + K * K * C + c0) += bias;          \
