@@ -675,11 +675,12 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
             train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch,
                             mixup_fn, lr_scheduler, scaler, amp, device, progress, preemption,
                             logger, model_ema)
-        except RuntimeError as e:
+        except (RuntimeError, ConnectionError, EOFError) as e:
             if not preemption.requested:
                 raise
-            # A loader worker or a peer rank died of the signal: the state of the last
-            # optimizer step (progress) is intact, save that.
+            # A loader worker or a peer rank died of the signal (a worker that dies while handing
+            # over a batch's shared memory shows as ConnectionResetError, or EOFError): the state
+            # of the last optimizer step (progress) is intact, save that.
             logger.warning(f"{type(e).__name__} while stopping on {preemption.signal_name}: "
                            f"{(str(e).splitlines() or [''])[0]}")
             progress.preempted = True
