@@ -10,9 +10,8 @@ and, on CPU in float32/float64 with stride 1, computes the gradients as:
 * weight and bias gradients: ``dW[c, i, j] = sum_{b,h,w} dY[b, c, h, w] * X[b, c, h+i-p, w+j-p]``
   (zero outside the map) and ``db[c] = sum dY[b, c, h, w]``, one pass of a small C kernel (below)
   over the channels-last maps, row by row, with the k partial sums of a kernel row and a block of
-  channels in registers, on PyTorch's own OpenMP threads. It is compiled with the system C
-  compiler on first use (a fraction of a second; cached in ``~/.cache/mgssaf``) for the
-  instruction set PyTorch itself dispatches to (``torch.backends.cpu.get_cpu_capability()``).
+  channels in registers, on PyTorch's own OpenMP threads. It is compiled on first use by
+  ``models/ckernel.py`` for the instruction set PyTorch itself dispatches to.
 
 It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within 2-4x of the
 forward). Everywhere else (CUDA, where cuDNN has dedicated depthwise kernels; autocast; stride
@@ -23,24 +22,18 @@ before, and the weight gradient has the weight's own strides (what DDP's buckets
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import subprocess
-import sysconfig
-import tempfile
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ckernel
+
 __all__ = ["DepthwiseConv2d", "depthwise_weight_grad"]
 
 # Channels per register block of the weight-gradient kernel, by PyTorch's CPU capability.
 _CHANNEL_BLOCK = {"AVX512": 16, "AVX2": 8}
-_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 _KERNEL_SOURCE = r"""
 /* Weight and bias gradients of a stride-1, 'same'-padded depthwise convolution on channels-last
@@ -142,74 +135,24 @@ int depthwise_weight_grad(const REAL *x, const REAL *g, REAL *out, long B, long 
 # Kernel sizes that take the fast backward: at 3x3, oneDNN's own backward is already within 2-4x
 # of the forward, and the C kernel measured no faster there (0.8-1.3x, by shape and ISA).
 _FAST_KERNELS = (5, 7)
-_lock = threading.Lock()
-_libraries: dict[torch.dtype, Optional[ctypes.CDLL]] = {}
-
-
-def _capability() -> str:
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability if capability in _CHANNEL_BLOCK else "DEFAULT"
 
 
 def channel_block() -> int:
     """Channels per block of the compiled kernel (the channel count must be a multiple)."""
-    return _CHANNEL_BLOCK.get(_capability(), 4)
+    return _CHANNEL_BLOCK.get(ckernel.capability(), 4)
 
 
-def _compile(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
-    """Compiles (once per source, type and instruction set; cached on disk) and loads the kernel,
-    or returns None where there is no working C compiler."""
-    real = {torch.float32: "float", torch.float64: "double"}[dtype]
-    flags = ["-O3", "-shared", "-fPIC", f"-DREAL={real}",
-             f"-DCB={channel_block()}", *_ISA_FLAGS.get(_capability(), [])]
-    key = hashlib.sha256((_KERNEL_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                         "mgssaf")
-    path = os.path.join(cache, f"depthwise_{real}_{key}.so")
-    if not os.path.isfile(path):
-        compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-        try:
-            os.makedirs(cache, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                source = os.path.join(tmp, "depthwise.c")
-                with open(source, "w", encoding="ascii") as f:
-                    f.write(_KERNEL_SOURCE)
-                built = os.path.join(tmp, "depthwise.so")
-                subprocess.run([compiler, *flags, source, "-o", built], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, path)  # atomic: concurrent ranks may race harmlessly
-        except (OSError, subprocess.SubprocessError):
-            return None
-    library = ctypes.CDLL(path)
+def _setup(library: ctypes.CDLL) -> None:
     library.depthwise_weight_grad.restype = ctypes.c_int
     library.depthwise_weight_grad.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
                                               + [ctypes.c_void_p] * 2)
-    return library
-
-
-@functools.lru_cache(maxsize=None)
-def _openmp_pool() -> tuple[Optional[int], Optional[int]]:
-    """Addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` as libtorch_cpu resolves them,
-    i.e. of the OpenMP runtime whose threads PyTorch runs its intra-op work on, or
-    ``(None, None)`` (another parallel backend, or the library not found): the kernel then runs
-    on the calling thread."""
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return None, None
-    try:
-        # dlsym on libtorch_cpu's handle searches its own dependencies: PyTorch's runtime
-        torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
-                                             "libtorch_cpu.so"))
-        return (ctypes.cast(torch_cpu.GOMP_parallel, ctypes.c_void_p).value,
-                ctypes.cast(torch_cpu.omp_get_thread_num, ctypes.c_void_p).value)
-    except (OSError, AttributeError):
-        return None, None
 
 
 def _library(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
-    with _lock:
-        if dtype not in _libraries:
-            _libraries[dtype] = _compile(dtype)
-        return _libraries[dtype]
+    """The kernel for ``dtype`` (compiled on first use), or None without a C compiler."""
+    real = {torch.float32: "float", torch.float64: "double"}[dtype]
+    return ckernel.load("depthwise", _KERNEL_SOURCE, {"REAL": real, "CB": channel_block()},
+                        _setup)
 
 
 @torch.compiler.assume_constant_result
@@ -241,7 +184,7 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
     out = torch.zeros(kernel_size * kernel_size + 1, c, dtype=x.dtype)  # (k*k weights + bias, C)
     status = _library(x.dtype).depthwise_weight_grad(
         xt.data_ptr(), g.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size,
-        torch.get_num_threads(), *_openmp_pool())
+        torch.get_num_threads(), *ckernel.openmp_pool())
     if status:
         raise RuntimeError(f"depthwise_weight_grad: kernel size {kernel_size} not supported")
     grad_w = out[:-1].t().reshape(c, 1, kernel_size, kernel_size).contiguous()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import depthwise
+from models import ckernel, depthwise
 from models.depthwise import DepthwiseConv2d, fast_backward_available
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
@@ -62,7 +62,7 @@ def test_weight_gradient_with_any_thread_count_and_without_openmp(monkeypatch, t
     """Channel blocks split unevenly over threads (48 channels: 3 or 6 blocks), on PyTorch's
     OpenMP pool or on the calling thread alone; a map narrower and shorter than the kernel."""
     if not openmp:
-        monkeypatch.setattr(depthwise, "_openmp_pool", lambda: (None, None))
+        monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None))
     native, fast = _pair(48, 7, torch.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -78,7 +78,7 @@ def test_weight_gradient_with_any_thread_count_and_without_openmp(monkeypatch, t
 def test_kernel_runs_on_pytorchs_openmp_pool():
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("PyTorch is not built with OpenMP here")
-    assert all(depthwise._openmp_pool()), "GOMP_parallel/omp_get_thread_num not found"
+    assert all(ckernel.openmp_pool()), "GOMP_parallel/omp_get_thread_num not found"
 
 
 def test_weight_gradient_keeps_the_weight_strides():
@@ -112,8 +112,8 @@ def test_bfloat16_autocast_matches_conv2d():
 
 
 def test_without_a_c_compiler_it_is_conv2d(monkeypatch):
-    monkeypatch.setattr(depthwise, "_libraries", {torch.float32: None})
-    monkeypatch.setattr(depthwise, "_kernel_ready", lambda dtype, channels: False)
+    monkeypatch.setattr(ckernel, "_libraries", {})
+    monkeypatch.setattr(ckernel, "_build", lambda name, source, flags: None)
     native, fast = _pair(32, 7)
     x = torch.randn(2, 32, 8, 8)
     assert not fast_backward_available(x, fast.weight, stride=1)
