@@ -17,7 +17,7 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -59,12 +59,13 @@ def _build(name: str, source: str, flags: list[str]) -> Optional[str]:
 
 
 def load(name: str, source: str, defines: dict[str, object],
-         setup: Callable[[ctypes.CDLL], None]) -> Optional[ctypes.CDLL]:
-    """The library built from ``source`` with ``-D`` ``defines`` for this machine's instruction
-    set (once per process and arguments; ``setup`` declares its functions' argument types), or
-    None where there is no working C compiler."""
+         setup: Callable[[ctypes.CDLL], None],
+         flags: Sequence[str] = ()) -> Optional[ctypes.CDLL]:
+    """The library built from ``source`` with ``-D`` ``defines`` and extra compiler ``flags`` for
+    this machine's instruction set (once per process and arguments; ``setup`` declares its
+    functions' argument types), or None where there is no working C compiler."""
     flags = ["-O3", "-shared", "-fPIC", *(f"-D{k}={v}" for k, v in sorted(defines.items())),
-             *_ISA_FLAGS.get(capability(), [])]
+             *_ISA_FLAGS.get(capability(), []), *flags]
     key = (name, source, tuple(flags))
     with _lock:
         if key not in _libraries:

@@ -44,6 +44,7 @@ from utils import load_pretrained
 
 from .depthwise import DepthwiseConv2d
 from .pointwise import PointwiseConv2d
+from .separable import fused_available, separable_attention
 
 __all__ = ["MGSSAF"]
 
@@ -162,9 +163,15 @@ class MGSSAFAttention(nn.Module):
         self.register_load_state_dict_pre_hook(_drop_unused_norm)
 
     def ss_msa(self, x: torch.Tensor) -> torch.Tensor:
-        """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``."""
+        """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``.
+
+        On CPU, as fused kernels where they apply (models/separable.py); below, the same in
+        PyTorch ops, which every other case (CUDA, autocast, padded maps, compiling) runs.
+        """
         b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size
+        if fused_available(x, w, heads, self.attn_local_win):
+            return separable_attention(x, w, heads, self.scale, self.attn_local_win)
         pad_h, pad_w = -hh % w, -ww % w
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))

@@ -1,0 +1,435 @@
+"""SS-MSA with the AF module as fused CPU kernels: one pass over each (head, window) in cache.
+
+In PyTorch ops (``MGSSAFAttention.ss_msa``, the reference path) the local branch is some thirty
+small ops per block: 7x7 batched products, softmaxes over 7 elements, broadcast products and
+their reductions, each sweeping its tensor through memory. This module computes the same
+numbers with four C kernels, each of which loads one head's q and k of one window from the
+``(B, H, W, C)`` projection into cache and does all of its work there; the units run on
+PyTorch's OpenMP threads (``models/ckernel.py``). Per window (``N = w*w`` positions; row
+attention ``R``, column attention ``C``, separable map ``P``, AF module
+``dw3x3 -> GELU -> 1x1``):
+
+* ``scores``: ``R[j'][(i,j)]`` = softmax over ``j'`` of ``q(i,j).k(i,j')``,
+  ``C[j'][i][i']`` = softmax over ``i'`` of ``q(i,j').k(i',j')``,
+  ``P[(i',j')][(i,j)] = R[j'][(i,j)] * C[j'][i][i']`` and ``Y`` = the 3x3 depthwise
+  convolution of ``P`` over key positions;
+* in PyTorch: ``A = GELU(Y)`` and ``Wt = P + mix @ A`` (the 1x1 over heads: a ``(heads, heads)``
+  matrix times a ``(heads, G*N*N)`` one);
+* ``apply``: ``out = Wt^T @ V + b_mix * sum(V)`` (the keys are the values);
+* ``apply_backward`` and ``scores_backward``: the gradients of the above, in reverse.
+
+Maps are stored key-major (``[key][query]``), so that the 3x3 convolution and its transpose are
+sweeps over 49 contiguous queries. Parameter gradients are summed per (head, window) unit and
+then over the windows in PyTorch, so no two threads write the same memory.
+
+It applies on CPU, in float32/float64 outside autocast and ``torch.compile``, to stage maps that
+need no window padding (every stage of the released models at 224, and at 448); everywhere else
+``ss_msa`` runs its PyTorch ops. Results agree with those to float round-off (tested).
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ckernel
+
+__all__ = ["fused_available", "separable_attention"]
+
+_SOURCE = r"""
+#include <math.h>
+#include <string.h>
+
+/* WS: window side, D: head dimension (a multiple of VL), REAL: float or double. */
+#define N (WS * WS)
+#define VL 8
+#define NQ ((N + VL - 1) / VL * VL) /* query axis of the maps, zero-padded to whole vectors */
+#define SCRATCH (5 * N * D + D * NQ + N * NQ + 2 * N * WS)
+#define EXP(v) (sizeof(REAL) == sizeof(float) ? expf(v) : exp(v))
+#define INLINE static inline __attribute__((always_inline))
+
+typedef REAL vec __attribute__((vector_size(VL * sizeof(REAL)), aligned(sizeof(REAL)), may_alias));
+#define V(p) (*(vec *)(p))
+
+typedef struct Job Job;
+struct Job {
+    const REAL *x;                        /* (B, H, W, ps): q of head h at h*D, k at (heads+h)*D */
+    const REAL *wdw, *bdw, *bmix;         /* AF: (heads, 9) 3x3 weights; biases (heads) */
+    REAL *P, *Y, *Wt, *dWt, *dY;          /* (heads, G, N, NQ), [key][query] */
+    REAL *rowA, *colA;                    /* (heads, G, WS, N): R[j'][(i,j)]; C[j'][i][i'] */
+    REAL *out, *dout;                     /* (B, H, W, heads, D) */
+    REAL *dx;                             /* (B, H, W, 2*heads*D) */
+    REAL *part;                           /* per-unit parameter gradients */
+    REAL *scratch;                        /* SCRATCH values per thread */
+    long B, H, W, ps, heads, G, threads;
+    double scale;
+    int (*thread_num)(void);
+    void (*unit)(const Job *, long, long, REAL *);
+};
+
+/* Pixel index (b*H + y)*W + x of position n of window g. */
+INLINE long pixel(const Job *t, long g, long n) {
+    const long nw = t->W / WS, per_image = (t->H / WS) * nw, r = g % per_image;
+    return ((g / per_image) * t->H + (r / nw) * WS + n / WS) * t->W + (r % nw) * WS + n % WS;
+}
+
+INLINE REAL dot(const REAL *a, const REAL *b, long len) {
+    REAL s = 0;
+    for (long e = 0; e < len; e++) s += a[e] * b[e];
+    return s;
+}
+
+static void softmax(REAL *v, long len) {
+    REAL mx = v[0], s = 0;
+    for (long e = 1; e < len; e++) mx = v[e] > mx ? v[e] : mx;
+    for (long e = 0; e < len; e++) s += v[e] = EXP(v[e] - mx);
+    for (long e = 0; e < len; e++) v[e] /= s;
+}
+
+/* A register tile of a small matrix product: for r < RB <= 3 rows and WV <= 4 vectors of VL
+ * columns, c[r*ldc + :] = init[:] (or 0) + sum_{s<S} a[r*ar + s*as] * b[s*ldb + :]. */
+INLINE void tile(REAL *c, long ldc, const REAL *init, const REAL *a, long ar, long as,
+                 const REAL *b, long ldb, long S, const int RB, const int WV) {
+    vec acc[3][4];
+    _Pragma("GCC unroll 3") for (int r = 0; r < RB; r++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < WV; v++)
+            acc[r][v] = init ? V(init + v * VL) : (vec){0};
+    for (long s = 0; s < S; s++) {
+        REAL av[3];
+        _Pragma("GCC unroll 3") for (int r = 0; r < RB; r++) av[r] = a[r * ar + s * as];
+        _Pragma("GCC unroll 4") for (int v = 0; v < WV; v++) {
+            const vec bv = V(b + s * ldb + v * VL);
+            _Pragma("GCC unroll 3") for (int r = 0; r < RB; r++) acc[r][v] += av[r] * bv;
+        }
+    }
+    _Pragma("GCC unroll 3") for (int r = 0; r < RB; r++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < WV; v++)
+            V(c + r * ldc + v * VL) = acc[r][v];
+}
+
+/* The product over R rows and WT vectors, in tiles of 3 rows and up to 4 vectors. */
+INLINE void gemm(REAL *c, long ldc, const REAL *init, const REAL *a, long ar, long as,
+                 const REAL *b, long ldb, long R, long S, const int WT) {
+    for (int v0 = 0; v0 < WT; v0 += 4) {
+        const long off = v0 * VL;
+        const REAL *in = init ? init + off : 0;
+        long r = 0;
+        if (WT - v0 >= 4) {
+            for (; r + 3 <= R; r += 3) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 3, 4);
+            for (; r < R; r++) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 1, 4);
+        } else {
+            for (; r + 3 <= R; r += 3) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 3, WT % 4 ? WT % 4 : 4);
+            for (; r < R; r++) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 1, WT % 4 ? WT % 4 : 4);
+        }
+    }
+}
+
+/* Rows of head h in window g, from (B, H, W, stride) maps at channel offset `channel`, times
+ * scale, to (N, D); and back (add: accumulate). */
+static void gather(const Job *t, const REAL *src, long stride, long channel, long g,
+                   REAL scale, REAL *rows) {
+    for (long n = 0; n < N; n++) {
+        const REAL *p = src + pixel(t, g, n) * stride + channel;
+        for (long e = 0; e < D; e++) rows[n * D + e] = p[e] * scale;
+    }
+}
+
+static void scatter(const Job *t, REAL *dst, long stride, long channel, long g, REAL scale,
+                    const REAL *rows, int add) {
+    for (long n = 0; n < N; n++) {
+        REAL *p = dst + pixel(t, g, n) * stride + channel;
+        for (long e = 0; e < D; e++) p[e] = rows[n * D + e] * scale + (add ? p[e] : 0);
+    }
+}
+
+static void scores(const Job *t, long h, long g, REAL *s) {
+    REAL *q = s, *k = s + N * D, mx[N], sum[N];
+    gather(t, t->x, t->ps, h * D, g, (REAL)t->scale, q);
+    gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, k);
+    const long u = h * t->G + g;
+    REAL *ra = t->rowA + u * N * WS, *ca = t->colA + u * N * WS;
+    REAL *P = t->P + u * N * NQ, *Y = t->Y + u * N * NQ;
+    /* row attention ra[j'][n]: query n = (i, j) over the keys (i, j') of its row */
+    for (long jj = 0; jj < WS; jj++)
+        for (long n = 0; n < N; n++) ra[jj * N + n] = dot(q + n * D, k + (n / WS * WS + jj) * D, D);
+    for (long n = 0; n < N; n++) mx[n] = ra[n], sum[n] = 0;
+    for (long jj = 1; jj < WS; jj++)
+        for (long n = 0; n < N; n++) mx[n] = ra[jj * N + n] > mx[n] ? ra[jj * N + n] : mx[n];
+    for (long jj = 0; jj < WS; jj++)
+        for (long n = 0; n < N; n++) sum[n] += ra[jj * N + n] = EXP(ra[jj * N + n] - mx[n]);
+    for (long jj = 0; jj < WS; jj++)
+        for (long n = 0; n < N; n++) ra[jj * N + n] /= sum[n];
+    /* column attention ca[j'][i][i']: query (i, j') over the keys (i', j') of its column */
+    for (long jj = 0; jj < WS; jj++)
+        for (long i = 0; i < WS; i++) {
+            REAL *c = ca + (jj * WS + i) * WS;
+            for (long ii = 0; ii < WS; ii++) c[ii] = dot(q + (i * WS + jj) * D, k + (ii * WS + jj) * D, D);
+            softmax(c, WS);
+        }
+    /* P[(i', j')][(i, j)] = ra[j'][(i, j)] * ca[j'][i][i'] */
+    for (long ii = 0; ii < WS; ii++)
+        for (long jj = 0; jj < WS; jj++) {
+            REAL *p = P + (ii * WS + jj) * NQ;
+            for (long i = 0; i < WS; i++) {
+                const REAL c = ca[(jj * WS + i) * WS + ii];
+                for (long j = 0; j < WS; j++) p[i * WS + j] = ra[jj * N + i * WS + j] * c;
+            }
+            for (long n = N; n < NQ; n++) p[n] = 0;
+        }
+    /* Y: the AF's 3x3 depthwise convolution over the key positions (zero padding 1) */
+    const REAL *w3 = t->wdw + h * 9;
+    for (long a = 0; a < WS; a++)
+        for (long b = 0; b < WS; b++) {
+            vec acc[NQ / VL];
+            for (int v = 0; v < NQ / VL; v++) acc[v] = (vec){0} + t->bdw[h];
+            for (long di = 0; di < 3; di++)
+                for (long dj = 0; dj < 3; dj++) {
+                    const long ia = a + di - 1, ib = b + dj - 1;
+                    if (ia < 0 || ia >= WS || ib < 0 || ib >= WS) continue;
+                    const REAL wv = w3[di * 3 + dj], *p = P + (ia * WS + ib) * NQ;
+                    for (int v = 0; v < NQ / VL; v++) acc[v] += wv * V(p + v * VL);
+                }
+            for (int v = 0; v < NQ / VL; v++) V(Y + (a * WS + b) * NQ + v * VL) = acc[v];
+        }
+}
+
+/* out[n] = b_mix * sum_m v[m] + sum_m Wt[m][n] v[m] */
+static void apply(const Job *t, long h, long g, REAL *s) {
+    REAL *v = s, *o = s + N * D, vsum[D] = {0};
+    gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, v);
+    for (long m = 0; m < N; m++)
+        for (long e = 0; e < D; e++) vsum[e] += v[m * D + e];
+    for (long e = 0; e < D; e++) vsum[e] *= t->bmix[h];
+    gemm(o, D, vsum, t->Wt + (h * t->G + g) * N * NQ, 1, NQ, v, D, N, N, D / VL);
+    scatter(t, t->out, t->heads * D, h * D, g, 1, o, 0);
+}
+
+/* dWt[m][n] = go[n] . v[m]; dv[m] = b_mix * sum_n go[n] + sum_n Wt[m][n] go[n] (into dx's k);
+ * part[u] = d b_mix = sum_n go[n] . sum_m v[m] */
+static void apply_backward(const Job *t, long h, long g, REAL *s) {
+    REAL *v = s, *go = s + N * D, *dv = go + N * D, *goT = dv + N * D, vsum[D] = {0}, gsum[D] = {0};
+    gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, v);
+    gather(t, t->dout, t->heads * D, h * D, g, 1, go);
+    const long u = h * t->G + g;
+    for (long m = 0; m < N; m++)
+        for (long e = 0; e < D; e++) vsum[e] += v[m * D + e], gsum[e] += go[m * D + e];
+    t->part[u] = dot(gsum, vsum, D);
+    for (long e = 0; e < D; e++) {
+        for (long n = 0; n < N; n++) goT[e * NQ + n] = go[n * D + e];
+        for (long n = N; n < NQ; n++) goT[e * NQ + n] = 0;
+    }
+    gemm(t->dWt + u * N * NQ, NQ, 0, v, D, 1, goT, NQ, N, D, NQ / VL);
+    for (long e = 0; e < D; e++) gsum[e] *= t->bmix[h];
+    gemm(dv, D, gsum, t->Wt + u * N * NQ, NQ, 1, go, D, N, N, D / VL);
+    scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dv, 0);
+}
+
+/* From dY (through the GELU) and dWt: the AF convolution's gradients (part[u*10 + tap], bias at
+ * tap 9), then dP = dWt + conv^T(dY), back through P = R * C and both softmaxes to q and k. */
+static void scores_backward(const Job *t, long h, long g, REAL *s) {
+    REAL *q = s, *k = q + N * D, *dq = k + N * D, *dk = dq + N * D;
+    REAL *dP = dk + N * D, *dra = dP + N * NQ, *dca = dra + N * WS, sum[N];
+    gather(t, t->x, t->ps, h * D, g, (REAL)t->scale, q);
+    gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, k);
+    memset(dq, 0, 2 * N * D * sizeof(REAL));
+    const long u = h * t->G + g;
+    const REAL *P = t->P + u * N * NQ, *dy = t->dY + u * N * NQ, *w3 = t->wdw + h * 9;
+    const REAL *ra = t->rowA + u * N * WS, *ca = t->colA + u * N * WS;
+    REAL *part = t->part + u * 10;
+    memcpy(dP, t->dWt + u * N * NQ, N * NQ * sizeof(REAL));
+    part[9] = 0;
+    for (long mn = 0; mn < N * NQ; mn++) part[9] += dy[mn];
+    for (long tap = 0; tap < 9; tap++) part[tap] = 0;
+    for (long a = 0; a < WS; a++)
+        for (long b = 0; b < WS; b++)
+            for (long di = 0; di < 3; di++)
+                for (long dj = 0; dj < 3; dj++) {
+                    const long ia = a + di - 1, ib = b + dj - 1;
+                    if (ia < 0 || ia >= WS || ib < 0 || ib >= WS) continue;
+                    const REAL *yrow = dy + (a * WS + b) * NQ, wv = w3[di * 3 + dj];
+                    REAL *d = dP + (ia * WS + ib) * NQ;
+                    part[di * 3 + dj] += dot(yrow, P + (ia * WS + ib) * NQ, NQ);
+                    for (int v = 0; v < NQ / VL; v++) V(d + v * VL) += wv * V(yrow + v * VL);
+                }
+    /* P[(i', j')][(i, j)] = ra[j'][(i, j)] * ca[j'][i][i'] */
+    memset(dra, 0, N * WS * sizeof(REAL));
+    for (long ii = 0; ii < WS; ii++)
+        for (long jj = 0; jj < WS; jj++)
+            for (long i = 0; i < WS; i++) {
+                const REAL *dp = dP + (ii * WS + jj) * NQ + i * WS, *r = ra + jj * N + i * WS;
+                const REAL c = ca[(jj * WS + i) * WS + ii];
+                REAL *dr = dra + jj * N + i * WS, acc = 0;
+                for (long j = 0; j < WS; j++) dr[j] += dp[j] * c, acc += dp[j] * r[j];
+                dca[(jj * WS + i) * WS + ii] = acc;
+            }
+    /* softmax backward: dS = A * (dA - sum(dA * A)) over the keys */
+    for (long n = 0; n < N; n++) sum[n] = 0;
+    for (long jj = 0; jj < WS; jj++)
+        for (long n = 0; n < N; n++) sum[n] += dra[jj * N + n] * ra[jj * N + n];
+    for (long jj = 0; jj < WS; jj++)
+        for (long n = 0; n < N; n++) dra[jj * N + n] = ra[jj * N + n] * (dra[jj * N + n] - sum[n]);
+    for (long row = 0; row < N; row++) {
+        const REAL *c = ca + row * WS;
+        REAL *dc = dca + row * WS;
+        const REAL sc = dot(c, dc, WS);
+        for (long ii = 0; ii < WS; ii++) dc[ii] = c[ii] * (dc[ii] - sc);
+    }
+    /* scores: row (i, j).(i, j'), column (i, j').(i', j') */
+    for (long jj = 0; jj < WS; jj++)
+        for (long n = 0; n < N; n++) {
+            const REAL r = dra[jj * N + n];
+            const long m = n / WS * WS + jj;
+            for (long e = 0; e < D; e++) dq[n * D + e] += r * k[m * D + e], dk[m * D + e] += r * q[n * D + e];
+        }
+    for (long jj = 0; jj < WS; jj++)
+        for (long i = 0; i < WS; i++)
+            for (long ii = 0; ii < WS; ii++) {
+                const REAL c = dca[(jj * WS + i) * WS + ii];
+                const long n = i * WS + jj, m = ii * WS + jj;
+                for (long e = 0; e < D; e++) dq[n * D + e] += c * k[m * D + e], dk[m * D + e] += c * q[n * D + e];
+            }
+    scatter(t, t->dx, 2 * t->heads * D, h * D, g, (REAL)t->scale, dq, 0);
+    scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dk, 1);
+}
+
+static void run(void *arg) {
+    const Job *t = (const Job *)arg;
+    const long n = t->thread_num ? t->thread_num() : 0, units = t->heads * t->G;
+    REAL *s = t->scratch + n * SCRATCH;
+    for (long u = n * units / t->threads; u < (n + 1) * units / t->threads; u++)
+        t->unit(t, u / t->G, u % t->G, s);
+}
+
+long ssmsa_scratch(void) { return SCRATCH; }
+long ssmsa_query_stride(void) { return NQ; }
+
+/* Runs kernel 0 (scores), 1 (apply), 2 (apply_backward) or 3 (scores_backward) over every
+ * (head, window); t->scratch holds SCRATCH values for each of t->threads threads. */
+int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned)) {
+    static void (*const units[])(const Job *, long, long, REAL *) = {
+        scores, apply, apply_backward, scores_backward};
+    if (kernel < 0 || kernel > 3) return -1;
+    t->unit = units[kernel];
+    if (!gomp_parallel || !t->thread_num || t->threads < 1) t->threads = 1;
+    if (t->threads > t->heads * t->G) t->threads = t->heads * t->G;
+    if (t->threads > 1) gomp_parallel(run, t, (unsigned)t->threads, 0);
+    else t->thread_num = 0, run(t);
+    return 0;
+}
+"""
+
+# Let the compiler reorder sums (vectorised dot products): round-off-level changes only. Unlike
+# -ffast-math, these do not switch the process's floating-point mode.
+_FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+_SCORES, _APPLY, _APPLY_BACKWARD, _SCORES_BACKWARD = range(4)
+_POINTERS = ("x", "wdw", "bdw", "bmix", "P", "Y", "Wt", "dWt", "dY", "rowA", "colA", "out",
+             "dout", "dx", "part", "scratch")
+
+
+class _Job(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_void_p) for name in _POINTERS]
+                + [(name, ctypes.c_long) for name in ("B", "H", "W", "ps", "heads", "G", "threads")]
+                + [("scale", ctypes.c_double), ("thread_num", ctypes.c_void_p),
+                   ("unit", ctypes.c_void_p)])
+
+
+def _setup(library: ctypes.CDLL) -> None:
+    library.ssmsa.restype = ctypes.c_int
+    library.ssmsa.argtypes = [ctypes.c_int, ctypes.POINTER(_Job), ctypes.c_void_p]
+    for size in (library.ssmsa_scratch, library.ssmsa_query_stride):
+        size.restype, size.argtypes = ctypes.c_long, []
+
+
+def _library(dtype: torch.dtype, window: int, head_dim: int) -> Optional[ctypes.CDLL]:
+    """The kernels for ``dtype``, window side and head dimension (compiled on first use; the
+    two sizes are compile-time constants), or None without a C compiler."""
+    real = {torch.float32: "float", torch.float64: "double"}[dtype]
+    return ckernel.load("ssmsa", _SOURCE, {"REAL": real, "WS": window, "D": head_dim}, _setup,
+                        _FLAGS)
+
+
+def fused_available(x: torch.Tensor, window: int, heads: int, af: nn.Module) -> bool:
+    """Whether ``separable_attention`` takes ``x`` ``(B, H, W, 2*heads*d)`` and the AF module."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(p.dtype == x.dtype and p.device.type == "cpu" for p in af.parameters())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and x.shape[1] % window == 0 and x.shape[2] % window == 0
+            and x.shape[3] % (2 * heads * 8) == 0  # head dimension: whole vectors of 8
+            and _library(x.dtype, window, x.shape[3] // (2 * heads)) is not None)
+
+
+def _run(kernel: int, x: torch.Tensor, window: int, heads: int, scale: float,
+         **buffers: torch.Tensor) -> None:
+    """Runs one of the kernels on ``x`` ``(B, H, W, 2*heads*d)`` (pixels at any stride) with the
+    named tensors (contiguous) as its other arguments."""
+    b, h, w, channels = x.shape
+    library = _library(x.dtype, window, channels // (2 * heads))
+    gomp_parallel, thread_num = ckernel.openmp_pool()
+    threads = torch.get_num_threads()
+    scratch = x.new_empty(threads, library.ssmsa_scratch())
+    job = _Job(x=x.data_ptr(), scratch=scratch.data_ptr(), B=b, H=h, W=w, ps=x.stride(2),
+               heads=heads, G=b * (h // window) * (w // window), threads=threads, scale=scale,
+               thread_num=thread_num,
+               **{name: tensor.data_ptr() for name, tensor in buffers.items()})
+    if library.ssmsa(kernel, ctypes.byref(job), gomp_parallel):
+        raise RuntimeError(f"ssmsa: unknown kernel {kernel}")
+
+
+class _SeparableAttention(torch.autograd.Function):
+    """SS-MSA + AF on ``(B, H, W, 2*heads*d)`` -> ``(B, H, W, heads, d)`` (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, window: int, heads: int, scale: float,
+                dw_weight: torch.Tensor, dw_bias: torch.Tensor, pw_weight: torch.Tensor,
+                pw_bias: torch.Tensor) -> torch.Tensor:
+        b, h, w, channels = x.shape
+        if x.stride(3) != 1 or x.stride(1) != w * x.stride(2) or x.stride(0) != h * x.stride(1):
+            x = x.contiguous()
+        groups, n, d = b * (h // window) * (w // window), window * window, channels // (2 * heads)
+        nq = _library(x.dtype, window, d).ssmsa_query_stride()  # n, padded to whole vectors
+        p, y = x.new_empty(2, heads, groups, n, nq).unbind(0)  # [key][query] maps
+        rows, cols = x.new_empty(2, heads, groups, n * window).unbind(0)
+        _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
+             bdw=dw_bias.contiguous(), P=p, Y=y, rowA=rows, colA=cols)
+        a = F.gelu(y)
+        wt = torch.addmm(p.view(heads, -1), pw_weight.reshape(heads, heads), a.view(heads, -1))
+        out = x.new_empty(b, h, w, heads, d)
+        _run(_APPLY, x, window, heads, scale, Wt=wt, bmix=pw_bias.contiguous(), out=out)
+        ctx.save_for_backward(x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias)
+        ctx.window, ctx.heads, ctx.scale = window, heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias = ctx.saved_tensors
+        window, heads, scale = ctx.window, ctx.heads, ctx.scale
+        grad_x, grad_wt = x.new_empty(x.shape), torch.empty_like(p)
+        grad_pw_bias = x.new_empty(heads, p.shape[1])  # per window
+        _run(_APPLY_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), Wt=wt,
+             bmix=pw_bias.contiguous(), dWt=grad_wt, dx=grad_x, part=grad_pw_bias)
+        mix = pw_weight.reshape(heads, heads)
+        grad_mix = grad_wt.view(heads, -1) @ a.view(heads, -1).t()
+        grad_y = torch.ops.aten.gelu_backward(mix.t() @ grad_wt.view(heads, -1), y.view(heads, -1))
+        grad_dw = x.new_empty(heads, p.shape[1], 10)  # 9 weights and the bias, per window
+        _run(_SCORES_BACKWARD, x, window, heads, scale, dY=grad_y, dWt=grad_wt, P=p,
+             rowA=rows, colA=cols, wdw=dw_weight.reshape(heads, 9).contiguous(), dx=grad_x,
+             part=grad_dw)
+        grad_dw = grad_dw.sum(1)
+        # parameter gradients in the parameters' own strides, as DDP's buckets expect
+        return (grad_x, None, None, None,
+                torch.empty_like(dw_weight).copy_(grad_dw[:, :9].reshape(dw_weight.shape)),
+                grad_dw[:, 9].contiguous(),
+                torch.empty_like(pw_weight).copy_(grad_mix.view(pw_weight.shape)),
+                grad_pw_bias.sum(1))
+
+
+def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
+                        af: nn.Module) -> torch.Tensor:
+    """SS-MSA + AF of the local heads: ``(B, H, W, 2*heads*d)`` (q then k, head-major) ->
+    ``(B, H, W, heads, d)``; ``af`` is the ``AttentionFusion`` module (dw3x3, GELU, 1x1)."""
+    dw, _, pw = af
+    return _SeparableAttention.apply(x, window, heads, scale, dw.weight, dw.bias, pw.weight,
+                                     pw.bias)
