@@ -90,13 +90,14 @@ static void softmax(REAL *v, long len) {
 }
 
 /* A register tile of a small matrix product: for r < RB <= 3 rows and WV <= 4 vectors of VL
- * columns, c[r*ldc + :] = init[:] (or 0) + sum_{s<S} a[r*ar + s*as] * b[s*ldb + :]. */
-INLINE void tile(REAL *c, long ldc, const REAL *init, const REAL *a, long ar, long as,
+ * columns, c[r*ldc + :] = init[r*ldi + :] (or 0 if init is null)
+ *                         + sum_{s<S} a[r*ar + s*as] * b[s*ldb + :]. */
+INLINE void tile(REAL *c, long ldc, const REAL *init, long ldi, const REAL *a, long ar, long as,
                  const REAL *b, long ldb, long S, const int RB, const int WV) {
     vec acc[3][4];
     _Pragma("GCC unroll 3") for (int r = 0; r < RB; r++)
         _Pragma("GCC unroll 4") for (int v = 0; v < WV; v++)
-            acc[r][v] = init ? V(init + v * VL) : (vec){0};
+            acc[r][v] = init ? V(init + r * ldi + v * VL) : (vec){0};
     for (long s = 0; s < S; s++) {
         REAL av[3];
         _Pragma("GCC unroll 3") for (int r = 0; r < RB; r++) av[r] = a[r * ar + s * as];
@@ -111,20 +112,24 @@ INLINE void tile(REAL *c, long ldc, const REAL *init, const REAL *a, long ar, lo
 }
 
 /* The product over R rows and WT vectors, in tiles of 3 rows and up to 4 vectors. */
-INLINE void gemm(REAL *c, long ldc, const REAL *init, const REAL *a, long ar, long as,
+INLINE void gemm(REAL *c, long ldc, const REAL *init, long ldi, const REAL *a, long ar, long as,
                  const REAL *b, long ldb, long R, long S, const int WT) {
     for (int v0 = 0; v0 < WT; v0 += 4) {
         const long off = v0 * VL;
         const REAL *in = init ? init + off : 0;
+        const int wv = WT - v0 >= 4 ? 4 : (WT % 4 ? WT % 4 : 4);
         long r = 0;
-        if (WT - v0 >= 4) {
-            for (; r + 3 <= R; r += 3) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 3, 4);
-            for (; r < R; r++) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 1, 4);
-        } else {
-            for (; r + 3 <= R; r += 3) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 3, WT % 4 ? WT % 4 : 4);
-            for (; r < R; r++) tile(c + r * ldc + off, ldc, in, a + r * ar, ar, as, b + off, ldb, S, 1, WT % 4 ? WT % 4 : 4);
-        }
+        for (; r + 3 <= R; r += 3)
+            tile(c + r * ldc + off, ldc, in ? in + r * ldi : 0, ldi, a + r * ar, ar, as, b + off, ldb, S, 3, wv);
+        for (; r < R; r++)
+            tile(c + r * ldc + off, ldc, in ? in + r * ldi : 0, ldi, a + r * ar, ar, as, b + off, ldb, S, 1, wv);
     }
+}
+
+INLINE REAL hsum(vec v) {
+    REAL s = 0;
+    for (int e = 0; e < VL; e++) s += v[e];
+    return s;
 }
 
 /* Rows of head h in window g, from (B, H, W, stride) maps at channel offset `channel`, times
@@ -203,7 +208,7 @@ static void apply(const Job *t, long h, long g, REAL *s) {
     for (long m = 0; m < N; m++)
         for (long e = 0; e < D; e++) vsum[e] += v[m * D + e];
     for (long e = 0; e < D; e++) vsum[e] *= t->bmix[h];
-    gemm(o, D, vsum, t->Wt + (h * t->G + g) * N * NQ, 1, NQ, v, D, N, N, D / VL);
+    gemm(o, D, vsum, 0, t->Wt + (h * t->G + g) * N * NQ, 1, NQ, v, D, N, N, D / VL);
     scatter(t, t->out, t->heads * D, h * D, g, 1, o, 0);
 }
 
@@ -221,9 +226,9 @@ static void apply_backward(const Job *t, long h, long g, REAL *s) {
         for (long n = 0; n < N; n++) goT[e * NQ + n] = go[n * D + e];
         for (long n = N; n < NQ; n++) goT[e * NQ + n] = 0;
     }
-    gemm(t->dWt + u * N * NQ, NQ, 0, v, D, 1, goT, NQ, N, D, NQ / VL);
+    gemm(t->dWt + u * N * NQ, NQ, 0, 0, v, D, 1, goT, NQ, N, D, NQ / VL);
     for (long e = 0; e < D; e++) gsum[e] *= t->bmix[h];
-    gemm(dv, D, gsum, t->Wt + u * N * NQ, NQ, 1, go, D, N, N, D / VL);
+    gemm(dv, D, gsum, 0, t->Wt + u * N * NQ, NQ, 1, go, D, N, N, D / VL);
     scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dv, 0);
 }
 
@@ -234,14 +239,14 @@ static void scores_backward(const Job *t, long h, long g, REAL *s) {
     REAL *dP = dk + N * D, *dra = dP + N * NQ, *dca = dra + N * WS, sum[N];
     gather(t, t->x, t->ps, h * D, g, (REAL)t->scale, q);
     gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, k);
-    memset(dq, 0, 2 * N * D * sizeof(REAL));
     const long u = h * t->G + g;
     const REAL *P = t->P + u * N * NQ, *dy = t->dY + u * N * NQ, *w3 = t->wdw + h * 9;
     const REAL *ra = t->rowA + u * N * WS, *ca = t->colA + u * N * WS;
     REAL *part = t->part + u * 10;
     memcpy(dP, t->dWt + u * N * NQ, N * NQ * sizeof(REAL));
-    part[9] = 0;
-    for (long mn = 0; mn < N * NQ; mn++) part[9] += dy[mn];
+    vec bias = {0};
+    for (long mn = 0; mn < N * NQ; mn += VL) bias += V(dy + mn);
+    part[9] = hsum(bias);
     for (long tap = 0; tap < 9; tap++) part[tap] = 0;
     for (long a = 0; a < WS; a++)
         for (long b = 0; b < WS; b++)
@@ -277,20 +282,18 @@ static void scores_backward(const Job *t, long h, long g, REAL *s) {
         const REAL sc = dot(c, dc, WS);
         for (long ii = 0; ii < WS; ii++) dc[ii] = c[ii] * (dc[ii] - sc);
     }
-    /* scores: row (i, j).(i, j'), column (i, j').(i', j') */
-    for (long jj = 0; jj < WS; jj++)
-        for (long n = 0; n < N; n++) {
-            const REAL r = dra[jj * N + n];
-            const long m = n / WS * WS + jj;
-            for (long e = 0; e < D; e++) dq[n * D + e] += r * k[m * D + e], dk[m * D + e] += r * q[n * D + e];
-        }
-    for (long jj = 0; jj < WS; jj++)
-        for (long i = 0; i < WS; i++)
-            for (long ii = 0; ii < WS; ii++) {
-                const REAL c = dca[(jj * WS + i) * WS + ii];
-                const long n = i * WS + jj, m = ii * WS + jj;
-                for (long e = 0; e < D; e++) dq[n * D + e] += c * k[m * D + e], dk[m * D + e] += c * q[n * D + e];
-            }
+    /* to q and k through the row scores (i, j).(i, j') of each window row i ... */
+    for (long i = 0; i < WS; i++) {
+        const long row = i * WS;
+        gemm(dq + row * D, D, 0, 0, dra + row, 1, N, k + row * D, D, WS, WS, D / VL);
+        gemm(dk + row * D, D, 0, 0, dra + row, N, 1, q + row * D, D, WS, WS, D / VL);
+    }
+    /* ... and the column scores (i, j').(i', j') of each window column j' */
+    for (long jj = 0; jj < WS; jj++) {
+        const REAL *dc = dca + jj * WS * WS;
+        gemm(dq + jj * D, WS * D, dq + jj * D, WS * D, dc, WS, 1, k + jj * D, WS * D, WS, WS, D / VL);
+        gemm(dk + jj * D, WS * D, dk + jj * D, WS * D, dc, 1, WS, q + jj * D, WS * D, WS, WS, D / VL);
+    }
     scatter(t, t->dx, 2 * t->heads * D, h * D, g, (REAL)t->scale, dq, 0);
     scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dk, 1);
 }
