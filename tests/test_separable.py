@@ -1,0 +1,109 @@
+"""models.separable: the fused SS-MSA + AF kernels give the PyTorch ops' numbers and gradients."""
+import pytest
+import torch
+
+from models import build_model, ckernel, mg_ssaf, separable
+from models.mg_ssaf import MGSSAFAttention
+from config import load_config
+
+
+def _attention(dim: int, heads: int, global_ratio: float, dtype=torch.float64):
+    torch.manual_seed(0)
+    attn = MGSSAFAttention(dim, heads, global_ratio, 2 if global_ratio else 0, 7).to(dtype)
+    with torch.no_grad():
+        for p in attn.attn_local_win.parameters():  # far from init, so every term counts
+            p.normal_(0, 0.5)
+    return attn
+
+
+def _local(attn: MGSSAFAttention, shape, dtype=torch.float64) -> torch.Tensor:
+    """The local block of a (B, H, W, 2*dim) projection: a strided view, as in forward()."""
+    b, h, w, dim = shape
+    qkv = torch.randn(b, h, w, 2 * dim, dtype=dtype)
+    return qkv[..., :attn.local_channels]
+
+
+def _run(attn: MGSSAFAttention, x: torch.Tensor, grad: torch.Tensor):
+    x = x.detach().requires_grad_(True)
+    params = list(attn.attn_local_win.parameters())
+    out = attn.ss_msa(x)
+    return (out, *torch.autograd.grad(out, [x, *params], grad))
+
+
+def _reference(monkeypatch, attn, x, grad):
+    with monkeypatch.context() as m:
+        m.setattr(mg_ssaf, "fused_available", lambda *args: False)
+        return _run(attn, x, grad)
+
+
+@pytest.mark.parametrize("dim,heads,ratio,shape", [
+    (96, 3, 0.0, (2, 14, 14, 96)),   # stage 0: local heads only
+    (192, 6, 0.5, (1, 14, 21, 192)),  # stage 1: half the heads local; a non-square map
+])
+def test_fused_matches_pytorch_ops_float64(monkeypatch, dim, heads, ratio, shape):
+    attn = _attention(dim, heads, ratio)
+    x = _local(attn, shape)
+    assert separable.fused_available(x, 7, attn.num_local, attn.attn_local_win)
+    grad = torch.randn(*shape[:3], attn.num_local, attn.head_dim, dtype=torch.float64)
+    got, expected = _run(attn, x, grad), _reference(monkeypatch, attn, x, grad)
+    for name, g, e in zip(["out", "x", "dw.weight", "dw.bias", "pw.weight", "pw.bias"],
+                          got, expected):
+        assert g.shape == e.shape, name
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12 * e.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("openmp", [True, False])
+def test_any_thread_count_and_without_openmp(monkeypatch, threads, openmp):
+    """Units (head, window) split unevenly over threads (3 heads x 6 windows), on PyTorch's
+    OpenMP pool or on the calling thread alone."""
+    if not openmp:
+        monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None))
+    attn = _attention(96, 3, 0.0)
+    x = _local(attn, (2, 14, 21, 96))
+    grad = torch.randn(2, 14, 21, 3, 32, dtype=torch.float64)
+    expected = _reference(monkeypatch, attn, x, grad)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _run(attn, x, grad)
+    finally:
+        torch.set_num_threads(previous)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12 * e.abs().max().item())
+
+
+def test_float32_and_inference(monkeypatch):
+    attn = _attention(96, 3, 0.0, torch.float32)
+    x = _local(attn, (2, 14, 14, 96), torch.float32)
+    grad = torch.randn(2, 14, 14, 3, 32)
+    got, expected = _run(attn, x, grad), _reference(monkeypatch, attn, x, grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(attn.ss_msa(x), got[0], rtol=0, atol=0)
+
+
+def test_parameter_gradients_keep_the_parameters_strides():
+    """DDP's buckets expect each gradient in its parameter's strides (channels-last here)."""
+    model = build_model(load_config("configs/MG-SSAF/MG-SSAF-T.yaml"))
+    model = model.to(memory_format=torch.channels_last)
+    model(torch.randn(1, 3, 224, 224)).sum().backward()
+    af = model.layers[0].blocks[0].attn.attn_local_win
+    for name, p in af.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), name
+
+
+def test_where_it_does_not_apply_the_pytorch_ops_run(monkeypatch):
+    attn = _attention(96, 3, 0.0, torch.float32)
+    af = attn.attn_local_win
+    padded = _local(attn, (1, 10, 10, 96), torch.float32)  # 10 is no multiple of the window
+    assert not separable.fused_available(padded, 7, 3, af)
+    x = _local(attn, (1, 14, 14, 96), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not separable.fused_available(x, 7, 3, af)
+    assert not separable.fused_available(x.double(), 7, 3, af)  # parameters in another dtype
+    monkeypatch.setattr(ckernel, "_libraries", {})
+    monkeypatch.setattr(ckernel, "_build", lambda name, source, flags: None)  # no C compiler
+    assert not separable.fused_available(x, 7, 3, af)
+    assert attn.ss_msa(padded).shape == (1, 10, 10, 3, 32)
