@@ -28,16 +28,18 @@ need no window padding (every stage of the released models at 224, and at 448); 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import ckernel
 
-__all__ = ["fused_available", "separable_attention"]
+__all__ = ["fused_available", "pytorch_ops", "separable_attention"]
 
 _SOURCE = r"""
 #include <math.h>
@@ -328,6 +330,7 @@ int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, un
 # -ffast-math, these do not switch the process's floating-point mode.
 _FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 _SCORES, _APPLY, _APPLY_BACKWARD, _SCORES_BACKWARD = range(4)
+_enabled = True
 _POINTERS = ("x", "wdw", "bdw", "bmix", "P", "Y", "Wt", "dWt", "dY", "rowA", "colA", "out",
              "dout", "dx", "part", "scratch")
 
@@ -354,9 +357,21 @@ def _library(dtype: torch.dtype, window: int, head_dim: int) -> Optional[ctypes.
                         _FLAGS)
 
 
+@contextlib.contextmanager
+def pytorch_ops() -> Iterator[None]:
+    """Within this context ``ss_msa`` runs its PyTorch ops everywhere (to compare, or debug)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
 def fused_available(x: torch.Tensor, window: int, heads: int, af: nn.Module) -> bool:
     """Whether ``separable_attention`` takes ``x`` ``(B, H, W, 2*heads*d)`` and the AF module."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return (_enabled and heads > 0 and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
             and all(p.dtype == x.dtype and p.device.type == "cpu" for p in af.parameters())
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and x.shape[1] % window == 0 and x.shape[2] % window == 0
@@ -406,6 +421,7 @@ class _SeparableAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias = ctx.saved_tensors
         window, heads, scale = ctx.window, ctx.heads, ctx.scale

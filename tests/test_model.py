@@ -178,6 +178,9 @@ def test_model_info_reports_paper_figures():
         model = build_model(_config(variant))
         assert abs(count_params(model) / 1e6 - VARIANTS[variant]) <= 0.1
         assert abs(count_gmacs(model, (224, 224)) / gflops - 1) < 0.10, variant
+    # the counter sees PyTorch ops only: the fused CPU kernels' products are counted too
+    t = build_model(_config("T"))
+    assert count_gmacs(t, (224, 224)) == pytest.approx(3.327, abs=1e-3)
 
 
 def test_model_info_cli():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import build_model, ckernel, mg_ssaf, separable
+from models import build_model, ckernel, separable
 from models.mg_ssaf import MGSSAFAttention
 from config import load_config
 
@@ -30,9 +30,9 @@ def _run(attn: MGSSAFAttention, x: torch.Tensor, grad: torch.Tensor):
     return (out, *torch.autograd.grad(out, [x, *params], grad))
 
 
-def _reference(monkeypatch, attn, x, grad):
-    with monkeypatch.context() as m:
-        m.setattr(mg_ssaf, "fused_available", lambda *args: False)
+def _reference(attn, x, grad):
+    with separable.pytorch_ops():
+        assert not separable.fused_available(x, 7, attn.num_local, attn.attn_local_win)
         return _run(attn, x, grad)
 
 
@@ -40,12 +40,12 @@ def _reference(monkeypatch, attn, x, grad):
     (96, 3, 0.0, (2, 14, 14, 96)),   # stage 0: local heads only
     (192, 6, 0.5, (1, 14, 21, 192)),  # stage 1: half the heads local; a non-square map
 ])
-def test_fused_matches_pytorch_ops_float64(monkeypatch, dim, heads, ratio, shape):
+def test_fused_matches_pytorch_ops_float64(dim, heads, ratio, shape):
     attn = _attention(dim, heads, ratio)
     x = _local(attn, shape)
     assert separable.fused_available(x, 7, attn.num_local, attn.attn_local_win)
     grad = torch.randn(*shape[:3], attn.num_local, attn.head_dim, dtype=torch.float64)
-    got, expected = _run(attn, x, grad), _reference(monkeypatch, attn, x, grad)
+    got, expected = _run(attn, x, grad), _reference(attn, x, grad)
     for name, g, e in zip(["out", "x", "dw.weight", "dw.bias", "pw.weight", "pw.bias"],
                           got, expected):
         assert g.shape == e.shape, name
@@ -62,7 +62,7 @@ def test_any_thread_count_and_without_openmp(monkeypatch, threads, openmp):
     attn = _attention(96, 3, 0.0)
     x = _local(attn, (2, 14, 21, 96))
     grad = torch.randn(2, 14, 21, 3, 32, dtype=torch.float64)
-    expected = _reference(monkeypatch, attn, x, grad)
+    expected = _reference(attn, x, grad)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -73,11 +73,11 @@ def test_any_thread_count_and_without_openmp(monkeypatch, threads, openmp):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12 * e.abs().max().item())
 
 
-def test_float32_and_inference(monkeypatch):
+def test_float32_and_inference():
     attn = _attention(96, 3, 0.0, torch.float32)
     x = _local(attn, (2, 14, 14, 96), torch.float32)
     grad = torch.randn(2, 14, 14, 3, 32)
-    got, expected = _run(attn, x, grad), _reference(monkeypatch, attn, x, grad)
+    got, expected = _run(attn, x, grad), _reference(attn, x, grad)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""tools/plot_metrics.py and tools/benchmark.py through their command lines."""
+"""The tools' command lines: plot_metrics.py, benchmark.py and bench_attention.py."""
 import json
 import os
 import subprocess
@@ -127,3 +127,16 @@ def test_benchmark_names_an_input_size_the_model_refuses():
     assert result.returncode == 1
     assert "benchmark: error: DATA.IMG_SIZE 100 must be a multiple of 32" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_attention_times_both_paths_at_every_stage():
+    result = run_tool(os.path.join(ROOT, "tools", "bench_attention.py"), "--batch-size", "1",
+                      "--repeats", "1", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()
+    assert rows[0].startswith("| stage (map, local heads) | fwd ops | fwd fused |")
+    # MG-SSAF-T: 3 local heads on 56x56, 3 on 28x28, 6 on 14x14, 24 on 7x7; every stage fused
+    assert [r.split("|")[1].strip() for r in rows[2:]] == [
+        "0 (56x56, 3)", "1 (28x28, 3)", "2 (14x14, 6)", "3 (7x7, 24)"]
+    for row in rows[2:]:
+        assert row.count("x |") == 2, row

@@ -7,7 +7,9 @@ A segmentation config (configs/seg/) counts the whole UPerNet (backbone, decode 
 heads) at 512x2048 by default, the size the field reports for ADE20K.
 
 FLOPs are counted the way the field reports them, one multiply-add = one FLOP, with torch's
-own counter (``torch.utils.flop_counter``) over one forward pass of a single image.
+own counter (``torch.utils.flop_counter``) over one forward pass of a single image. The counter
+sees PyTorch ops only, so the pass runs SS-MSA in PyTorch ops (``separable.pytorch_ops``), not
+in the fused CPU kernels, which compute the same products.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, separable  # noqa: E402
 from models.upernet import build_segmentor, is_seg_config  # noqa: E402
 
 
@@ -33,7 +35,7 @@ def count_params(model: nn.Module) -> int:
 def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> float:
     """Multiply-adds (in G) of one forward pass on a single image."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), separable.pytorch_ops(), counter:
         model.eval()(torch.zeros(1, in_chans, *img_size))
     return counter.get_total_flops() / 2e9
 
