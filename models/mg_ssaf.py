@@ -5,8 +5,10 @@ Feature maps are ``(B, C, H, W)`` tensors in the channels-last memory format (la
 ``(B, H, W, C)``): every convolution runs channels-last in oneDNN or cuDNN, LN2d normalises
 contiguous channels, and the attention reads its projection as a ``(B, H, W, C)`` view (a
 permutation, no copy) whose heads are contiguous channels (the layout only changes how the same
-numbers are computed). Parameter names and shapes follow the released checkpoints
-(``MG-SSAF-{T,S,B}.keys.txt``), so those state dicts load with ``strict=True``.
+numbers are computed). On CPU, SS-MSA with its AF module runs as fused C kernels
+(models/separable.py) that compute the same numbers as the PyTorch ops of ``ss_msa``. Parameter
+names and shapes follow the released checkpoints (``MG-SSAF-{T,S,B}.keys.txt``), so those state
+dicts load with ``strict=True``.
 
 Input sizes: at 224, the resolution of the released checkpoints, the network is exactly the
 released one (golden logits). At every size, every pooling size follows the actual resolution
