@@ -78,18 +78,18 @@ def load(name: str, source: str, defines: dict[str, object],
 
 
 @functools.lru_cache(maxsize=None)
-def openmp_pool() -> tuple[Optional[int], Optional[int]]:
-    """Addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` as libtorch_cpu resolves them,
-    i.e. of the OpenMP runtime whose threads PyTorch runs its intra-op work on, or
-    ``(None, None)`` (another parallel backend, or the library not found): kernels then run on
-    the calling thread."""
+def openmp_pool() -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` as
+    libtorch_cpu resolves them, i.e. of the OpenMP runtime whose threads PyTorch runs its
+    intra-op work on, or ``(None, None, None)`` (another parallel backend, or the library not
+    found): kernels then run on the calling thread."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return None, None
+        return None, None, None
     try:
         # dlsym on libtorch_cpu's handle searches its own dependencies: PyTorch's runtime
         torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
                                              "libtorch_cpu.so"))
-        return (ctypes.cast(torch_cpu.GOMP_parallel, ctypes.c_void_p).value,
-                ctypes.cast(torch_cpu.omp_get_thread_num, ctypes.c_void_p).value)
+        return tuple(ctypes.cast(getattr(torch_cpu, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
     except (OSError, AttributeError):
-        return None, None
+        return None, None, None

@@ -46,13 +46,14 @@ _KERNEL_SOURCE = r"""
  * brought in, and rows h..h+K-1 of x stay in cache while h advances, so each map is read from
  * memory about once. Rows and columns outside the map are skipped instead of padded.
  * The threads are those of PyTorch's OpenMP pool when the caller passes libgomp's
- * GOMP_parallel and omp_get_thread_num (threads of another pool would compete with PyTorch's
- * spinning workers), else the work runs on the calling thread. */
+ * GOMP_parallel, omp_get_thread_num and omp_get_num_threads (threads of another pool would
+ * compete with PyTorch's spinning workers), else the work runs on the calling thread. The
+ * blocks are split over the team OpenMP actually started, which may be smaller than asked. */
 typedef struct {
     const REAL *x, *g;
     REAL *out;
-    long B, H, W, C, K, threads;
-    int (*thread_num)(void);
+    long B, H, W, C, K;
+    int (*thread_num)(void), (*num_threads)(void);
 } Job;
 
 typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(REAL)),
@@ -110,7 +111,8 @@ SWEEP(7)
 static void run(void *arg) {
     const Job *t = (const Job *)arg;
     const long n = t->thread_num ? t->thread_num() : 0, blocks = t->C / CB;
-    const long first = n * blocks / t->threads, last = (n + 1) * blocks / t->threads;
+    const long threads = t->num_threads ? t->num_threads() : 1;
+    const long first = n * blocks / threads, last = (n + 1) * blocks / threads;
     if (t->K == 3) sweep3(t, first, last);
     else if (t->K == 5) sweep5(t, first, last);
     else sweep7(t, first, last);
@@ -120,12 +122,13 @@ static void run(void *arg) {
 int depthwise_weight_grad(const REAL *x, const REAL *g, REAL *out, long B, long H, long W,
                           long C, long K, long threads,
                           void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned),
-                          int (*thread_num)(void)) {
+                          int (*thread_num)(void), int (*num_threads)(void)) {
     if (K != 3 && K != 5 && K != 7) return -1;
     const long blocks = C / CB;
-    if (!gomp_parallel || !thread_num || threads < 1) threads = 1;
+    if (!gomp_parallel || !thread_num || !num_threads || threads < 1) threads = 1;
     if (threads > blocks) threads = blocks;
-    Job job = {x, g, out, B, H, W, C, K, threads, threads > 1 ? thread_num : 0};
+    Job job = {x, g, out, B, H, W, C, K, threads > 1 ? thread_num : 0,
+               threads > 1 ? num_threads : 0};
     if (threads > 1) gomp_parallel(run, &job, (unsigned)threads, 0);
     else run(&job);
     return 0;
@@ -145,7 +148,7 @@ def channel_block() -> int:
 def _setup(library: ctypes.CDLL) -> None:
     library.depthwise_weight_grad.restype = ctypes.c_int
     library.depthwise_weight_grad.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
-                                              + [ctypes.c_void_p] * 2)
+                                              + [ctypes.c_void_p] * 3)
 
 
 def _library(dtype: torch.dtype) -> Optional[ctypes.CDLL]:

@@ -68,7 +68,7 @@ struct Job {
     REAL *scratch;                        /* SCRATCH values per thread */
     long B, H, W, ps, heads, G, threads;
     double scale;
-    int (*thread_num)(void);
+    int (*thread_num)(void), (*num_threads)(void);
     void (*unit)(const Job *, long, long, REAL *);
 };
 
@@ -303,8 +303,9 @@ static void scores_backward(const Job *t, long h, long g, REAL *s) {
 static void run(void *arg) {
     const Job *t = (const Job *)arg;
     const long n = t->thread_num ? t->thread_num() : 0, units = t->heads * t->G;
+    const long threads = t->num_threads ? t->num_threads() : 1; /* the team actually started */
     REAL *s = t->scratch + n * SCRATCH;
-    for (long u = n * units / t->threads; u < (n + 1) * units / t->threads; u++)
+    for (long u = n * units / threads; u < (n + 1) * units / threads; u++)
         t->unit(t, u / t->G, u % t->G, s);
 }
 
@@ -318,10 +319,10 @@ int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, un
         scores, apply, apply_backward, scores_backward};
     if (kernel < 0 || kernel > 3) return -1;
     t->unit = units[kernel];
-    if (!gomp_parallel || !t->thread_num || t->threads < 1) t->threads = 1;
+    if (!gomp_parallel || !t->thread_num || !t->num_threads || t->threads < 1) t->threads = 1;
     if (t->threads > t->heads * t->G) t->threads = t->heads * t->G;
     if (t->threads > 1) gomp_parallel(run, t, (unsigned)t->threads, 0);
-    else t->thread_num = 0, run(t);
+    else t->thread_num = 0, t->num_threads = 0, run(t);
     return 0;
 }
 """
@@ -339,7 +340,7 @@ class _Job(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_void_p) for name in _POINTERS]
                 + [(name, ctypes.c_long) for name in ("B", "H", "W", "ps", "heads", "G", "threads")]
                 + [("scale", ctypes.c_double), ("thread_num", ctypes.c_void_p),
-                   ("unit", ctypes.c_void_p)])
+                   ("num_threads", ctypes.c_void_p), ("unit", ctypes.c_void_p)])
 
 
 def _setup(library: ctypes.CDLL) -> None:
@@ -385,12 +386,12 @@ def _run(kernel: int, x: torch.Tensor, window: int, heads: int, scale: float,
     named tensors (contiguous) as its other arguments."""
     b, h, w, channels = x.shape
     library = _library(x.dtype, window, channels // (2 * heads))
-    gomp_parallel, thread_num = ckernel.openmp_pool()
+    gomp_parallel, thread_num, num_threads = ckernel.openmp_pool()
     threads = torch.get_num_threads()
     scratch = x.new_empty(threads, library.ssmsa_scratch())
     job = _Job(x=x.data_ptr(), scratch=scratch.data_ptr(), B=b, H=h, W=w, ps=x.stride(2),
                heads=heads, G=b * (h // window) * (w // window), threads=threads, scale=scale,
-               thread_num=thread_num,
+               thread_num=thread_num, num_threads=num_threads,
                **{name: tensor.data_ptr() for name, tensor in buffers.items()})
     if library.ssmsa(kernel, ctypes.byref(job), gomp_parallel):
         raise RuntimeError(f"ssmsa: unknown kernel {kernel}")

@@ -30,3 +30,24 @@ def data(tmp_path_factory) -> str:
 def reference(tmp_path_factory, data) -> str:
     """The output folder of one uninterrupted 4-epoch CLI run on ``data``."""
     return pipeline_helpers.reference_run(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture
+def one_thread_openmp_team(monkeypatch):
+    """models.ckernel's OpenMP entry points replaced by a runtime that starts a team of one,
+    whatever the kernel asks for (as OpenMP may: OMP_DYNAMIC, thread limits, nesting)."""
+    import ctypes
+
+    from models import ckernel
+
+    task = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+    def parallel(fn, data, num_threads, flags):
+        task(fn)(data)
+
+    zero, one = (ctypes.CFUNCTYPE(ctypes.c_int)(lambda v=v: v) for v in (0, 1))
+    entry_points = tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (parallel, zero, one))
+    monkeypatch.setattr(ckernel, "openmp_pool", lambda: entry_points)
+    yield
+    del parallel, zero, one  # kept alive while the kernels may call them

@@ -58,13 +58,28 @@ def test_any_thread_count_and_without_openmp(monkeypatch, threads, openmp):
     """Units (head, window) split unevenly over threads (3 heads x 6 windows), on PyTorch's
     OpenMP pool or on the calling thread alone."""
     if not openmp:
-        monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None))
+        monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None, None))
     attn = _attention(96, 3, 0.0)
     x = _local(attn, (2, 14, 21, 96))
     grad = torch.randn(2, 14, 21, 3, 32, dtype=torch.float64)
     expected = _reference(attn, x, grad)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        got = _run(attn, x, grad)
+    finally:
+        torch.set_num_threads(previous)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12 * e.abs().max().item())
+
+
+def test_a_smaller_openmp_team_than_asked_for_does_every_unit(one_thread_openmp_team):
+    attn = _attention(96, 3, 0.0)
+    x = _local(attn, (2, 14, 14, 96))
+    grad = torch.randn(2, 14, 14, 3, 32, dtype=torch.float64)
+    expected = _reference(attn, x, grad)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # the kernels ask for 2 threads and get 1
     try:
         got = _run(attn, x, grad)
     finally:
