@@ -57,12 +57,15 @@ def test_float32_matches_conv2d(layout, shape):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("openmp", [True, False])
-def test_weight_gradient_with_any_thread_count_and_without_openmp(monkeypatch, threads, openmp):
+@pytest.mark.parametrize("pool", ["openmp", "calling thread", "team of one"])
+def test_weight_gradient_with_any_thread_count_on_any_pool(request, monkeypatch, threads, pool):
     """Channel blocks split unevenly over threads (48 channels: 3 or 6 blocks), on PyTorch's
-    OpenMP pool or on the calling thread alone; a map narrower and shorter than the kernel."""
-    if not openmp:
+    OpenMP pool, on the calling thread alone, or on an OpenMP team smaller than asked for; a
+    map narrower and shorter than the kernel."""
+    if pool == "calling thread":
         monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None, None))
+    elif pool == "team of one":
+        request.getfixturevalue("one_thread_openmp_team")
     native, fast = _pair(48, 7, torch.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -71,19 +74,6 @@ def test_weight_gradient_with_any_thread_count_and_without_openmp(monkeypatch, t
             x, grad = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
             for g, e in zip(_grads(fast, x, grad)[2:], _grads(native, x, grad)[2:]):
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def test_a_smaller_openmp_team_than_asked_for_does_every_block(one_thread_openmp_team):
-    native, fast = _pair(48, 7, torch.float64)
-    x, grad = torch.randn(2, 48, 9, 12, dtype=torch.float64), torch.randn(2, 48, 9, 12,
-                                                                          dtype=torch.float64)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)  # the kernel asks for 2 threads and gets 1
-    try:
-        for g, e in zip(_grads(fast, x, grad)[2:], _grads(native, x, grad)[2:]):
-            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(previous)
 

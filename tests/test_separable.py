@@ -53,33 +53,20 @@ def test_fused_matches_pytorch_ops_float64(dim, heads, ratio, shape):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("openmp", [True, False])
-def test_any_thread_count_and_without_openmp(monkeypatch, threads, openmp):
+@pytest.mark.parametrize("pool", ["openmp", "calling thread", "team of one"])
+def test_any_thread_count_on_any_pool(request, monkeypatch, threads, pool):
     """Units (head, window) split unevenly over threads (3 heads x 6 windows), on PyTorch's
-    OpenMP pool or on the calling thread alone."""
-    if not openmp:
+    OpenMP pool, on the calling thread alone, or on an OpenMP team smaller than asked for."""
+    if pool == "calling thread":
         monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None, None))
+    elif pool == "team of one":
+        request.getfixturevalue("one_thread_openmp_team")
     attn = _attention(96, 3, 0.0)
     x = _local(attn, (2, 14, 21, 96))
     grad = torch.randn(2, 14, 21, 3, 32, dtype=torch.float64)
     expected = _reference(attn, x, grad)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        got = _run(attn, x, grad)
-    finally:
-        torch.set_num_threads(previous)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12 * e.abs().max().item())
-
-
-def test_a_smaller_openmp_team_than_asked_for_does_every_unit(one_thread_openmp_team):
-    attn = _attention(96, 3, 0.0)
-    x = _local(attn, (2, 14, 14, 96))
-    grad = torch.randn(2, 14, 14, 3, 32, dtype=torch.float64)
-    expected = _reference(attn, x, grad)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)  # the kernels ask for 2 threads and get 1
     try:
         got = _run(attn, x, grad)
     finally:
