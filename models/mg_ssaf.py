@@ -168,7 +168,7 @@ class MGSSAFAttention(nn.Module):
         """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``.
 
         On CPU, as fused kernels where they apply (models/separable.py); below, the same in
-        PyTorch ops, which every other case (CUDA, autocast, padded maps, compiling) runs.
+        PyTorch ops, which every other case (CUDA, autocast, padded maps, tracing) runs.
         """
         b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size

@@ -22,13 +22,15 @@ Maps are stored key-major (``[key][query]``), so that the 3x3 convolution and it
 sweeps over 49 contiguous queries. Parameter gradients are summed per (head, window) unit and
 then over the windows in PyTorch, so no two threads write the same memory.
 
-It applies on CPU, in float32/float64 outside autocast and ``torch.compile``, to stage maps that
-need no window padding (every stage of the released models at 224, and at 448); everywhere else
+It applies on CPU, in float32/float64 outside autocast and tracing (``torch.compile``,
+``torch.jit.trace``, ``make_fx``, ``torch.func``, dispatch modes), to stage maps that need no
+window padding (every stage of the released models at 224, and at 448); everywhere else
 ``ss_msa`` runs its PyTorch ops. Results agree with those to float round-off (tested).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 from typing import Iterator, Optional
 
@@ -331,7 +333,7 @@ int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, un
 # -ffast-math, these do not switch the process's floating-point mode.
 _FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 _SCORES, _APPLY, _APPLY_BACKWARD, _SCORES_BACKWARD = range(4)
-_enabled = True
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("mgssaf_fused", default=True)
 _POINTERS = ("x", "wdw", "bdw", "bmix", "P", "Y", "Wt", "dWt", "dY", "rowA", "colA", "out",
              "dout", "dx", "part", "scratch")
 
@@ -360,21 +362,30 @@ def _library(dtype: torch.dtype, window: int, head_dim: int) -> Optional[ctypes.
 
 @contextlib.contextmanager
 def pytorch_ops() -> Iterator[None]:
-    """Within this context ``ss_msa`` runs its PyTorch ops everywhere (to compare, or debug)."""
-    global _enabled
-    previous, _enabled = _enabled, False
+    """Within this context (in this thread) ``ss_msa`` runs its PyTorch ops everywhere, to
+    compare or debug."""
+    token = _enabled.set(False)
     try:
         yield
     finally:
-        _enabled = previous
+        _enabled.reset(token)
+
+
+def _plain_eager() -> bool:
+    """Whether real tensors are computed eagerly: the C kernels are invisible to tracing
+    (``torch.compile``, ``make_fx``, ``torch.jit.trace``), to ``torch.func`` transforms and to
+    dispatch modes (fake tensors, FLOP counters), so all of those get the PyTorch ops."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active())
 
 
 def fused_available(x: torch.Tensor, window: int, heads: int, af: nn.Module) -> bool:
     """Whether ``separable_attention`` takes ``x`` ``(B, H, W, 2*heads*d)`` and the AF module."""
-    return (_enabled and heads > 0 and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
+    return (_enabled.get() and heads > 0 and type(x) is torch.Tensor
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and all(p.dtype == x.dtype and p.device.type == "cpu" for p in af.parameters())
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu") and _plain_eager()
             and x.shape[1] % window == 0 and x.shape[2] % window == 0
             and x.shape[3] % (2 * heads * 8) == 0  # head dimension: whole vectors of 8
             and _library(x.dtype, window, x.shape[3] // (2 * heads)) is not None)
@@ -449,7 +460,12 @@ class _SeparableAttention(torch.autograd.Function):
 def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
                         af: nn.Module) -> torch.Tensor:
     """SS-MSA + AF of the local heads: ``(B, H, W, 2*heads*d)`` (q then k, head-major) ->
-    ``(B, H, W, heads, d)``; ``af`` is the ``AttentionFusion`` module (dw3x3, GELU, 1x1)."""
+    ``(B, H, W, heads, d)``; ``af`` is the ``AttentionFusion`` module (dw3x3, GELU, 1x1). Only
+    where ``fused_available`` holds."""
+    if not fused_available(x, window, heads, af):
+        raise ValueError(f"separable_attention: no fused kernel for a {tuple(x.shape)} "
+                         f"{x.dtype} map on {x.device} with {heads} heads and window {window} "
+                         "(see fused_available)")
     dw, _, pw = af
     return _SeparableAttention.apply(x, window, heads, scale, dw.weight, dw.bias, pw.weight,
                                      pw.bias)

@@ -109,3 +109,43 @@ def test_where_it_does_not_apply_the_pytorch_ops_run(monkeypatch):
     monkeypatch.setattr(ckernel, "_build", lambda name, source, flags: None)  # no C compiler
     assert not separable.fused_available(x, 7, 3, af)
     assert attn.ss_msa(padded).shape == (1, 10, 10, 3, 32)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_tracing_and_transforms_get_the_pytorch_ops():
+    """The C kernels are invisible to tracers, transforms and dispatch modes: there the PyTorch
+    ops run (a traced graph replays the same numbers; fake tensors do not reach C code)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    attn = _attention(96, 3, 0.0)
+    x = _local(attn, (1, 14, 14, 96)).contiguous()
+    expected = attn.ss_msa(x)
+    traced = make_fx(lambda t: attn.ss_msa(t))(x)
+    torch.testing.assert_close(traced(x), expected, rtol=1e-12, atol=1e-12)
+    attn.requires_grad_(False)  # the parameters become the trace's constants
+    traced = torch.jit.trace(lambda t: attn.ss_msa(t), x)
+    torch.testing.assert_close(traced(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(attn.ss_msa)(x.unsqueeze(0))[0], expected,
+                               rtol=1e-12, atol=1e-12)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # real parameters, fake input
+        assert attn.ss_msa(mode.from_tensor(x)).shape == expected.shape
+
+
+def test_an_unloadable_cached_kernel_falls_back(monkeypatch, tmp_path, caplog):
+    """A truncated .so in the cache (or a noexec mount) gives the PyTorch ops and a warning."""
+    bad = tmp_path / "ssmsa_truncated.so"
+    bad.write_bytes(b"not a shared library")
+    monkeypatch.setattr(ckernel, "_libraries", {})
+    monkeypatch.setattr(ckernel, "_build", lambda name, source, flags: str(bad))
+    attn = _attention(96, 3, 0.0, torch.float32)
+    x = _local(attn, (1, 14, 14, 96), torch.float32)
+    assert not separable.fused_available(x, 7, 3, attn.attn_local_win)
+    assert f"cannot load {bad}" in caplog.text and "using PyTorch ops instead" in caplog.text
+    assert attn.ss_msa(x).shape == (1, 14, 14, 3, 32)
+
+
+def test_direct_calls_where_no_kernel_applies_are_refused():
+    attn = _attention(96, 3, 0.0, torch.float32)
+    padded = _local(attn, (1, 10, 10, 96), torch.float32)
+    with pytest.raises(ValueError, match=r"no fused kernel for a \(1, 10, 10, 192\)"):
+        separable.separable_attention(padded, 7, 3, attn.scale, attn.attn_local_win)
