@@ -1,4 +1,4 @@
-"""The tools' command lines: plot_metrics.py, benchmark.py and bench_attention.py."""
+"""The tools' command lines: plot_metrics.py, benchmark.py and the micro-benchmarks."""
 import json
 import os
 import subprocess
@@ -140,3 +140,18 @@ def test_bench_attention_times_both_paths_at_every_stage():
         "0 (56x56, 3)", "1 (28x28, 3)", "2 (14x14, 6)", "3 (7x7, 24)"]
     for row in rows[2:]:
         assert row.count("x |") == 2, row
+
+
+def test_bench_depthwise_times_both_implementations_at_every_shape():
+    result = run_tool(os.path.join(ROOT, "tools", "bench_depthwise.py"), "--batch-size", "1",
+                      "--repeats", "1", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()
+    assert rows[0].startswith("| shape (C x H x W, kernel) | fwd | bwd nn.Conv2d |")
+    # MG-SSAF-T's ConvMlp: a 3x3 on C and a 7x7 on 2C channels per stage; only 7x7 is fast
+    assert [r.split("|")[1].strip() for r in rows[2:]] == [
+        f"{c}x{s}x{s} 3x3 (no fast path)" if k == 3 else f"{c}x{s}x{s} 7x7"
+        for stage in range(4) for c, s, k in ((96 << stage, 56 >> stage, 3),
+                                               (192 << stage, 56 >> stage, 7))]
+    for row in rows[2:]:
+        assert row.endswith("x |"), row

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -25,12 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from models import separable  # noqa: E402
 from models.mg_ssaf import MGSSAFAttention  # noqa: E402
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+from tools.microbench import add_arguments, alternate, set_threads  # noqa: E402
 
 
 def bench_stage(attn: MGSSAFAttention, batch: int, size: int, repeats: int) -> dict:
@@ -47,24 +40,23 @@ def bench_stage(attn: MGSSAFAttention, batch: int, size: int, repeats: int) -> d
         out = attn.ss_msa(x)
         torch.autograd.grad(out, params, torch.ones_like(out))
 
-    times = {(path, part): [] for path in ("ops", "fused") for part in ("fwd", "train")}
-    for _ in range(2 + repeats):  # the first two rounds warm up
-        for part, fn in (("fwd", forward), ("train", train)):
+    def with_pytorch_ops(fn: Callable[[], None]) -> Callable[[], None]:
+        def call() -> None:
             with separable.pytorch_ops():
-                times["ops", part].append(timed(fn))
-            times["fused", part].append(timed(fn))
-    return {key: statistics.median(values[2:]) for key, values in times.items()}
+                fn()
+        return call
+
+    return alternate({("ops", "fwd"): with_pytorch_ops(forward), ("fused", "fwd"): forward,
+                      ("ops", "train"): with_pytorch_ops(train), ("fused", "train"): train},
+                     repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cfg", default="configs/MG-SSAF/MG-SSAF-T.yaml", help="model config")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     config = load_config(args.cfg)
     m = config.MODEL.MGSSAF
     print(f"# {config.MODEL.NAME}, {torch.get_num_threads()} threads, batch {args.batch_size}, "

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from typing import Callable
 
 import torch
 from torch import nn
@@ -24,12 +21,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.depthwise import DepthwiseConv2d, fast_backward_available  # noqa: E402
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+from tools.microbench import add_arguments, alternate, set_threads  # noqa: E402
 
 
 def bench_shape(channels: int, size: int, kernel: int, batch: int, repeats: int) -> dict:
@@ -39,37 +31,29 @@ def bench_shape(channels: int, size: int, kernel: int, batch: int, repeats: int)
     native = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
     fast = DepthwiseConv2d(channels, kernel)
     fast.load_state_dict(native.state_dict())
-    times: dict = {}
-    runs = {}
+    calls = {}
     for name, conv in (("native", native), ("fast", fast)):
         y = conv(x)
         grad = torch.randn_like(y)
         inputs = (x, conv.weight, conv.bias)
-        runs[name] = (lambda c=conv: c(x),
-                      lambda y=y, g=grad, i=inputs: torch.autograd.grad(y, i, g, retain_graph=True))
-        times[name] = {"fwd": [], "bwd": []}
-    for _ in range(2 + repeats):  # the first two rounds warm up
-        for name, (forward, backward) in runs.items():
-            times[name]["fwd"].append(timed(forward))
-            times[name]["bwd"].append(timed(backward))
+        calls[name, "fwd"] = lambda c=conv: c(x)
+        calls[name, "bwd"] = lambda y=y, g=grad, i=inputs: torch.autograd.grad(y, i, g,
+                                                                              retain_graph=True)
+    times = alternate(calls, repeats)
     row = {"shape": f"{channels}x{size}x{size} {kernel}x{kernel}",
            "fast": fast_backward_available(x, fast.weight, 1)}
-    for name in runs:
-        for part in ("fwd", "bwd"):
-            row[f"{name}_{part}"] = statistics.median(times[name][part][2:])
+    for (name, part), ms in times.items():
+        row[f"{name}_{part}"] = ms
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--embed-dim", type=int, default=96, help="stage-0 channels (T, S: 96)")
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     print(f"# {torch.get_num_threads()} threads, batch {args.batch_size}, float32, "
           f"channels-last, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
           "median ms", file=sys.stderr)
