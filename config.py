@@ -54,9 +54,11 @@ _C.DATA.MASK_RATIO = 0.6
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
 _C.MODEL.TYPE = "mg_ssaf"
-# A variant's name (mg_ssaf_tiny, mg_ssaf_small, mg_ssaf_base) stands for its architecture: the
-# MODEL.MGSSAF keys (and DROP_PATH_RATE) that no file or override sets take the variant's values,
-# and one set to another value is an error. Give a network of your own another name.
+# A variant's name stands for its architecture: mg_ssaf_tiny, mg_ssaf_small, mg_ssaf_base, or the
+# released repository's spelling MG-SSAF-T, MG-SSAF-S, MG-SSAF-B. The MODEL.MGSSAF keys (and
+# DROP_PATH_RATE) that no file or override sets take the variant's values, and one set to another
+# value is an error. A near miss of these names (mg_ssaf_s, MG-SSAF-s) is an error too. Give a
+# network of your own another name.
 _C.MODEL.NAME = "mg_ssaf_tiny"
 # Checkpoint whose weights initialise the model (weights only: optimizer and epoch start fresh).
 _C.MODEL.PRETRAINED = ""
@@ -265,6 +267,26 @@ VARIANTS = {
                                        NUM_HEADS=[4, 8, 16, 32],
                                        GLOBAL_RATIO=[0.0, 0.75, 0.75, 0.0], **_COMMON), 0.3),
 }
+# The released repository's MODEL.NAME spellings (its configs/MG-SSAF/*.yaml): the titles.
+RELEASED_NAMES = {title: name for name, (title, _, _) in VARIANTS.items()}
+
+
+def _name_key(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+# Spellings close enough to a variant's to be a typo for it (compared without case or separators,
+# timm's mg_ssaf_t/s/b included): an error naming the spellings that are accepted.
+_NEAR_MISSES = {_name_key(spelling): name for name, (title, _, _) in VARIANTS.items()
+                for spelling in (name, title, "mg_ssaf_" + title[-1].lower())}
+
+
+def variant_name(model_name: str) -> str | None:
+    """The VARIANTS key that ``model_name`` (a MODEL.NAME) stands for, or None for a network of
+    one's own."""
+    if model_name in VARIANTS:
+        return model_name
+    return RELEASED_NAMES.get(model_name)
 
 # Keys kept for Swin Transformer's configs and command lines that change nothing here, with the
 # flag that sets each (if any).
@@ -386,10 +408,19 @@ def _parse_opts(opts: Sequence[str]) -> dict:
 
 def _apply_variant(cfg: CN, seen: dict[str, str]) -> None:
     """Fills the architecture of the variant MODEL.NAME names into the keys nothing set; raises
-    ConfigError, naming both values, where a key that was set describes another network."""
-    if cfg.MODEL.NAME not in VARIANTS:
+    ConfigError, naming both values, where a key that was set describes another network, or where
+    the name is a near miss of a variant's."""
+    name = variant_name(cfg.MODEL.NAME)
+    if name is None:
+        near = _NEAR_MISSES.get(_name_key(cfg.MODEL.NAME))
+        if near is not None:
+            title = VARIANTS[near][0]
+            raise ConfigError(
+                f"MODEL.NAME {cfg.MODEL.NAME!r} ({seen.get('MODEL.NAME', 'the default')}) is not a "
+                f"variant's name: write {near} or {title} (exactly) to build {title}, or give a "
+                "network of your own a name of its own")
         return
-    title, arch, drop_path = VARIANTS[cfg.MODEL.NAME]
+    title, arch, drop_path = VARIANTS[name]
     conflicts = []
     for name, value in arch.items():
         key = f"MODEL.MGSSAF.{name}"

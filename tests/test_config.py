@@ -1,4 +1,6 @@
 """Config files, BASE inheritance and overrides; errors name the key and where it came from."""
+import os
+
 import pytest
 
 from config import ConfigError, load_config
@@ -71,22 +73,40 @@ def test_missing_file():
         load_config("nowhere.yaml")
 
 
-# Issue 10 (2): the released repository's S/B files hold only MODEL.NAME and DROP_PATH_RATE.
-@pytest.mark.parametrize("variant, name, depths, embed, params", [
-    ("S", "mg_ssaf_small", [2, 2, 18, 2], 96, 32.52), ("B", "mg_ssaf_base", [2, 2, 18, 2], 128, 55.89)])
-def test_released_style_variant_file_builds_that_variant(tmp_path, variant, name, depths, embed,
-                                                         params):
-    from models import build_model
-    path = _write(tmp_path / f"MG-SSAF-{variant}.yaml",
-                  f"MODEL:\n  TYPE: mg_ssaf\n  NAME: {name}\n  DROP_PATH_RATE: 0.25\n")
+RELEASED = {"T": ([2, 2, 6, 2], 96, 0.2), "S": ([2, 2, 18, 2], 96, 0.2),
+            "B": ([2, 2, 18, 2], 128, 0.3)}
+
+
+@pytest.mark.parametrize("variant", list(RELEASED))
+def test_released_repository_config_files_build_their_variant(reference_dir, variant):
+    """The released repository's own YAML files, as they are (MODEL.NAME MG-SSAF-S etc.)."""
+    path = os.path.join(reference_dir, "released-configs", f"MG-SSAF-{variant}.yaml")
     cfg = load_config(path)
+    depths, embed, drop_path = RELEASED[variant]
+    assert cfg.MODEL.NAME == f"MG-SSAF-{variant}"  # the user's spelling is kept
     assert (cfg.MODEL.MGSSAF.DEPTHS, cfg.MODEL.MGSSAF.EMBED_DIM) == (depths, embed)
-    assert cfg.MODEL.DROP_PATH_RATE == 0.25  # set by the file: kept
-    model = build_model(cfg)
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == params
-    # Unset, DROP_PATH_RATE is the variant's too.
-    assert load_config(None, ["MODEL.NAME", name]).MODEL.DROP_PATH_RATE == (
-        0.3 if variant == "B" else 0.2)
+    assert cfg.MODEL.DROP_PATH_RATE == drop_path
+    shipped = load_config(f"configs/MG-SSAF/MG-SSAF-{variant}.yaml")
+    assert cfg.MODEL.MGSSAF == shipped.MODEL.MGSSAF
+    assert load_config(path, ["MODEL.DROP_PATH_RATE", "0.1"]).MODEL.DROP_PATH_RATE == 0.1
+    assert load_config(None, ["MODEL.NAME", cfg.MODEL.NAME]).MODEL.DROP_PATH_RATE == drop_path
+    from config import get_config
+    from main import parse_option
+    args = parse_option(["--cfg", path, "--output", "out", "--tag", "run"])
+    assert get_config(args).OUTPUT == os.path.join("out", f"MG-SSAF-{variant}", "run")
+    # A key the variant does not have is an error naming the released spelling and the value.
+    with pytest.raises(ConfigError, match=rf"MODEL\.NAME MG-SSAF-{variant} \(.*MG-SSAF-{variant}"
+                                          rf"\.yaml\) names MG-SSAF-{variant}, but "
+                                          r"MODEL\.MGSSAF\.EMBED_DIM is 64 \(--opts\)"):
+        load_config(path, ["MODEL.MGSSAF.EMBED_DIM", "64"])
+
+
+@pytest.mark.parametrize("spelling", ["MG-SSAF-s", "mg-ssaf-s", "mg_ssaf_s", "MGSSAF_S",
+                                      "MG_SSAF_SMALL"])
+def test_near_miss_of_a_variant_name_is_an_error_naming_the_spellings(spelling):
+    with pytest.raises(ConfigError, match=rf"MODEL\.NAME '{spelling}' \(--opts\) is not a "
+                                          r"variant's name: write mg_ssaf_small or MG-SSAF-S"):
+        load_config(None, ["MODEL.NAME", spelling])
 
 
 def test_variant_name_with_another_architecture_names_both(tmp_path):

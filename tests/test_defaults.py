@@ -129,14 +129,16 @@ def _model_info(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def test_released_style_variant_files_build_their_variant(tmp_path):
-    """(2) The released S/B files name the variant and its drop-path rate only."""
-    for name, params in (("mg_ssaf_small", "32.52"), ("mg_ssaf_base", "55.89")):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(f"MODEL:\n  TYPE: mg_ssaf\n  NAME: {name}\n  DROP_PATH_RATE: 0.3\n")
-        result = _model_info("--cfg", str(path))
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"{name}: {params} M parameters")
+@pytest.mark.parametrize("variant, params", [("T", "19.58"), ("S", "32.52"), ("B", "55.89")])
+def test_model_info_on_the_released_repository_configs(reference_dir, variant, params):
+    """The released repository's variant files as users bring them (MODEL.NAME MG-SSAF-S, ...)."""
+    path = os.path.join(reference_dir, "released-configs", f"MG-SSAF-{variant}.yaml")
+    result = _model_info("--cfg", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"MG-SSAF-{variant}: {params} M parameters")
+
+
+def test_model_info_names_a_variant_whose_architecture_is_overridden():
     result = _model_info("--cfg", "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts", "MODEL.NAME",
                          "mg_ssaf_base")
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -48,6 +48,14 @@ def test_golden_logits(reference_dir, name):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_released_config_files_load_the_released_keys_strictly(reference_dir, variant):
+    """The released repository's own YAML builds the network its checkpoint's keys describe."""
+    config = load_config(os.path.join(reference_dir, "released-configs", f"MG-SSAF-{variant}.yaml"))
+    model = build_model(config)
+    model.load_state_dict(_keys_state_dict(reference_dir, variant))  # strict
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_released_keys_load_strict(reference_dir, variant):
     model = build_model(_config(variant))
     state = _keys_state_dict(reference_dir, variant)
