@@ -51,3 +51,47 @@ def one_thread_openmp_team(monkeypatch):
     monkeypatch.setattr(ckernel, "openmp_pool", lambda: entry_points)
     yield
     del parallel, zero, one  # kept alive while the kernels may call them
+
+
+class OpenMPRecord:
+    """What the C kernels did through a recording OpenMP pool: ``launches`` (kernel calls that
+    asked for the pool) and ``thread_numbers`` (the OpenMP thread numbers that did work)."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+        self.thread_numbers: set[int] = set()
+
+
+@pytest.fixture
+def recording_openmp_pool(monkeypatch):
+    """models.ckernel's OpenMP entry points wrapped so that a test can see that a kernel ran and
+    on which of PyTorch's OpenMP threads (the real runtime still does the work)."""
+    import ctypes
+    import threading
+
+    import torch
+
+    from models import ckernel
+
+    real_parallel, real_thread_num, real_num_threads = ckernel.openmp_pool()
+    if real_parallel is None:
+        pytest.skip("PyTorch is not built with OpenMP here")
+    record = OpenMPRecord()
+    lock = threading.Lock()
+    to_int = ctypes.CFUNCTYPE(ctypes.c_int)
+    thread_num_of_runtime = to_int(real_thread_num)
+
+    @to_int
+    def thread_num():
+        number = thread_num_of_runtime()
+        with lock:
+            record.thread_numbers.add(number)
+        return number
+
+    def pool():
+        record.launches += 1
+        return real_parallel, ctypes.cast(thread_num, ctypes.c_void_p).value, real_num_threads
+
+    monkeypatch.setattr(ckernel, "openmp_pool", pool)
+    yield record
+    del thread_num  # kept alive while the kernels may call it

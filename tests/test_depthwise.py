@@ -45,11 +45,12 @@ def test_gradcheck_float64(layout, kernel):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(3, 48, 28, 28), (2, 96, 7, 7), (1, 16, 5, 11)])
-def test_float32_matches_conv2d(layout, shape):
+def test_float32_matches_conv2d(recording_openmp_pool, layout, shape):
     native, fast = _pair(shape[1], 7)
     x = torch.randn(shape).contiguous(memory_format=layout)
     grad = torch.randn(shape).contiguous(memory_format=layout)
     expected, got = _grads(native, x, grad), _grads(fast, x, grad)
+    assert recording_openmp_pool.launches == 1  # the C kernel computed the weight gradient
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)  # the same forward call
     for name, g, e in zip(("input", "weight", "bias"), got[1:], expected[1:]):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=name)
@@ -60,12 +61,15 @@ def test_float32_matches_conv2d(layout, shape):
 @pytest.mark.parametrize("pool", ["openmp", "calling thread", "team of one"])
 def test_weight_gradient_with_any_thread_count_on_any_pool(request, monkeypatch, threads, pool):
     """Channel blocks split unevenly over threads (48 channels: 3 or 6 blocks), on PyTorch's
-    OpenMP pool, on the calling thread alone, or on an OpenMP team smaller than asked for; a
-    map narrower and shorter than the kernel."""
+    OpenMP pool (every thread asked for does work), on the calling thread alone, or on an OpenMP
+    team smaller than asked for; a map narrower and shorter than the kernel."""
+    record = None
     if pool == "calling thread":
         monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None, None))
     elif pool == "team of one":
         request.getfixturevalue("one_thread_openmp_team")
+    else:
+        record = request.getfixturevalue("recording_openmp_pool")
     native, fast = _pair(48, 7, torch.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -76,12 +80,9 @@ def test_weight_gradient_with_any_thread_count_on_any_pool(request, monkeypatch,
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(previous)
-
-
-def test_kernel_runs_on_pytorchs_openmp_pool():
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        pytest.skip("PyTorch is not built with OpenMP here")
-    assert all(ckernel.openmp_pool()), "GOMP_parallel/omp_get_thread_num not found"
+    if record is not None:
+        assert record.launches == 2
+        assert record.thread_numbers == (set(range(threads)) if threads > 1 else set())
 
 
 def test_weight_gradient_keeps_the_weight_strides():
@@ -125,7 +126,7 @@ def test_without_a_c_compiler_it_is_conv2d(monkeypatch):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(recording_openmp_pool):
     native, fast = _pair(32, 7)
     compiled = torch.compile(fast)
     x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
@@ -133,6 +134,7 @@ def test_torch_compile_matches_eager():
     expected = _grads(native, x, grad)
     for _ in range(2):  # the first call compiles
         got = _grads(compiled, x, grad)
+    assert recording_openmp_pool.launches >= 2  # the compiled graph kept the C kernel
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -187,12 +188,18 @@ def test_torch_distributed_launch_one_process(data, tmp_path):
     assert os.path.exists(os.path.join(h.run_dir(str(tmp_path), "launch"), "ckpt_epoch_0.pth"))
 
 
-def test_throughput_on_cpu(data, tmp_path):
+def test_throughput_mode_times_30_forward_passes_and_trains_nothing(data, tmp_path):
+    start = time.monotonic()
     result = h.run_cli(h.main_args(data, str(tmp_path), "speed",
                                    flags=("--throughput", "--disable_amp")))
+    wall = time.monotonic() - start
     assert result.returncode == 0, result.stdout[-3000:]
+    assert "throughput averaged over 30 forward passes of batch size 4" in result.stdout
     match = re.search(r"batch_size 4 throughput ([\d.]+) images/s", result.stdout)
-    assert match and float(match.group(1)) > 0
+    timed = 30 * 4 / float(match.group(1))  # seconds the 30 timed passes took, by its figure
+    assert 0 < timed < wall
+    assert "Train:" not in result.stdout
+    assert not [f for f in os.listdir(h.run_dir(str(tmp_path), "speed")) if f.endswith(".pth")]
 
 
 def test_help_explains_every_swin_flag(capsys):

@@ -57,10 +57,13 @@ def test_fused_matches_pytorch_ops_float64(dim, heads, ratio, shape):
 def test_any_thread_count_on_any_pool(request, monkeypatch, threads, pool):
     """Units (head, window) split unevenly over threads (3 heads x 6 windows), on PyTorch's
     OpenMP pool, on the calling thread alone, or on an OpenMP team smaller than asked for."""
+    record = None
     if pool == "calling thread":
         monkeypatch.setattr(ckernel, "openmp_pool", lambda: (None, None, None))
     elif pool == "team of one":
         request.getfixturevalue("one_thread_openmp_team")
+    else:
+        record = request.getfixturevalue("recording_openmp_pool")
     attn = _attention(96, 3, 0.0)
     x = _local(attn, (2, 14, 21, 96))
     grad = torch.randn(2, 14, 21, 3, 32, dtype=torch.float64)
@@ -73,6 +76,9 @@ def test_any_thread_count_on_any_pool(request, monkeypatch, threads, pool):
         torch.set_num_threads(previous)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12 * e.abs().max().item())
+    if record is not None:  # every thread asked for did work, in each of the four kernels
+        assert record.launches == 4
+        assert record.thread_numbers == (set(range(threads)) if threads > 1 else set())
 
 
 def test_float32_and_inference():
