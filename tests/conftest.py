@@ -4,7 +4,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "reference")
+# ../shared/reference beside the checkout; tools/mutation_check.py points its scratch copies here
+REFERENCE_DIR = os.environ.get("MGSSAF_REFERENCE_DIR") or os.path.join(os.path.dirname(ROOT),
+                                                                        "shared", "reference")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -155,3 +155,17 @@ def test_bench_depthwise_times_both_implementations_at_every_shape():
                                                (192 << stage, 56 >> stage, 7))]
     for row in rows[2:]:
         assert row.endswith("x |"), row
+
+
+def test_mutation_check_smoke_one_mutant_is_caught():
+    """tools/mutation_check.py applies a mutant in a scratch copy, and its test catches it (the
+    whole list is run before resolving an issue; see tests/mutants.py)."""
+    with open(os.path.join(ROOT, "config.py"), encoding="utf-8") as f:
+        before = f.read()
+    result = subprocess.run([sys.executable, "tools/mutation_check.py", "--only",
+                             "released-names-ignored"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "caught   released-names-ignored" in result.stdout
+    assert result.stdout.rstrip().endswith("1 of 1 mutants caught")
+    with open(os.path.join(ROOT, "config.py"), encoding="utf-8") as f:
+        assert f.read() == before  # the mutant was applied to a scratch copy only

@@ -1,0 +1,61 @@
+"""Deliberate breakages of the properties the README promises, each with the tests that must
+catch it (run by tools/mutation_check.py in a scratch copy; never applied to this tree).
+
+A mutant replaces ``old`` (which must occur exactly once in ``file``) by ``new``. Keep ``tests``
+to the few tests whose names state the property: the check is that *they* notice. When the code
+changes, update ``old`` here (the check reports a mutant whose code is gone as stale).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    property: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant("released-names-ignored", "the released repository's MODEL.NAME spellings build their "
+           "variant", "config.py",
+           "    return RELEASED_NAMES.get(model_name)\n", "    return None\n",
+           ("tests/test_config.py::test_released_repository_config_files_build_their_variant",)),
+    Mutant("fused-kernels-unused", "SS-MSA + AF runs the fused CPU kernels where they apply",
+           "models/separable.py", "    return (_enabled.get() and heads > 0",
+           "    return (False and heads > 0",
+           ("tests/test_separable.py::test_fused_matches_pytorch_ops_float64",)),
+    Mutant("ssmsa-one-thread", "the SS-MSA kernels share their work over PyTorch's threads",
+           "models/separable.py", "    threads = torch.get_num_threads()\n    scratch",
+           "    threads = 1\n    scratch",
+           ("tests/test_separable.py::test_any_thread_count_on_any_pool",)),
+    Mutant("depthwise-one-thread", "the depthwise weight-gradient kernel shares its work over "
+           "PyTorch's threads", "models/depthwise.py",
+           "        torch.get_num_threads(), *ckernel.openmp_pool())",
+           "        1, *ckernel.openmp_pool())",
+           ("tests/test_depthwise.py::test_weight_gradient_with_any_thread_count_on_any_pool",)),
+    Mutant("depthwise-kernel-unused", "the 7x7 depthwise weight gradient runs the C kernel",
+           "models/depthwise.py", "and k in _FAST_KERNELS and", "and k in () and",
+           ("tests/test_depthwise.py::test_float32_matches_conv2d",)),
+    Mutant("attention-scale", "the model computes the released network (golden logits)",
+           "models/mg_ssaf.py", "        self.scale = self.head_dim ** -0.5",
+           "        self.scale = self.head_dim ** -0.5 * 1.001",
+           ("tests/test_model.py::test_golden_logits",)),
+    Mutant("unsafe-load", "checkpoints are read without running pickled code", "utils.py",
+           'ckpt = torch.load(path, map_location="cpu", weights_only=True)',
+           'ckpt = torch.load(path, map_location="cpu", weights_only=False)',
+           ("tests/test_robustness.py::test_checkpoint_that_would_run_code_is_refused",)),
+    Mutant("save-not-atomic", "a failed save leaves the previous checkpoint intact", "utils.py",
+           '    try:\n        with os.fdopen(fd, "wb") as f:',
+           '    open(path, "wb").close()\n    try:\n        with os.fdopen(fd, "wb") as f:',
+           ("tests/test_robustness.py::"
+            "test_a_failed_save_leaves_the_previous_checkpoint_and_no_partial_file",)),
+    Mutant("no-cross-rank-sum", "validation counts every image once over all ranks", "utils.py",
+           "    if get_world_size() > 1:\n        dist.all_reduce(tensor)",
+           "    if False:\n        dist.all_reduce(tensor)",
+           ("tests/test_pipeline.py::test_torchrun_two_processes_train_and_validate_every_image_once",)),
+]
