@@ -115,6 +115,92 @@ def test_cub_errors_name_the_file_and_line(cub, tmp_path, damage, message):
         CUBDataset(root, True, None, False)
 
 
+def _set_line(root: str, name: str, number: int, text: str) -> None:
+    """Replaces line ``number`` of the list file ``name`` by ``text``."""
+    path = os.path.join(root, name)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    lines[number - 1] = text
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _file_of_image(root: str, number: int) -> str:
+    """The images.txt path of image ``number``."""
+    with open(os.path.join(root, "images.txt")) as f:
+        return f.read().splitlines()[number - 1].split()[1]
+
+
+FIRST = f"{SPECIES[0]}/Black_footed_Albatross_0000_100.jpg"  # image 1 (test split)
+SECOND = f"{SPECIES[0]}/Black_footed_Albatross_0001_101.jpg"  # image 2 (train split)
+
+
+@pytest.mark.parametrize("damage, message", [
+    # a path outside images/: absolute, or leaving it through '..' (the file exists there)
+    (lambda root: _set_line(root, "images.txt", 2, f"2 {os.path.join(root, 'outside.jpg')}"),
+     "images.txt, line 2: image 2 has path '{root}/outside.jpg', expected a path of a file under "
+     "images/ (relative, without '..' leading out of it)"),
+    (lambda root: _set_line(root, "images.txt", 2, "2 ../outside.jpg"),
+     "images.txt, line 2: image 2 has path '../outside.jpg', expected a path of a file under"),
+    (lambda root: _set_line(root, "images.txt", 2, f"2 {SPECIES[0]}/../../outside.jpg"),
+     f"images.txt, line 2: image 2 has path '{SPECIES[0]}/../../outside.jpg', expected"),
+    (lambda root: _set_line(root, "images.txt", 2, "2 ."), "line 2: image 2 has path '.'"),
+    # one file under two ids: written the same, written another way, reached through a link
+    (lambda root: _set_line(root, "images.txt", 2, f"2 {FIRST}"),
+     f"images.txt, line 2: image 2 ({FIRST}) is the file of image 1 (line 1, {FIRST}): one image "
+     "under two ids"),
+    (lambda root: _set_line(root, "images.txt", 2, f"2 ./{SPECIES[0]}//x/../{FIRST.split('/')[1]}"),
+     "images.txt, line 2: image 2 (./001.Black_footed_Albatross//x/../"
+     "Black_footed_Albatross_0000_100.jpg) is the file of image 1 (line 1"),
+    (lambda root: (os.symlink(SPECIES[0], os.path.join(root, "images", "alias")),
+                   _set_line(root, "images.txt", 2, f"2 alias/{FIRST.split('/')[1]}")),
+     "images.txt, line 2: image 2 (alias/Black_footed_Albatross_0000_100.jpg) is the file of "
+     "image 1"),
+    # label and split lines for ids that images.txt does not list
+    (lambda root: open(os.path.join(root, "image_class_labels.txt"), "a").write("19 1\n"),
+     "image_class_labels.txt, line 19: image id 19 is not in {root}/images.txt"),
+    (lambda root: open(os.path.join(root, "train_test_split.txt"), "a").write("\n27 0\n"),
+     "train_test_split.txt, line 20: image id 27 is not in {root}/images.txt"),
+    (lambda root: _set_line(root, "train_test_split.txt", 3, "3 2"),
+     "train_test_split.txt, line 3: image 3 has '2', expected one of 0..1"),
+])
+def test_cub_refuses_paths_out_of_images_shared_files_and_unknown_ids(cub, tmp_path, damage,
+                                                                      message):
+    root = str(tmp_path / "CUB_200_2011")
+    shutil.copytree(cub, root)
+    shutil.copy(os.path.join(root, "images", SECOND), os.path.join(root, "outside.jpg"))
+    shutil.copy(os.path.join(root, "images", SECOND), str(tmp_path / "outside.jpg"))
+    damage(root)
+    for is_train in (True, False):  # refused whichever split is read
+        with pytest.raises(DataError) as error:
+            CUBDataset(root, is_train, None, False)
+        assert message.format(root=root) in str(error.value)
+
+
+def test_cub_reads_through_symlinked_images_and_class_folders(cub, tmp_path):
+    # images/ on another disk (a link to it), and one class folder linked from a third place
+    root = str(tmp_path / "CUB_200_2011")
+    os.makedirs(root)
+    for name in ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt"):
+        shutil.copy(os.path.join(cub, name), root)
+    other_disk = str(tmp_path / "other_disk" / "cub_images")
+    shutil.copytree(os.path.join(cub, "images"), other_disk)
+    third = str(tmp_path / "third" / SPECIES[2])
+    shutil.move(os.path.join(other_disk, SPECIES[2]), third)
+    os.symlink(third, os.path.join(other_disk, SPECIES[2]))
+    os.symlink(other_disk, os.path.join(root, "images"))
+    expected = CUBDataset(cub, True, None, False)
+    for is_train, count in ((True, 3 * TRAIN_PER_CLASS), (False, 3 * TEST_PER_CLASS)):
+        dataset = CUBDataset(root, is_train, None, False)
+        assert len(dataset) == count
+    train = CUBDataset(root, True, None, False)
+    assert train.targets == expected.targets
+    assert [os.path.relpath(p, root) for p, _ in train.samples] == [
+        os.path.relpath(p, cub) for p, _ in expected.samples]
+    image, label = train[len(train) - 1]  # read through both links
+    assert label == 2 and image.size == Image.open(expected.samples[-1][0]).size
+
+
 @pytest.fixture(scope="module")
 def finetune_run(cub, imagenet_checkpoint, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("finetune"))
