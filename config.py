@@ -30,7 +30,8 @@ _C.DATA.BATCH_SIZE = 128
 # becomes TOTAL_BATCH_SIZE / (processes x TRAIN.ACCUMULATION_STEPS), so the total batch, the LR
 # and the number of steps are the same on any number of GPUs; a training run where that does not
 # divide is an error. A batch per process from the command line (--batch-size, --opts
-# DATA.BATCH_SIZE) wins, and the run warns with the total batch, LR and steps it makes.
+# DATA.BATCH_SIZE) wins; where it changes the total, the run warns with the total batch, LR and
+# steps it makes.
 _C.DATA.TOTAL_BATCH_SIZE = 0
 # Root of the dataset: <root>/train/<class>/* and <root>/val/<class>/* for 'imagenet'.
 _C.DATA.DATA_PATH = ""

@@ -121,8 +121,8 @@ def parse_option(argv: list[str] | None = None, prog: str = "main.py",
         help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
     add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE); with a "
         "config that sets DATA.TOTAL_BATCH_SIZE (configs/finetune) it replaces the per-process "
-        "batch derived from that total, and the run warns with the total batch, LR and steps "
-        "it makes")
+        "batch derived from that total; where that changes the total, the run warns with the "
+        "total batch, LR and steps it makes")
     add("--data-path", help="dataset root holding train/<class>/* and val/<class>/*, or the "
         "CUB_200_2011 folder with DATA.DATASET cub (DATA.DATA_PATH)")
     add("--zip", action="store_true", help="Swin's zipped ImageNet: accepted, no effect here "
