@@ -25,6 +25,14 @@ _C.BASE = [""]
 _C.DATA = CN()
 # Batch size per process (per GPU); the total batch is this x world size x accumulation steps.
 _C.DATA.BATCH_SIZE = 128
+# The recipe's total batch, over all processes and accumulation steps (0: off, DATA.BATCH_SIZE is
+# the batch per process as in Swin). When set, a config file must not set DATA.BATCH_SIZE: it
+# becomes TOTAL_BATCH_SIZE / (processes x TRAIN.ACCUMULATION_STEPS), so the total batch, the LR
+# and the number of steps are the same on any number of GPUs; a training run where that does not
+# divide is an error. A batch per process from the command line (--batch-size, --opts
+# DATA.BATCH_SIZE) wins; where it changes the total, the run warns with the total batch, LR and
+# steps it makes.
+_C.DATA.TOTAL_BATCH_SIZE = 0
 # Root of the dataset: <root>/train/<class>/* and <root>/val/<class>/* for 'imagenet'.
 _C.DATA.DATA_PATH = ""
 # 'imagenet' (an ImageFolder layout of any number of classes), 'digits' (scikit-learn's
@@ -437,6 +445,36 @@ def _apply_variant(cfg: CN, seen: dict[str, str]) -> None:
         cfg.MODEL.DROP_PATH_RATE = drop_path
 
 
+def _derive_batch_size(cfg: CN, seen: dict[str, str], world_size: int) -> None:
+    """DATA.BATCH_SIZE from DATA.TOTAL_BATCH_SIZE (when set) for ``world_size`` processes, unless
+    the command line gives the batch per process; raises ConfigError where a config file sets
+    both keys, or where the total does not split over the processes of a training run."""
+    total = cfg.DATA.TOTAL_BATCH_SIZE
+    if total == 0:
+        return
+    where = seen.get("DATA.TOTAL_BATCH_SIZE", "the default")
+    if total < 0:
+        raise ConfigError(f"DATA.TOTAL_BATCH_SIZE ({where}) must be 0 (off) or a positive total "
+                          f"batch, got {total}")
+    source = seen.get("DATA.BATCH_SIZE")
+    if source in ("--opts", "command line"):
+        return  # the batch per process given for this run wins; main.py warns with its total
+    if source is not None:
+        raise ConfigError(f"DATA.BATCH_SIZE {cfg.DATA.BATCH_SIZE} ({source}) and "
+                          f"DATA.TOTAL_BATCH_SIZE {total} ({where}) are both set: a config file "
+                          "gives one of them (DATA.TOTAL_BATCH_SIZE 0 makes DATA.BATCH_SIZE the "
+                          "batch per process); --batch-size sets the batch per process of a run")
+    accum = max(cfg.TRAIN.ACCUMULATION_STEPS, 1)
+    training = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
+    if total % (world_size * accum) and training:
+        raise ConfigError(
+            f"DATA.TOTAL_BATCH_SIZE {total} ({where}) does not split over {world_size} "
+            f"process(es) x TRAIN.ACCUMULATION_STEPS {accum}: use processes x accumulation steps "
+            f"that divide {total}, or give the batch per process with --batch-size (the LR and "
+            "the number of steps then follow the total batch it makes)")
+    cfg.DATA.BATCH_SIZE = max(total // (world_size * accum), 1)
+
+
 def _get_key(cfg: CN, key: str) -> Any:
     for part in key.split("."):
         cfg = cfg[part]
@@ -460,10 +498,11 @@ def get_defaults() -> CN:
 
 
 def load_config(path: str | None = None, opts: Iterable[str] = (),
-                flags: dict[str, Any] | None = None) -> CN:
+                flags: dict[str, Any] | None = None, world_size: int = 1) -> CN:
     """Defaults, then ``path`` (with its ``BASE`` files), then ``opts``, then ``flags`` (a mapping
     of dotted keys to values, not parsed); then the architecture of a variant's MODEL.NAME fills
-    the keys none of them set. Returns a frozen CfgNode."""
+    the keys none of them set, and DATA.TOTAL_BATCH_SIZE (when set) the batch per process of a
+    run on ``world_size`` processes. Returns a frozen CfgNode."""
     cfg = get_defaults()
     seen: dict[str, str] = {}
     if path:
@@ -477,6 +516,7 @@ def load_config(path: str | None = None, opts: Iterable[str] = (),
         node[leaf] = _coerce(value, node[leaf], key, "command line")
         seen[key] = "command line"
     _apply_variant(cfg, seen)
+    _derive_batch_size(cfg, seen, world_size)
     if cfg.AMP_OPT_LEVEL not in ("", "O0", "O1", "O2"):
         raise ConfigError(f"AMP_OPT_LEVEL (--amp-opt-level) must be O0, O1 or O2, got "
                           f"{cfg.AMP_OPT_LEVEL!r}")
@@ -515,7 +555,8 @@ _SWITCH_FLAGS = {
 def get_config(args: Any) -> CN:
     """The config of a ``main.py`` run: defaults, ``args.cfg``, ``args.opts``, then the flags
     (which win). ``OUTPUT`` becomes ``OUTPUT/MODEL.NAME/TAG``, the run's folder. ``LOCAL_RANK``
-    comes from the launcher's environment (``LOCAL_RANK``) or ``--local-rank``."""
+    comes from the launcher's environment (``LOCAL_RANK``) or ``--local-rank``, the number of
+    processes (for DATA.TOTAL_BATCH_SIZE) from its ``WORLD_SIZE`` (1 without a launcher)."""
     flags: dict[str, Any] = {}
     for name, key in _VALUE_FLAGS.items():
         if getattr(args, name, None) is not None:
@@ -524,7 +565,9 @@ def get_config(args: Any) -> CN:
         if getattr(args, name, False):
             flags[key] = value
     flags["LOCAL_RANK"] = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
-    cfg = load_config(args.cfg, args.opts or (), flags)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # as main.init_device
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
+    cfg = load_config(args.cfg, args.opts or (), flags, world_size)
     cfg.defrost()
     cfg.OUTPUT = os.path.join(cfg.OUTPUT, cfg.MODEL.NAME, cfg.TAG)
     cfg.freeze()

@@ -119,7 +119,10 @@ def parse_option(argv: list[str] | None = None, prog: str = "main.py",
     add("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     add("--opts", nargs="+", default=None, metavar="KEY VALUE",
         help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
-    add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE)")
+    add("--batch-size", type=int, help="batch size per process/GPU (DATA.BATCH_SIZE); with a "
+        "config that sets DATA.TOTAL_BATCH_SIZE (configs/finetune) it replaces the per-process "
+        "batch derived from that total; where that changes the total, the run warns with the "
+        "total batch, LR and steps it makes")
     add("--data-path", help="dataset root holding train/<class>/* and val/<class>/*, or the "
         "CUB_200_2011 folder with DATA.DATASET cub (DATA.DATA_PATH)")
     add("--zip", action="store_true", help="Swin's zipped ImageNet: accepted, no effect here "
@@ -261,6 +264,25 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_batch(config: CN, world_size: int, updates_per_epoch: int,
+              logger: logging.Logger) -> None:
+    """Logs the total batch of the run, the LR it gives and the number of optimizer steps; as a
+    warning where a batch per process from the command line changes the total that
+    DATA.TOTAL_BATCH_SIZE asks for."""
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    total = config.DATA.BATCH_SIZE * world_size * accum
+    text = (f"total batch {total} ({config.DATA.BATCH_SIZE} per process x {world_size} "
+            f"process(es) x {accum} accumulation step(s)): LR {config.TRAIN.BASE_LR:.6g}, "
+            f"{config.TRAIN.EPOCHS * updates_per_epoch} optimizer steps ({config.TRAIN.EPOCHS} "
+            f"epochs of {updates_per_epoch})")
+    if config.DATA.TOTAL_BATCH_SIZE and total != config.DATA.TOTAL_BATCH_SIZE:
+        logger.warning(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} from the command line replaces "
+                       f"the config's DATA.TOTAL_BATCH_SIZE {config.DATA.TOTAL_BATCH_SIZE}: "
+                       + text)
+    else:
+        logger.info(text)
 
 
 def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
@@ -658,6 +680,7 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp.enabled and amp.dtype == torch.float16)
     num_steps = len(data_loader_train)
     updates_per_epoch = math.ceil(num_steps / config.TRAIN.ACCUMULATION_STEPS)
+    log_batch(config, world_size, updates_per_epoch, logger)
     lr_scheduler = task.build_scheduler(config, optimizer, updates_per_epoch)
     criterion = task.build_criterion(config, mixup_fn is not None)
     start_epoch, max_accuracy, progress = resume_training(

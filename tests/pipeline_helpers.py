@@ -84,6 +84,27 @@ def shared_dataset(base: str) -> str:
     return _cache[root]
 
 
+def without(opts: list[str] | tuple[str, ...], *keys: str) -> list[str]:
+    """``opts`` (KEY VALUE pairs) less the pairs of ``keys``: e.g. TINY with AMP as configured."""
+    return [v for key, value in zip(opts[::2], opts[1::2]) if key not in keys
+            for v in (key, value)]
+
+
+def torchrun(nproc: int = 2, script: str = "main.py") -> tuple[str, ...]:
+    """The ``prefix`` of :func:`run_cli` that launches ``script`` on ``nproc`` CPU processes."""
+    return ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", script)
+
+
+def rank_logs(folder: str, nproc: int = 2) -> list[str]:
+    """``log_rank<r>.txt`` of each rank of the run folder."""
+    logs = []
+    for rank in range(nproc):
+        with open(os.path.join(folder, f"log_rank{rank}.txt"), encoding="utf-8") as f:
+            logs.append(f.read())
+    return logs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

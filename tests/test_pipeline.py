@@ -131,31 +131,53 @@ def test_eval_resume_counts_equal_a_plain_loop(reference, data, tmp_path):
     assert loss == pytest.approx(sum(losses) / 9, abs=1e-3)
 
 
-def test_torchrun_two_processes_train_and_validate_every_image_once(data, tmp_path):
-    port = h.free_port()
-    launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "main.py")
-    result = h.run_cli(h.main_args(data, str(tmp_path), "ddp", "TRAIN.EPOCHS", "1", *h.NO_AUG,
-                                   "TRAIN.ACCUMULATION_STEPS", "2", batch_size=2), prefix=launcher)
+def test_torchrun_two_processes_train_and_evaluate_as_users_run_them(data, tmp_path):
+    # The defaults users get: augmentation and Mixup/CutMix on, AMP as configured (float16), loader
+    # workers on; 2 micro-batches per optimizer step, 2 epochs: 4 optimizer steps.
+    opts = [*h.without(h.TINY, "AMP_ENABLE", "DATA.NUM_WORKERS"), "DATA.NUM_WORKERS", "1"]
+
+    def argv(tag: str, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:
+        return ["--cfg", h.CFG, "--data-path", data, "--output", str(tmp_path), "--tag", tag,
+                "--batch-size", "2", *flags, "--opts", *opts, *extra]
+
+    result = h.run_cli(argv("ddp", "TRAIN.EPOCHS", "2", "TRAIN.ACCUMULATION_STEPS", "2"),
+                       prefix=h.torchrun())
     assert result.returncode == 0, result.stdout[-4000:]
     folder = h.run_dir(str(tmp_path), "ddp")
-    logs = {}
-    for r in (0, 1):
-        with open(os.path.join(folder, f"log_rank{r}.txt"), encoding="utf-8") as f:
-            logs[r] = f.read()
-    assert "rank 0 of 2" in logs[0] and "rank 1 of 2" in logs[1]
+    logs = h.rank_logs(folder)
+    for rank, log in enumerate(logs):
+        assert f"rank {rank} of 2" in log
+        assert "AMP_ENABLE: true" in log and "NUM_WORKERS: 1" in log and "MIXUP: 0.8" in log
+        assert ("total batch 8 (2 per process x 2 process(es) x 2 accumulation step(s)): LR "
+                "0.003125, 4 optimizer steps (2 epochs of 2)") in log
+        # 15 images over 2 ranks (padded to 8 each), batch 2: 4 loader steps a rank and epoch
+        assert "Train: [1/2][3/4]" in log and "Train: [1/2][4/" not in log
     # parameters laid out as their gradients: DDP copies no gradient into its buckets
     assert "Grad strides do not match bucket view strides" not in result.stdout
-    # 15 images over 2 ranks (padded to 8 each), batch 2: 4 steps per rank.
-    assert "Train: [0/1][3/4]" in logs[1]
-    assert h.read_metrics(folder)[0]["num_updates"] == 2  # 2 micro-batches per optimizer step
+    metrics = h.read_metrics(folder)
+    assert [row["num_updates"] for row in metrics.values()] == [2, 4]
     assert "rank 0 of 2" in result.stdout and "rank 1 of 2" not in result.stdout  # console: rank 0
     _, _, _, images, top1, top5 = accuracy_line(logs[0])
     assert images == 9  # 5 + 4: every image once, no padding duplicates
+    ckpt = load_checkpoint_file(os.path.join(folder, "ckpt_epoch_1.pth"))
+    assert ckpt["num_updates"] == 4 and ckpt["world_size"] == 2
+    assert ckpt["max_accuracy"] == max(row["acc1"] for row in metrics.values())
+
+    # --eval of that checkpoint on 2 processes with workers: each rank its slice (5 and 4 images
+    # in batches of 2), the accuracy recorded for the checkpoint's epoch.
+    path = os.path.join(folder, "ckpt_epoch_1.pth")
+    evaluated = h.run_cli(argv("eval", flags=("--eval", "--resume", path)), prefix=h.torchrun())
+    assert evaluated.returncode == 0, evaluated.stdout[-4000:]
+    eval_logs = h.rank_logs(h.run_dir(str(tmp_path), "eval"))
+    assert "Test: [2/3]" in eval_logs[0] and "Test: [1/2]" in eval_logs[1]
+    assert "Test: [3/" not in eval_logs[0] and "Test: [2/" not in eval_logs[1]
+    for log in eval_logs:
+        assert f"evaluating the weights of {path}" in log and "NUM_WORKERS: 1" in log
+    acc1, _, _, *counts = accuracy_line(evaluated.stdout)
+    assert acc1 == round(metrics[1]["acc1"], 3) and tuple(counts) == (images, top1, top5)
 
     # The same checkpoint evaluated by one process gives the same counts.
-    single = h.run_cli(h.main_args(data, str(tmp_path), "single", flags=(
-        "--eval", "--resume", os.path.join(folder, "ckpt_epoch_0.pth"))))
+    single = h.run_cli(argv("single", flags=("--eval", "--resume", path)))
     assert single.returncode == 0, single.stdout[-3000:]
     assert accuracy_line(single.stdout)[3:] == (images, top1, top5)
 
