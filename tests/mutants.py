@@ -57,5 +57,6 @@ MUTANTS = [
     Mutant("no-cross-rank-sum", "validation counts every image once over all ranks", "utils.py",
            "    if get_world_size() > 1:\n        dist.all_reduce(tensor)",
            "    if False:\n        dist.all_reduce(tensor)",
-           ("tests/test_pipeline.py::test_torchrun_two_processes_train_and_evaluate_as_users_run_them",)),
+           ("tests/test_pipeline.py::"
+            "test_torchrun_two_processes_train_and_evaluate_as_users_run_them",)),
 ]
