@@ -263,3 +263,26 @@ def test_cub_head_params_and_flops_at_448():
     assert count_params(model) / 1e6 == pytest.approx(18.5, abs=0.1)
     ratio = count_gmacs(model, (448, 448)) / count_gmacs(model, (224, 224))
     assert ratio == pytest.approx(4.0, rel=0.02)
+
+
+def test_torch_hub_loads_the_variants_from_a_local_checkout_anywhere(checkpoint_t, tmp_path):
+    """hubconf.py: torch.hub.load(<checkout>, "mg_ssaf_t", source="local") from another folder
+    (a process whose path does not hold the checkout), with a local checkpoint."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import sys, torch\n"
+        f"repo, ckpt = {root!r}, {checkpoint_t!r}\n"
+        "assert repo not in sys.path\n"
+        "m = torch.hub.load(repo, 'mg_ssaf_t', source='local', checkpoint=ckpt).eval()\n"
+        "w = torch.load(ckpt, weights_only=False)['model']['head.weight']\n"
+        "assert torch.equal(m.head.weight, w)\n"
+        "s = torch.hub.load(repo, 'mg_ssaf_s', source='local', num_classes=7)\n"
+        "params = round(sum(p.numel() for p in m.parameters()) / 1e6, 2)\n"
+        "print(type(m).__name__, s.num_classes, params)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["MGSSAF 7 19.58"]
