@@ -28,7 +28,7 @@ from main import Amp, ClassificationTask, main
 from models.seg_inference import inference
 from models.upernet import build_segmentor, convert_sync_batchnorm, load_backbone_weights
 from seg_metrics import SegMetrics, format_table, summarize
-from utils import get_rank, get_world_size, load_checkpoint_file
+from utils import CheckpointError, get_rank, get_world_size, load_checkpoint_file
 
 class IterationSampler(Sampler):
     """The draws of one engine epoch: ``num_samples`` per rank from seeded permutations of the
@@ -173,11 +173,17 @@ class SegmentationTask(ClassificationTask):
         return convert_sync_batchnorm(build_segmentor(config), get_world_size(), device)
 
     def load_pretrained(self, config: CN, model: nn.Module, logger: logging.Logger) -> None:
-        """ImageNet MG-SSAF weights into ``model.backbone`` (its classifier dropped)."""
+        """ImageNet MG-SSAF weights into ``model.backbone``; its final norm and classifier are not
+        used, the backbone's output norms (norm0..norm3) and the heads start from their
+        initialisation."""
         path = config.MODEL.PRETRAINED
-        dropped = load_backbone_weights(model, load_checkpoint_file(path)["model"])
-        logger.info(f"loaded the backbone from {path}; not loaded (classifier): "
-                    f"{', '.join(dropped) or 'nothing'}; heads start from their initialisation")
+        try:
+            new, unused = load_backbone_weights(model, load_checkpoint_file(path)["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"--pretrained {path}: {e}") from None
+        logger.info(f"loaded the backbone from {path}; new in the backbone (initialised here): "
+                    f"{', '.join(new) or 'nothing'}; not used: {', '.join(unused) or 'nothing'}; "
+                    "heads start from their initialisation")
 
     def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
         return SegLoss(config.SEG.IGNORE_INDEX, config.SEG.AUX_WEIGHT)

@@ -35,16 +35,14 @@ def test_heads_map_four_features_to_logits():
 
 
 class _StubBackbone(nn.Module):
-    """Four maps at strides 4/8/16/32 with C..8C channels, as forward_intermediates returns."""
+    """Four maps at strides 4/8/16/32 with C..8C channels, as MGSSAFSegBackbone returns."""
 
     def __init__(self, embed_dim: int = 8) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Identity() for _ in range(4))
-        self.num_features = embed_dim * 8
-        self.convs = nn.ModuleList(nn.Conv2d(3, embed_dim * 2 ** i, 1) for i in range(4))
+        self.out_channels = [embed_dim * 2 ** i for i in range(4)]
+        self.convs = nn.ModuleList(nn.Conv2d(3, c, 1) for c in self.out_channels)
 
-    def forward_intermediates(self, x, intermediates_only=False):
-        assert intermediates_only
+    def forward(self, x):
         return [conv(nn.functional.avg_pool2d(x, 4 * 2 ** i)) for i, conv in enumerate(self.convs)]
 
 
@@ -197,15 +195,69 @@ def test_inference_dispatches_on_seg_test_mode(mode):
                           whole_inference(model, x, (64, 96)), atol=1e-5)
 
 
+def _nano_classifier(cfg) -> MGSSAF:
+    arch = cfg.MODEL.MGSSAF
+    return MGSSAF(img_size=64, num_classes=10, embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS,
+                  num_heads=arch.NUM_HEADS, global_ratio=arch.GLOBAL_RATIO,
+                  head_hidden_dim=arch.HEAD_HIDDEN_DIM)
+
+
 def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
     from models.upernet import load_backbone_weights
     cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
     model = build_segmentor(cfg)
-    arch = cfg.MODEL.MGSSAF
-    classifier = MGSSAF(img_size=64, num_classes=10, embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS,
-                        num_heads=arch.NUM_HEADS, global_ratio=arch.GLOBAL_RATIO,
-                        head_hidden_dim=arch.HEAD_HIDDEN_DIM)
-    dropped = load_backbone_weights(model, classifier.state_dict())
-    assert sorted(dropped) == ["head.bias", "head.weight", "last_conv.bias", "last_conv.weight"]
+    classifier = _nano_classifier(cfg)
+    with torch.no_grad():  # the classifier's final norm: not what the output norms start from
+        classifier.norm.weight.fill_(3.0)
+    new, unused = load_backbone_weights(model, classifier.state_dict())
+    assert new == [f"norm{i}.{p}" for i in range(4) for p in ("bias", "weight")]
+    assert sorted(unused) == ["head.bias", "head.weight", "last_conv.bias", "last_conv.weight",
+                              "norm.bias", "norm.weight"]
     source = classifier.state_dict()
-    assert all(torch.equal(v, source[k]) for k, v in model.backbone.state_dict().items())
+    own = model.backbone.state_dict()
+    assert set(own) - set(source) == set(new)
+    assert all(torch.equal(v, source[k]) for k, v in own.items() if k not in new)
+    assert all(torch.equal(own[k], torch.ones_like(own[k]) if k.endswith("weight")
+                           else torch.zeros_like(own[k])) for k in new)
+    del source["layers.0.blocks.0.norm1.weight"]  # anything else missing is an error
+    with pytest.raises(RuntimeError, match="missing \\['layers.0.blocks.0.norm1.weight'\\]"):
+        load_backbone_weights(model, source)
+
+
+def test_seg_backbone_normalises_each_stage_map_with_a_fresh_layernorm():
+    """Swin's segmentation backbone: norm0..norm3, nn.LayerNorm(C_i) with eps 1e-5, weight 1,
+    bias 0, over the channels of each stage map; no final norm, no classifier."""
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    backbone = build_segmentor(cfg).backbone
+    embed = cfg.MODEL.MGSSAF.EMBED_DIM
+    for i in range(4):
+        norm = getattr(backbone, f"norm{i}")
+        assert isinstance(norm, nn.LayerNorm) and norm.eps == 1e-5
+        assert norm.normalized_shape == (embed * 2 ** i,)
+        assert torch.equal(norm.weight, torch.ones(embed * 2 ** i))
+        assert torch.equal(norm.bias, torch.zeros(embed * 2 ** i))
+    names = [n for n, _ in backbone.named_parameters()]
+    assert not any(n.startswith(("norm.", "head.", "last_conv.")) for n in names)
+    with torch.no_grad():
+        for i in range(4):
+            getattr(backbone, f"norm{i}").weight.normal_()
+            getattr(backbone, f"norm{i}").bias.normal_()
+    x = torch.randn(2, 3, 64, 96)
+    maps = backbone.eval()(x)
+    raw = backbone.forward_intermediates(x, intermediates_only=True)
+    for i, (m, r) in enumerate(zip(maps, raw)):
+        norm = getattr(backbone, f"norm{i}")
+        expected = nn.functional.layer_norm(r.permute(0, 2, 3, 1), norm.normalized_shape,
+                                            norm.weight, norm.bias, 1e-5).permute(0, 3, 1, 2)
+        torch.testing.assert_close(m, expected)
+
+
+def test_every_segmentor_parameter_gets_a_gradient_each_step():
+    """What DDP needs (no unused parameters): one training step reaches every parameter."""
+    from main_seg import SegLoss
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    model = build_segmentor(cfg).train()
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, DIGITS_CLASSES, (2, 64, 64))
+    SegLoss(255, 0.4)(model(x), target).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

@@ -152,7 +152,9 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     torch.save({"model": classifier.state_dict()}, path)
     result = run_seg(seg_args(ade, str(tmp_path), "p", flags=("--eval", "--pretrained", path)))
     assert result.returncode == 0, result.stdout[-3000:]
-    assert f"loaded the backbone from {path}; not loaded (classifier): " in result.stdout
+    assert (f"loaded the backbone from {path}; new in the backbone (initialised here): "
+            "norm0.bias, norm0.weight, norm1.bias") in result.stdout
+    assert "not used: norm.weight, norm.bias, " in result.stdout
     assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
 
 
