@@ -86,6 +86,29 @@ def test_miou_of_a_known_prediction():
     assert "mIoU 50.00" in format_table(s, ["a", "b", "c", "d"])
 
 
+def test_metrics_as_mmseg_predicted_but_absent_class_has_iou_zero():
+    """mmseg 0.11: IoU = intersection / union (0 for a class predicted but not labelled, nan
+    only when the union is 0), Acc = intersection / label area; means over non-nan classes."""
+    label = torch.tensor([[0, 0, 1, 1], [0, 1, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 3], [0, 1, 2, 0]])  # 2 and the last 0: on ignored pixels
+    s = summarize(intersect_and_union(pred, label, num_classes=4))
+    # class 0: inter 2, union 3, label 3; class 1: inter 2, union 4, label 3;
+    # class 2: only predicted on an ignored pixel: union 0 -> nan; class 3: predicted once,
+    # never labelled: IoU 0 / 1 = 0, Acc 0 / 0 = nan.
+    np.testing.assert_allclose(s["IoU"], [200 / 3, 50, np.nan, 0])
+    np.testing.assert_allclose(s["Acc"], [200 / 3, 200 / 3, np.nan, np.nan])
+    assert s["mIoU"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3 * 100)  # 38.89, not 58.33
+    assert s["mAcc"] == pytest.approx(200 / 3)
+    assert s["aAcc"] == pytest.approx(4 / 6 * 100)
+    assert "mIoU 38.89" in format_table(s, ["a", "b", "c", "d"])
+
+
+def test_metrics_of_an_all_ignored_set_are_nan():
+    label = torch.full((2, 3), 255)
+    s = summarize(intersect_and_union(torch.zeros(2, 3, dtype=torch.long), label, 3))
+    assert all(math.isnan(s[k]) for k in ("aAcc", "mAcc", "mIoU"))
+
+
 def test_label_zero_is_ignored_after_reduce_zero_label():
     raw = np.array([[0, 1], [150, 0]], np.uint8)
     label = torch.from_numpy(reduce_zero_label(raw).astype(np.int64))
