@@ -110,19 +110,26 @@ def build_seg_dataset(config: CN, is_train: bool) -> Dataset:
 
 class SegLoss(nn.Module):
     """Cross-entropy of the decode head's logits plus ``aux_weight`` x that of the auxiliary
-    head's, pixels labelled ``ignore_index`` left out."""
+    head's, as mmseg 0.11 (``CrossEntropyLoss``, reduction 'mean', no ``avg_factor``; the aux
+    head's ``loss_weight`` 0.4; the two summed): each is the mean over ALL pixels of the batch,
+    a pixel labelled ``ignore_index`` contributing 0. A batch whose pixels are all ignored gives
+    0 (PyTorch's default reduction, the mean over the non-ignored pixels, gives nan there)."""
 
     def __init__(self, ignore_index: int, aux_weight: float) -> None:
         super().__init__()
         self.ignore_index, self.aux_weight = ignore_index, aux_weight
 
+    def pixel_mean(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cross-entropy (0 where ignored), averaged over all pixels, in fp32."""
+        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index,
+                               reduction="none").mean()
+
     def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                 target: torch.Tensor) -> torch.Tensor:
         logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        loss = self.pixel_mean(logits, target)
         if aux is not None:
-            loss = loss + self.aux_weight * F.cross_entropy(aux.float(), target,
-                                                            ignore_index=self.ignore_index)
+            loss = loss + self.aux_weight * self.pixel_mean(aux, target)
         return loss
 
 

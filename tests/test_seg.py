@@ -284,3 +284,27 @@ def test_every_segmentor_parameter_gets_a_gradient_each_step():
     target = torch.randint(0, DIGITS_CLASSES, (2, 64, 64))
     SegLoss(255, 0.4)(model(x), target).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_seg_loss_averages_over_all_pixels_as_mmseg():
+    """mmseg 0.11: per-pixel cross-entropy, ignored pixels 0, mean over all pixels; decode +
+    0.4 x auxiliary. By hand: 2 classes, logits (0, 0) -> ln 2 per pixel, logits (ln 3, 0) ->
+    ln(4/3) for class 0; 2 of the 4 pixels ignored."""
+    from main_seg import SegLoss
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0, 0, 1] = math.log(3)
+    aux = torch.zeros(1, 2, 2, 2)
+    target = torch.tensor([[[1, 0], [255, 255]]])
+    loss = SegLoss(255, 0.4)((logits, aux), target)
+    expected = (math.log(2) + math.log(4 / 3)) / 4 + 0.4 * (2 * math.log(2)) / 4
+    assert loss.item() == pytest.approx(expected)
+    assert SegLoss(255, 0.4)(logits, target).item() == pytest.approx(
+        (math.log(2) + math.log(4 / 3)) / 4)
+
+
+def test_seg_loss_of_an_all_ignored_batch_is_zero_not_nan():
+    from main_seg import SegLoss
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss = SegLoss(255, 0.4)((logits, logits * 2), torch.full((2, 4, 4), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
