@@ -117,6 +117,12 @@ def test_label_zero_is_ignored_after_reduce_zero_label():
     assert summarize(intersect_and_union(pred, label, 150))["mIoU"] == 100.0
 
 
+def test_raw_label_255_stays_ignored_after_reduce_zero_label():
+    """mmseg: 0 -> 255, k -> k - 1, then 254 -> 255: a raw 255 stays ignored (not class 254)."""
+    raw = np.array([[255, 1, 254, 0]], np.uint8)
+    assert reduce_zero_label(raw).tolist() == [[255, 0, 253, 255]]
+
+
 def _ade_folder(root, sizes=((40, 30), (64, 48))):
     rng = np.random.default_rng(0)
     for split in ("training", "validation"):
