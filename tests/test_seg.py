@@ -314,3 +314,10 @@ def test_seg_loss_of_an_all_ignored_batch_is_zero_not_nan():
     loss = SegLoss(255, 0.4)((logits, logits * 2), torch.full((2, 4, 4), 255))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("variant", ["t", "s", "b"])
+def test_ade20k_configs_train_in_fp32_unless_asked(variant):
+    path = os.path.join(ROOT, f"configs/seg/upernet_mg_ssaf_{variant}_512x512_160k_ade20k.yaml")
+    assert load_config(path).AMP_ENABLE is False
+    assert load_config(path, ["AMP_ENABLE", "True"]).AMP_ENABLE is True
