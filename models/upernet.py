@@ -6,6 +6,10 @@ backbone maps (strides 4/8/16/32), all maps upsampled to stride 4, concatenated 
 3x3 conv, dropout 0.1, a 1x1 classifier. An FCN auxiliary head on the stride-16 map (one 3x3
 conv) adds a loss (weight 0.4, applied by the trainer) during training only.
 
+Initialisation of the heads as mmcv 1.x / mmseg 0.11: each conv + BatchNorm + ReLU as mmcv's
+``ConvModule`` (conv Kaiming normal, fan_out, ReLU gain; BatchNorm weight 1, bias 0), each
+classifier ``conv_seg`` normal(0, 0.01) with bias 0 (``BaseDecodeHead.init_weights``).
+
 All tensors are NCHW. Convolutions in the heads are conv (no bias) + BatchNorm + ReLU; under
 multi-process CUDA the trainer converts BatchNorm to SyncBatchNorm with
 ``convert_sync_batchnorm`` after moving the model to its device.
@@ -62,7 +66,8 @@ class MGSSAFSegBackbone(MGSSAF):
 
 
 class ConvBNReLU(nn.Sequential):
-    """Conv2d (no bias) -> BatchNorm2d -> ReLU, 'same' padding."""
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU, 'same' padding; initialised as mmcv's
+    ``ConvModule``: conv Kaiming normal (fan_out, ReLU), BatchNorm weight 1, bias 0."""
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1) -> None:
         super().__init__(
@@ -70,6 +75,17 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(out_chans),
             nn.ReLU(inplace=True),
         )
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(self[1].weight)
+        nn.init.zeros_(self[1].bias)
+
+
+def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """The 1x1 ``conv_seg`` of a head, normal(0, 0.01) with bias 0 (mmseg's decode heads)."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class PPM(nn.ModuleList):
@@ -97,7 +113,7 @@ class UPerHead(nn.Module):
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_chans[:-1])
         self.fpn_bottleneck = ConvBNReLU(len(in_chans) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.conv_seg = _classifier(channels, num_classes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         top = features[-1]
@@ -121,7 +137,7 @@ class FCNHead(nn.Module):
         self.convs = nn.Sequential(*(ConvBNReLU(in_chans if i == 0 else channels, channels, 3)
                                      for i in range(num_convs)))
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.conv_seg = _classifier(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_seg(self.dropout(self.convs(x)))

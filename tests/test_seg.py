@@ -321,3 +321,22 @@ def test_ade20k_configs_train_in_fp32_unless_asked(variant):
     path = os.path.join(ROOT, f"configs/seg/upernet_mg_ssaf_{variant}_512x512_160k_ade20k.yaml")
     assert load_config(path).AMP_ENABLE is False
     assert load_config(path, ["AMP_ENABLE", "True"]).AMP_ENABLE is True
+
+
+def test_heads_are_initialised_as_mmcv():
+    """mmcv's ConvModule: conv Kaiming normal (fan_out, ReLU): std sqrt(2 / (k*k*out)); BN
+    weight 1, bias 0; conv_seg normal(0, 0.01), bias 0 (PyTorch's defaults differ: uniform
+    with std 1 / sqrt(3 fan_in), a non-zero bias)."""
+    torch.manual_seed(0)
+    head = UPerHead([32, 64, 128, 256], num_classes=150, channels=256)
+    aux = FCNHead(128, num_classes=150, channels=256)
+    for module in (head.fpn_bottleneck, head.bottleneck, aux.convs[0], head.ppm[0][1]):
+        conv, bn = module[0], module[1]
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+        assert conv.weight.mean().abs().item() < 0.1 * math.sqrt(2 / fan_out)
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    for conv_seg in (head.conv_seg, aux.conv_seg):
+        assert conv_seg.weight.std().item() == pytest.approx(0.01, rel=0.05)
+        assert torch.equal(conv_seg.bias, torch.zeros_like(conv_seg.bias))
