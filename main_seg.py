@@ -25,6 +25,7 @@ from data import DataError
 from data.build import SEGMENTATION_DATASETS, Loader, ShardSampler
 from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng
 from main import Amp, ClassificationTask, main
+from optimizer import build_optimizer, keyword_decay_groups
 from models.seg_inference import inference
 from models.upernet import build_segmentor, convert_sync_batchnorm, load_backbone_weights
 from seg_metrics import SegMetrics, format_table, summarize
@@ -149,6 +150,9 @@ class SegmentationTask(ClassificationTask):
             raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} is not a segmentation "
                               "dataset: expected one of "
                               + ", ".join(map(repr, SEGMENTATION_DATASETS)))
+        if config.TRAIN.LAYER_DECAY < 1.0:
+            raise ConfigError(f"TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY}: main_seg.py has no "
+                              "layer-wise LR decay (the recipe's paramwise_cfg has none)")
         config.TRAIN.EPOCHS = seg.ITERS // seg.EVAL_INTERVAL
         config.TRAIN.WARMUP_EPOCHS = 0
 
@@ -194,6 +198,13 @@ class SegmentationTask(ClassificationTask):
 
     def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
         return SegLoss(config.SEG.IGNORE_INDEX, config.SEG.AUX_WEIGHT)
+
+    def build_optimizer(self, config: CN, model: nn.Module) -> torch.optim.Optimizer:
+        """Weight decay as the recipe's ``paramwise_cfg``: none for parameter names containing
+        'norm', 'relative_position_bias_table' or 'absolute_pos_embed', TRAIN.WEIGHT_DECAY for
+        every other parameter, biases and the heads' BatchNorm included."""
+        return build_optimizer(config, model,
+                               keyword_decay_groups(model, config.TRAIN.WEIGHT_DECAY))
 
     def build_scheduler(self, config: CN, optimizer: torch.optim.Optimizer,
                         updates_per_epoch: int):

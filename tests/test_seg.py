@@ -340,3 +340,35 @@ def test_heads_are_initialised_as_mmcv():
     for conv_seg in (head.conv_seg, aux.conv_seg):
         assert conv_seg.weight.std().item() == pytest.approx(0.01, rel=0.05)
         assert torch.equal(conv_seg.bias, torch.zeros_like(conv_seg.bias))
+
+
+def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
+    """decay_mult 0 only for names containing 'norm' (every LayerNorm of MG-SSAF, the output
+    norms norm0..norm3), 'relative_position_bias_table', 'absolute_pos_embed'; biases and the
+    heads' BatchNorm keep TRAIN.WEIGHT_DECAY (main.py keeps Swin's set_weight_decay)."""
+    from main_seg import SegmentationTask
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    model = build_segmentor(cfg)
+    optimizer = SegmentationTask().build_optimizer(cfg, model)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    by_name = {n: decay[id(p)] for n, p in model.named_parameters()}
+    assert len(by_name) == len(decay)
+    assert {n for n, d in by_name.items() if d == 0.0} == {n for n in by_name if "norm" in n}
+    assert {d for d in by_name.values()} == {0.0, cfg.TRAIN.WEIGHT_DECAY}
+    for name in ("backbone.norm0.weight", "backbone.norm3.bias",
+                 "backbone.layers.0.blocks.0.norm1.bias", "backbone.patch_embed.norm.weight"):
+        assert by_name[name] == 0.0
+    for name in ("decode_head.conv_seg.bias", "decode_head.bottleneck.1.weight",
+                 "decode_head.bottleneck.1.bias", "backbone.patch_embed.ConvFuse.bias",
+                 "backbone.layers.1.blocks.0.attn.attn_local_win.0.weight"):
+        assert by_name[name] == cfg.TRAIN.WEIGHT_DECAY
+
+
+def test_seg_refuses_layer_decay():
+    from config import ConfigError
+    from main_seg import SegmentationTask
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"),
+                      ["TRAIN.LAYER_DECAY", "0.9"])
+    cfg.defrost()
+    with pytest.raises(ConfigError, match="no layer-wise LR decay"):
+        SegmentationTask().prepare_config(cfg)
