@@ -23,11 +23,11 @@ from yacs.config import CfgNode as CN
 from config import ConfigError
 from data import DataError
 from data.build import SEGMENTATION_DATASETS, Loader, ShardSampler
-from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng
+from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, multi_scale_ratios
 from main import Amp, ClassificationTask, main
-from optimizer import build_optimizer, keyword_decay_groups
 from models.seg_inference import inference
 from models.upernet import build_segmentor, convert_sync_batchnorm, load_backbone_weights
+from optimizer import build_optimizer, keyword_decay_groups
 from seg_metrics import SegMetrics, format_table, summarize
 from utils import CheckpointError, get_rank, get_world_size, load_checkpoint_file
 
@@ -95,7 +95,7 @@ def build_seg_dataset(config: CN, is_train: bool) -> Dataset:
         transform = (SegTrainTransform(seg.SCALE, seg.RATIO_RANGE, seg.CROP_SIZE,
                                        seg.CAT_MAX_RATIO, photometric=seg.PHOTOMETRIC,
                                        ignore_index=seg.IGNORE_INDEX)
-                     if is_train else SegTestTransform(seg.SCALE))
+                     if is_train else SegTestTransform(seg.SCALE, multi_scale_ratios(seg)))
         dataset = build_ade20k(config.DATA.DATA_PATH, is_train, transform, config.SEED)
     elif name == "digits_seg":
         from data.digits_seg import NUM_CLASSES, DigitsSegDataset
@@ -227,8 +227,10 @@ class SegmentationTask(ClassificationTask):
         seg = config.SEG
         metrics = SegMetrics(config.MODEL.NUM_CLASSES, seg.IGNORE_INDEX, device)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x pixels, pixels, images
-        for image, label in data_loader:
-            image, label = image.to(device), label.to(device)
+        for image, label in data_loader:  # image: a batch, or one per scale (ms_flip)
+            image = ([x.to(device) for x in image] if isinstance(image, (list, tuple))
+                     else image.to(device))
+            label = label.to(device)
             with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
                 probs = inference(model, image, label.shape[-2:], seg).float()
             valid = int((label != seg.IGNORE_INDEX).sum())

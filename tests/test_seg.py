@@ -372,3 +372,41 @@ def test_seg_refuses_layer_decay():
     cfg.defrost()
     with pytest.raises(ConfigError, match="no layer-wise LR decay"):
         SegmentationTask().prepare_config(cfg)
+
+
+def test_multi_scale_test_images_are_the_original_resized_as_imrescale():
+    """mmseg's MultiScaleFlipAug + imrescale: scale (int(w_s r), int(h_s r)), factor
+    min(long / long side, short / short side), size int(w f + 0.5) x int(h f + 0.5), from the
+    original image. (100, 50) x 0.75 = (75, 37): f = min(75/40, 37/20) = 1.85 -> 74 x 37."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 40, 3), np.uint8))
+    label = Image.fromarray(np.zeros((20, 40), np.uint8))
+    scales, target = SegTestTransform((100, 50), ratios=(0.75, 1.0))(image, label)
+    assert target.shape == (20, 40)
+    for x, size in zip(scales, [(74, 37), (100, 50)]):
+        expected = np.asarray(image.resize(size, Image.BILINEAR)).astype(np.float32)
+        mean = np.asarray([0.485, 0.456, 0.406], np.float32) * 255
+        std = np.asarray([0.229, 0.224, 0.225], np.float32) * 255
+        torch.testing.assert_close(x, torch.from_numpy(((expected - mean) / std)
+                                                       .transpose(2, 0, 1).copy()))
+    single, _ = SegTestTransform((100, 50))(image, label)
+    assert torch.equal(single, scales[1])
+
+
+def test_ms_flip_runs_the_model_on_each_given_scale_as_is():
+    """No resizing of the per-scale images: the model sees each one and its flip."""
+    seen = []
+
+    class Recorder(nn.Conv2d):
+        def forward(self, x):
+            seen.append(x)
+            return super().forward(x)
+
+    model = Recorder(3, 4, 1).eval()
+    scales = [torch.randn(1, 3, 32, 64), torch.randn(1, 3, 64, 128)]
+    probs = ms_flip_inference(model, scales, (20, 40), ratios=(9.0,), flip=True)
+    assert probs.shape == (1, 4, 20, 40) and len(seen) == 4
+    for got, want in zip(seen, [scales[0], scales[0].flip(-1), scales[1], scales[1].flip(-1)]):
+        assert torch.equal(got, want)
+    expected = sum(whole_inference(model, x, (20, 40)) for x in scales
+                   for _ in range(2)) / 4  # a pointwise model: flip, predict, flip back = same
+    torch.testing.assert_close(probs, expected)
