@@ -2,7 +2,7 @@
 
 Each rank accumulates per-class intersection / union / predicted area / label area of its images
 in a ``SegMetrics``; the trainer sums ``totals`` across ranks (one all_reduce) and calls
-``summary``. The numbers are mmsegmentation 0.11's (``eval_metrics`` and ``CustomDataset.evaluate``):
+``summary``. The numbers are mmsegmentation 0.11's (``eval_metrics``, ``CustomDataset.evaluate``):
 per class IoU = intersection / union and Acc = intersection / label area, each nan only where its
 denominator is 0 (a class predicted but absent from the labels has IoU 0, Acc nan; a class neither
 predicted nor labelled has both nan); mIoU / mAcc are the means over the classes that are not nan;
