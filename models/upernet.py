@@ -27,8 +27,7 @@ from .build import model_kwargs
 from .mg_ssaf import MGSSAF, LayerNorm2d
 
 __all__ = ["is_seg_config", "MGSSAFSegBackbone", "ConvBNReLU", "PPM", "UPerHead", "FCNHead",
-           "UPerNet",
-           "build_segmentor", "convert_sync_batchnorm", "load_backbone_weights"]
+           "UPerNet", "build_segmentor", "convert_sync_batchnorm", "load_backbone_weights"]
 
 
 def is_seg_config(config: CfgNode) -> bool:
