@@ -201,7 +201,8 @@ _C.SEG.DROPOUT = 0.1
 _C.SEG.AUX_CHANNELS = 256
 _C.SEG.AUX_INDEX = 2
 _C.SEG.AUX_WEIGHT = 0.4
-# Label ignored by the loss and the metrics (ADE20K's 'other' class 0 becomes it).
+# Label ignored by the loss and the metrics (ADE20K's 'other' class 0 becomes it, and a raw 255
+# stays it).
 _C.SEG.IGNORE_INDEX = 255
 # Training pipeline: resize to SCALE (long side, short side) x a ratio in RATIO_RANGE keeping the
 # aspect ratio, random crop CROP_SIZE (h, w) with no class above CAT_MAX_RATIO of it (10 tries),
@@ -212,7 +213,8 @@ _C.SEG.CROP_SIZE = [512, 512]
 _C.SEG.CAT_MAX_RATIO = 0.75
 _C.SEG.PHOTOMETRIC = True
 # Evaluation: 'whole' (resize to SCALE, pad to a multiple of 32), 'slide' (SLIDE_CROP windows at
-# SLIDE_STRIDE) or 'ms_flip' (ratios MS_RATIOS of SCALE, each with its horizontal flip).
+# SLIDE_STRIDE) or 'ms_flip' (the original image resized to each ratio r of SCALE, fitting
+# (int(SCALE[0] r), int(SCALE[1] r)) as mmcv's imrescale, each with its horizontal flip).
 _C.SEG.TEST_MODE = "whole"
 _C.SEG.SLIDE_CROP = [512, 512]
 _C.SEG.SLIDE_STRIDE = [341, 341]

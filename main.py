@@ -619,6 +619,9 @@ class ClassificationTask:
     def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
         return build_criterion(config, mixup_active)
 
+    def build_optimizer(self, config: CN, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(config, model)
+
     def build_scheduler(self, config: CN, optimizer: torch.optim.Optimizer,
                         updates_per_epoch: int):
         return build_scheduler(config, optimizer, updates_per_epoch)
@@ -671,7 +674,7 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
         return
 
     model.to(memory_format=torch.channels_last)  # weights laid out as their gradients (DDP buckets)
-    optimizer = build_optimizer(config, model)
+    optimizer = task.build_optimizer(config, model)
     model_ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
     model_without_ddp = model
     if dist.is_initialized():

@@ -23,12 +23,13 @@ from yacs.config import CfgNode as CN
 from config import ConfigError
 from data import DataError
 from data.build import SEGMENTATION_DATASETS, Loader, ShardSampler
-from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng
+from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, multi_scale_ratios
 from main import Amp, ClassificationTask, main
 from models.seg_inference import inference
 from models.upernet import build_segmentor, convert_sync_batchnorm, load_backbone_weights
+from optimizer import build_optimizer, keyword_decay_groups
 from seg_metrics import SegMetrics, format_table, summarize
-from utils import get_rank, get_world_size, load_checkpoint_file
+from utils import CheckpointError, get_rank, get_world_size, load_checkpoint_file
 
 class IterationSampler(Sampler):
     """The draws of one engine epoch: ``num_samples`` per rank from seeded permutations of the
@@ -94,7 +95,7 @@ def build_seg_dataset(config: CN, is_train: bool) -> Dataset:
         transform = (SegTrainTransform(seg.SCALE, seg.RATIO_RANGE, seg.CROP_SIZE,
                                        seg.CAT_MAX_RATIO, photometric=seg.PHOTOMETRIC,
                                        ignore_index=seg.IGNORE_INDEX)
-                     if is_train else SegTestTransform(seg.SCALE))
+                     if is_train else SegTestTransform(seg.SCALE, multi_scale_ratios(seg)))
         dataset = build_ade20k(config.DATA.DATA_PATH, is_train, transform, config.SEED)
     elif name == "digits_seg":
         from data.digits_seg import NUM_CLASSES, DigitsSegDataset
@@ -110,19 +111,26 @@ def build_seg_dataset(config: CN, is_train: bool) -> Dataset:
 
 class SegLoss(nn.Module):
     """Cross-entropy of the decode head's logits plus ``aux_weight`` x that of the auxiliary
-    head's, pixels labelled ``ignore_index`` left out."""
+    head's, as mmseg 0.11 (``CrossEntropyLoss``, reduction 'mean', no ``avg_factor``; the aux
+    head's ``loss_weight`` 0.4; the two summed): each is the mean over ALL pixels of the batch,
+    a pixel labelled ``ignore_index`` contributing 0. A batch whose pixels are all ignored gives
+    0 (PyTorch's default reduction, the mean over the non-ignored pixels, gives nan there)."""
 
     def __init__(self, ignore_index: int, aux_weight: float) -> None:
         super().__init__()
         self.ignore_index, self.aux_weight = ignore_index, aux_weight
 
+    def pixel_mean(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cross-entropy (0 where ignored), averaged over all pixels, in fp32."""
+        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index,
+                               reduction="none").mean()
+
     def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                 target: torch.Tensor) -> torch.Tensor:
         logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        loss = self.pixel_mean(logits, target)
         if aux is not None:
-            loss = loss + self.aux_weight * F.cross_entropy(aux.float(), target,
-                                                            ignore_index=self.ignore_index)
+            loss = loss + self.aux_weight * self.pixel_mean(aux, target)
         return loss
 
 
@@ -142,6 +150,9 @@ class SegmentationTask(ClassificationTask):
             raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} is not a segmentation "
                               "dataset: expected one of "
                               + ", ".join(map(repr, SEGMENTATION_DATASETS)))
+        if config.TRAIN.LAYER_DECAY < 1.0:
+            raise ConfigError(f"TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY}: main_seg.py has no "
+                              "layer-wise LR decay (the recipe's paramwise_cfg has none)")
         config.TRAIN.EPOCHS = seg.ITERS // seg.EVAL_INTERVAL
         config.TRAIN.WARMUP_EPOCHS = 0
 
@@ -173,14 +184,27 @@ class SegmentationTask(ClassificationTask):
         return convert_sync_batchnorm(build_segmentor(config), get_world_size(), device)
 
     def load_pretrained(self, config: CN, model: nn.Module, logger: logging.Logger) -> None:
-        """ImageNet MG-SSAF weights into ``model.backbone`` (its classifier dropped)."""
+        """ImageNet MG-SSAF weights into ``model.backbone``; its final norm and classifier are not
+        used, the backbone's output norms (norm0..norm3) and the heads start from their
+        initialisation."""
         path = config.MODEL.PRETRAINED
-        dropped = load_backbone_weights(model, load_checkpoint_file(path)["model"])
-        logger.info(f"loaded the backbone from {path}; not loaded (classifier): "
-                    f"{', '.join(dropped) or 'nothing'}; heads start from their initialisation")
+        try:
+            new, unused = load_backbone_weights(model, load_checkpoint_file(path)["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"--pretrained {path}: {e}") from None
+        logger.info(f"loaded the backbone from {path}; new in the backbone (initialised here): "
+                    f"{', '.join(new) or 'nothing'}; not used: {', '.join(unused) or 'nothing'}; "
+                    "heads start from their initialisation")
 
     def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
         return SegLoss(config.SEG.IGNORE_INDEX, config.SEG.AUX_WEIGHT)
+
+    def build_optimizer(self, config: CN, model: nn.Module) -> torch.optim.Optimizer:
+        """Weight decay as the recipe's ``paramwise_cfg``: none for parameter names containing
+        'norm', 'relative_position_bias_table' or 'absolute_pos_embed', TRAIN.WEIGHT_DECAY for
+        every other parameter, biases and the heads' BatchNorm included."""
+        return build_optimizer(config, model,
+                               keyword_decay_groups(model, config.TRAIN.WEIGHT_DECAY))
 
     def build_scheduler(self, config: CN, optimizer: torch.optim.Optimizer,
                         updates_per_epoch: int):
@@ -203,8 +227,10 @@ class SegmentationTask(ClassificationTask):
         seg = config.SEG
         metrics = SegMetrics(config.MODEL.NUM_CLASSES, seg.IGNORE_INDEX, device)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x pixels, pixels, images
-        for image, label in data_loader:
-            image, label = image.to(device), label.to(device)
+        for image, label in data_loader:  # image: a batch, or one per scale (ms_flip)
+            image = ([x.to(device) for x in image] if isinstance(image, (list, tuple))
+                     else image.to(device))
+            label = label.to(device)
             with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
                 probs = inference(model, image, label.shape[-2:], seg).float()
             valid = int((label != seg.IGNORE_INDEX).sum())

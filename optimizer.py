@@ -1,5 +1,7 @@
 """The optimizer of a run: AdamW (default) or SGD, with no weight decay on biases, norms and
-other 1-D parameters, and optionally layer-wise LR decay (TRAIN.LAYER_DECAY)."""
+other 1-D parameters (Swin's ``set_weight_decay``, for classification), and optionally layer-wise
+LR decay (TRAIN.LAYER_DECAY). Segmentation (main_seg.py) passes its own groups instead:
+:func:`keyword_decay_groups`, the mmseg recipe's ``paramwise_cfg``."""
 from __future__ import annotations
 
 import torch
@@ -30,6 +32,26 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for name, p in params if name in no_decay], "weight_decay": 0.0}]
 
 
+# The Swin ADE20K recipe's paramwise_cfg custom_keys with decay_mult 0 (mmcv matches them as
+# substrings of the full parameter name). In MG-SSAF "norm" matches every LayerNorm (the stem's,
+# each block's norm1 and mlp.norm, each PatchMerging's, the segmentation backbone's norm0..norm3);
+# MG-SSAF has no relative position bias table and no absolute position embedding, so the other
+# two keys match nothing.
+SEG_NO_DECAY_KEYWORDS = ("norm", "relative_position_bias_table", "absolute_pos_embed")
+
+
+def keyword_decay_groups(model: nn.Module, weight_decay: float,
+                         keywords: tuple[str, ...] = SEG_NO_DECAY_KEYWORDS) -> list[dict]:
+    """Two groups as mmcv's ``paramwise_cfg=dict(custom_keys={k: dict(decay_mult=0.)})``:
+    parameters whose name contains one of ``keywords`` without weight decay, every other one
+    (biases and BatchNorm parameters included) with ``weight_decay``."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    skip = {name for name, _ in params if any(k in name for k in keywords)}
+    return [{"params": [p for name, p in params if name not in skip],
+             "weight_decay": weight_decay},
+            {"params": [p for name, p in params if name in skip], "weight_decay": 0.0}]
+
+
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's layer-wise LR decay groups over ``model.group_matcher()``: each carries an
     ``lr_scale`` that the LR scheduler applies; the weight decay follows :func:`parameter_groups`
@@ -44,13 +66,16 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     return sorted(groups, key=lambda g: -g["lr_scale"])
 
 
-def build_optimizer(config: CN, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(config: CN, model: nn.Module,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """``TRAIN.OPTIMIZER.NAME`` ('adamw' or 'sgd') at ``TRAIN.BASE_LR`` (already scaled to the
-    total batch, see ``lr_scheduler.scale_lrs``), with layer-wise LR decay when
-    ``TRAIN.LAYER_DECAY`` < 1."""
+    total batch, see ``lr_scheduler.scale_lrs``) over ``groups``, by default those of
+    :func:`parameter_groups`, or with layer-wise LR decay when ``TRAIN.LAYER_DECAY`` < 1."""
     opt = config.TRAIN.OPTIMIZER
     layer_decay = config.TRAIN.LAYER_DECAY
-    if layer_decay < 1.0:
+    if groups is not None:
+        pass
+    elif layer_decay < 1.0:
         groups = layer_decay_groups(model, config.TRAIN.WEIGHT_DECAY, layer_decay)
     else:
         groups = parameter_groups(model, config.TRAIN.WEIGHT_DECAY)

@@ -2,8 +2,13 @@
 
 Each rank accumulates per-class intersection / union / predicted area / label area of its images
 in a ``SegMetrics``; the trainer sums ``totals`` across ranks (one all_reduce) and calls
-``summary``. Classes absent from the labels (union of label area = 0) have IoU/Acc nan and are
-left out of the means.
+``summary``. The numbers are mmsegmentation 0.11's (``eval_metrics``, ``CustomDataset.evaluate``):
+per class IoU = intersection / union and Acc = intersection / label area, each nan only where its
+denominator is 0 (a class predicted but absent from the labels has IoU 0, Acc nan; a class neither
+predicted nor labelled has both nan); mIoU / mAcc are the means over the classes that are not nan;
+aAcc is the total intersection over the total label area. Pixels labelled ``ignore_index`` count
+nowhere. mmseg rounds what it reports to 2 decimals (percent); the log prints 2 decimals, and
+metrics.jsonl keeps the unrounded values.
 """
 import numpy as np
 import torch
@@ -44,12 +49,12 @@ class SegMetrics:
 
 def summarize(totals: torch.Tensor) -> dict:
     """aAcc, mAcc, mIoU (percent; nan classes left out of the means) and per-class IoU / Acc
-    (numpy arrays, percent) from (4, num_classes) totals."""
+    (numpy arrays, percent) from (4, num_classes) totals, as mmseg 0.11 (module docstring)."""
     inter, union, _, area_label = totals.double().cpu().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(area_label > 0, inter / union, np.nan) * 100
-        acc = np.where(area_label > 0, inter / area_label, np.nan) * 100
-    a_acc = inter.sum() / max(area_label.sum(), 1) * 100
+        iou = inter / union * 100  # 0/0 = nan: neither predicted nor labelled
+        acc = inter / area_label * 100  # nan: not labelled
+        a_acc = inter.sum() / area_label.sum() * 100  # nan only when every pixel is ignored
     return {"aAcc": float(a_acc), "mAcc": float(np.nanmean(acc)) if np.isfinite(acc).any()
             else float("nan"), "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any()
             else float("nan"), "IoU": iou, "Acc": acc}

@@ -2,7 +2,8 @@
 
 Layout: ``<root>/images/{training,validation}/<name>.jpg`` with
 ``<root>/annotations/{training,validation}/<name>.png`` (0 = other, 1..150 = classes). Labels are
-read with reduce_zero_label: 0 becomes the ignore index 255, every other label minus 1.
+read with reduce_zero_label as mmseg's: 0 becomes the ignore index 255, every other label minus
+1, and a raw 255 (what some tools write for "unlabelled") stays 255, ignored.
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ IGNORE_INDEX = 255
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """0 -> 255 (ignored), k -> k - 1 for k in 1..255 (uint8)."""
-    return (label.astype(np.int16) - 1).astype(np.uint8)  # 0 - 1 wraps to 255
+    """0 -> 255 (ignored), k -> k - 1 for k in 1..254, 255 -> 255 (still ignored), uint8: mmseg
+    0.11's ``LoadAnnotations(reduce_zero_label=True)``."""
+    reduced = label.astype(np.int16) - 1
+    reduced[(label == 0) | (label == 255)] = 255
+    return reduced.astype(np.uint8)
 
 
 class ADE20K(Dataset):

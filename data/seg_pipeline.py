@@ -4,7 +4,9 @@ Training: resize to a random ratio (RATIO_RANGE) of SCALE keeping the aspect rat
 CROP_SIZE where no class covers more than CAT_MAX_RATIO of the crop (up to 10 tries), horizontal
 flip (p 0.5), photometric distortion, ImageNet normalisation, pad to CROP_SIZE (label pad =
 ignore index). Testing: resize keeping the ratio to fit SCALE, normalise; the inference helpers
-(models/seg_inference.py) pad to a multiple of 32.
+(models/seg_inference.py) pad to a multiple of 32. Multi-scale testing resizes the original image
+to each ratio r of SCALE (mmseg's MultiScaleFlipAug: scale (int(2048 r), int(512 r)), then
+imrescale keeping the ratio), one tensor per ratio.
 
 Every random draw comes from the ``numpy.random.Generator`` passed in, which datasets seed from
 (seed, epoch, index): a run is reproducible and resumes exactly.
@@ -19,7 +21,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = ["item_rng", "rescale_size", "resize_pair", "random_crop", "photometric_distortion",
-           "to_tensor", "pad_to", "SegTrainTransform", "SegTestTransform"]
+           "to_tensor", "pad_to", "SegTrainTransform", "multi_scale_ratios", "SegTestTransform"]
 
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -128,13 +130,32 @@ class SegTrainTransform:
         return x, y
 
 
+def multi_scale_ratios(seg) -> list[float] | None:
+    """The ratios of SEG.SCALE at which validation images are prepared, from the config's SEG
+    node: SEG.MS_RATIOS for TEST_MODE ms_flip, None (SEG.SCALE alone) otherwise."""
+    return list(seg.MS_RATIOS) if seg.TEST_MODE == "ms_flip" else None
+
+
 class SegTestTransform:
     """(PIL RGB image, PIL label) -> ((3, h', w') tensor resized to fit ``scale``, (H, W) int64
-    label at the original size: metrics are computed at the original resolution)."""
+    label at the original size: metrics are computed at the original resolution).
 
-    def __init__(self, scale: Sequence[int]) -> None:
-        self.scale = scale
+    With ``ratios`` (multi-scale testing) the first item is a list: for each ratio r the original
+    image resized to fit ``(int(scale[0] * r), int(scale[1] * r))`` as mmseg's MultiScaleFlipAug
+    and mmcv's imrescale (keep ratio; new size ``int(w * f + 0.5) x int(h * f + 0.5)``), never
+    an already resized image resized again."""
+
+    def __init__(self, scale: Sequence[int], ratios: Sequence[float] | None = None) -> None:
+        self.scale, self.ratios = scale, ratios
+
+    def resized(self, image: Image.Image, scale: Sequence[int]) -> torch.Tensor:
+        """``image`` resized bilinearly to fit ``scale``, normalised."""
+        return to_tensor(np.asarray(image.resize(rescale_size(image.size, scale),
+                                                 Image.BILINEAR)))
 
     def __call__(self, image: Image.Image, label: Image.Image, rng=None):
-        image = image.resize(rescale_size(image.size, self.scale), Image.BILINEAR)
-        return to_tensor(np.asarray(image)), torch.from_numpy(np.asarray(label).astype(np.int64))
+        target = torch.from_numpy(np.asarray(label).astype(np.int64))
+        if self.ratios is None:
+            return self.resized(image, self.scale), target
+        return [self.resized(image, [int(s * r) for s in self.scale])
+                for r in self.ratios], target

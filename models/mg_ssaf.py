@@ -62,7 +62,8 @@ def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LN2d of the spec: LayerNorm over the channels of a ``(B, C, H, W)`` map, eps 1e-6.
+    """LN2d of the spec: LayerNorm over the channels of a ``(B, C, H, W)`` map, eps 1e-6 (the
+    segmentation backbone's output norms use PyTorch's default 1e-5, as Swin's).
 
     Normalises the ``(B, H*W, C)`` token view, which a channels-last map gives without a copy.
     (Normalising a 4-D ``(B, H, W, C)`` view computes the same, but ``torch.compile`` then
@@ -70,8 +71,8 @@ class LayerNorm2d(nn.LayerNorm):
     tensors, and its LayerNorm backward falls back to scalar code.)
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, eps=1e-6)
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -54,16 +54,25 @@ def slide_inference(model: nn.Module, x: torch.Tensor, out_size: Sequence[int],
 
 
 @torch.no_grad()
-def ms_flip_inference(model: nn.Module, x: torch.Tensor, out_size: Sequence[int],
+def ms_flip_inference(model: nn.Module, x: torch.Tensor | Sequence[torch.Tensor],
+                      out_size: Sequence[int],
                       ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
                       flip: bool = True, slide: dict | None = None) -> torch.Tensor:
-    """Mean of the probabilities at each ratio of ``x``'s size (and of its horizontal flip),
-    each by ``slide_inference(**slide)`` when ``slide`` is given, else ``whole_inference``."""
-    h, w = x.shape[-2:]
+    """Mean of the probabilities at each scale (and of its horizontal flip), each by
+    ``slide_inference(**slide)`` when ``slide`` is given, else ``whole_inference``.
+
+    ``x``: a list of batches, the original image resized to each scale by the data pipeline
+    (``SegTestTransform`` with ratios: mmseg's MultiScaleFlipAug); ``ratios`` are then not used.
+    Or one batch, an image already at its test scale (e.g. the digit scenes), resized here
+    (bilinear) to each of ``ratios`` of its size."""
+    if isinstance(x, torch.Tensor):
+        h, w = x.shape[-2:]
+        scales = [_resize(x, (int(h * r + 0.5), int(w * r + 0.5))) for r in ratios]
+    else:
+        scales = list(x)
     total = 0.0
     n = 0
-    for ratio in ratios:
-        xs = _resize(x, (int(h * ratio + 0.5), int(w * ratio + 0.5)))
+    for xs in scales:
         for flipped in ((False, True) if flip else (False,)):
             xi = xs.flip(-1) if flipped else xs
             probs = (slide_inference(model, xi, out_size, **slide) if slide is not None
@@ -73,10 +82,11 @@ def ms_flip_inference(model: nn.Module, x: torch.Tensor, out_size: Sequence[int]
     return total / n
 
 
-def inference(model: nn.Module, x: torch.Tensor, out_size: Sequence[int],
-              seg: CfgNode) -> torch.Tensor:
+def inference(model: nn.Module, x: torch.Tensor | Sequence[torch.Tensor],
+              out_size: Sequence[int], seg: CfgNode) -> torch.Tensor:
     """Probabilities by the mode of ``seg.TEST_MODE`` ('whole', 'slide' or 'ms_flip'; ms_flip
-    uses sliding windows when ``seg.MS_SLIDE``), with the windows/ratios of ``seg`` (config.SEG)."""
+    uses sliding windows when ``seg.MS_SLIDE``), with the windows/ratios of ``seg`` (config.SEG).
+    ``x``: one batch, or for ms_flip the list of per-scale batches (see ms_flip_inference)."""
     slide = dict(crop=seg.SLIDE_CROP, stride=seg.SLIDE_STRIDE)
     if seg.TEST_MODE == "whole":
         return whole_inference(model, x, out_size)

@@ -6,6 +6,10 @@ backbone maps (strides 4/8/16/32), all maps upsampled to stride 4, concatenated 
 3x3 conv, dropout 0.1, a 1x1 classifier. An FCN auxiliary head on the stride-16 map (one 3x3
 conv) adds a loss (weight 0.4, applied by the trainer) during training only.
 
+Initialisation of the heads as mmcv 1.x / mmseg 0.11: each conv + BatchNorm + ReLU as mmcv's
+``ConvModule`` (conv Kaiming normal, fan_out, ReLU gain; BatchNorm weight 1, bias 0), each
+classifier ``conv_seg`` normal(0, 0.01) with bias 0 (``BaseDecodeHead.init_weights``).
+
 All tensors are NCHW. Convolutions in the heads are conv (no bias) + BatchNorm + ReLU; under
 multi-process CUDA the trainer converts BatchNorm to SyncBatchNorm with
 ``convert_sync_batchnorm`` after moving the model to its device.
@@ -20,10 +24,10 @@ from yacs.config import CfgNode
 from data.build import SEGMENTATION_DATASETS
 
 from .build import model_kwargs
-from .mg_ssaf import MGSSAF
+from .mg_ssaf import MGSSAF, LayerNorm2d
 
-__all__ = ["is_seg_config", "ConvBNReLU", "PPM", "UPerHead", "FCNHead", "UPerNet",
-           "build_segmentor", "convert_sync_batchnorm", "load_backbone_weights"]
+__all__ = ["is_seg_config", "MGSSAFSegBackbone", "ConvBNReLU", "PPM", "UPerHead", "FCNHead",
+           "UPerNet", "build_segmentor", "convert_sync_batchnorm", "load_backbone_weights"]
 
 
 def is_seg_config(config: CfgNode) -> bool:
@@ -37,8 +41,32 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+class MGSSAFSegBackbone(MGSSAF):
+    """MG-SSAF as a segmentation backbone, as Swin's (mmseg ``SwinTransformer``, out_indices
+    0-3): ``forward`` gives the four stage maps ``(B, C * 2**i, H / 2**(i+2), W / 2**(i+2))``,
+    map i normalised over its channels by ``norm{i}``, a new LayerNorm (eps 1e-5, weight 1,
+    bias 0). The classifier's final norm, ``last_conv`` and head are pruned: nothing is left
+    that the maps do not use. Takes ``MGSSAF``'s arguments (``num_classes`` is ignored)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{**kwargs, "num_classes": 0})
+        self.prune_intermediate_layers(len(self.layers), prune_norm=True, prune_head=True)
+        for i, info in enumerate(self.feature_info):
+            self.add_module(f"norm{i}", LayerNorm2d(info["num_chs"], eps=1e-5))
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of the four maps (C, 2C, 4C, 8C)."""
+        return [info["num_chs"] for info in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.forward_intermediates(x, intermediates_only=True)
+        return [getattr(self, f"norm{i}")(m) for i, m in enumerate(maps)]
+
+
 class ConvBNReLU(nn.Sequential):
-    """Conv2d (no bias) -> BatchNorm2d -> ReLU, 'same' padding."""
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU, 'same' padding; initialised as mmcv's
+    ``ConvModule``: conv Kaiming normal (fan_out, ReLU), BatchNorm weight 1, bias 0."""
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1) -> None:
         super().__init__(
@@ -46,6 +74,17 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(out_chans),
             nn.ReLU(inplace=True),
         )
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(self[1].weight)
+        nn.init.zeros_(self[1].bias)
+
+
+def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """The 1x1 ``conv_seg`` of a head, normal(0, 0.01) with bias 0 (mmseg's decode heads)."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class PPM(nn.ModuleList):
@@ -73,7 +112,7 @@ class UPerHead(nn.Module):
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_chans[:-1])
         self.fpn_bottleneck = ConvBNReLU(len(in_chans) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.conv_seg = _classifier(channels, num_classes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         top = features[-1]
@@ -97,7 +136,7 @@ class FCNHead(nn.Module):
         self.convs = nn.Sequential(*(ConvBNReLU(in_chans if i == 0 else channels, channels, 3)
                                      for i in range(num_convs)))
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.conv_seg = _classifier(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_seg(self.dropout(self.convs(x)))
@@ -108,16 +147,15 @@ class UPerNet(nn.Module):
     in training mode also the auxiliary head's logits, as a tuple ``(logits, aux_logits)``, both
     upsampled to (H, W).
 
-    ``backbone`` is an MG-SSAF without classifier (``num_classes=0``); its four maps come from the
-    timm-standard ``forward_intermediates(x, intermediates_only=True)``.
+    ``backbone(x)`` gives the four maps (strides 4/8/16/32) and ``backbone.out_channels`` their
+    channels: a :class:`MGSSAFSegBackbone`.
     """
 
-    def __init__(self, backbone: MGSSAF, num_classes: int, channels: int = 512,
+    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 512,
                  aux_channels: int = 256, aux_index: int = 2,
                  pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
         super().__init__()
-        embed_dim = backbone.num_features // 2 ** (len(backbone.layers) - 1)
-        in_chans = [embed_dim * 2 ** i for i in range(len(backbone.layers))]
+        in_chans = list(backbone.out_channels)
         self.backbone = backbone
         self.num_classes = num_classes
         self.aux_index = aux_index
@@ -127,7 +165,7 @@ class UPerNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[2:]
-        features = self.backbone.forward_intermediates(x, intermediates_only=True)
+        features = self.backbone(x)
         logits = _resize(self.decode_head(features), size)
         if not self.training or self.auxiliary_head is None:
             return logits
@@ -143,25 +181,35 @@ def convert_sync_batchnorm(model: nn.Module, world_size: int, device: torch.devi
 
 
 def build_segmentor(config: CfgNode) -> UPerNet:
-    """UPerNet on the MG-SSAF named by ``config.MODEL.*`` (built without classifier), heads from
-    ``config.SEG.*`` (see config.py)."""
-    backbone = MGSSAF(**{**model_kwargs(config), "img_size": config.SEG.CROP_SIZE[0]})
-    backbone.prune_intermediate_layers(len(backbone.layers), prune_head=True)  # no classifier
+    """UPerNet on the MG-SSAF named by ``config.MODEL.*`` (as :class:`MGSSAFSegBackbone`), heads
+    from ``config.SEG.*`` (see config.py)."""
+    backbone = MGSSAFSegBackbone(**{**model_kwargs(config), "img_size": config.SEG.CROP_SIZE[0]})
     seg = config.SEG
     return UPerNet(backbone, config.MODEL.NUM_CLASSES, channels=seg.CHANNELS,
                    aux_channels=seg.AUX_CHANNELS, aux_index=seg.AUX_INDEX,
                    pool_scales=seg.POOL_SCALES, dropout=seg.DROPOUT)
 
 
-# Classifier parameters of an MG-SSAF checkpoint, not part of the segmentor's backbone.
-_CLASSIFIER_PREFIXES = ("last_conv.", "head.")
+# Parameters of an ImageNet MG-SSAF checkpoint that the segmentation backbone has no use for:
+# the classifier's final norm (each map has its own new norm) and its head.
+_UNUSED_PREFIXES = ("norm.", "last_conv.", "head.")
 
 
-def load_backbone_weights(model: UPerNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Load an ImageNet MG-SSAF state dict (``checkpoint["model"]``) into ``model.backbone``,
-    dropping its classifier; raises on any other missing or unexpected key. Returns the names
-    of the dropped classifier keys (for the log)."""
-    dropped = [k for k in state_dict if k.startswith(_CLASSIFIER_PREFIXES)]
-    weights = {k: v for k, v in state_dict.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
-    model.backbone.load_state_dict(weights, strict=True)
-    return dropped
+def load_backbone_weights(model: UPerNet, state_dict: dict[str, torch.Tensor]
+                          ) -> tuple[list[str], list[str]]:
+    """Load an ImageNet MG-SSAF state dict (``checkpoint["model"]``) into ``model.backbone``.
+    The checkpoint's final norm and classifier are not used, and the backbone's output norms
+    (``norm0``..``norm3``) keep their fresh initialisation; any other missing or unexpected key
+    raises. Returns ``(new, unused)``: the backbone keys not in the checkpoint and the
+    checkpoint keys not loaded (for the log)."""
+    unused = [k for k in state_dict if k.startswith(_UNUSED_PREFIXES)]
+    weights = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
+    own_norms = {k for k in model.backbone.state_dict()
+                 if k.split(".")[0] in {f"norm{i}" for i in range(len(model.backbone.layers))}}
+    result = model.backbone.load_state_dict(weights, strict=False)
+    missing = set(result.missing_keys) - own_norms
+    if missing or result.unexpected_keys:
+        raise RuntimeError("the checkpoint does not fit the MG-SSAF backbone: missing "
+                           f"{sorted(missing) or 'nothing'}, unexpected "
+                           f"{sorted(result.unexpected_keys) or 'nothing'}")
+    return sorted(set(result.missing_keys)), unused

@@ -35,16 +35,14 @@ def test_heads_map_four_features_to_logits():
 
 
 class _StubBackbone(nn.Module):
-    """Four maps at strides 4/8/16/32 with C..8C channels, as forward_intermediates returns."""
+    """Four maps at strides 4/8/16/32 with C..8C channels, as MGSSAFSegBackbone returns."""
 
     def __init__(self, embed_dim: int = 8) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Identity() for _ in range(4))
-        self.num_features = embed_dim * 8
-        self.convs = nn.ModuleList(nn.Conv2d(3, embed_dim * 2 ** i, 1) for i in range(4))
+        self.out_channels = [embed_dim * 2 ** i for i in range(4)]
+        self.convs = nn.ModuleList(nn.Conv2d(3, c, 1) for c in self.out_channels)
 
-    def forward_intermediates(self, x, intermediates_only=False):
-        assert intermediates_only
+    def forward(self, x):
         return [conv(nn.functional.avg_pool2d(x, 4 * 2 ** i)) for i, conv in enumerate(self.convs)]
 
 
@@ -88,12 +86,41 @@ def test_miou_of_a_known_prediction():
     assert "mIoU 50.00" in format_table(s, ["a", "b", "c", "d"])
 
 
+def test_metrics_as_mmseg_predicted_but_absent_class_has_iou_zero():
+    """mmseg 0.11: IoU = intersection / union (0 for a class predicted but not labelled, nan
+    only when the union is 0), Acc = intersection / label area; means over non-nan classes."""
+    label = torch.tensor([[0, 0, 1, 1], [0, 1, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 3], [0, 1, 2, 0]])  # 2 and the last 0: on ignored pixels
+    s = summarize(intersect_and_union(pred, label, num_classes=4))
+    # class 0: inter 2, union 3, label 3; class 1: inter 2, union 4, label 3;
+    # class 2: only predicted on an ignored pixel: union 0 -> nan; class 3: predicted once,
+    # never labelled: IoU 0 / 1 = 0, Acc 0 / 0 = nan.
+    np.testing.assert_allclose(s["IoU"], [200 / 3, 50, np.nan, 0])
+    np.testing.assert_allclose(s["Acc"], [200 / 3, 200 / 3, np.nan, np.nan])
+    assert s["mIoU"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3 * 100)  # 38.89, not 58.33
+    assert s["mAcc"] == pytest.approx(200 / 3)
+    assert s["aAcc"] == pytest.approx(4 / 6 * 100)
+    assert "mIoU 38.89" in format_table(s, ["a", "b", "c", "d"])
+
+
+def test_metrics_of_an_all_ignored_set_are_nan():
+    label = torch.full((2, 3), 255)
+    s = summarize(intersect_and_union(torch.zeros(2, 3, dtype=torch.long), label, 3))
+    assert all(math.isnan(s[k]) for k in ("aAcc", "mAcc", "mIoU"))
+
+
 def test_label_zero_is_ignored_after_reduce_zero_label():
     raw = np.array([[0, 1], [150, 0]], np.uint8)
     label = torch.from_numpy(reduce_zero_label(raw).astype(np.int64))
     assert label.tolist() == [[255, 0], [149, 255]]
     pred = torch.tensor([[7, 0], [149, 3]])  # wrong only where the label was 0
     assert summarize(intersect_and_union(pred, label, 150))["mIoU"] == 100.0
+
+
+def test_raw_label_255_stays_ignored_after_reduce_zero_label():
+    """mmseg: 0 -> 255, k -> k - 1, then 254 -> 255: a raw 255 stays ignored (not class 254)."""
+    raw = np.array([[255, 1, 254, 0]], np.uint8)
+    assert reduce_zero_label(raw).tolist() == [[255, 0, 253, 255]]
 
 
 def _ade_folder(root, sizes=((40, 30), (64, 48))):
@@ -197,15 +224,189 @@ def test_inference_dispatches_on_seg_test_mode(mode):
                           whole_inference(model, x, (64, 96)), atol=1e-5)
 
 
+def _nano_classifier(cfg) -> MGSSAF:
+    arch = cfg.MODEL.MGSSAF
+    return MGSSAF(img_size=64, num_classes=10, embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS,
+                  num_heads=arch.NUM_HEADS, global_ratio=arch.GLOBAL_RATIO,
+                  head_hidden_dim=arch.HEAD_HIDDEN_DIM)
+
+
 def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
     from models.upernet import load_backbone_weights
     cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
     model = build_segmentor(cfg)
-    arch = cfg.MODEL.MGSSAF
-    classifier = MGSSAF(img_size=64, num_classes=10, embed_dim=arch.EMBED_DIM, depths=arch.DEPTHS,
-                        num_heads=arch.NUM_HEADS, global_ratio=arch.GLOBAL_RATIO,
-                        head_hidden_dim=arch.HEAD_HIDDEN_DIM)
-    dropped = load_backbone_weights(model, classifier.state_dict())
-    assert sorted(dropped) == ["head.bias", "head.weight", "last_conv.bias", "last_conv.weight"]
+    classifier = _nano_classifier(cfg)
+    with torch.no_grad():  # the classifier's final norm: not what the output norms start from
+        classifier.norm.weight.fill_(3.0)
+    new, unused = load_backbone_weights(model, classifier.state_dict())
+    assert new == [f"norm{i}.{p}" for i in range(4) for p in ("bias", "weight")]
+    assert sorted(unused) == ["head.bias", "head.weight", "last_conv.bias", "last_conv.weight",
+                              "norm.bias", "norm.weight"]
     source = classifier.state_dict()
-    assert all(torch.equal(v, source[k]) for k, v in model.backbone.state_dict().items())
+    own = model.backbone.state_dict()
+    assert set(own) - set(source) == set(new)
+    assert all(torch.equal(v, source[k]) for k, v in own.items() if k not in new)
+    assert all(torch.equal(own[k], torch.ones_like(own[k]) if k.endswith("weight")
+                           else torch.zeros_like(own[k])) for k in new)
+    del source["layers.0.blocks.0.norm1.weight"]  # anything else missing is an error
+    with pytest.raises(RuntimeError, match="missing \\['layers.0.blocks.0.norm1.weight'\\]"):
+        load_backbone_weights(model, source)
+
+
+def test_seg_backbone_normalises_each_stage_map_with_a_fresh_layernorm():
+    """Swin's segmentation backbone: norm0..norm3, nn.LayerNorm(C_i) with eps 1e-5, weight 1,
+    bias 0, over the channels of each stage map; no final norm, no classifier."""
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    backbone = build_segmentor(cfg).backbone
+    embed = cfg.MODEL.MGSSAF.EMBED_DIM
+    for i in range(4):
+        norm = getattr(backbone, f"norm{i}")
+        assert isinstance(norm, nn.LayerNorm) and norm.eps == 1e-5
+        assert norm.normalized_shape == (embed * 2 ** i,)
+        assert torch.equal(norm.weight, torch.ones(embed * 2 ** i))
+        assert torch.equal(norm.bias, torch.zeros(embed * 2 ** i))
+    names = [n for n, _ in backbone.named_parameters()]
+    assert not any(n.startswith(("norm.", "head.", "last_conv.")) for n in names)
+    with torch.no_grad():
+        for i in range(4):
+            getattr(backbone, f"norm{i}").weight.normal_()
+            getattr(backbone, f"norm{i}").bias.normal_()
+    x = torch.randn(2, 3, 64, 96)
+    maps = backbone.eval()(x)
+    raw = backbone.forward_intermediates(x, intermediates_only=True)
+    for i, (m, r) in enumerate(zip(maps, raw)):
+        norm = getattr(backbone, f"norm{i}")
+        expected = nn.functional.layer_norm(r.permute(0, 2, 3, 1), norm.normalized_shape,
+                                            norm.weight, norm.bias, 1e-5).permute(0, 3, 1, 2)
+        torch.testing.assert_close(m, expected)
+
+
+def test_every_segmentor_parameter_gets_a_gradient_each_step():
+    """What DDP needs (no unused parameters): one training step reaches every parameter."""
+    from main_seg import SegLoss
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    model = build_segmentor(cfg).train()
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, DIGITS_CLASSES, (2, 64, 64))
+    SegLoss(255, 0.4)(model(x), target).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_seg_loss_averages_over_all_pixels_as_mmseg():
+    """mmseg 0.11: per-pixel cross-entropy, ignored pixels 0, mean over all pixels; decode +
+    0.4 x auxiliary. By hand: 2 classes, logits (0, 0) -> ln 2 per pixel, logits (ln 3, 0) ->
+    ln(4/3) for class 0; 2 of the 4 pixels ignored."""
+    from main_seg import SegLoss
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0, 0, 1] = math.log(3)
+    aux = torch.zeros(1, 2, 2, 2)
+    target = torch.tensor([[[1, 0], [255, 255]]])
+    loss = SegLoss(255, 0.4)((logits, aux), target)
+    expected = (math.log(2) + math.log(4 / 3)) / 4 + 0.4 * (2 * math.log(2)) / 4
+    assert loss.item() == pytest.approx(expected)
+    assert SegLoss(255, 0.4)(logits, target).item() == pytest.approx(
+        (math.log(2) + math.log(4 / 3)) / 4)
+
+
+def test_seg_loss_of_an_all_ignored_batch_is_zero_not_nan():
+    from main_seg import SegLoss
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss = SegLoss(255, 0.4)((logits, logits * 2), torch.full((2, 4, 4), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("variant", ["t", "s", "b"])
+def test_ade20k_configs_train_in_fp32_unless_asked(variant):
+    path = os.path.join(ROOT, f"configs/seg/upernet_mg_ssaf_{variant}_512x512_160k_ade20k.yaml")
+    assert load_config(path).AMP_ENABLE is False
+    assert load_config(path, ["AMP_ENABLE", "True"]).AMP_ENABLE is True
+
+
+def test_heads_are_initialised_as_mmcv():
+    """mmcv's ConvModule: conv Kaiming normal (fan_out, ReLU): std sqrt(2 / (k*k*out)); BN
+    weight 1, bias 0; conv_seg normal(0, 0.01), bias 0 (PyTorch's defaults differ: uniform
+    with std 1 / sqrt(3 fan_in), a non-zero bias)."""
+    torch.manual_seed(0)
+    head = UPerHead([32, 64, 128, 256], num_classes=150, channels=256)
+    aux = FCNHead(128, num_classes=150, channels=256)
+    for module in (head.fpn_bottleneck, head.bottleneck, aux.convs[0], head.ppm[0][1]):
+        conv, bn = module[0], module[1]
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+        assert conv.weight.mean().abs().item() < 0.1 * math.sqrt(2 / fan_out)
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    for conv_seg in (head.conv_seg, aux.conv_seg):
+        assert conv_seg.weight.std().item() == pytest.approx(0.01, rel=0.05)
+        assert torch.equal(conv_seg.bias, torch.zeros_like(conv_seg.bias))
+
+
+def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
+    """decay_mult 0 only for names containing 'norm' (every LayerNorm of MG-SSAF, the output
+    norms norm0..norm3), 'relative_position_bias_table', 'absolute_pos_embed'; biases and the
+    heads' BatchNorm keep TRAIN.WEIGHT_DECAY (main.py keeps Swin's set_weight_decay)."""
+    from main_seg import SegmentationTask
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    model = build_segmentor(cfg)
+    optimizer = SegmentationTask().build_optimizer(cfg, model)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    by_name = {n: decay[id(p)] for n, p in model.named_parameters()}
+    assert len(by_name) == len(decay)
+    assert {n for n, d in by_name.items() if d == 0.0} == {n for n in by_name if "norm" in n}
+    assert {d for d in by_name.values()} == {0.0, cfg.TRAIN.WEIGHT_DECAY}
+    for name in ("backbone.norm0.weight", "backbone.norm3.bias",
+                 "backbone.layers.0.blocks.0.norm1.bias", "backbone.patch_embed.norm.weight"):
+        assert by_name[name] == 0.0
+    for name in ("decode_head.conv_seg.bias", "decode_head.bottleneck.1.weight",
+                 "decode_head.bottleneck.1.bias", "backbone.patch_embed.ConvFuse.bias",
+                 "backbone.layers.1.blocks.0.attn.attn_local_win.0.weight"):
+        assert by_name[name] == cfg.TRAIN.WEIGHT_DECAY
+
+
+def test_seg_refuses_layer_decay():
+    from config import ConfigError
+    from main_seg import SegmentationTask
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"),
+                      ["TRAIN.LAYER_DECAY", "0.9"])
+    cfg.defrost()
+    with pytest.raises(ConfigError, match="no layer-wise LR decay"):
+        SegmentationTask().prepare_config(cfg)
+
+
+def test_multi_scale_test_images_are_the_original_resized_as_imrescale():
+    """mmseg's MultiScaleFlipAug + imrescale: scale (int(w_s r), int(h_s r)), factor
+    min(long / long side, short / short side), size int(w f + 0.5) x int(h f + 0.5), from the
+    original image. (100, 50) x 0.75 = (75, 37): f = min(75/40, 37/20) = 1.85 -> 74 x 37."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 40, 3), np.uint8))
+    label = Image.fromarray(np.zeros((20, 40), np.uint8))
+    scales, target = SegTestTransform((100, 50), ratios=(0.75, 1.0))(image, label)
+    assert target.shape == (20, 40)
+    for x, size in zip(scales, [(74, 37), (100, 50)]):
+        expected = np.asarray(image.resize(size, Image.BILINEAR)).astype(np.float32)
+        mean = np.asarray([0.485, 0.456, 0.406], np.float32) * 255
+        std = np.asarray([0.229, 0.224, 0.225], np.float32) * 255
+        torch.testing.assert_close(x, torch.from_numpy(((expected - mean) / std)
+                                                       .transpose(2, 0, 1).copy()))
+    single, _ = SegTestTransform((100, 50))(image, label)
+    assert torch.equal(single, scales[1])
+
+
+def test_ms_flip_runs_the_model_on_each_given_scale_as_is():
+    """No resizing of the per-scale images: the model sees each one and its flip."""
+    seen = []
+
+    class Recorder(nn.Conv2d):
+        def forward(self, x):
+            seen.append(x)
+            return super().forward(x)
+
+    model = Recorder(3, 4, 1).eval()
+    scales = [torch.randn(1, 3, 32, 64), torch.randn(1, 3, 64, 128)]
+    probs = ms_flip_inference(model, scales, (20, 40), ratios=(9.0,), flip=True)
+    assert probs.shape == (1, 4, 20, 40) and len(seen) == 4
+    for got, want in zip(seen, [scales[0], scales[0].flip(-1), scales[1], scales[1].flip(-1)]):
+        assert torch.equal(got, want)
+    expected = sum(whole_inference(model, x, (20, 40)) for x in scales
+                   for _ in range(2)) / 4  # a pointwise model: flip, predict, flip back = same
+    torch.testing.assert_close(probs, expected)

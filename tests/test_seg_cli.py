@@ -82,14 +82,27 @@ def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)  # exact resume
 
 
-def test_torchrun_two_processes_count_every_validation_image_once(ade, tmp_path):
-    launcher = ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+def test_torchrun_two_processes_train_with_workers_and_evaluate(ade, tmp_path):
+    """main_seg.py under torchrun x2 with loader workers: 3 optimizer steps (DDP checks for
+    parameters without gradient from the second on), an evaluation counting every validation
+    image once, then --eval of the checkpoint under torchrun x2 giving the same mIoU."""
+    def launcher():
+        return ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}")
-    result = run_seg(seg_args(ade, str(tmp_path), "ddp", "SEG.ITERS", "1", "SEG.EVAL_INTERVAL",
-                              "1"), launcher)
+    result = run_seg(seg_args(ade, str(tmp_path), "ddp", "SEG.ITERS", "3", "SEG.EVAL_INTERVAL",
+                              "3", "DATA.NUM_WORKERS", "1"), launcher())
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "rank 0 of 2" in result.stdout
+    assert "rank 0 of 2" in result.stdout and "Train: [0/1][2/3]" in result.stdout
     assert f"over {VAL_IMAGES} images" in result.stdout  # 2 + 1, no duplicates
+    folder = os.path.join(str(tmp_path), NAME, "ddp")
+    row = h.read_metrics(folder)[0]
+    assert row["num_updates"] == 3
+
+    ev = run_seg(seg_args(ade, str(tmp_path), "ddp_eval", "DATA.NUM_WORKERS", "1", flags=(
+        "--eval", "--resume", os.path.join(folder, "ckpt_epoch_0.pth"))), launcher())
+    assert ev.returncode == 0, ev.stdout[-4000:]
+    assert "rank 0 of 2" in ev.stdout and f"over {VAL_IMAGES} images" in ev.stdout
+    assert f"* mIoU {row['mIoU']:.2f} " in ev.stdout
 
 
 def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_path):
@@ -152,7 +165,9 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     torch.save({"model": classifier.state_dict()}, path)
     result = run_seg(seg_args(ade, str(tmp_path), "p", flags=("--eval", "--pretrained", path)))
     assert result.returncode == 0, result.stdout[-3000:]
-    assert f"loaded the backbone from {path}; not loaded (classifier): " in result.stdout
+    assert (f"loaded the backbone from {path}; new in the backbone (initialised here): "
+            "norm0.bias, norm0.weight, norm1.bias") in result.stdout
+    assert "not used: norm.weight, norm.bias, " in result.stdout
     assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
 
 

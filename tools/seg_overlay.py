@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
 from data.ade20k import reduce_zero_label  # noqa: E402
-from data.seg_pipeline import SegTestTransform  # noqa: E402
+from data.seg_pipeline import SegTestTransform, multi_scale_ratios  # noqa: E402
 from models.seg_inference import inference  # noqa: E402
 from models.upernet import build_segmentor  # noqa: E402
 
@@ -83,7 +83,7 @@ def main() -> None:
     colours = palette(config.MODEL.NUM_CLASSES)
     os.makedirs(args.out, exist_ok=True)
     items = []  # (name, HxWx3 uint8 image, normalised tensor, HxW label or None)
-    transform = SegTestTransform(config.SEG.SCALE)
+    transform = SegTestTransform(config.SEG.SCALE, multi_scale_ratios(config.SEG))
     for i, path in enumerate(args.images):
         image = Image.open(path).convert("RGB")
         label = (reduce_zero_label(np.asarray(Image.open(args.labels[i])))
@@ -97,7 +97,8 @@ def main() -> None:
             image, label = val.scene(k)
             items.append((f"digits_val_{k}", image, val[k][0], label))
     for name, image, x, label in items:
-        probs = inference(model, x[None], image.shape[:2], config.SEG)
+        batch = [t[None] for t in x] if isinstance(x, list) else x[None]
+        probs = inference(model, batch, image.shape[:2], config.SEG)
         pred = probs.argmax(1)[0].numpy().astype(np.uint8)
         path = os.path.join(args.out, name + "_overlay.png")
         panel(image, pred, label, colours).save(path)
