@@ -42,7 +42,7 @@ from logger import create_logger
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
 from optimizer import build_optimizer
-from utils import (RunError, all_reduce_sum, any_rank, checkpoint_name, derive_seed,
+from utils import (RunError, all_reduce_sum, any_rank, broadcast_buffers, checkpoint_name, derive_seed,
                    find_resume_checkpoint, get_rank, get_world_size, keep_freed_memory,
                    load_checkpoint_file, load_pretrained, load_weights, prepare_output_dir,
                    restore_training_state, save_checkpoint, seed_all, synchronize)
@@ -727,6 +727,9 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
             logger.warning(f"epoch {epoch}: {int(skipped)} unreadable training image(s) skipped")
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
 
+        for module in (model_without_ddp, model_ema.module if model_ema is not None else None):
+            if module is not None:
+                broadcast_buffers(module)  # every rank evaluates the state rank 0 saves
         stats = task.validate(config, data_loader_val, model_without_ddp, device, amp, logger)
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"validation loss is {stats['loss']} after epoch {epoch}: the "

@@ -87,6 +87,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [v > 0 for v in all_reduce_sum([float(f) for f in flags], device)]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Gives every rank rank 0's buffers (BatchNorm running statistics): without SyncBatchNorm
+    (CPU runs) each rank's statistics follow its own batches after DDP's last broadcast, and
+    rank 0's are the ones a checkpoint keeps, so every rank evaluates what is saved."""
+    if get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, 0)
+
+
 def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work (a no-op on CPU), so that timings are honest."""
     if device.type == "cuda":

@@ -213,15 +213,35 @@ def test_overlay_palette_is_deterministic_and_distinct():
     assert panel(image, label, label, colours).size == (12, 4)
 
 
-@pytest.mark.parametrize("mode", ["whole", "slide", "ms_flip"])
-def test_inference_dispatches_on_seg_test_mode(mode):
+class _ContextModel(nn.Module):
+    """Logits of a 1x1 convolution plus the image's mean and its left-right gradient: what a pixel
+    gets depends on the window it is seen in and on flips, so whole, slide and ms+flip differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_class = torch.tensor([3.0, -3.0, 1.0, 0.0]).view(1, 4, 1, 1)
+        ramp = torch.linspace(-1, 1, x.shape[-1]).view(1, 1, 1, -1)
+        return self.conv(x) + per_class * (x.mean((1, 2, 3), keepdim=True) * 4 + ramp)
+
+
+def test_inference_runs_the_function_seg_test_mode_names():
     from models.seg_inference import inference
-    cfg = load_config(None, ["SEG.TEST_MODE", mode, "SEG.SLIDE_CROP", "[32, 32]",
-                             "SEG.SLIDE_STRIDE", "[21, 21]", "SEG.MS_RATIOS", "[1.0]"])
-    model = nn.Conv2d(3, 4, 1).eval()
-    x = torch.randn(1, 3, 64, 96)
-    assert torch.allclose(inference(model, x, (64, 96), cfg.SEG),
-                          whole_inference(model, x, (64, 96)), atol=1e-5)
+    opts = ["SEG.SLIDE_CROP", "[32, 32]", "SEG.SLIDE_STRIDE", "[21, 21]", "SEG.MS_RATIOS",
+            "[0.5, 1.0]"]
+    torch.manual_seed(0)
+    model = _ContextModel().eval()
+    x = torch.randn(1, 3, 64, 96) + 0.5
+    expected = {"whole": whole_inference(model, x, (64, 96)),
+                "slide": slide_inference(model, x, (64, 96), crop=(32, 32), stride=(21, 21)),
+                "ms_flip": ms_flip_inference(model, x, (64, 96), ratios=(0.5, 1.0))}
+    for mode, probs in expected.items():
+        got = inference(model, x, (64, 96), load_config(None, ["SEG.TEST_MODE", mode, *opts]).SEG)
+        torch.testing.assert_close(got, probs, rtol=0, atol=0, msg=mode)
+        others = [m for m in expected if m != mode]
+        assert all((probs - expected[m]).abs().max() > 1e-3 for m in others), mode
 
 
 def _nano_classifier(cfg) -> MGSSAF:

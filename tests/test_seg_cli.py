@@ -82,27 +82,45 @@ def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)  # exact resume
 
 
+def per_class_tables(output: str) -> list[str]:
+    """The per-class IoU / Acc tables an output holds (one per evaluation), as logged."""
+    return re.findall(r"per-class results:\n(.*?\naAcc [^\n]*)", output, re.DOTALL)
+
+
 def test_torchrun_two_processes_train_with_workers_and_evaluate(ade, tmp_path):
     """main_seg.py under torchrun x2 with loader workers: 3 optimizer steps (DDP checks for
     parameters without gradient from the second on), an evaluation counting every validation
-    image once, then --eval of the checkpoint under torchrun x2 giving the same mIoU."""
+    image once; then --eval of the checkpoint, under torchrun x2 and on one process, reproduces
+    the per-class table the run recorded, which an untrained model does not give."""
     def launcher():
         return ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}")
+    # a high LR, so that 3 steps move the predictions away from the untrained model's
+    lr = ("TRAIN.BASE_LR", "0.02")
     result = run_seg(seg_args(ade, str(tmp_path), "ddp", "SEG.ITERS", "3", "SEG.EVAL_INTERVAL",
-                              "3", "DATA.NUM_WORKERS", "1"), launcher())
+                              "3", "DATA.NUM_WORKERS", "1", *lr), launcher())
     assert result.returncode == 0, result.stdout[-4000:]
     assert "rank 0 of 2" in result.stdout and "Train: [0/1][2/3]" in result.stdout
     assert f"over {VAL_IMAGES} images" in result.stdout  # 2 + 1, no duplicates
     folder = os.path.join(str(tmp_path), NAME, "ddp")
     row = h.read_metrics(folder)[0]
     assert row["num_updates"] == 3
+    [trained] = per_class_tables(result.stdout)
 
-    ev = run_seg(seg_args(ade, str(tmp_path), "ddp_eval", "DATA.NUM_WORKERS", "1", flags=(
-        "--eval", "--resume", os.path.join(folder, "ckpt_epoch_0.pth"))), launcher())
+    checkpoint = ("--eval", "--resume", os.path.join(folder, "ckpt_epoch_0.pth"))
+    ev = run_seg(seg_args(ade, str(tmp_path), "ddp_eval", "DATA.NUM_WORKERS", "1",
+                          flags=checkpoint), launcher())
     assert ev.returncode == 0, ev.stdout[-4000:]
     assert "rank 0 of 2" in ev.stdout and f"over {VAL_IMAGES} images" in ev.stdout
     assert f"* mIoU {row['mIoU']:.2f} " in ev.stdout
+    assert per_class_tables(ev.stdout) == [trained]
+    # One process sees every image itself: the ranks' totals were summed, class by class.
+    single = run_seg(seg_args(ade, str(tmp_path), "one_eval", flags=checkpoint))
+    assert single.returncode == 0, single.stdout[-4000:]
+    assert per_class_tables(single.stdout) == [trained]
+    untrained = run_seg(seg_args(ade, str(tmp_path), "untrained", flags=("--eval",)))
+    assert untrained.returncode == 0, untrained.stdout[-4000:]
+    assert per_class_tables(untrained.stdout) != [trained]
 
 
 def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_path):
