@@ -71,21 +71,37 @@ class LoaderDied(Exception):
         self.error = error
 
 
-def loader_batches(data_loader: DataLoader, start: int):
+class LoaderBatches:
     """``enumerate(data_loader, start)``, with the loader's own failures (RuntimeError,
     ConnectionError, EOFError) raised as LoaderDied: told apart from a failed collective, which
     is never a preemption."""
-    batches = iter(data_loader)
-    idx = start
-    while True:
+
+    def __init__(self, data_loader: DataLoader, start: int) -> None:
+        self.iterator = iter(data_loader)
+        self.idx = start - 1
+
+    def __iter__(self) -> "LoaderBatches":
+        return self
+
+    def __next__(self) -> tuple[int, object]:
         try:
-            batch = next(batches)
-        except StopIteration:
-            return
+            batch = next(self.iterator)
         except (RuntimeError, ConnectionError, EOFError) as e:
             raise LoaderDied(e) from e
-        yield idx, batch
-        idx += 1
+        self.idx += 1
+        return self.idx, batch
+
+    def shutdown(self) -> None:
+        """Stops the loader's workers now: after a failure, so that workers dying of a stop
+        signal do not raise again (torch's SIGCHLD handler) while the checkpoint is saved."""
+        getattr(self.iterator, "_shutdown_workers", lambda: None)()
+
+
+def is_loader_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from the training loader (a worker that died, or its pipe), not
+    from a collective: torch's SIGCHLD handler raises a worker's death anywhere (backward, ...)."""
+    return (isinstance(error, (LoaderDied, ConnectionError, EOFError))
+            or (isinstance(error, RuntimeError) and "DataLoader worker" in str(error)))
 
 
 class Preemption:
@@ -302,13 +318,28 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
     repeats the uninterrupted one."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    accum = config.TRAIN.ACCUMULATION_STEPS
     num_steps = progress.epoch_step + len(data_loader)
+    batches = LoaderBatches(data_loader, progress.epoch_step)
+    try:
+        train_steps(config, model, criterion, batches, optimizer, epoch, mixup_fn, lr_scheduler,
+                    scaler, amp, device, progress, preemption, logger, model_ema, num_steps)
+    except BaseException:
+        batches.shutdown()
+        raise
+
+
+def train_steps(config: CN, model: nn.Module, criterion: nn.Module, batches: LoaderBatches,
+                optimizer: torch.optim.Optimizer, epoch: int, mixup_fn, lr_scheduler,
+                scaler: torch.amp.GradScaler, amp: Amp, device: torch.device,
+                progress: Progress, preemption: Preemption, logger: logging.Logger,
+                model_ema: ModelEmaV3 | None, num_steps: int) -> None:
+    """The loop of :func:`train_one_epoch` over ``batches``."""
+    accum = config.TRAIN.ACCUMULATION_STEPS
     batch_time, loss_meter, norm_meter, scale_meter = (AverageMeter() for _ in range(4))
     nonfinite = ""
     group_loss = group_count = 0.0  # this rank's losses since the last optimizer step
     end = time.time()
-    for idx, (samples, targets) in loader_batches(data_loader, progress.epoch_step):
+    for idx, (samples, targets) in batches:
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         seed_all(derive_seed(config.SEED, epoch, idx, get_rank()))
@@ -492,19 +523,19 @@ def remove_preempted_marker(config: CN) -> None:
 def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict] | None:
     """The checkpoint to start from: with TRAIN.AUTO_RESUME the newest loadable one in the output
     folder (it wins over --resume when training, so a requeued job continues where it stopped;
-    with --eval the weights given by --resume or --pretrained win), else MODEL.RESUME, else none."""
+    with --eval the weights given by --resume or --pretrained win), else MODEL.RESUME, else none.
+    A --resume that is not a loadable checkpoint stops the run (CheckpointError) either way."""
     explicit = config.MODEL.RESUME
+    loaded = (explicit, load_checkpoint_file(explicit)) if explicit else None
     if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and (explicit or
                                                               config.MODEL.PRETRAINED)):
-        if explicit:
-            load_checkpoint_file(explicit)  # a --resume that is not a checkpoint stops the run
         found = find_resume_checkpoint(config.OUTPUT, logger)
         if found:
             if explicit:
                 logger.warning(f"auto-resume: continuing from {found[0]} instead of --resume "
                                f"{explicit}")
             return found
-    return (explicit, load_checkpoint_file(explicit)) if explicit else None
+    return loaded
 
 
 def evaluate_or_time(config: CN, task: "ClassificationTask", model: nn.Module,
@@ -746,10 +777,12 @@ def run_body(config: CN, preemption: Preemption, task: ClassificationTask, devic
             train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch,
                             mixup_fn, lr_scheduler, scaler, amp, device, progress, preemption,
                             logger, model_ema)
-        except LoaderDied as died:
-            e = died.error
-            if not preemption.requested:
-                raise e from None
+        except (LoaderDied, RuntimeError, ConnectionError, EOFError) as caught:
+            e = caught.error if isinstance(caught, LoaderDied) else caught
+            if not (preemption.requested and is_loader_failure(caught)):
+                if isinstance(caught, LoaderDied):
+                    raise e from None
+                raise
             # A loader worker died of the signal (one that dies while handing over a batch's
             # shared memory shows as ConnectionResetError, or EOFError): the state of the last
             # optimizer step (progress) is intact, save that. A failed collective (a peer rank

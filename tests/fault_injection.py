@@ -140,10 +140,25 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` and every process below it at once (torchrun starts each rank in a
+    session of its own: killing torchrun's process group would leave the ranks running)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children(current)
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def deliver(case: Case, process: subprocess.Popen) -> None:
     sig = getattr(signal, case.action)
     if case.action == "SIGKILL":
-        os.killpg(process.pid, sig)  # the node is gone: every process at once
+        kill_tree(process.pid)  # the node is gone: every process at once
     elif case.launcher == "torchrun" and case.action == "SIGUSR1":
         for pid in children(process.pid):  # torchrun does not forward SIGUSR1: signal the ranks
             os.kill(pid, sig)
@@ -186,7 +201,7 @@ def interrupt(case: Case, argv: list[str], folder: str, log: str, wrapper: str) 
         return process.wait(timeout=300)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.wait()
 
 

@@ -234,8 +234,9 @@ def test_a_full_disk_while_saving_ends_the_run_with_one_line_and_keeps_what_was_
     assert result.returncode == 1, result.stdout[-3000:]
     path = os.path.join(folder, "ckpt_epoch_1.pth")
     errors = [line for line in result.stdout.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and (f"cannot save {path}: No space left on device (errno 28); the "
-                                 "files saved before are intact" in errors[0]), result.stdout[-3000:]
+    message = (f"cannot save {path}: No space left on device (errno 28); the files saved before "
+               "are intact")
+    assert len(errors) == 1 and message in errors[0], result.stdout[-3000:]
     assert "Traceback" not in result.stdout
     assert load_checkpoint_file(os.path.join(folder, "ckpt_epoch_0.pth"))["epoch"] == 0
     assert sorted(n for n in os.listdir(folder) if "ckpt" in n) == ["ckpt_best.pth",
