@@ -491,7 +491,9 @@ def write_preempted_marker(config: CN, checkpoint: str, preemption: Preemption, 
     the signal: what a requeue script reads, whatever exit code the launcher reports. Only once
     every rank has passed the save (checked in, see utils.check_in): a rank that died meanwhile
     makes the stop a failure (RunError), with no marker."""
-    missing = check_in(f"saved/{epoch}/{epoch_step}", min(config.DIST_TIMEOUT, 60))
+    # Rank 0 checks in after its save and waits for the others (who have nothing to save).
+    missing = check_in(f"saved/{epoch}/{epoch_step}", min(config.DIST_TIMEOUT, 60),
+                       wait=get_rank() == 0)
     if missing:
         raise RunError(f"rank(s) {', '.join(map(str, missing))} did not reach the end of the "
                        f"save of {checkpoint} (died or stuck): a failure, not a preemption; "
@@ -905,8 +907,8 @@ def main(argv: list[str] | None = None, task: ClassificationTask | None = None) 
                "could not tell which rank failed (the process group's store is gone too: "
                "rank 0 holds it without torchrun)")
         report(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}\nWith "
-               f"{get_world_size()} processes: {who}; a collective failed or did not answer "
-               f"within DIST_TIMEOUT ({config.DIST_TIMEOUT} s); this is a failure, not a "
+               f"{get_world_size()} processes this usually means another rank failed or did not "
+               f"answer within DIST_TIMEOUT ({config.DIST_TIMEOUT} s): {who}; a failure, not a "
                "preemption (no PREEMPTED marker)")
         release_run_locks()
         logging.shutdown()

@@ -104,17 +104,20 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [v > 0 for v in all_reduce_sum([float(f) for f in flags], device)]
 
 
-def check_in(tag: str, timeout: float) -> list[int] | None:
+def check_in(tag: str, timeout: float, wait: bool = True) -> list[int] | None:
     """Records in the process group's key-value store (torchrun's agent holds it, else rank 0)
-    that this rank reached the point ``tag``, then waits up to ``timeout`` s for the other ranks
-    to reach it too; returns the ranks that did not (dead or stuck), [] when all did, or None
-    when the store cannot be reached. No collective: it works while collectives fail."""
+    that this rank reached the point ``tag``, then (``wait``) waits up to ``timeout`` s for the
+    other ranks to reach it too; returns the ranks that did not (dead or stuck), [] when all did
+    (or without ``wait``), or None when the store cannot be reached. No collective: it works
+    while collectives fail."""
     if get_world_size() == 1:
         return []
     prefix = f"mg_ssaf/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{tag}/"
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set(prefix + str(get_rank()), "1")
+        if not wait:
+            return []
         deadline = time.monotonic() + timeout
         while True:
             missing = [r for r in range(get_world_size()) if not store.check([prefix + str(r)])]

@@ -290,4 +290,4 @@ def test_kill_9_of_one_rank_under_torchrun_is_a_failure_not_a_preemption(data48,
     assert not os.path.exists(os.path.join(folder, "PREEMPTED")), read(log)[-3000:]
     output = read(rank0)
     assert "rank(s) 1 died or hung" in output and "preempted:" not in output, output[-3000:]
-    assert "this is a failure, not a preemption (no PREEMPTED marker)" in output
+    assert "a failure, not a preemption (no PREEMPTED marker)" in output
