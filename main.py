@@ -6,9 +6,10 @@
     python main.py --cfg ... --data-path ... --eval --resume ckpt.pth
     python main.py --cfg ... --data-path ... --throughput --disable_amp
 
-Exit codes: 0 done, 1 bad input or a diverged run (the message says which), 2 bad command line,
-75 preempted (SIGTERM, SIGUSR1 or Ctrl-C: a checkpoint was saved and named in the file PREEMPTED
-of the run folder; run the same command again to resume).
+Exit codes: 0 done, 1 bad input, a diverged run or a failure (a rank died, a save failed, the run
+folder is held by another run: the message says which), 2 bad command line, 75 preempted
+(SIGTERM, SIGUSR1 or Ctrl-C: a checkpoint was saved and named in the file PREEMPTED of the run
+folder; run the same command again to resume).
 """
 from __future__ import annotations
 

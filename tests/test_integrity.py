@@ -88,12 +88,19 @@ def test_every_tool_with_a_checkpoint_flag_is_listed():
     assert taking == set(TOOLS_READING_CHECKPOINTS)
 
 
-@pytest.mark.parametrize("tool", sorted(TOOLS_READING_CHECKPOINTS))
-def test_every_tool_with_a_checkpoint_flag_is_fed_a_malicious_one(tool, tmp_path):
+# The training entry point's other checkpoint flag (--resume: test_robustness).
+ENTRY_POINTS = {"main.py --pretrained": ["--cfg", h.CFG, "--data-path", "DATA", "--output", "OUT",
+                                         "--batch-size", "4",
+                                         "--pretrained", "EVIL", "--opts", *h.TINY]}
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS_READING_CHECKPOINTS) + sorted(ENTRY_POINTS))
+def test_every_tool_with_a_checkpoint_flag_is_fed_a_malicious_one(tool, data, tmp_path):
     marker = str(tmp_path / "pwned")
     evil = evil_checkpoint(str(tmp_path / "evil.pth"), marker)
-    argv = [a.replace("EVIL", evil).replace("OUT", str(tmp_path / "out"))
-            for a in TOOLS_READING_CHECKPOINTS[tool]]
+    fill = {"EVIL": evil, "OUT": str(tmp_path / "out"), "DATA": data}
+    argv = [fill.get(a, a) for a in {**TOOLS_READING_CHECKPOINTS, **ENTRY_POINTS}[tool]]
+    tool = tool.split()[0]
     result = h.run_cli(argv, prefix=(tool,))
     assert result.returncode == 1, result.stdout[-3000:]
     assert f"{evil}: refused to load" in result.stdout and "Traceback" not in result.stdout
