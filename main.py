@@ -6,9 +6,10 @@
     python main.py --cfg ... --data-path ... --eval --resume ckpt.pth
     python main.py --cfg ... --data-path ... --throughput --disable_amp
 
-Exit codes: 0 done, 1 bad input or a diverged run (the message says which), 2 bad command line,
-75 preempted (SIGTERM, SIGUSR1 or Ctrl-C: a checkpoint was saved and named in the file PREEMPTED
-of the run folder; run the same command again to resume).
+Exit codes: 0 done, 1 bad input, a diverged run or a failure (a rank died, a save failed, the run
+folder is held by another run: the message says which), 2 bad command line, 75 preempted
+(SIGTERM, SIGUSR1 or Ctrl-C: a checkpoint was saved and named in the file PREEMPTED of the run
+folder; run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -38,13 +39,14 @@ from yacs.config import CfgNode as CN
 
 from config import ConfigError, get_config, inert_settings
 from data import DataError, build_loader, mixup_enabled
-from logger import create_logger
+from logger import create_logger, open_log_file
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
 from optimizer import build_optimizer
-from utils import (RunError, all_reduce_sum, any_rank, broadcast_buffers, checkpoint_name, derive_seed,
-                   find_resume_checkpoint, get_rank, get_world_size, keep_freed_memory,
-                   load_checkpoint_file, load_pretrained, load_weights, prepare_output_dir,
+from utils import (RunError, RunLock, all_reduce_sum, any_rank, broadcast_buffers, check_in,
+                   checkpoint_name, derive_seed, find_resume_checkpoint, get_rank, get_world_size,
+                   keep_freed_memory, load_checkpoint_file, load_pretrained, load_weights,
+                   prepare_output_dir, release_run_locks, remove_leftover_temp_files,
                    restore_training_state, save_checkpoint, seed_all, synchronize)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable
@@ -60,6 +62,47 @@ class NonFiniteLossError(RunError):
 
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1/SIGINT after saving a checkpoint."""
+
+
+class LoaderDied(Exception):
+    """The training loader failed (a worker died, or its pipe broke): ``error``, the cause."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class LoaderBatches:
+    """``enumerate(data_loader, start)``, with the loader's own failures (RuntimeError,
+    ConnectionError, EOFError) raised as LoaderDied: told apart from a failed collective, which
+    is never a preemption."""
+
+    def __init__(self, data_loader: DataLoader, start: int) -> None:
+        self.iterator = iter(data_loader)
+        self.idx = start - 1
+
+    def __iter__(self) -> "LoaderBatches":
+        return self
+
+    def __next__(self) -> tuple[int, object]:
+        try:
+            batch = next(self.iterator)
+        except (RuntimeError, ConnectionError, EOFError) as e:
+            raise LoaderDied(e) from e
+        self.idx += 1
+        return self.idx, batch
+
+    def shutdown(self) -> None:
+        """Stops the loader's workers now: after a failure, so that workers dying of a stop
+        signal do not raise again (torch's SIGCHLD handler) while the checkpoint is saved."""
+        getattr(self.iterator, "_shutdown_workers", lambda: None)()
+
+
+def is_loader_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from the training loader (a worker that died, or its pipe), not
+    from a collective: torch's SIGCHLD handler raises a worker's death anywhere (backward, ...)."""
+    return (isinstance(error, (LoaderDied, ConnectionError, EOFError))
+            or (isinstance(error, RuntimeError) and "DataLoader worker" in str(error)))
 
 
 class Preemption:
@@ -298,13 +341,28 @@ def train_one_epoch(config: CN, model: nn.Module, criterion: nn.Module, data_loa
     repeats the uninterrupted one."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    accum = config.TRAIN.ACCUMULATION_STEPS
     num_steps = progress.epoch_step + len(data_loader)
+    batches = LoaderBatches(data_loader, progress.epoch_step)
+    try:
+        train_steps(config, model, criterion, batches, optimizer, epoch, mixup_fn, lr_scheduler,
+                    scaler, amp, device, progress, preemption, logger, model_ema, num_steps)
+    except BaseException:
+        batches.shutdown()
+        raise
+
+
+def train_steps(config: CN, model: nn.Module, criterion: nn.Module, batches: LoaderBatches,
+                optimizer: torch.optim.Optimizer, epoch: int, mixup_fn, lr_scheduler,
+                scaler: torch.amp.GradScaler, amp: Amp, device: torch.device,
+                progress: Progress, preemption: Preemption, logger: logging.Logger,
+                model_ema: ModelEmaV3 | None, num_steps: int) -> None:
+    """The loop of :func:`train_one_epoch` over ``batches``."""
+    accum = config.TRAIN.ACCUMULATION_STEPS
     batch_time, loss_meter, norm_meter, scale_meter = (AverageMeter() for _ in range(4))
     nonfinite = ""
     group_loss = group_count = 0.0  # this rank's losses since the last optimizer step
     end = time.time()
-    for idx, (samples, targets) in enumerate(data_loader, start=progress.epoch_step):
+    for idx, (samples, targets) in batches:
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         seed_all(derive_seed(config.SEED, epoch, idx, get_rank()))
@@ -453,7 +511,19 @@ def append_metrics(config: CN, row: dict) -> None:
 def write_preempted_marker(config: CN, checkpoint: str, preemption: Preemption, epoch: int,
                            epoch_step: int | None) -> None:
     """Writes OUTPUT/PREEMPTED (rank 0), ``key=value`` lines naming the checkpoint just saved and
-    the signal: what a requeue script reads, whatever exit code the launcher reports."""
+    the signal: what a requeue script reads, whatever exit code the launcher reports. Only once
+    every rank has passed the save (checked in, see utils.check_in): a rank that died meanwhile
+    makes the stop a failure (RunError), with no marker."""
+    # Rank 0 checks in after its save and waits for the others (who have nothing to save).
+    missing = check_in(f"saved/{epoch}/{epoch_step}", min(config.DIST_TIMEOUT, 60),
+                       wait=get_rank() == 0)
+    if missing:
+        raise RunError(f"rank(s) {', '.join(map(str, missing))} did not reach the end of the "
+                       f"save of {checkpoint} (died or stuck): a failure, not a preemption; "
+                       "no PREEMPTED marker written")
+    if missing is None:
+        raise RunError(f"the ranks could not confirm that each passed the save of {checkpoint} "
+                       "(the process group's store is gone): no PREEMPTED marker written")
     if get_rank() != 0:
         return
     lines = {"checkpoint": checkpoint, "signal": preemption.signal_name or "on another rank",
@@ -478,8 +548,10 @@ def remove_preempted_marker(config: CN) -> None:
 def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict] | None:
     """The checkpoint to start from: with TRAIN.AUTO_RESUME the newest loadable one in the output
     folder (it wins over --resume when training, so a requeued job continues where it stopped;
-    with --eval the weights given by --resume or --pretrained win), else MODEL.RESUME, else none."""
+    with --eval the weights given by --resume or --pretrained win), else MODEL.RESUME, else none.
+    A --resume that is not a loadable checkpoint stops the run (CheckpointError) either way."""
     explicit = config.MODEL.RESUME
+    loaded = (explicit, load_checkpoint_file(explicit)) if explicit else None
     if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and (explicit or
                                                               config.MODEL.PRETRAINED)):
         found = find_resume_checkpoint(config.OUTPUT, logger)
@@ -488,7 +560,7 @@ def checkpoint_to_resume(config: CN, logger: logging.Logger) -> tuple[str, dict]
                 logger.warning(f"auto-resume: continuing from {found[0]} instead of --resume "
                                f"{explicit}")
             return found
-    return (explicit, load_checkpoint_file(explicit)) if explicit else None
+    return loaded
 
 
 def evaluate_or_time(config: CN, task: "ClassificationTask", model: nn.Module,
@@ -497,11 +569,14 @@ def evaluate_or_time(config: CN, task: "ClassificationTask", model: nn.Module,
     """--eval: the task's validation of the checkpoint to resume (or the pretrained weights);
     --throughput: images/s of the model."""
     if config.THROUGHPUT_MODE and not config.EVAL_MODE:
+        open_log_file(logger, config.OUTPUT, get_rank())
         throughput(data_loader_val, model, device, amp, logger)
         return
     resume = checkpoint_to_resume(config, logger)
     if resume:
         load_weights(model, resume[1], resume[0])
+    open_log_file(logger, config.OUTPUT, get_rank())
+    if resume:
         logger.info(f"evaluating the weights of {resume[0]}")
     elif config.MODEL.PRETRAINED:
         logger.info(f"evaluating the weights of {config.MODEL.PRETRAINED} (--pretrained)")
@@ -636,12 +711,39 @@ class ClassificationTask:
 
 
 def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
-    """Builds everything from ``config`` and trains, evaluates or times the ``task``'s model."""
+    """Builds everything from ``config`` and trains, evaluates or times the ``task``'s model;
+    training holds the run folder's lock (utils.RunLock) throughout."""
     prepare_output_dir(config.OUTPUT)
     device = init_device(config)
     rank, world_size = get_rank(), get_world_size()
-    logger = create_logger(config.OUTPUT, rank, LOGGER_NAME)
+    # The log file opens once the checks have passed (open_log_file): a run that fails before
+    # leaves an existing run folder as it was.
+    logger = create_logger(config.OUTPUT, rank, LOGGER_NAME, defer=True)
     seed_everything(config)
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if training:
+        lock, refused = RunLock(config.OUTPUT), ""
+        if rank == 0:
+            try:
+                lock.acquire(logger)
+            except RunError as e:
+                refused = str(e)
+        if any_rank([bool(refused)], device)[0]:
+            raise RunError(refused or "rank 0 could not lock the run folder (see its message)")
+        try:
+            run_body(config, preemption, task, device, logger)
+        finally:
+            if rank == 0:
+                lock.release()
+        return
+    run_body(config, preemption, task, device, logger)
+
+
+def run_body(config: CN, preemption: Preemption, task: ClassificationTask, device: torch.device,
+             logger: logging.Logger) -> None:
+    """Builds everything from ``config`` and trains, evaluates or times the ``task``'s model
+    (the log file opened once the inputs passed their checks)."""
+    rank, world_size = get_rank(), get_world_size()
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training:
         task.scale_lrs(config, world_size)
@@ -690,6 +792,9 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
         config, model_without_ddp, optimizer, lr_scheduler, scaler, updates_per_epoch, logger,
         model_ema)
 
+    open_log_file(logger, config.OUTPUT, rank)
+    if rank == 0:
+        remove_leftover_temp_files(config.OUTPUT, logger)
     logger.info("Start training")
     remove_preempted_marker(config)
     start_time = time.time()
@@ -701,12 +806,17 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
             train_one_epoch(config, model, criterion, data_loader_train, optimizer, epoch,
                             mixup_fn, lr_scheduler, scaler, amp, device, progress, preemption,
                             logger, model_ema)
-        except (RuntimeError, ConnectionError, EOFError) as e:
-            if not preemption.requested:
+        except (LoaderDied, RuntimeError, ConnectionError, EOFError) as caught:
+            e = caught.error if isinstance(caught, LoaderDied) else caught
+            if not (preemption.requested and is_loader_failure(caught)):
+                if isinstance(caught, LoaderDied):
+                    raise e from None
                 raise
-            # A loader worker or a peer rank died of the signal (a worker that dies while handing
-            # over a batch's shared memory shows as ConnectionResetError, or EOFError): the state
-            # of the last optimizer step (progress) is intact, save that.
+            # A loader worker died of the signal (one that dies while handing over a batch's
+            # shared memory shows as ConnectionResetError, or EOFError): the state of the last
+            # optimizer step (progress) is intact, save that. A failed collective (a peer rank
+            # died) is not caught here: it is a failure, signal or not (torchrun itself
+            # SIGTERMs the survivors of a dead rank).
             logger.warning(f"{type(e).__name__} while stopping on {preemption.signal_name}: "
                            f"{(str(e).splitlines() or [''])[0]}")
             progress.preempted = True
@@ -818,9 +928,20 @@ def main(argv: list[str] | None = None, task: ClassificationTask | None = None) 
         # died or hung: say so, keep the traceback in the log, and exit without waiting for the
         # process group's threads (which could hang or abort the interpreter at exit).
         logging.getLogger(LOGGER_NAME).exception("traceback")
-        report(f"{type(e).__name__}: {e}\nWith {get_world_size()} processes this usually means "
-               f"another rank failed or did not answer within DIST_TIMEOUT "
-               f"({config.DIST_TIMEOUT} s): see the logs of the other ranks")
+        # Every rank still alive checks in (through the store, not a collective): those that
+        # do not are named. Never a preemption, even after a signal: no PREEMPTED marker.
+        missing = check_in("failed", 5.0)
+        who = (f"rank(s) {', '.join(map(str, missing))} died or hung (no answer from it within "
+               "5 s of the failure)" if missing else
+               "every rank is alive: one of them failed (see its log)" if missing == [] else
+               "could not tell which rank failed (the process group's store is gone too: "
+               "rank 0 holds it without torchrun)")
+        report(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}\nWith "
+               f"{get_world_size()} processes this usually means another rank failed or did not "
+               f"answer within DIST_TIMEOUT ({config.DIST_TIMEOUT} s): {who}; a failure, not a "
+               "preemption (no PREEMPTED marker)")
+        release_run_locks()
+        logging.shutdown()
         os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()

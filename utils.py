@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import hashlib
 import logging
 import os
 import pickle
 import platform
 import random
 import re
+import socket
+import struct
+import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -23,6 +28,14 @@ from config import VARIANTS
 CHECKPOINT_RE = re.compile(r"^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
 BEST_CHECKPOINT = "ckpt_best.pth"
 TORCH_SAVE_MAGIC = (b"PK", b"\x80")  # torch.save's zip format; its legacy format (a pickle)
+# The SHA-256 of a checkpoint, inside the file: the comment of its zip archive (the last bytes of
+# the file), over every byte before the comment's 2-byte length field. Written by atomic_save
+# before the rename, verified by load_checkpoint_file.
+CHECKSUM_TAG = b"mg-ssaf-sha256:"
+_CHECKSUM_LEN = len(CHECKSUM_TAG) + 64
+_EOCD_SIG, _EOCD_LEN = b"PK\x05\x06", 22  # zip end-of-central-directory record, without comment
+# What a killed save leaves: atomic_save's temporary files and the marker's.
+LEFTOVER_TMP_RE = re.compile(r"^(\.ckpt_.*\.pth\..*\.tmp|PREEMPTED\.tmp)$")
 
 
 class RunError(Exception):
@@ -31,6 +44,10 @@ class RunError(Exception):
 
 class CheckpointError(RunError):
     """A checkpoint that is missing, unreadable, unsafe or does not fit the model."""
+
+
+class SaveError(RunError):
+    """An OS error (disk full, quota, permissions, I/O) while writing a checkpoint."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +113,30 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, 0)
 
 
+def check_in(tag: str, timeout: float, wait: bool = True) -> list[int] | None:
+    """Records in the process group's key-value store (torchrun's agent holds it, else rank 0)
+    that this rank reached the point ``tag``, then (``wait``) waits up to ``timeout`` s for the
+    other ranks to reach it too; returns the ranks that did not (dead or stuck), [] when all did
+    (or without ``wait``), or None when the store cannot be reached. No collective: it works
+    while collectives fail."""
+    if get_world_size() == 1:
+        return []
+    prefix = f"mg_ssaf/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{tag}/"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(prefix + str(get_rank()), "1")
+        if not wait:
+            return []
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [r for r in range(get_world_size()) if not store.check([prefix + str(r)])]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(0.05)
+    except Exception:  # the store's host is gone too, or the store was torn down
+        return None
+
+
 def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work (a no-op on CPU), so that timings are honest."""
     if device.type == "cuda":
@@ -113,6 +154,121 @@ def prepare_output_dir(path: str) -> None:
             pass
     except OSError as e:
         raise RunError(f"output folder {path} cannot be written: {e.strerror or e}") from None
+
+
+LOCK_FILE = "RUNNING"          # in the run folder while a training run holds it
+LOCK_REFRESH_S = 10.0          # the holder touches it this often (a lease)
+LOCK_STALE_S = 60.0            # not touched for this long: its holder is gone, the lock is free
+
+
+def _fs_now(folder: str) -> float:
+    """The time on the clock of ``folder``'s filesystem (the modification time of a new file),
+    so that leases written from other nodes compare without clock skew."""
+    with tempfile.TemporaryFile(dir=folder) as f:
+        return os.fstat(f.fileno()).st_mtime
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """OUTPUT/RUNNING while a training run uses the folder: ``host=`` and ``pid=`` of its holder,
+    kept as a lease (its modification time refreshed every LOCK_REFRESH_S by a thread). Another
+    run is refused while the lease is fresh; one that was not refreshed for LOCK_STALE_S (a
+    killed run, a lost node), or whose holder on this host is gone, is taken over."""
+    held: list["RunLock"] = []
+
+    def __init__(self, folder: str) -> None:
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.content = (f"host={socket.gethostname()}\npid={os.getpid()}\n"
+                        f"started={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _holder(self) -> dict[str, str]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
+        except OSError:
+            return {}
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(self.content)
+        return True
+
+    def acquire(self, logger: logging.Logger | None = None) -> None:
+        """Takes the lock, waiting up to LOCK_STALE_S for one whose lease looks lapsed (not
+        refreshed for 3 x LOCK_REFRESH_S) to go stale; raises RunError while another run holds
+        it."""
+        folder = os.path.dirname(self.path)
+        while not self._create():
+            holder = self._holder()
+            try:
+                age = _fs_now(folder) - os.stat(self.path).st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            host, pid = holder.get("host", "?"), holder.get("pid", "?")
+            gone = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+            if gone or age > LOCK_STALE_S:
+                why = (f"process {pid} is gone" if gone else
+                       f"not refreshed for {age:.0f} s, stale after {LOCK_STALE_S:.0f} s")
+                message = f"taking over the lock {self.path} of host {host} pid {pid} ({why})"
+                if logger is not None:
+                    logger.warning(message)
+                else:
+                    print(f"warning: {message}", file=sys.stderr, flush=True)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            if age <= 3 * LOCK_REFRESH_S:
+                raise RunError(
+                    f"{folder} is in use by another training run: host {host}, pid {pid} (its "
+                    f"lock {self.path} was refreshed {max(age, 0):.0f} s ago; a lock not "
+                    f"refreshed for {LOCK_STALE_S:.0f} s is taken over). Use another --tag or "
+                    f"--output, or stop that run")
+            time.sleep(min(2.0, LOCK_STALE_S - age + 0.1))  # lapsing: refreshed again, or stale
+        self._thread = threading.Thread(target=self._refresh, name="run-lock-lease", daemon=True)
+        self._thread.start()
+        RunLock.held.append(self)
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(LOCK_REFRESH_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        """Stops the lease and removes the lock if it is still this run's."""
+        self._stop.set()
+        if self in RunLock.held:
+            RunLock.held.remove(self)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                if f.read() == self.content:
+                    os.remove(self.path)
+        except OSError:
+            pass
+
+
+def release_run_locks() -> None:
+    """Releases every RunLock this process holds (before an ``os._exit``)."""
+    for lock in list(RunLock.held):
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,26 +297,106 @@ def seed_all(seed: int, accelerators: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError that ``error`` is or was raised from (torch.save wraps a failed write of the
+    file object in a RuntimeError of its own), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _sha256(f, size: int) -> str:
+    """SHA-256 of the first ``size`` bytes of the binary file ``f``."""
+    digest = hashlib.sha256()
+    f.seek(0)
+    left = size
+    while left > 0:
+        block = f.read(min(left, 1 << 20))
+        if not block:
+            break
+        digest.update(block)
+        left -= len(block)
+    return digest.hexdigest()
+
+
+def _append_checksum(f) -> None:
+    """Writes the SHA-256 of the zip archive ``f`` (just written by torch.save) as its comment."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(size - _EOCD_LEN)
+    eocd = f.read(_EOCD_LEN)
+    if not eocd.startswith(_EOCD_SIG) or eocd[-2:] != b"\0\0":
+        return  # not the zip layout torch.save writes: saved without a checksum
+    comment = CHECKSUM_TAG + _sha256(f, size - 2).encode()
+    f.seek(size - 2)
+    f.write(struct.pack("<H", len(comment)) + comment)
+
+
+def verify_checksum(path: str) -> bool:
+    """Checks the SHA-256 that atomic_save wrote into ``path``: True when it matches, False when
+    the file has none (released checkpoints, older ones); a mismatch raises CheckpointError."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_len = _EOCD_LEN + _CHECKSUM_LEN
+        if size < tail_len:
+            return False
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        comment = tail[_EOCD_LEN:]
+        if (not tail.startswith(_EOCD_SIG) or not comment.startswith(CHECKSUM_TAG)
+                or struct.unpack("<H", tail[_EOCD_LEN - 2:_EOCD_LEN])[0] != _CHECKSUM_LEN):
+            return False
+        stored = comment[len(CHECKSUM_TAG):].decode("ascii", "replace")
+        actual = _sha256(f, size - _CHECKSUM_LEN - 2)
+    if stored != actual:
+        raise CheckpointError(f"{path}: corrupt: its SHA-256 checksum does not match its contents "
+                              f"(stored {stored[:12]}..., computed {actual[:12]}...)")
+    return True
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``:
-    ``path`` is either the old file or the complete new one, never a partial write."""
+    """``torch.save`` to a temporary file beside ``path``, its SHA-256 appended (see
+    CHECKSUM_TAG), fsync, then rename over ``path``: ``path`` is either the old file or the
+    complete new one, never a partial write. An OS error (disk full, ...) raises SaveError naming
+    ``path`` and the error, the temporary file removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=folder)
+        with os.fdopen(fd, "w+b") as f:
             torch.save(obj, f)
+            f.flush()
+            _append_checksum(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        error = _os_error(e)
+        if error is None:
+            raise
+        raise SaveError(f"cannot save {path}: {error.strerror or error}"
+                        + (f" (errno {error.errno})" if error.errno else "")
+                        + "; the files saved before are intact") from None
+
+
+def remove_leftover_temp_files(folder: str, logger: logging.Logger) -> None:
+    """Removes the temporary files of saves that a kill interrupted (call with the run's lock)."""
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if LEFTOVER_TMP_RE.match(name):
+            os.remove(os.path.join(folder, name))
+            logger.info(f"removed {os.path.join(folder, name)}, left by an interrupted save")
 
 
 def checkpoint_name(epoch: int, epoch_step: int | None = None) -> str:
@@ -186,13 +422,20 @@ def list_checkpoints(folder: str) -> list[tuple[int, float, str]]:
 def prune_checkpoints(folder: str, epoch: int, keep: int, logger: logging.Logger) -> None:
     """After the whole-epoch checkpoint of ``epoch`` is saved: removes mid-epoch checkpoints up to
     ``epoch`` and whole-epoch ones older than the newest ``keep`` (``keep`` 0 keeps them all).
-    Checkpoints of later epochs (another run's) are left alone."""
+    Checkpoints of later epochs (another run's) are left alone, and so is every file that does
+    not load (unreadable, corrupt, refused): it is named in a warning, never deleted."""
     older = [(step, path) for e, step, path in list_checkpoints(folder) if e <= epoch]
     whole = [path for step, path in older if step == float("inf")]
     stale = [path for step, path in older if step != float("inf")]
     if keep > 0:
         stale += whole[:-keep]
     for path in stale:
+        try:
+            load_checkpoint_file(path)
+        except CheckpointError as e:
+            logger.warning(f"not pruned, as it does not load: {e}; delete it yourself once "
+                           "you have looked at it")
+            continue
         os.remove(path)
         logger.info(f"removed old checkpoint {path}")
 
@@ -229,6 +472,13 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
         state["model_ema"] = model_ema.state_dict()
     if get_rank() != 0:
         return
+    if is_best:
+        # Before the epoch checkpoint: a crash in between leaves the epoch to run again (its
+        # checkpoint is not there), which saves the best again. The other order would leave an
+        # epoch checkpoint whose max_accuracy no later epoch beats, and no best checkpoint.
+        path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
+        atomic_save(state, path)
+        logger.info(f"{path} saved (best validation score {max_accuracy:.3f})")
     if save_epoch:
         path = os.path.join(config.OUTPUT, checkpoint_name(epoch, epoch_step))
         if os.path.exists(path):
@@ -243,10 +493,6 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
         logger.info(f"{path} saved")
         if epoch_step is None:
             prune_checkpoints(config.OUTPUT, epoch, config.TRAIN.KEEP_CHECKPOINTS, logger)
-    if is_best:
-        path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
-        atomic_save(state, path)
-        logger.info(f"{path} saved (best validation score {max_accuracy:.3f})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +515,9 @@ def _to_cfgnode(value: Any) -> Any:
 def load_checkpoint_file(path: str) -> dict[str, Any]:
     """Loads a checkpoint with ``torch.load(weights_only=True)``: tensors, plain containers and
     numbers, and the yacs config of released checkpoints (returned as a CfgNode under "config").
-    Anything else (a pickled object that could run code) is refused."""
+    Anything else (a pickled object that could run code) is refused, and so is a file whose
+    checksum (written by atomic_save) does not match; files without one load as before. The
+    one reader of checkpoints in the repository (tools included)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -277,6 +525,7 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     if not head.startswith(TORCH_SAVE_MAGIC):
         found = f"it starts with {head!r}" if head else "it is empty"
         raise CheckpointError(f"{path}: not a checkpoint (not a torch.save file: {found})")
+    verify_checksum(path)
     try:
         with torch.serialization.safe_globals([(_ConfigAsMapping, "yacs.config.CfgNode")]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

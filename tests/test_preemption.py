@@ -240,3 +240,54 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose_or_all_stop_naming_the_ra
         assert rank.returncode == 1, output[-3000:]
         assert (f"auto-resume: rank 0 chose {newest}, but rank 1 cannot load it (checkpoint not "
                 f"found: {newest})" in output), output[-3000:]
+
+
+def children_with_rank(parent: int, rank: int) -> list[int]:
+    """The direct child processes of ``parent`` started as rank ``rank`` (RANK in their
+    environment): torchrun's workers, not their loader workers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_under_torchrun_is_a_failure_not_a_preemption(data48, tmp_path):
+    # torchrun SIGTERMs the surviving rank itself: that is no preemption, and a requeue script
+    # that reads PREEMPTED must not requeue a crashing job.
+    args = argv(data48, str(tmp_path), "crashed")
+    folder = h.run_dir(str(tmp_path), "crashed")
+    log = str(tmp_path / "torchrun.log")
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, *torchrun(), *args], cwd=h.ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, env=h.child_env(),
+                                   start_new_session=True)
+    rank0 = os.path.join(folder, "log_rank0.txt")
+    try:
+        deadline = time.time() + 180
+        while not (os.path.exists(rank0) and "Train: [0/2][3/" in read(rank0)):
+            assert process.poll() is None, read(log)[-3000:]
+            assert time.time() < deadline, "timed out"
+            time.sleep(0.02)
+        rank1 = children_with_rank(process.pid, 1)
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGKILL)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code != 0, read(log)[-3000:]
+    assert not os.path.exists(os.path.join(folder, "PREEMPTED")), read(log)[-3000:]
+    output = read(rank0)
+    assert "rank(s) 1 died or hung" in output and "preempted:" not in output, output[-3000:]
+    assert "a failure, not a preemption (no PREEMPTED marker)" in output

@@ -169,7 +169,7 @@ def test_pruning_keeps_the_newest_epochs_the_best_and_later_runs_files(tmp_path)
     names = [f"ckpt_epoch_{e}.pth" for e in range(6)] + ["ckpt_epoch_2_step_3.pth",
                                                           "ckpt_epoch_7.pth", "ckpt_best.pth"]
     for name in names:
-        (tmp_path / name).write_bytes(b"")
+        atomic_save({"model": {}}, str(tmp_path / name))
     prune_checkpoints(str(tmp_path), epoch=5, keep=2, logger=logging.getLogger("test"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt_best.pth", "ckpt_epoch_4.pth", "ckpt_epoch_5.pth",
                                             "ckpt_epoch_7.pth"]

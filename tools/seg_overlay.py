@@ -27,6 +27,7 @@ from data.ade20k import reduce_zero_label  # noqa: E402
 from data.seg_pipeline import SegTestTransform, multi_scale_ratios  # noqa: E402
 from models.seg_inference import inference  # noqa: E402
 from models.upernet import build_segmentor  # noqa: E402
+from utils import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -58,10 +59,11 @@ def panel(image: np.ndarray, pred: np.ndarray, label: np.ndarray | None,
 
 
 def load_segmentor(cfg_path: str, checkpoint: str, opts=()) -> tuple[torch.nn.Module, object]:
+    """The segmentor of ``cfg_path`` with the weights of ``checkpoint``, read by the project's
+    safe loader (utils.load_checkpoint_file: no pickled code runs, the checksum is verified)."""
     config = load_config(cfg_path, opts)
     model = build_segmentor(config)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("model", state))
+    load_weights(model, load_checkpoint_file(checkpoint), checkpoint)
     return model.eval(), config
 
 
@@ -79,7 +81,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.labels is not None and len(args.labels) != len(args.images):
         parser.error(f"--labels gives {len(args.labels)} files for {len(args.images)} --images")
-    model, config = load_segmentor(args.cfg, args.checkpoint, args.opts)
+    try:
+        model, config = load_segmentor(args.cfg, args.checkpoint, args.opts)
+    except (CheckpointError, ValueError) as e:  # config.ConfigError is a ValueError
+        parser.exit(1, f"seg_overlay.py: error: {e}\n")
     colours = palette(config.MODEL.NUM_CLASSES)
     os.makedirs(args.out, exist_ok=True)
     items = []  # (name, HxWx3 uint8 image, normalised tensor, HxW label or None)
