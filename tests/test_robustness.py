@@ -376,9 +376,87 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
     assert not os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
 
 
-def test_skip_bad_images_warns_and_counts(bad_image_data, tmp_path):
+@pytest.fixture(scope="session")
+def unreadable_class0(tmp_path_factory) -> dict[str, str]:
+    """For "train" and "val": the tiny ImageFolder with that split's class0 images replaced by
+    empty files and text files, so that the first batches meet one."""
+    roots = {}
+    for split in ("train", "val"):
+        root = h.make_imagefolder(str(tmp_path_factory.mktemp(f"unreadable_{split}")))
+        folder = os.path.join(root, split, "class0")
+        for i, name in enumerate(sorted(os.listdir(folder))):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("" if i % 2 else "a text file, not an image")
+        roots[split] = root
+    return roots
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, and by those, ... (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def run_or_kill(argv: list[str], prefix: tuple[str, ...], timeout: float = 180
+                ) -> tuple[int | None, str]:
+    """Runs a CLI command; one still running after ``timeout`` seconds is killed with every
+    process it started (loader workers, torchrun's ranks, which have sessions of their own) and
+    gives None as exit code."""
+    process = subprocess.Popen([sys.executable, *prefix, *argv], cwd=h.ROOT, env=h.child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *_descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return None, process.communicate()[0]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(
+        split, processes, reference, unreadable_class0, tmp_path):
+    """With loader workers, an exception in a worker ends the run (every rank) with exit code 1
+    and the file named; before, the main process waited forever at exit for workers that ignore
+    SIGTERM."""
+    folder = h.copy_run(reference, str(tmp_path), "bad")
+    before, metrics = h.digests(folder), read(os.path.join(folder, "metrics.jsonl"))
+    prefix = ("main.py",) if processes == 1 else (
+        "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", "main.py")
+    argv = h.main_args(unreadable_class0[split], str(tmp_path), "bad", *h.REFERENCE_OPTS,
+                       "TRAIN.EPOCHS", "5", "DATA.NUM_WORKERS", "2")
+    began = time.time()
+    code, output = run_or_kill(argv, prefix)
+    assert code == 1, f"exit code {code} after {time.time() - began:.0f} s:\n{output[-3000:]}"
+    assert re.search(rf"(ERROR|error:) .*cannot read image \S+/{split}/class0/\d+\.png", output), \
+        output[-3000:]
+    assert h.digests(folder) == before
+    assert read(os.path.join(folder, "metrics.jsonl")) == metrics
+    assert not os.path.exists(os.path.join(folder, "PREEMPTED"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_images_warns_and_counts(workers, bad_image_data, tmp_path):
     result = h.run_cli(h.main_args(bad_image_data, str(tmp_path), "skip", "TRAIN.EPOCHS", "1",
-                                   "DATA.SKIP_BAD_IMAGES", "true", *h.NO_AUG, batch_size=5))
+                                   "DATA.SKIP_BAD_IMAGES", "true", "DATA.NUM_WORKERS",
+                                   str(workers), *h.NO_AUG, batch_size=5))
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"WARNING cannot read image \S+train/class0/0\.png: .*skipped "
                      r"\(DATA\.SKIP_BAD_IMAGES\)", result.stdout)
