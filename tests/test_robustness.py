@@ -342,6 +342,24 @@ BAD_INPUTS = [
      dict(batch_size=3, opts=[*h.NO_AUG, "AUG.CUTMIX_MINMAX", "[0.2, 0.8]"]),
      ["Mixup/CutMix", "needs an even DATA.BATCH_SIZE, got 3"]),
     ("unwritable_output", dict(output="FILE/runs"), ["output folder", "cannot be written"]),
+    # config values: each named (key, where it was set, value, what is allowed) before any work
+    ("base_include_cycle", dict(early=True, flags=("--cfg", "CYCLE")),
+     ["BASE include cycle: ", "/a.yaml -> ", "/b.yaml -> ", "/c.yaml -> ", "/a.yaml: a config file "
+      "cannot include itself"]),
+    ("deeply_nested_opts", dict(early=True, opts=["DATA.IMG_SIZE", "[" * 5000 + "]" * 5000]),
+     ["--opts: the value of DATA.IMG_SIZE is nested too deeply: '[[[["]),
+    ("interpolation", dict(early=True, opts=["DATA.INTERPOLATION", "foo"]),
+     ["DATA.INTERPOLATION (--opts) must be one of 'bicubic', 'bilinear', ", "got 'foo'"]),
+    ("base_lr_nan", dict(early=True, opts=["TRAIN.BASE_LR", "nan"]),
+     ["TRAIN.BASE_LR (--opts) must be a finite number >= 0, got nan"]),
+    ("base_lr_negative", dict(early=True, opts=["TRAIN.BASE_LR", "-1"]),
+     ["TRAIN.BASE_LR (--opts) must be a finite number >= 0, got -1.0"]),
+    ("img_size_0", dict(early=True, opts=["DATA.IMG_SIZE", "0"]),
+     ["DATA.IMG_SIZE (--opts) must be at least 1, got 0"]),
+    ("reprob", dict(early=True, opts=["AUG.REPROB", "2.0"]),
+     ["AUG.REPROB (--opts) must be in [0, 1], got 2.0"]),
+    ("label_smoothing", dict(early=True, opts=["MODEL.LABEL_SMOOTHING", "1.5"]),
+     ["MODEL.LABEL_SMOOTHING (--opts) must be in [0, 1), got 1.5"]),
 ]
 
 
@@ -360,8 +378,11 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
     elif change.get("layout"):
         dataset = _layout(str(tmp_path), change["layout"], data)
     (tmp_path / "notes.txt").write_text("some notes, not a checkpoint")
+    for name, base in (("a", "b"), ("b", "c"), ("c", "a")):  # a BASE include cycle
+        (tmp_path / f"{name}.yaml").write_text(f"BASE: [{base}.yaml]\n")
     flags = tuple(f.replace("VICTIM", folder).replace("TWO_CLASSES", other_class_count_checkpoint)
                   .replace("TEXT_FILE", str(tmp_path / "notes.txt"))
+                  .replace("CYCLE", str(tmp_path / "a.yaml"))
                   for f in change.get("flags", ()))
     argv = h.main_args(dataset, output, "victim", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5",
                        *change.get("opts", []), flags=flags, batch_size=change.get("batch_size", 4))
@@ -372,6 +393,8 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
     error = [line for line in result.stdout.splitlines() if "ERROR" in line or "error:" in line]
     assert error and len(error[-1]) < 600, error  # one line that says it, no key lists
     assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    if change.get("early"):  # refused before the run's logger (and anything else) started
+        assert " INFO " not in result.stdout, result.stdout[-3000:]
     assert h.digests(folder) == before
     assert not os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
 
