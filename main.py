@@ -626,6 +626,9 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
     device = init_device(config)
     rank, world_size = get_rank(), get_world_size()
     logger = create_logger(config.OUTPUT, rank, LOGGER_NAME)
+    if device.type == "cpu":
+        logger.info(startup.choose_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                               adapt=not config.DETERMINISTIC))
     seed_everything(config)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training:

@@ -1,5 +1,6 @@
 """The first moments of a run, through the real command line: a stop signal during the imports
-stops it as preempted (issue 20, finding 11)."""
+stops it as preempted (issue 20, finding 11), and on CPU the thread count suits a busy machine
+(finding 13)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import pytest
 
 import pipeline_helpers as h
 
+DEMO = os.path.join(h.ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
 SEG_DEMO = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
 
 
@@ -66,3 +68,55 @@ def test_a_signal_while_importing_stops_the_run_as_preempted(script, cfg, data, 
     assert {"checkpoint=none", "signal=SIGTERM", "step=start", "exit_code=75"} <= set(lines), lines
     assert not [name for _, _, names in os.walk(tmp_path) for name in names
                 if name.endswith(".pth")]
+
+
+def _two_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))[:2]
+
+
+@pytest.fixture
+def busy_cpus():
+    """Two busy loops pinned to (at most) two CPUs, which the test's run is pinned to as well."""
+    cpus = _two_cpus()
+    spin = ("import os, sys; os.sched_setaffinity(0, {%d}); print('spinning', flush=True)\n"
+            "while True: pass")
+    spinners = [subprocess.Popen([sys.executable, "-c", spin % cpu], stdout=subprocess.PIPE,
+                                 text=True) for cpu in cpus]
+    try:
+        for spinner in spinners:
+            assert spinner.stdout.readline() == "spinning\n"
+        yield cpus
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def _demo_eval(env: dict[str, str], cpus: list[int], tmp_path) -> str:
+    """The quick-start's config as printed, in --eval mode (the thread choice is the same, and
+    it is short), pinned to ``cpus``; returns its output."""
+    result = subprocess.run(
+        [sys.executable, "main.py", "--cfg", DEMO, "--eval", "--output", str(tmp_path)],
+        cwd=h.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
+
+
+def test_on_busy_cpus_the_demo_takes_one_thread_and_says_why(busy_cpus, tmp_path):
+    """Before, torch's default (one thread per core) competed with the other programs: the
+    quick-start took minutes per epoch instead of seconds on a busy 2-core machine."""
+    env = {k: v for k, v in h.child_env().items() if k != "OMP_NUM_THREADS"}
+    output = _demo_eval(env, busy_cpus, tmp_path)
+    threads = [line for line in output.splitlines() if "CPU threads:" in line]
+    assert len(threads) == 1, output[-3000:]
+    assert f"CPU threads: 1 ({len(busy_cpus)} CPUs for this process, " in threads[0]
+    assert " of them busy with other programs" in threads[0]
+    if len(busy_cpus) > 1:
+        assert threads[0].endswith("; set OMP_NUM_THREADS to choose another number"), threads
+
+
+def test_omp_num_threads_is_kept(tmp_path):
+    env = {**h.child_env(), "OMP_NUM_THREADS": "2"}
+    output = _demo_eval(env, _two_cpus(), tmp_path)
+    assert "CPU threads: 2 (OMP_NUM_THREADS=2)" in output, output[-3000:]
