@@ -3,11 +3,13 @@
 Every key a run can use is declared below with its default; the defaults reproduce the paper's
 ImageNet-1K recipe for MG-SSAF-T. A YAML file (``--cfg``) may name other YAML files under ``BASE``
 (paths relative to that file), which are merged first. ``opts`` are ``KEY VALUE`` pairs merged last.
-An unknown key or a value of the wrong type is an error that names the key and where it came from.
+An unknown key, a value of the wrong type or outside what the key allows (``VALUE_RULES``) and a
+``BASE`` include cycle are errors that name the key (or the chain of files) and where it came from.
 """
 from __future__ import annotations
 
 import ast
+import math
 import os
 from typing import Any, Iterable, Sequence
 
@@ -41,7 +43,8 @@ _C.DATA.DATA_PATH = ""
 _C.DATA.DATASET = "imagenet"
 # Input resolution (square).
 _C.DATA.IMG_SIZE = 224
-# Resize interpolation: 'bicubic', 'bilinear' or 'random'.
+# Resize interpolation: 'bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos' or 'random'
+# (training picks bilinear or bicubic at random; evaluation uses bicubic).
 _C.DATA.INTERPOLATION = "bicubic"
 # Pin CPU memory in the loader for faster host-to-device copies.
 _C.DATA.PIN_MEMORY = True
@@ -313,12 +316,18 @@ INERT_KEYS = {
 }
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text)} characters)"
+
+
 def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     """Returns ``value`` converted to the type of ``default``, or raises ``ConfigError``."""
 
     def fail(expected: str) -> ConfigError:
-        return ConfigError(
-            f"{source}: config key {key} expects {expected}, got {value!r} ({type(value).__name__})")
+        return ConfigError(f"{source}: config key {key} expects {expected}, got {_show(value)} "
+                           f"({type(value).__name__})")
 
     if default is None or (value is None and isinstance(default, str)):
         return value
@@ -369,26 +378,37 @@ def _merge(node: CN, updates: dict, source: str, seen: dict[str, str], prefix: s
             seen[key] = source
 
 
-def _merge_file(cfg: CN, path: str, seen: dict[str, str]) -> None:
+def _merge_file(cfg: CN, path: str, seen: dict[str, str], chain: tuple[str, ...] = ()) -> None:
+    """Merges the YAML file ``path`` after its ``BASE`` files; ``chain`` holds the files whose
+    ``BASE`` led here (a file met again in it is an include cycle)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (
+            f" (BASE of {chain[-1]})" if chain else ""))
+    if any(os.path.samefile(path, earlier) for earlier in chain):
+        raise ConfigError("BASE include cycle: " + " -> ".join((*chain, path)) + ": a config "
+                          "file cannot include itself, directly or through other files")
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        except RecursionError:
+            raise ConfigError(f"{path}: its YAML is nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     bases = data.pop("BASE", [""]) or [""]
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: BASE expects a file name or a list of file names, got "
+                          f"{_show(bases)}")
     for base in bases:
         if base:
-            _merge_file(cfg, os.path.join(os.path.dirname(path), base), seen)
+            _merge_file(cfg, os.path.join(os.path.dirname(path), base), seen, (*chain, path))
     _merge(cfg, data, path, seen)
 
 
-def _parse_value(text: Any) -> Any:
+def _parse_value(text: Any, key: str) -> Any:
     """An ``--opts`` value as yacs reads it (a Python literal: ``None``, ``(0.9, 0.999)``,
     ``True``), else as YAML (``null``, ``false``, ``[1, 2]``, ``1e-3``), else the string."""
     if not isinstance(text, str):
@@ -401,18 +421,24 @@ def _parse_value(text: Any) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise ConfigError(f"--opts: the value of {key} is nested too deeply: "
+                          f"{_show(text)}") from None
 
 
 def _parse_opts(opts: Sequence[str]) -> dict:
     if len(opts) % 2:
-        raise ConfigError(f"--opts expects KEY VALUE pairs, got an odd number of items: {list(opts)}")
+        raise ConfigError(f"--opts expects KEY VALUE pairs, got an odd number of items: "
+                          f"{_show(list(opts))}")
     tree: dict = {}
     for key, text in zip(opts[::2], opts[1::2]):
         node = tree
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = _parse_value(text)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--opts: {key} and a shorter key that it extends are both set")
+        node[leaf] = _parse_value(text, key)
     return tree
 
 
@@ -477,6 +503,107 @@ def _derive_batch_size(cfg: CN, seen: dict[str, str], world_size: int) -> None:
     cfg.DATA.BATCH_SIZE = max(total // (world_size * accum), 1)
 
 
+# The allowed values of single keys, checked by load_config (rules that tie several keys together
+# are main.check_config's). Each rule: (test, what is allowed), applied to the value or, for a list
+# key marked EACH, to each of its items.
+def _number(low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> tuple[Any, str]:
+    def test(v: Any) -> bool:
+        return (math.isfinite(v) and (low < v if low_open else low <= v)
+                and (v < high if high_open else v <= high))
+    if high == math.inf:
+        what = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        what = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    return test, what
+
+
+def _choice(*names: str) -> tuple[Any, str]:
+    return (lambda v: v in names), "one of " + ", ".join(map(repr, names))
+
+
+PROBABILITY = _number(0.0, 1.0)
+RATE = _number(0.0)  # learning rates, weight decay, strengths: finite and >= 0
+POSITIVE = _number(0.0, low_open=True)
+SIZE = ((lambda v: v >= 1), "at least 1")  # sizes and counts
+EACH = "each item"
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")
+VALUE_RULES: dict[str, tuple] = {
+    "DATA.IMG_SIZE": SIZE,
+    "DATA.INTERPOLATION": _choice(*INTERPOLATIONS),
+    "MODEL.NUM_CLASSES": SIZE,
+    "MODEL.DROP_RATE": PROBABILITY,
+    "MODEL.DROP_PATH_RATE": PROBABILITY,
+    "MODEL.LABEL_SMOOTHING": _number(0.0, 1.0, high_open=True),
+    "MODEL.MGSSAF.IN_CHANS": SIZE,
+    "MODEL.MGSSAF.EMBED_DIM": SIZE,
+    "MODEL.MGSSAF.WINDOW_SIZE": SIZE,
+    "MODEL.MGSSAF.MLP_RATIO": POSITIVE,
+    "MODEL.MGSSAF.HEAD_HIDDEN_DIM": SIZE,
+    "MODEL.MGSSAF.GLOBAL_RATIO": (EACH, PROBABILITY),
+    "TRAIN.WEIGHT_DECAY": RATE,
+    "TRAIN.BASE_LR": RATE,
+    "TRAIN.WARMUP_LR": RATE,
+    "TRAIN.MIN_LR": RATE,
+    "TRAIN.CLIP_GRAD": RATE,
+    "TRAIN.LR_SCHEDULER.NAME": _choice("cosine", "linear", "step", "multistep"),
+    "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": SIZE,
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": RATE,
+    "TRAIN.LR_SCHEDULER.GAMMA": RATE,
+    "TRAIN.OPTIMIZER.NAME": _choice("adamw", "sgd"),
+    "TRAIN.OPTIMIZER.EPS": POSITIVE,
+    "TRAIN.OPTIMIZER.BETAS": (EACH, _number(0.0, 1.0, high_open=True)),
+    "TRAIN.OPTIMIZER.MOMENTUM": PROBABILITY,
+    "AUG.SCALE": (EACH, _number(0.0, 1.0, low_open=True)),
+    "AUG.HFLIP": PROBABILITY,
+    "AUG.COLOR_JITTER": RATE,
+    "AUG.REPROB": PROBABILITY,
+    "AUG.REMODE": _choice("const", "rand", "pixel"),
+    "AUG.RECOUNT": SIZE,
+    "AUG.MIXUP": RATE,
+    "AUG.CUTMIX": RATE,
+    "AUG.MIXUP_PROB": PROBABILITY,
+    "AUG.MIXUP_SWITCH_PROB": PROBABILITY,
+    "AUG.MIXUP_MODE": _choice("batch", "pair", "elem"),
+    "SEG.POLY_POWER": RATE,
+    "SEG.WARMUP_ITERS": ((lambda v: v >= 0), "at least 0"),
+    "SEG.CHANNELS": SIZE,
+    "SEG.DROPOUT": PROBABILITY,
+    "SEG.AUX_WEIGHT": RATE,
+    "SEG.SCALE": (EACH, SIZE),
+    "SEG.RATIO_RANGE": (EACH, POSITIVE),
+    "SEG.CROP_SIZE": (EACH, SIZE),
+    "SEG.CAT_MAX_RATIO": _number(0.0, 1.0, low_open=True),
+    "SEG.TEST_MODE": _choice("whole", "slide", "ms_flip"),
+    "SEG.SLIDE_CROP": (EACH, SIZE),
+    "SEG.SLIDE_STRIDE": (EACH, SIZE),
+    "SEG.MS_RATIOS": (EACH, POSITIVE),
+}
+# Lists of two numbers that are a [min, max] range.
+RANGE_KEYS = ("AUG.SCALE", "SEG.RATIO_RANGE")
+
+
+def check_values(cfg: CN, seen: dict[str, str] | None = None) -> None:
+    """Raises ConfigError for the first key of ``VALUE_RULES`` whose value is not allowed, naming
+    the key, where it was set (``seen``: key -> source), the value and what is allowed."""
+    seen = seen or {}
+    for key, rule in VALUE_RULES.items():
+        value = _get_key(cfg, key)
+        where = f" ({seen[key]})" if key in seen else ""
+        each = rule[0] == EACH
+        test, allowed = rule[1] if each else rule
+        items = value if each else [value]
+        if not all(test(v) for v in items):
+            raise ConfigError(f"{key}{where} must be {allowed}" + (" (each item)" if each else "")
+                              + f", got {_show(value)}")
+    for key in RANGE_KEYS:
+        value = _get_key(cfg, key)
+        if len(value) != 2 or value[0] > value[1]:
+            where = f" ({seen[key]})" if key in seen else ""
+            raise ConfigError(f"{key}{where} must be [min, max] with min <= max, got "
+                              f"{_show(value)}")
+
+
 def _get_key(cfg: CN, key: str) -> Any:
     for part in key.split("."):
         cfg = cfg[part]
@@ -524,6 +651,7 @@ def load_config(path: str | None = None, opts: Iterable[str] = (),
                           f"{cfg.AMP_OPT_LEVEL!r}")
     if cfg.AMP_OPT_LEVEL == "O0":
         cfg.AMP_ENABLE = False
+    check_values(cfg, seen)
     cfg.freeze()
     return cfg
 

@@ -13,6 +13,11 @@ folder; run the same command again to resume).
 """
 from __future__ import annotations
 
+import startup  # standard library only: first, so that stop signals count from the first moment
+
+if __name__ == "__main__":
+    startup.record_signals()  # until Preemption.install (torch and timm take seconds to import)
+
 import argparse
 import datetime
 import json
@@ -118,8 +123,13 @@ class Preemption:
         self.received_at = 0.0
 
     def install(self) -> None:
+        """Handles the signals from now on and takes over the first one that came while the
+        program started (startup.record_signals), if any."""
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+        if startup.received and self.signal_name is None:
+            signum, self.received_at = startup.received[0]
+            self.signal_name = signal.Signals(signum).name
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signal_name is None:
@@ -719,6 +729,9 @@ def run(config: CN, preemption: Preemption, task: ClassificationTask) -> None:
     # The log file opens once the checks have passed (open_log_file): a run that fails before
     # leaves an existing run folder as it was.
     logger = create_logger(config.OUTPUT, rank, LOGGER_NAME, defer=True)
+    if device.type == "cpu":
+        logger.info(startup.choose_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                               adapt=not config.DETERMINISTIC))
     seed_everything(config)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training:
@@ -880,6 +893,17 @@ def run_body(config: CN, preemption: Preemption, task: ClassificationTask, devic
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
+def stop_before_training(config: CN, preemption: Preemption) -> None:
+    """Stops a run that received a stop signal while it started, before it builds or trains
+    anything: the marker PREEMPTED (rank 0) says so (``checkpoint=none``, ``step=start``: this
+    run saved nothing; the rerun resumes from the folder's newest checkpoint, if any)."""
+    if os.environ.get("RANK", "0") == "0":  # the process group does not exist yet
+        prepare_output_dir(config.OUTPUT)
+        write_preempted_marker(config, "none", preemption, "none", "start")
+    raise Preempted(f"{preemption.signal_name} received while the run started: stopped before "
+                    "training, nothing saved")
+
+
 def report(message: str, level: int = logging.ERROR) -> None:
     """Logs why the run ends (console on rank 0, every rank's log file); ranks without a console,
     and runs that failed before their logger existed, print it to stderr as well."""
@@ -906,6 +930,10 @@ def main(argv: list[str] | None = None, task: ClassificationTask | None = None) 
         check_config(config)
         if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
             preemption.install()
+            if preemption.requested:
+                stop_before_training(config, preemption)
+        else:
+            startup.restore_signal_defaults()  # a signal ends --eval/--throughput as before
         run(config, preemption, task)
         code = 0
     except Preempted as e:

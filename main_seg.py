@@ -8,6 +8,11 @@ of them, each followed by evaluation (aAcc / mAcc / mIoU) and a checkpoint.
 """
 from __future__ import annotations
 
+import startup  # standard library only: first, so that stop signals count from the first moment
+
+if __name__ == "__main__":
+    startup.record_signals()  # until main.Preemption.install (torch takes seconds to import)
+
 import itertools
 import logging
 import sys

@@ -1,11 +1,13 @@
 """Datasets, transforms, samplers and loaders for training and evaluation."""
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
 import os
 import signal
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -259,7 +261,14 @@ class Loader(DataLoader):
     """A DataLoader whose worker processes survive a stop signal sent to the process group: the
     workers start (at each ``iter``) with the stop signals blocked and ignore them from their
     ``worker_init_fn`` on, so no signal reaches them in between. The main process receives a
-    signal that arrives meanwhile as soon as the workers have started."""
+    signal that arrives meanwhile as soon as the workers have started.
+
+    Since the workers ignore SIGTERM, which is how torch's iterator shutdown and
+    multiprocessing's exit handler end workers that do not stop by themselves (followed by a join
+    without timeout), the main process ends them itself: when a batch cannot be produced (an
+    exception from a worker, e.g. an unreadable image), the iterator's workers are killed before
+    the exception goes on, and any still running at exit are killed then (see
+    :func:`stop_loader_workers`)."""
 
     def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
         super().__init__(dataset, worker_init_fn=ignore_stop_signals, **kwargs)
@@ -267,9 +276,71 @@ class Loader(DataLoader):
     def __iter__(self) -> Iterator:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super().__iter__()
+            iterator = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if not getattr(iterator, "_workers", None):
+            return iterator  # no worker processes (DATA.NUM_WORKERS 0)
+        _worker_iterators.add(iterator)
+        return _StopWorkersOnError(iterator)
+
+
+class _StopWorkersOnError:
+    """Iterates ``iterator`` (a multi-process loader's); an exception while fetching a batch
+    kills its workers before it propagates (the exception's traceback would keep the iterator,
+    and so its workers, alive until exit)."""
+
+    def __init__(self, iterator: Iterator) -> None:
+        self.iterator = iterator
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            raise
+        except BaseException:
+            _stop_workers(self.iterator)
+            raise
+
+
+# Iterators of Loaders whose worker processes may still run.
+_worker_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers(iterator: Any) -> None:
+    """Kills the worker processes of a DataLoader iterator and closes its queues, without
+    waiting for the workers to finish what they are doing. Their pids are first taken out of
+    torch's SIGCHLD check, which would otherwise report the killed workers as a failure."""
+    _worker_iterators.discard(iterator)
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    workers = getattr(iterator, "_workers", [])
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    for worker in workers:
+        worker.join()
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # queues and the pin-memory thread; the workers are gone
+
+
+def stop_loader_workers() -> None:
+    """Kills the worker processes of every Loader iterator still running (at the exit of the
+    process, where multiprocessing would SIGTERM them, which they ignore, and wait forever)."""
+    for iterator in list(_worker_iterators):
+        _stop_workers(iterator)
+
+
+atexit.register(stop_loader_workers)  # runs before torch's and multiprocessing's exit handlers
 
 
 def mixup_enabled(config: CN) -> bool:

@@ -342,6 +342,24 @@ BAD_INPUTS = [
      dict(batch_size=3, opts=[*h.NO_AUG, "AUG.CUTMIX_MINMAX", "[0.2, 0.8]"]),
      ["Mixup/CutMix", "needs an even DATA.BATCH_SIZE, got 3"]),
     ("unwritable_output", dict(output="FILE/runs"), ["output folder", "cannot be written"]),
+    # config values: each named (key, where it was set, value, what is allowed) before any work
+    ("base_include_cycle", dict(early=True, flags=("--cfg", "CYCLE")),
+     ["BASE include cycle: ", "/a.yaml -> ", "/b.yaml -> ", "/c.yaml -> ", "/a.yaml: a config file "
+      "cannot include itself"]),
+    ("deeply_nested_opts", dict(early=True, opts=["DATA.IMG_SIZE", "[" * 5000 + "]" * 5000]),
+     ["--opts: the value of DATA.IMG_SIZE is nested too deeply: '[[[["]),
+    ("interpolation", dict(early=True, opts=["DATA.INTERPOLATION", "foo"]),
+     ["DATA.INTERPOLATION (--opts) must be one of 'bicubic', 'bilinear', ", "got 'foo'"]),
+    ("base_lr_nan", dict(early=True, opts=["TRAIN.BASE_LR", "nan"]),
+     ["TRAIN.BASE_LR (--opts) must be a finite number >= 0, got nan"]),
+    ("base_lr_negative", dict(early=True, opts=["TRAIN.BASE_LR", "-1"]),
+     ["TRAIN.BASE_LR (--opts) must be a finite number >= 0, got -1.0"]),
+    ("img_size_0", dict(early=True, opts=["DATA.IMG_SIZE", "0"]),
+     ["DATA.IMG_SIZE (--opts) must be at least 1, got 0"]),
+    ("reprob", dict(early=True, opts=["AUG.REPROB", "2.0"]),
+     ["AUG.REPROB (--opts) must be in [0, 1], got 2.0"]),
+    ("label_smoothing", dict(early=True, opts=["MODEL.LABEL_SMOOTHING", "1.5"]),
+     ["MODEL.LABEL_SMOOTHING (--opts) must be in [0, 1), got 1.5"]),
 ]
 
 
@@ -360,8 +378,11 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
     elif change.get("layout"):
         dataset = _layout(str(tmp_path), change["layout"], data)
     (tmp_path / "notes.txt").write_text("some notes, not a checkpoint")
+    for name, base in (("a", "b"), ("b", "c"), ("c", "a")):  # a BASE include cycle
+        (tmp_path / f"{name}.yaml").write_text(f"BASE: [{base}.yaml]\n")
     flags = tuple(f.replace("VICTIM", folder).replace("TWO_CLASSES", other_class_count_checkpoint)
                   .replace("TEXT_FILE", str(tmp_path / "notes.txt"))
+                  .replace("CYCLE", str(tmp_path / "a.yaml"))
                   for f in change.get("flags", ()))
     argv = h.main_args(dataset, output, "victim", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5",
                        *change.get("opts", []), flags=flags, batch_size=change.get("batch_size", 4))
@@ -372,13 +393,93 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
     error = [line for line in result.stdout.splitlines() if "ERROR" in line or "error:" in line]
     assert error and len(error[-1]) < 600, error  # one line that says it, no key lists
     assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    if change.get("early"):  # refused before the run's logger (and anything else) started
+        assert " INFO " not in result.stdout, result.stdout[-3000:]
     assert h.digests(folder) == before
     assert not os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
 
 
-def test_skip_bad_images_warns_and_counts(bad_image_data, tmp_path):
+@pytest.fixture(scope="session")
+def unreadable_class0(tmp_path_factory) -> dict[str, str]:
+    """For "train" and "val": the tiny ImageFolder with that split's class0 images replaced by
+    empty files and text files, so that the first batches meet one."""
+    roots = {}
+    for split in ("train", "val"):
+        root = h.make_imagefolder(str(tmp_path_factory.mktemp(f"unreadable_{split}")))
+        folder = os.path.join(root, split, "class0")
+        for i, name in enumerate(sorted(os.listdir(folder))):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("" if i % 2 else "a text file, not an image")
+        roots[split] = root
+    return roots
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, and by those, ... (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def run_or_kill(argv: list[str], prefix: tuple[str, ...], timeout: float = 180
+                ) -> tuple[int | None, str]:
+    """Runs a CLI command; one still running after ``timeout`` seconds is killed with every
+    process it started (loader workers, torchrun's ranks, which have sessions of their own) and
+    gives None as exit code."""
+    process = subprocess.Popen([sys.executable, *prefix, *argv], cwd=h.ROOT, env=h.child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *_descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return None, process.communicate()[0]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(
+        split, processes, reference, unreadable_class0, tmp_path):
+    """With loader workers, an exception in a worker ends the run (every rank) with exit code 1
+    and the file named; before, the main process waited forever at exit for workers that ignore
+    SIGTERM."""
+    folder = h.copy_run(reference, str(tmp_path), "bad")
+    before, metrics = h.digests(folder), read(os.path.join(folder, "metrics.jsonl"))
+    prefix = ("main.py",) if processes == 1 else (
+        "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", "main.py")
+    argv = h.main_args(unreadable_class0[split], str(tmp_path), "bad", *h.REFERENCE_OPTS,
+                       "TRAIN.EPOCHS", "5", "DATA.NUM_WORKERS", "2")
+    began = time.time()
+    code, output = run_or_kill(argv, prefix)
+    assert code == 1, f"exit code {code} after {time.time() - began:.0f} s:\n{output[-3000:]}"
+    assert re.search(rf"(ERROR|error:) .*cannot read image \S+/{split}/class0/\d+\.png", output), \
+        output[-3000:]
+    assert h.digests(folder) == before
+    assert read(os.path.join(folder, "metrics.jsonl")) == metrics
+    assert not os.path.exists(os.path.join(folder, "PREEMPTED"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_images_warns_and_counts(workers, bad_image_data, tmp_path):
     result = h.run_cli(h.main_args(bad_image_data, str(tmp_path), "skip", "TRAIN.EPOCHS", "1",
-                                   "DATA.SKIP_BAD_IMAGES", "true", *h.NO_AUG, batch_size=5))
+                                   "DATA.SKIP_BAD_IMAGES", "true", "DATA.NUM_WORKERS",
+                                   str(workers), *h.NO_AUG, batch_size=5))
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"WARNING cannot read image \S+train/class0/0\.png: .*skipped "
                      r"\(DATA\.SKIP_BAD_IMAGES\)", result.stdout)
