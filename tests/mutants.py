@@ -20,6 +20,26 @@ class Mutant:
     tests: tuple[str, ...]
 
 
+# Resume that ignores the checkpoint and trains from scratch, logging the line a resume logs: as
+# training is deterministic, only a test that checks where the rerun starts notices.
+_FROM_SCRATCH = dict(
+    file="main.py",
+    old="    path, ckpt = resume\n    load_weights(model, ckpt, path)\n",
+    new=("    path, ckpt = resume\n"
+         "    start_epoch, progress = resume_position(ckpt, config, updates_per_epoch, logger)\n"
+         "    logger.info(f'resumed from {path}: epoch {start_epoch}, step {progress.epoch_step}, "
+         "{progress.num_updates} optimizer steps done, max accuracy 0.00%')\n"
+         "    lr_scheduler.step_update(0)\n"
+         "    return 0, 0.0, Progress(num_updates=0)\n"))
+_RESUME_TESTS = {
+    "mid-epoch-signal": "tests/test_preemption.py::test_signal_to_the_process_group_saves_a_step_"
+                        "and_the_rerun_equals_an_uninterrupted_run",
+    "kill-9": "tests/test_robustness.py::test_kill_9_after_second_epoch_then_auto_resume_matches_"
+              "uninterrupted_run",
+    "finetune": "tests/test_finetune.py::test_finetune_auto_resume_after_an_epoch_is_exact",
+    "segmentation": "tests/test_seg_cli.py::test_preempted_run_resumes_mid_epoch_exactly",
+}
+
 MUTANTS = [
     Mutant("released-names-ignored", "the released repository's MODEL.NAME spellings build their "
            "variant", "config.py",
@@ -50,8 +70,8 @@ MUTANTS = [
            'ckpt = torch.load(path, map_location="cpu", weights_only=False)',
            ("tests/test_robustness.py::test_checkpoint_that_would_run_code_is_refused",)),
     Mutant("save-not-atomic", "a failed save leaves the previous checkpoint intact", "utils.py",
-           '    try:\n        with os.fdopen(fd, "wb") as f:',
-           '    open(path, "wb").close()\n    try:\n        with os.fdopen(fd, "wb") as f:',
+           '    try:\n        fd, tmp = tempfile.mkstemp(',
+           '    open(path, "wb").close()\n    try:\n        fd, tmp = tempfile.mkstemp(',
            ("tests/test_robustness.py::"
             "test_a_failed_save_leaves_the_previous_checkpoint_and_no_partial_file",)),
     Mutant("no-cross-rank-sum", "validation counts every image once over all ranks", "utils.py",
@@ -59,4 +79,24 @@ MUTANTS = [
            "    if False:\n        dist.all_reduce(tensor)",
            ("tests/test_pipeline.py::"
             "test_torchrun_two_processes_train_and_evaluate_as_users_run_them",)),
+    *[Mutant(f"resume-from-scratch-{case}", "a resume starts at the saved step and does not redo "
+             "finished steps", tests=(test,), **_FROM_SCRATCH)
+      for case, test in _RESUME_TESTS.items()],
+    Mutant("checksum-not-verified", "a checkpoint whose checksum does not match is not loaded",
+           "utils.py", "    if stored != actual:\n", "    if False:\n",
+           ("tests/test_integrity.py::"
+            "test_a_corrupt_checkpoint_that_parses_is_skipped_by_auto_resume_and_kept",)),
+    Mutant("eval-without-weights", "--eval --resume evaluates the checkpoint's weights",
+           "main.py", "    if resume:\n        load_weights(model, resume[1], resume[0])\n",
+           "    if resume:\n        pass\n",
+           ("tests/test_seg_cli.py::test_torchrun_two_processes_train_with_workers_and_evaluate",)),
+    Mutant("seg-totals-not-summed", "segmentation metrics sum every rank's per-class totals",
+           "main_seg.py", "            torch.distributed.all_reduce(metrics.totals)\n", "",
+           ("tests/test_seg_cli.py::test_torchrun_two_processes_train_with_workers_and_evaluate",)),
+    Mutant("seg-test-mode-ignored", "segmentation inference runs the mode SEG.TEST_MODE names",
+           "models/seg_inference.py", '    if seg.TEST_MODE == "whole":\n', "    if True:\n",
+           ("tests/test_seg.py::test_inference_runs_the_function_seg_test_mode_names",)),
+    Mutant("buffers-not-broadcast", "every rank evaluates the state rank 0 saves", "main.py",
+           "                broadcast_buffers(module)", "                pass",
+           ("tests/test_seg_cli.py::test_torchrun_two_processes_train_with_workers_and_evaluate",)),
 ]

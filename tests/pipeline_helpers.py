@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -137,6 +138,12 @@ def run_cli(argv: list[str], prefix: tuple[str, ...] = ("main.py",), timeout: fl
 
 def run_dir(output: str, tag: str) -> str:
     return os.path.join(output, MODEL_NAME, tag)
+
+
+def step_lines(output: str) -> list[tuple[int, int]]:
+    """(epoch, loader step) of each ``Train: [epoch/E][step/S]`` line of a run's output, in order:
+    where a rerun starts, and that it did not redo finished steps."""
+    return [(int(e), int(s)) for e, s in re.findall(r"Train: \[(\d+)/\d+\]\[(\d+)/\d+\]", output)]
 
 
 def read_metrics(folder: str) -> dict[int, dict]:

@@ -246,6 +246,7 @@ def test_finetune_auto_resume_after_an_epoch_is_exact(finetune_run, cub, imagene
     result = _finetune(cub, imagenet_checkpoint, output, "resumed")
     assert result.returncode == 0, result.stdout[-4000:]
     assert "resumed from " + os.path.join(folder, "ckpt_epoch_0.pth") in result.stdout
+    assert h.step_lines(result.stdout)[0] == (1, 0)  # epoch 0 is not trained again
     expected, got = h.read_metrics(reference)[1], h.read_metrics(folder)[1]
     for key in ("train_loss", "val_loss", "acc1", "loss_ema", "acc1_ema", "lr", "num_updates"):
         assert got[key] == expected[key], key

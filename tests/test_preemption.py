@@ -95,7 +95,11 @@ def check_stopped_mid_epoch(folder: str, signal_name: str, steps: int) -> str:
 
 
 def check_resumed_exactly(folder: str, reference: str, saved: str, stdout: str) -> None:
-    assert f"resumed from {saved}: epoch 0" in stdout
+    """The rerun starts at the saved step (no finished step is trained again) and ends as the
+    uninterrupted run did, bit for bit."""
+    step = int(re.search(r"step_(\d+)", saved).group(1))
+    assert f"resumed from {saved}: epoch 0, step {step}," in stdout
+    assert h.step_lines(stdout)[0] == (0, step)
     assert not os.path.exists(os.path.join(folder, "PREEMPTED"))
     expected, got = h.read_metrics(reference), h.read_metrics(folder)
     assert sorted(got) == [0, 1]

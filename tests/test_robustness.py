@@ -103,7 +103,8 @@ def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(re
 
     resumed = h.run_cli(argv)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert re.search(r"resumed from \S+ckpt_epoch_[12]\.pth", resumed.stdout)
+    saved = int(re.search(r"resumed from \S+ckpt_epoch_([12])\.pth", resumed.stdout).group(1))
+    assert h.step_lines(resumed.stdout)[0] == (saved + 1, 0)  # the epochs saved are not redone
     expected, got = h.read_metrics(reference), h.read_metrics(folder)
     assert sorted(got) == [0, 1, 2, 3]
     for epoch in (2, 3):

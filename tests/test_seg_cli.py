@@ -198,10 +198,12 @@ def test_preempted_run_resumes_mid_epoch_exactly(ade, tmp_path):
     code = interrupt(seg_args(ade, str(tmp_path), "pre", *opts), folder, str(tmp_path / "pre.log"),
                      ("main_seg.py",), signal.SIGTERM, to_group=True)
     assert code == 75, open(tmp_path / "pre.log").read()[-3000:]
-    assert any(re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n) for n in os.listdir(folder))
+    [saved] = [n for n in os.listdir(folder) if re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n)]
+    step = int(re.search(r"step_(\d+)", saved).group(1))
     resumed = run_seg(seg_args(ade, str(tmp_path), "pre", *opts))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "resumed from" in resumed.stdout and "epoch 0, step" in resumed.stdout
+    assert f"resumed from {os.path.join(folder, saved)}: epoch 0, step {step}," in resumed.stdout
+    assert h.step_lines(resumed.stdout)[0] == (0, step)  # the iterations done are not redone
     final, ref = (torch.load(os.path.join(str(tmp_path), NAME, tag, "ckpt_epoch_1.pth"),
                              weights_only=False)["model"] for tag in ("pre", "ref"))
     assert all(torch.equal(final[k], ref[k]) for k in ref)  # same draws, same augmentations
