@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import (DropPath, register_notrace_function, register_notrace_module,
+                         trunc_normal_)
 from timm.models._features import feature_take_indices
 
 from utils import load_pretrained
@@ -52,13 +53,20 @@ __all__ = ["MGSSAF"]
 
 _logger = logging.getLogger(__name__)
 
+DeviceLike = torch.device | str | None
 
-def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
-    return PointwiseConv2d(in_chans, out_chans, bias)
+# torch.fx (timm's FX feature extraction) calls these as leaf modules, like nn.Conv2d: their
+# CPU fast paths branch on the device, batch and memory format of the input
+register_notrace_module(PointwiseConv2d)
+register_notrace_module(DepthwiseConv2d)
 
 
-def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
-    return DepthwiseConv2d(dim, kernel_size, stride)
+def _pointwise(in_chans: int, out_chans: int, bias: bool = True, **dd: Any) -> nn.Conv2d:
+    return PointwiseConv2d(in_chans, out_chans, bias, **dd)
+
+
+def _depthwise(dim: int, kernel_size: int, stride: int = 1, **dd: Any) -> nn.Conv2d:
+    return DepthwiseConv2d(dim, kernel_size, stride, **dd)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -70,8 +78,9 @@ class LayerNorm2d(nn.LayerNorm):
     tensors, and its LayerNorm backward falls back to scalar code.)
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, eps=1e-6)
+    def __init__(self, dim: int, device: DeviceLike = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__(dim, eps=1e-6, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -90,11 +99,13 @@ class AttentionFusion(nn.Sequential):
     a ``(heads, heads)`` matrix mixing the heads.
     """
 
-    def __init__(self, num_heads: int) -> None:
+    def __init__(self, num_heads: int, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__(
-            nn.Conv2d(num_heads, num_heads, 3, padding=1, groups=num_heads),
+            nn.Conv2d(num_heads, num_heads, 3, padding=1, groups=num_heads, **dd),
             nn.GELU(),
-            nn.Conv2d(num_heads, num_heads, 1),
+            nn.Conv2d(num_heads, num_heads, 1, **dd),
         )
 
     def _spatial_operator(self, map_size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
@@ -134,6 +145,7 @@ class AttentionFusion(nn.Sequential):
         return out.view(heads, groups, nq, d)
 
 
+@register_notrace_module  # torch.fx: a leaf, its window padding and fused kernels branch on shapes
 class MGSSAFAttention(nn.Module):
     """SS-MSA with the AF module (local heads) beside MG-MSA (global heads), on ``(B, C, H, W)``.
 
@@ -145,8 +157,10 @@ class MGSSAFAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
-                 window_size: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:
+                 window_size: int, qkv_bias: bool = True, proj_drop: float = 0.0,
+                 device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.num_global = int(num_heads * global_ratio)
@@ -155,10 +169,11 @@ class MGSSAFAttention(nn.Module):
         self.strip_width = strip_width
         self.window_size = window_size
 
-        self.proj_qkv = _pointwise(dim, 2 * dim, bias=qkv_bias)
-        self.attn_local_win = AttentionFusion(self.num_local)
-        self.attn_global_win = AttentionFusion(self.num_global // 3) if self.num_global else None
-        self.proj_concat = _pointwise(dim, dim)
+        self.proj_qkv = _pointwise(dim, 2 * dim, bias=qkv_bias, **dd)
+        self.attn_local_win = AttentionFusion(self.num_local, **dd)
+        self.attn_global_win = (AttentionFusion(self.num_global // 3, **dd) if self.num_global
+                                else None)
+        self.proj_concat = _pointwise(dim, dim, **dd)
         self.act = nn.GELU()
         self.proj_drop = nn.Dropout(proj_drop)
         # Released checkpoints carry an ``attn.norm`` LayerNorm that the network never applies.
@@ -263,14 +278,16 @@ class ConvMlp(nn.Module):
     """Convolutional feed-forward on ``(B, C, H, W)``:
     ``LN2d -> dw3x3 -> 1x1 (C -> rC) -> GELU -> dw7x7 -> 1x1 (rC -> C) -> Dropout``."""
 
-    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         hidden = int(dim * mlp_ratio)
-        self.dwconv = _depthwise(dim, 3)
-        self.norm = LayerNorm2d(dim)
-        self.pwconv1 = _pointwise(dim, hidden)
-        self.pwconv2 = _pointwise(hidden, dim)
-        self.branch_dw = _depthwise(hidden, 7)
+        self.dwconv = _depthwise(dim, 3, **dd)
+        self.norm = LayerNorm2d(dim, **dd)
+        self.pwconv1 = _pointwise(dim, hidden, **dd)
+        self.pwconv2 = _pointwise(hidden, dim, **dd)
+        self.branch_dw = _depthwise(hidden, 7, **dd)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
 
@@ -285,13 +302,15 @@ class MGSSAFBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
                  window_size: int, mlp_ratio: float, qkv_bias: bool, drop: float,
-                 drop_path: float) -> None:
+                 drop_path: float, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.norm1 = LayerNorm2d(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = LayerNorm2d(dim, **dd)
         self.attn = MGSSAFAttention(dim, num_heads, global_ratio, strip_width, window_size,
-                                    qkv_bias, drop)
+                                    qkv_bias, drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.mlp = ConvMlp(dim, mlp_ratio, drop)
+        self.mlp = ConvMlp(dim, mlp_ratio, drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -302,13 +321,15 @@ class PatchMerging(nn.Module):
     """Halves the resolution and doubles the channels of ``(B, C, H, W)``:
     ``LN2d -> dw3x3 s2 -> 1x1 -> GELU -> 1x1`` plus ``AvgPool 2 -> the same LN2d -> 1x1``."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.norm = LayerNorm2d(dim)
-        self.dwconv = _depthwise(dim, 3, stride=2)
-        self.pwconv1 = _pointwise(dim, 2 * dim)
-        self.pwconv2 = _pointwise(2 * dim, 2 * dim)
-        self.Fuse1x1 = _pointwise(dim, 2 * dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm = LayerNorm2d(dim, **dd)
+        self.dwconv = _depthwise(dim, 3, stride=2, **dd)
+        self.pwconv1 = _pointwise(dim, 2 * dim, **dd)
+        self.pwconv2 = _pointwise(2 * dim, 2 * dim, **dd)
+        self.Fuse1x1 = _pointwise(dim, 2 * dim, **dd)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,12 +344,14 @@ class PatchEmbed(nn.Module):
     convolution on.
     """
 
-    def __init__(self, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, in_chans: int, embed_dim: int, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.norm = LayerNorm2d(embed_dim)
-        self.Conv2Down = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1)
-        self.Conv4Down = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
-        self.ConvFuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
+        dd = dict(device=device, dtype=dtype)
+        self.norm = LayerNorm2d(embed_dim, **dd)
+        self.Conv2Down = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1, **dd)
+        self.Conv4Down = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1, **dd)
+        self.ConvFuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, **dd)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,12 +368,14 @@ class MGSSAFStage(nn.Module):
     """
 
     def __init__(self, dim: int, depth: int, downsample: bool, drop_path: Sequence[float],
-                 **block_kwargs) -> None:
+                 device: DeviceLike = None, dtype: torch.dtype | None = None,
+                 **block_kwargs: Any) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(*(
-            MGSSAFBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path))
-        self.downsample = PatchMerging(dim) if downsample else None
+            MGSSAFBlock(dim, drop_path=dp, **block_kwargs, **dd) for dp in drop_path))
+        self.downsample = PatchMerging(dim, **dd) if downsample else None
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's blocks: ``(B, dim, H, W) -> (B, dim, H, W)``."""
@@ -383,10 +408,14 @@ class MGSSAF(nn.Module):
                  strip_width: Sequence[int] = (0, 2, 2, 0), window_size: int = 7,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, head_hidden_dim: int = 1280,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False,
-                 global_pool: str = "avg") -> None:
+                 global_pool: str = "avg", device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_arch(img_size, embed_dim, depths, num_heads, global_ratio, strip_width, window_size)
+        _check_pool(global_pool)
+        dd = dict(device=device, dtype=dtype)
         num_stages = len(depths)
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = embed_dim * 2 ** (num_stages - 1)
@@ -397,7 +426,7 @@ class MGSSAF(nn.Module):
         total = sum(depths)
         rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
         self.layers = nn.ModuleList()
         for i in range(num_stages):
@@ -406,12 +435,14 @@ class MGSSAF(nn.Module):
                 embed_dim * 2 ** i, depths[i], downsample=i < num_stages - 1,
                 drop_path=rates[start:start + depths[i]], num_heads=num_heads[i],
                 global_ratio=global_ratio[i], strip_width=strip_width[i],
-                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate))
-        self.norm = LayerNorm2d(self.num_features)
-        self.last_conv = _pointwise(self.num_features, head_hidden_dim)
+                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                **dd))
+        self.norm = LayerNorm2d(self.num_features, **dd)
+        self.last_conv = _pointwise(self.num_features, head_hidden_dim, **dd)
         self.head_act = nn.GELU()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(head_hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(head_hidden_dim, num_classes, **dd) if num_classes > 0
+                     else nn.Identity())
         self._init_weights()
         self.set_grad_checkpointing(use_checkpoint)
 
@@ -461,25 +492,26 @@ class MGSSAF(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new, freshly initialised classifier for ``num_classes`` (0: none, the model returns
-        the pooled ``head_hidden_size`` features). ``global_pool`` '' keeps the spatial map
-        (``(B, head_hidden_size, h, w)``, only without a classifier); 'avg' pools it."""
+        the ``head_hidden_size`` features), on the model's device, in its dtype and train/eval
+        mode. ``global_pool`` (None: keep the current one) 'avg' pools the map; '' keeps it
+        spatial: ``(B, head_hidden_size, h, w)`` features, or with a classifier
+        ``(B, num_classes, h, w)`` logits, the classifier applied at every position."""
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool {global_pool!r}: expected 'avg' or ''")
+            _check_pool(global_pool)
             self.global_pool = global_pool
-        if num_classes > 0 and not self.global_pool:
-            raise ValueError("a classifier needs pooled features: global_pool must be 'avg'")
         self.num_classes = num_classes
-        self.head = nn.Identity()
+        like = self.patch_embed.ConvFuse.weight
         if num_classes > 0:
-            self.head = nn.Linear(self.head_hidden_size, num_classes,
-                                  device=self.patch_embed.ConvFuse.weight.device)
+            self.head = nn.Linear(self.head_hidden_size, num_classes, device=like.device,
+                                  dtype=like.dtype)
             _init_linear(self.head)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) images -> (B, num_features, H/32, W/32), normalised."""
-        _check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_input_size(x)))
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
@@ -495,7 +527,7 @@ class MGSSAF(nn.Module):
         after the last one taken are skipped (the first item is then that stage's map)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt {output_fmt!r}: MG-SSAF gives NCHW maps only")
-        _check_input(x)
+        x = check_input_size(x)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         last = len(self.layers) - 1
         stages = self.layers if not stop_early else self.layers[:max_index + 1]
@@ -529,12 +561,13 @@ class MGSSAF(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier.
         ``pre_logits``: the ``(B, head_hidden_size)`` features before the classifier; with
-        ``global_pool`` '' no pooling: ``(B, head_hidden_size, h, w)``."""
+        ``global_pool`` '' no pooling: ``(B, head_hidden_size, h, w)`` features and
+        ``(B, num_classes, h, w)`` logits."""
         if self.global_pool == "avg":
             x = x.mean((2, 3), keepdim=True)
         x = self.head_drop(self.head_act(self.last_conv(x)))
-        if not self.global_pool:
-            return x
+        if not self.global_pool:  # per position: the classifier over the channels
+            return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = x.flatten(1)
         return x if pre_logits else self.head(x)
 
@@ -554,10 +587,20 @@ def _init_linear(m: nn.Linear) -> None:
     nn.init.zeros_(m.bias)
 
 
-def _check_input(x: torch.Tensor) -> None:
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool {global_pool!r}: expected 'avg' or ''")
+
+
+# torch.fx records it as one call (the check runs on the real input); FX wraps public names only
+@register_notrace_function
+def check_input_size(x: torch.Tensor) -> torch.Tensor:
+    """``x``, after a ValueError unless both sides of the ``(..., H, W)`` input are multiples of
+    32 (returned, so that a traced graph keeps the check: FX drops calls whose result is unused)."""
     if x.shape[-2] % 32 or x.shape[-1] % 32:
         raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
                          f"{tuple(x.shape[-2:])}")
+    return x
 
 
 def _check_arch(img_size: int, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
