@@ -189,10 +189,13 @@ class MGSSAFAttention(nn.Module):
         heads, d, w = self.num_local, self.head_dim, self.window_size
         if fused_available(x, w, heads, self.attn_local_win):
             return separable_attention(x, w, heads, self.scale, self.attn_local_win)
-        pad_h, pad_w = -hh % w, -ww % w
-        if pad_h or pad_w:
+        nh, nw = -(-hh // w), -(-ww // w)
+        pad_h, pad_w = nh * w - hh, nw * w - ww
+        # an exported graph pads and masks at every size (by nothing where nothing is missing):
+        # it must not depend on whether the example input's stage maps needed it
+        padded = torch.compiler.is_exporting() or pad_h > 0 or pad_w > 0
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        nh, nw = (hh + pad_h) // w, (ww + pad_w) // w
         # (B, nh, w, nw, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
         x = x.reshape(b, nh, w, nw, w, 2, heads, d).permute(5, 6, 0, 1, 3, 2, 4, 7)
         q, k = x.reshape(2, heads, b * nh * nw, w, w, d).unbind(0)
@@ -202,9 +205,10 @@ class MGSSAFAttention(nn.Module):
         row = torch.matmul(k, q.transpose(-1, -2))  # (heads, Bw, i, j', j)
         k_cols, q_cols = k.transpose(2, 3).contiguous(), q.transpose(2, 3).contiguous()
         col = torch.matmul(k_cols, q_cols.transpose(-1, -2))  # (heads, Bw, j', i', i)
-        if pad_h or pad_w:
-            pad = torch.ones(nh * w, nw * w, dtype=torch.bool, device=x.device)
-            pad[:hh, :ww] = False
+        if padded:
+            # padded positions: rows from H on, columns from W on
+            pad = ((torch.arange(nh * w, device=x.device) >= hh).view(-1, 1)
+                   | (torch.arange(nw * w, device=x.device) >= ww).view(1, -1))
             # (Hp, Wp) -> (B*nh*nw, w, w), windows in the order of q and k
             pad = pad.view(nh, w, nw, w).transpose(1, 2).reshape(nh * nw, w, w).repeat(b, 1, 1)
             row = row.masked_fill(pad.unsqueeze(-1), torch.finfo(row.dtype).min)  # key (i, j')
@@ -219,15 +223,43 @@ class MGSSAFAttention(nn.Module):
         out = self.attn_local_win(p, k.reshape(heads, -1, w * w, d), (w, w))  # (heads, Bw, w*w, d)
         # (heads, B, nh, nw, w, w, d) -> (B, nh, w, nw, w, heads, d)
         out = out.view(heads, b, nh, nw, w, w, d).permute(1, 2, 4, 3, 5, 0, 6)
-        return out.reshape(b, nh * w, nw * w, heads, d)[:, :hh, :ww]
+        out = out.reshape(b, nh * w, nw * w, heads, d)
+        if padded:  # the outputs of padded queries cropped (a negative padding: sizes H and W)
+            out = F.pad(out, (0, 0, 0, 0, 0, -pad_w, 0, -pad_h))
+        return out
 
-    def _pool(self, k: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-              size: tuple[int, int]) -> torch.Tensor:
-        """Average-pools keys ``(heads, B, H*W, d)`` over the map: ``(heads, B, S, d)``."""
+    @staticmethod
+    def _window_pool(k: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
+        """Averages keys ``(heads, B, H*W, d)`` over the ``window x window`` cells of the map,
+        row-major: ``(heads, B, ceil(H/w) * ceil(W/w), d)``; the cells of the last row and
+        column average only the positions they cover (as ``avg_pool2d`` with ``ceil_mode``).
+
+        Written as a zero padding to whole cells and a sum divided by each cell's count, so that
+        every size is a plain expression of ``H`` and ``W`` (``torch.export`` with dynamic
+        sizes); the numbers are those of ``avg_pool2d`` up to the order of the additions."""
         heads, b, _, d = k.shape
-        grid = k.reshape(heads * b, *size, d).permute(0, 3, 1, 2)
-        pooled = F.avg_pool2d(grid, kernel, stride, ceil_mode=True)
-        return pooled.permute(0, 2, 3, 1).reshape(heads, b, -1, d)
+        hh, ww = size
+        nh, nw = -(-hh // window), -(-ww // window)
+        pad = (0, 0, 0, nw * window - ww, 0, nh * window - hh)
+        grid = F.pad(k.reshape(heads * b, hh, ww, d), pad)
+        sums = grid.view(heads * b, nh, window, nw, window, d).sum((2, 4))
+        # positions covered by each cell: its rows times its columns
+        rows = (hh - window * torch.arange(nh, device=k.device)).clamp(max=window)
+        cols = (ww - window * torch.arange(nw, device=k.device)).clamp(max=window)
+        counts = (rows.view(nh, 1, 1) * cols.view(1, nw, 1)).to(k.dtype)
+        return (sums / counts).view(heads, b, nh * nw, d)
+
+    @staticmethod
+    def _strip_pool(k: torch.Tensor, strip: int, size: tuple[int, int],
+                    horizontal: bool) -> torch.Tensor:
+        """Averages keys ``(heads, B, H*W, d)`` over strips ``strip`` rows high and the map's
+        width (``horizontal``: ``(heads, B, H/strip, d)``) or ``strip`` columns wide and the
+        map's height (``(heads, B, W/strip, d)``); ``strip`` divides the side."""
+        heads, b, _, d = k.shape
+        hh, ww = size
+        if horizontal:
+            return k.reshape(heads, b, hh // strip, strip * ww, d).mean(3)
+        return k.reshape(heads, b, hh, ww // strip, strip, d).mean((2, 4))
 
     def mg_msa(self, x: torch.Tensor) -> torch.Tensor:
         """Global: ``(B, H, W, 2*num_global*d) -> (B, H, W, num_global, d)``."""
@@ -240,7 +272,7 @@ class MGSSAFAttention(nn.Module):
         (q_win, k_win), (q_hor, k_hor), (q_ver, k_ver) = x.unbind(0)
 
         # window-pooled keys with AF: one softmax per pooled row times one per pooled column
-        keys = self._pool(k_win, (w, w), (w, w), (hh, ww))
+        keys = self._window_pool(k_win, w, (hh, ww))
         sh, sw = -(-hh // w), -(-ww // w)
         scores = torch.matmul(q_win * self.scale, keys.transpose(-1, -2))
         grid = scores.view(heads, b, hh * ww, sh, sw)
@@ -249,8 +281,8 @@ class MGSSAFAttention(nn.Module):
 
         # horizontal and vertical strip means: plain attention
         outs = [out_win]
-        for q, k, kernel in ((q_hor, k_hor, (s, ww)), (q_ver, k_ver, (hh, s))):
-            keys = self._pool(k, kernel, (s, s), (hh, ww))
+        for q, k, horizontal in ((q_hor, k_hor, True), (q_ver, k_ver, False)):
+            keys = self._strip_pool(k, s, (hh, ww), horizontal)
             scores = torch.matmul(q * self.scale, keys.transpose(-1, -2))
             outs.append(torch.matmul(scores.softmax(-1), keys))
         out = torch.cat(outs, 0)  # (num_global, B, H*W, d)

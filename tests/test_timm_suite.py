@@ -3,8 +3,8 @@ fetched from its sdist at test time (not copied into this repository), run with 
 ``mg_ssaf_t``/``mg_ssaf_s``/``mg_ssaf_b`` as timm runs it on its zoo (tests/timm_suite_plugin.py
 registers the models before collection and adds their module to timm's ``FEAT_INTER_FILTERS``).
 
-Every collected test must pass except timm's two TorchScript tests (``test_model_forward_torchscript``,
-``test_model_forward_fx_torchscript``), deselected: MG-SSAF does not support ``torch.jit.script``
+Every collected test must pass except timm's two TorchScript tests
+(``test_model_forward_torchscript``, ``test_model_forward_fx_torchscript``), deselected: MG-SSAF does not support ``torch.jit.script``
 (README, "Export"). The sdist comes from the package index pip is configured with, once per timm
 version, into ``$MGSSAF_TIMM_TESTS_CACHE`` (default: the system temp folder); without a
 reachable index the tests are skipped, saying so.
