@@ -26,7 +26,10 @@ The released network sets no attention dropout, and this implementation has none
 AF module fold its last bias into the output instead of adding it to every attention weight.
 
 The model has timm's interface (multi-scale features at strides 4/8/16/32, ``features_only``,
-layer-wise decay groups); models/registry.py registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
+layer-wise decay groups, ``device``/``dtype`` construction, torch.fx tracing) and exports with
+``torch.export`` (dynamic batch and sides), ONNX and ``torch.jit.trace``, whose graphs do not
+depend on the example input: the fast CPU paths stand aside there and SS-MSA pads and masks at
+every size (see ``ss_msa``); models/registry.py registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
 ``mg_ssaf_b`` with ``timm.create_model``, with weights from local files only.
 """
 from __future__ import annotations
