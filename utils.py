@@ -203,8 +203,8 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
     whole epoch), ``num_updates`` (optimizer steps so far), ``train_loss`` (sum and count of the
     epoch's losses so far, over all ranks), ``world_size`` (processes of the run) and, with
     MODEL_EMA, ``model_ema`` (the EMA weights), and ``class_names`` (the dataset's class names,
-    in the order of the logits; tools/predict.py prints them). No RNG state: every random draw of training is a
-    function of SEED, epoch and step or sample."""
+    in the order of the logits; tools/predict.py prints them). No RNG state: every random draw
+    of training is a function of SEED, epoch and step or sample."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),

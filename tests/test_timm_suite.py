@@ -4,10 +4,10 @@ fetched from its sdist at test time (not copied into this repository), run with 
 registers the models before collection and adds their module to timm's ``FEAT_INTER_FILTERS``).
 
 Every collected test must pass except timm's two TorchScript tests
-(``test_model_forward_torchscript``, ``test_model_forward_fx_torchscript``), deselected: MG-SSAF does not support ``torch.jit.script``
-(README, "Export"). The sdist comes from the package index pip is configured with, once per timm
-version, into ``$MGSSAF_TIMM_TESTS_CACHE`` (default: the system temp folder); without a
-reachable index the tests are skipped, saying so.
+(``test_model_forward_torchscript``, ``test_model_forward_fx_torchscript``), deselected: MG-SSAF
+does not support ``torch.jit.script`` (README, "Use as a backbone"). The sdist comes from the
+package index pip is configured with, once per timm version, into ``$MGSSAF_TIMM_TESTS_CACHE``
+(default: the system temp folder); without a reachable index the tests are skipped, saying so.
 """
 from __future__ import annotations
 
