@@ -839,7 +839,8 @@ def run_body(config: CN, preemption: Preemption, task: ClassificationTask, devic
                             scaler, logger, num_updates=progress.num_updates,
                             epoch_step=progress.epoch_step,
                             train_loss=(progress.loss_sum, progress.loss_count),
-                            model_ema=model_ema.module if model_ema is not None else None)
+                            model_ema=model_ema.module if model_ema is not None else None,
+                            class_names=getattr(dataset_val, "classes", None))
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch, progress.epoch_step))
             write_preempted_marker(config, saved, preemption, epoch, progress.epoch_step)
             raise Preempted(f"{preemption.signal_name or 'a signal on another rank'} received: "
@@ -883,7 +884,8 @@ def run_body(config: CN, preemption: Preemption, task: ClassificationTask, devic
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, lr_scheduler,
                             scaler, logger, num_updates=progress.num_updates,
                             is_best=is_best, save_epoch=save_epoch,
-                            model_ema=model_ema.module if model_ema is not None else None)
+                            model_ema=model_ema.module if model_ema is not None else None,
+                            class_names=getattr(dataset_val, "classes", None))
         progress = Progress(num_updates=progress.num_updates)
         if stop:
             saved = os.path.join(config.OUTPUT, checkpoint_name(epoch))

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -445,7 +445,8 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
                     scaler: torch.amp.GradScaler, logger: logging.Logger, *, num_updates: int,
                     epoch_step: int | None = None, train_loss: tuple[float, float] = (0.0, 0.0),
                     is_best: bool = False, save_epoch: bool = True,
-                    model_ema: torch.nn.Module | None = None) -> None:
+                    model_ema: torch.nn.Module | None = None,
+                    class_names: Sequence[str] | None = None) -> None:
     """Saves the training state (rank 0 writes, the other ranks return; no collective, so a rank
     can save while its peers are gone).
 
@@ -453,8 +454,9 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
     checkpoints have them, plus ``epoch_step`` (loader steps done in ``epoch``; None after the
     whole epoch), ``num_updates`` (optimizer steps so far), ``train_loss`` (sum and count of the
     epoch's losses so far, over all ranks), ``world_size`` (processes of the run) and, with
-    MODEL_EMA, ``model_ema`` (the EMA weights). No RNG state: every random draw of training is a
-    function of SEED, epoch and step or sample."""
+    MODEL_EMA, ``model_ema`` (the EMA weights), and ``class_names`` (the dataset's class names,
+    in the order of the logits; tools/predict.py prints them). No RNG state: every random draw
+    of training is a function of SEED, epoch and step or sample."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -470,6 +472,8 @@ def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy
     }
     if model_ema is not None:
         state["model_ema"] = model_ema.state_dict()
+    if class_names is not None:
+        state["class_names"] = [str(name) for name in class_names]
     if get_rank() != 0:
         return
     if is_best:

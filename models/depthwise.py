@@ -15,9 +15,10 @@ and, on CPU in float32/float64 with stride 1, computes the gradients as:
 
 It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within 2-4x of the
 forward). Everywhere else (CUDA, where cuDNN has dedicated depthwise kernels; autocast; stride
-2; channel counts that are no multiple of the kernel's channel block; no C compiler) the module
-is exactly ``nn.Conv2d``. Parameter names and shapes are ``nn.Conv2d``'s, so checkpoints load as
-before, and the weight gradient has the weight's own strides (what DDP's buckets expect).
+2; channel counts that are no multiple of the kernel's channel block; no C compiler; graphs
+recorded by ``torch.export`` or ``torch.jit.trace``) the module is exactly ``nn.Conv2d``.
+Parameter names and shapes are ``nn.Conv2d``'s, so checkpoints load as before, and the weight
+gradient has the weight's own strides (what DDP's buckets expect).
 """
 from __future__ import annotations
 
@@ -229,10 +230,16 @@ class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(dim, dim, k, stride, k // 2, groups=dim)`` on ``(B, C, H, W)`` maps (any memory
     format), with the fast CPU backward where it applies (see the module docstring)."""
 
-    def __init__(self, dim: int, kernel_size: int, stride: int = 1) -> None:
-        super().__init__(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim)
+    def __init__(self, dim: int, kernel_size: int, stride: int = 1,
+                 device: Optional[torch.device | str] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim,
+                         device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and fast_backward_available(x, self.weight, self.stride[0]):
+        # a recorded graph (torch.export, torch.jit.trace) is the same with and without grad
+        if (torch.is_grad_enabled() and not torch.compiler.is_exporting()
+                and not torch.jit.is_tracing()
+                and fast_backward_available(x, self.weight, self.stride[0])):
             return _DepthwiseConv.apply(x, self.weight, self.bias)
         return super().forward(x)

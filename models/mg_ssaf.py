@@ -26,7 +26,10 @@ The released network sets no attention dropout, and this implementation has none
 AF module fold its last bias into the output instead of adding it to every attention weight.
 
 The model has timm's interface (multi-scale features at strides 4/8/16/32, ``features_only``,
-layer-wise decay groups); models/registry.py registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
+layer-wise decay groups, ``device``/``dtype`` construction, torch.fx tracing) and exports with
+``torch.export`` (dynamic batch and sides), ONNX and ``torch.jit.trace``, whose graphs do not
+depend on the example input: the fast CPU paths stand aside there and SS-MSA pads and masks at
+every size (see ``ss_msa``); models/registry.py registers ``mg_ssaf_t``, ``mg_ssaf_s`` and
 ``mg_ssaf_b`` with ``timm.create_model``, with weights from local files only.
 """
 from __future__ import annotations
@@ -39,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import (DropPath, register_notrace_function, register_notrace_module,
+                         trunc_normal_)
 from timm.models._features import feature_take_indices
 
 from utils import load_pretrained
@@ -52,13 +56,20 @@ __all__ = ["MGSSAF"]
 
 _logger = logging.getLogger(__name__)
 
+DeviceLike = torch.device | str | None
 
-def _pointwise(in_chans: int, out_chans: int, bias: bool = True) -> nn.Conv2d:
-    return PointwiseConv2d(in_chans, out_chans, bias)
+# torch.fx (timm's FX feature extraction) calls these as leaf modules, like nn.Conv2d: their
+# CPU fast paths branch on the device, batch and memory format of the input
+register_notrace_module(PointwiseConv2d)
+register_notrace_module(DepthwiseConv2d)
 
 
-def _depthwise(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
-    return DepthwiseConv2d(dim, kernel_size, stride)
+def _pointwise(in_chans: int, out_chans: int, bias: bool = True, **dd: Any) -> nn.Conv2d:
+    return PointwiseConv2d(in_chans, out_chans, bias, **dd)
+
+
+def _depthwise(dim: int, kernel_size: int, stride: int = 1, **dd: Any) -> nn.Conv2d:
+    return DepthwiseConv2d(dim, kernel_size, stride, **dd)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -71,8 +82,9 @@ class LayerNorm2d(nn.LayerNorm):
     tensors, and its LayerNorm backward falls back to scalar code.)
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__(dim, eps=eps)
+    def __init__(self, dim: int, eps: float = 1e-6, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(dim, eps=eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -91,11 +103,13 @@ class AttentionFusion(nn.Sequential):
     a ``(heads, heads)`` matrix mixing the heads.
     """
 
-    def __init__(self, num_heads: int) -> None:
+    def __init__(self, num_heads: int, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__(
-            nn.Conv2d(num_heads, num_heads, 3, padding=1, groups=num_heads),
+            nn.Conv2d(num_heads, num_heads, 3, padding=1, groups=num_heads, **dd),
             nn.GELU(),
-            nn.Conv2d(num_heads, num_heads, 1),
+            nn.Conv2d(num_heads, num_heads, 1, **dd),
         )
 
     def _spatial_operator(self, map_size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
@@ -135,6 +149,7 @@ class AttentionFusion(nn.Sequential):
         return out.view(heads, groups, nq, d)
 
 
+@register_notrace_module  # torch.fx: a leaf, its window padding and fused kernels branch on shapes
 class MGSSAFAttention(nn.Module):
     """SS-MSA with the AF module (local heads) beside MG-MSA (global heads), on ``(B, C, H, W)``.
 
@@ -146,8 +161,10 @@ class MGSSAFAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
-                 window_size: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:
+                 window_size: int, qkv_bias: bool = True, proj_drop: float = 0.0,
+                 device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.num_global = int(num_heads * global_ratio)
@@ -156,10 +173,11 @@ class MGSSAFAttention(nn.Module):
         self.strip_width = strip_width
         self.window_size = window_size
 
-        self.proj_qkv = _pointwise(dim, 2 * dim, bias=qkv_bias)
-        self.attn_local_win = AttentionFusion(self.num_local)
-        self.attn_global_win = AttentionFusion(self.num_global // 3) if self.num_global else None
-        self.proj_concat = _pointwise(dim, dim)
+        self.proj_qkv = _pointwise(dim, 2 * dim, bias=qkv_bias, **dd)
+        self.attn_local_win = AttentionFusion(self.num_local, **dd)
+        self.attn_global_win = (AttentionFusion(self.num_global // 3, **dd) if self.num_global
+                                else None)
+        self.proj_concat = _pointwise(dim, dim, **dd)
         self.act = nn.GELU()
         self.proj_drop = nn.Dropout(proj_drop)
         # Released checkpoints carry an ``attn.norm`` LayerNorm that the network never applies.
@@ -175,10 +193,13 @@ class MGSSAFAttention(nn.Module):
         heads, d, w = self.num_local, self.head_dim, self.window_size
         if fused_available(x, w, heads, self.attn_local_win):
             return separable_attention(x, w, heads, self.scale, self.attn_local_win)
-        pad_h, pad_w = -hh % w, -ww % w
-        if pad_h or pad_w:
+        nh, nw = -(-hh // w), -(-ww // w)
+        pad_h, pad_w = nh * w - hh, nw * w - ww
+        # an exported graph pads and masks at every size (by nothing where nothing is missing):
+        # it must not depend on whether the example input's stage maps needed it
+        padded = torch.compiler.is_exporting() or pad_h > 0 or pad_w > 0
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        nh, nw = (hh + pad_h) // w, (ww + pad_w) // w
         # (B, nh, w, nw, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
         x = x.reshape(b, nh, w, nw, w, 2, heads, d).permute(5, 6, 0, 1, 3, 2, 4, 7)
         q, k = x.reshape(2, heads, b * nh * nw, w, w, d).unbind(0)
@@ -188,9 +209,10 @@ class MGSSAFAttention(nn.Module):
         row = torch.matmul(k, q.transpose(-1, -2))  # (heads, Bw, i, j', j)
         k_cols, q_cols = k.transpose(2, 3).contiguous(), q.transpose(2, 3).contiguous()
         col = torch.matmul(k_cols, q_cols.transpose(-1, -2))  # (heads, Bw, j', i', i)
-        if pad_h or pad_w:
-            pad = torch.ones(nh * w, nw * w, dtype=torch.bool, device=x.device)
-            pad[:hh, :ww] = False
+        if padded:
+            # padded positions: rows from H on, columns from W on
+            pad = ((torch.arange(nh * w, device=x.device) >= hh).view(-1, 1)
+                   | (torch.arange(nw * w, device=x.device) >= ww).view(1, -1))
             # (Hp, Wp) -> (B*nh*nw, w, w), windows in the order of q and k
             pad = pad.view(nh, w, nw, w).transpose(1, 2).reshape(nh * nw, w, w).repeat(b, 1, 1)
             row = row.masked_fill(pad.unsqueeze(-1), torch.finfo(row.dtype).min)  # key (i, j')
@@ -205,15 +227,43 @@ class MGSSAFAttention(nn.Module):
         out = self.attn_local_win(p, k.reshape(heads, -1, w * w, d), (w, w))  # (heads, Bw, w*w, d)
         # (heads, B, nh, nw, w, w, d) -> (B, nh, w, nw, w, heads, d)
         out = out.view(heads, b, nh, nw, w, w, d).permute(1, 2, 4, 3, 5, 0, 6)
-        return out.reshape(b, nh * w, nw * w, heads, d)[:, :hh, :ww]
+        out = out.reshape(b, nh * w, nw * w, heads, d)
+        if padded:  # the outputs of padded queries cropped (a negative padding: sizes H and W)
+            out = F.pad(out, (0, 0, 0, 0, 0, -pad_w, 0, -pad_h))
+        return out
 
-    def _pool(self, k: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-              size: tuple[int, int]) -> torch.Tensor:
-        """Average-pools keys ``(heads, B, H*W, d)`` over the map: ``(heads, B, S, d)``."""
+    @staticmethod
+    def _window_pool(k: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
+        """Averages keys ``(heads, B, H*W, d)`` over the ``window x window`` cells of the map,
+        row-major: ``(heads, B, ceil(H/w) * ceil(W/w), d)``; the cells of the last row and
+        column average only the positions they cover (as ``avg_pool2d`` with ``ceil_mode``).
+
+        Written as a zero padding to whole cells and a sum divided by each cell's count, so that
+        every size is a plain expression of ``H`` and ``W`` (``torch.export`` with dynamic
+        sizes); the numbers are those of ``avg_pool2d`` up to the order of the additions."""
         heads, b, _, d = k.shape
-        grid = k.reshape(heads * b, *size, d).permute(0, 3, 1, 2)
-        pooled = F.avg_pool2d(grid, kernel, stride, ceil_mode=True)
-        return pooled.permute(0, 2, 3, 1).reshape(heads, b, -1, d)
+        hh, ww = size
+        nh, nw = -(-hh // window), -(-ww // window)
+        pad = (0, 0, 0, nw * window - ww, 0, nh * window - hh)
+        grid = F.pad(k.reshape(heads * b, hh, ww, d), pad)
+        sums = grid.view(heads * b, nh, window, nw, window, d).sum((2, 4))
+        # positions covered by each cell: its rows times its columns
+        rows = (hh - window * torch.arange(nh, device=k.device)).clamp(max=window)
+        cols = (ww - window * torch.arange(nw, device=k.device)).clamp(max=window)
+        counts = (rows.view(nh, 1, 1) * cols.view(1, nw, 1)).to(k.dtype)
+        return (sums / counts).view(heads, b, nh * nw, d)
+
+    @staticmethod
+    def _strip_pool(k: torch.Tensor, strip: int, size: tuple[int, int],
+                    horizontal: bool) -> torch.Tensor:
+        """Averages keys ``(heads, B, H*W, d)`` over strips ``strip`` rows high and the map's
+        width (``horizontal``: ``(heads, B, H/strip, d)``) or ``strip`` columns wide and the
+        map's height (``(heads, B, W/strip, d)``); ``strip`` divides the side."""
+        heads, b, _, d = k.shape
+        hh, ww = size
+        if horizontal:
+            return k.reshape(heads, b, hh // strip, strip * ww, d).mean(3)
+        return k.reshape(heads, b, hh, ww // strip, strip, d).mean((2, 4))
 
     def mg_msa(self, x: torch.Tensor) -> torch.Tensor:
         """Global: ``(B, H, W, 2*num_global*d) -> (B, H, W, num_global, d)``."""
@@ -226,7 +276,7 @@ class MGSSAFAttention(nn.Module):
         (q_win, k_win), (q_hor, k_hor), (q_ver, k_ver) = x.unbind(0)
 
         # window-pooled keys with AF: one softmax per pooled row times one per pooled column
-        keys = self._pool(k_win, (w, w), (w, w), (hh, ww))
+        keys = self._window_pool(k_win, w, (hh, ww))
         sh, sw = -(-hh // w), -(-ww // w)
         scores = torch.matmul(q_win * self.scale, keys.transpose(-1, -2))
         grid = scores.view(heads, b, hh * ww, sh, sw)
@@ -235,8 +285,8 @@ class MGSSAFAttention(nn.Module):
 
         # horizontal and vertical strip means: plain attention
         outs = [out_win]
-        for q, k, kernel in ((q_hor, k_hor, (s, ww)), (q_ver, k_ver, (hh, s))):
-            keys = self._pool(k, kernel, (s, s), (hh, ww))
+        for q, k, horizontal in ((q_hor, k_hor, True), (q_ver, k_ver, False)):
+            keys = self._strip_pool(k, s, (hh, ww), horizontal)
             scores = torch.matmul(q * self.scale, keys.transpose(-1, -2))
             outs.append(torch.matmul(scores.softmax(-1), keys))
         out = torch.cat(outs, 0)  # (num_global, B, H*W, d)
@@ -264,14 +314,16 @@ class ConvMlp(nn.Module):
     """Convolutional feed-forward on ``(B, C, H, W)``:
     ``LN2d -> dw3x3 -> 1x1 (C -> rC) -> GELU -> dw7x7 -> 1x1 (rC -> C) -> Dropout``."""
 
-    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         hidden = int(dim * mlp_ratio)
-        self.dwconv = _depthwise(dim, 3)
-        self.norm = LayerNorm2d(dim)
-        self.pwconv1 = _pointwise(dim, hidden)
-        self.pwconv2 = _pointwise(hidden, dim)
-        self.branch_dw = _depthwise(hidden, 7)
+        self.dwconv = _depthwise(dim, 3, **dd)
+        self.norm = LayerNorm2d(dim, **dd)
+        self.pwconv1 = _pointwise(dim, hidden, **dd)
+        self.pwconv2 = _pointwise(hidden, dim, **dd)
+        self.branch_dw = _depthwise(hidden, 7, **dd)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
 
@@ -286,13 +338,15 @@ class MGSSAFBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
                  window_size: int, mlp_ratio: float, qkv_bias: bool, drop: float,
-                 drop_path: float) -> None:
+                 drop_path: float, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.norm1 = LayerNorm2d(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = LayerNorm2d(dim, **dd)
         self.attn = MGSSAFAttention(dim, num_heads, global_ratio, strip_width, window_size,
-                                    qkv_bias, drop)
+                                    qkv_bias, drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.mlp = ConvMlp(dim, mlp_ratio, drop)
+        self.mlp = ConvMlp(dim, mlp_ratio, drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -303,13 +357,15 @@ class PatchMerging(nn.Module):
     """Halves the resolution and doubles the channels of ``(B, C, H, W)``:
     ``LN2d -> dw3x3 s2 -> 1x1 -> GELU -> 1x1`` plus ``AvgPool 2 -> the same LN2d -> 1x1``."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.norm = LayerNorm2d(dim)
-        self.dwconv = _depthwise(dim, 3, stride=2)
-        self.pwconv1 = _pointwise(dim, 2 * dim)
-        self.pwconv2 = _pointwise(2 * dim, 2 * dim)
-        self.Fuse1x1 = _pointwise(dim, 2 * dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm = LayerNorm2d(dim, **dd)
+        self.dwconv = _depthwise(dim, 3, stride=2, **dd)
+        self.pwconv1 = _pointwise(dim, 2 * dim, **dd)
+        self.pwconv2 = _pointwise(2 * dim, 2 * dim, **dd)
+        self.Fuse1x1 = _pointwise(dim, 2 * dim, **dd)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,12 +380,14 @@ class PatchEmbed(nn.Module):
     convolution on.
     """
 
-    def __init__(self, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, in_chans: int, embed_dim: int, device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.norm = LayerNorm2d(embed_dim)
-        self.Conv2Down = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1)
-        self.Conv4Down = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1)
-        self.ConvFuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
+        dd = dict(device=device, dtype=dtype)
+        self.norm = LayerNorm2d(embed_dim, **dd)
+        self.Conv2Down = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1, **dd)
+        self.Conv4Down = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1, **dd)
+        self.ConvFuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, **dd)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,12 +404,14 @@ class MGSSAFStage(nn.Module):
     """
 
     def __init__(self, dim: int, depth: int, downsample: bool, drop_path: Sequence[float],
-                 **block_kwargs) -> None:
+                 device: DeviceLike = None, dtype: torch.dtype | None = None,
+                 **block_kwargs: Any) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(*(
-            MGSSAFBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_path))
-        self.downsample = PatchMerging(dim) if downsample else None
+            MGSSAFBlock(dim, drop_path=dp, **block_kwargs, **dd) for dp in drop_path))
+        self.downsample = PatchMerging(dim, **dd) if downsample else None
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's blocks: ``(B, dim, H, W) -> (B, dim, H, W)``."""
@@ -384,10 +444,14 @@ class MGSSAF(nn.Module):
                  strip_width: Sequence[int] = (0, 2, 2, 0), window_size: int = 7,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, head_hidden_dim: int = 1280,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False,
-                 global_pool: str = "avg") -> None:
+                 global_pool: str = "avg", device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_arch(img_size, embed_dim, depths, num_heads, global_ratio, strip_width, window_size)
+        _check_pool(global_pool)
+        dd = dict(device=device, dtype=dtype)
         num_stages = len(depths)
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = embed_dim * 2 ** (num_stages - 1)
@@ -398,7 +462,7 @@ class MGSSAF(nn.Module):
         total = sum(depths)
         rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
         self.layers = nn.ModuleList()
         for i in range(num_stages):
@@ -407,12 +471,14 @@ class MGSSAF(nn.Module):
                 embed_dim * 2 ** i, depths[i], downsample=i < num_stages - 1,
                 drop_path=rates[start:start + depths[i]], num_heads=num_heads[i],
                 global_ratio=global_ratio[i], strip_width=strip_width[i],
-                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate))
-        self.norm = LayerNorm2d(self.num_features)
-        self.last_conv = _pointwise(self.num_features, head_hidden_dim)
+                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                **dd))
+        self.norm = LayerNorm2d(self.num_features, **dd)
+        self.last_conv = _pointwise(self.num_features, head_hidden_dim, **dd)
         self.head_act = nn.GELU()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(head_hidden_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(head_hidden_dim, num_classes, **dd) if num_classes > 0
+                     else nn.Identity())
         self._init_weights()
         self.set_grad_checkpointing(use_checkpoint)
 
@@ -462,25 +528,26 @@ class MGSSAF(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new, freshly initialised classifier for ``num_classes`` (0: none, the model returns
-        the pooled ``head_hidden_size`` features). ``global_pool`` '' keeps the spatial map
-        (``(B, head_hidden_size, h, w)``, only without a classifier); 'avg' pools it."""
+        the ``head_hidden_size`` features), on the model's device, in its dtype and train/eval
+        mode. ``global_pool`` (None: keep the current one) 'avg' pools the map; '' keeps it
+        spatial: ``(B, head_hidden_size, h, w)`` features, or with a classifier
+        ``(B, num_classes, h, w)`` logits, the classifier applied at every position."""
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool {global_pool!r}: expected 'avg' or ''")
+            _check_pool(global_pool)
             self.global_pool = global_pool
-        if num_classes > 0 and not self.global_pool:
-            raise ValueError("a classifier needs pooled features: global_pool must be 'avg'")
         self.num_classes = num_classes
-        self.head = nn.Identity()
+        like = self.patch_embed.ConvFuse.weight
         if num_classes > 0:
-            self.head = nn.Linear(self.head_hidden_size, num_classes,
-                                  device=self.patch_embed.ConvFuse.weight.device)
+            self.head = nn.Linear(self.head_hidden_size, num_classes, device=like.device,
+                                  dtype=like.dtype)
             _init_linear(self.head)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) images -> (B, num_features, H/32, W/32), normalised."""
-        _check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_input_size(x)))
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
@@ -496,7 +563,7 @@ class MGSSAF(nn.Module):
         after the last one taken are skipped (the first item is then that stage's map)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt {output_fmt!r}: MG-SSAF gives NCHW maps only")
-        _check_input(x)
+        x = check_input_size(x)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         last = len(self.layers) - 1
         stages = self.layers if not stop_early else self.layers[:max_index + 1]
@@ -530,12 +597,13 @@ class MGSSAF(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, num_features, h, w) -> (B, num_classes): global average, 1x1, GELU, classifier.
         ``pre_logits``: the ``(B, head_hidden_size)`` features before the classifier; with
-        ``global_pool`` '' no pooling: ``(B, head_hidden_size, h, w)``."""
+        ``global_pool`` '' no pooling: ``(B, head_hidden_size, h, w)`` features and
+        ``(B, num_classes, h, w)`` logits."""
         if self.global_pool == "avg":
             x = x.mean((2, 3), keepdim=True)
         x = self.head_drop(self.head_act(self.last_conv(x)))
-        if not self.global_pool:
-            return x
+        if not self.global_pool:  # per position: the classifier over the channels
+            return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = x.flatten(1)
         return x if pre_logits else self.head(x)
 
@@ -555,10 +623,20 @@ def _init_linear(m: nn.Linear) -> None:
     nn.init.zeros_(m.bias)
 
 
-def _check_input(x: torch.Tensor) -> None:
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool {global_pool!r}: expected 'avg' or ''")
+
+
+# torch.fx records it as one call (the check runs on the real input); FX wraps public names only
+@register_notrace_function
+def check_input_size(x: torch.Tensor) -> torch.Tensor:
+    """``x``, after a ValueError unless both sides of the ``(..., H, W)`` input are multiples of
+    32 (returned, so that a traced graph keeps the check: FX drops calls whose result is unused)."""
     if x.shape[-2] % 32 or x.shape[-1] % 32:
         raise ValueError(f"MG-SSAF needs input sides that are multiples of 32, got "
                          f"{tuple(x.shape[-2:])}")
+    return x
 
 
 def _check_arch(img_size: int, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],

@@ -19,6 +19,15 @@ def _pieces(batch: int, height: int) -> int:
                  if height % k == 0 and batch * k >= _ONEDNN_MIN_BATCH), height)
 
 
+def _plain_conv(x: torch.Tensor) -> bool:
+    """Whether ``x`` goes to ``nn.Conv2d`` as it is: off x86 CPUs, at batches of 16 or more, on
+    maps that are not channels-last, and wherever a graph is recorded (``torch.export``,
+    ``torch.jit.trace``), which must not depend on the batch the example happens to have."""
+    return (x.device.type != "cpu" or not _ONEDNN_FASTER or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or x.shape[0] >= _ONEDNN_MIN_BATCH
+            or not x.is_contiguous(memory_format=torch.channels_last))
+
+
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_chans, out_chans, 1)`` on ``(B, C, H, W)`` maps.
 
@@ -31,17 +40,18 @@ class PointwiseConv2d(nn.Conv2d):
     with ``B*k >= 16``), which oneDNN takes, forward and backward. (Images of one column,
     ``(B*H, C, W, 1)``, would do as well with AVX-512, but oneDNN's AVX2 backward is ~1.4x
     slower on them.) The numbers are those of the same matrix product; parameter names and shapes
-    are ``nn.Conv2d``'s.
+    are ``nn.Conv2d``'s. Exported and traced graphs get the plain convolution (``_plain_conv``).
     """
 
-    def __init__(self, in_chans: int, out_chans: int, bias: bool = True) -> None:
-        super().__init__(in_chans, out_chans, 1, bias=bias)
+    def __init__(self, in_chans: int, out_chans: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__(in_chans, out_chans, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        if (x.device.type != "cpu" or not _ONEDNN_FASTER or b >= _ONEDNN_MIN_BATCH
-                or not x.is_contiguous(memory_format=torch.channels_last)):
+        if _plain_conv(x):
             return super().forward(x)
+        b, c, h, w = x.shape
         k = _pieces(b, h)
         # (B, H, W, C) memory as a (B*k, C, H/k, W) channels-last batch: a view
         pieces = x.permute(0, 2, 3, 1).reshape(b * k, h // k, w, c).permute(0, 3, 1, 2)

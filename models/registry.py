@@ -48,15 +48,15 @@ def _create_mg_ssaf(variant: str, pretrained: bool = False, **kwargs: Any) -> MG
     builder; with ``features_only=True`` a FeatureGetterNet over
     :meth:`MGSSAF.forward_intermediates`.
 
-    A local weights file is read by :meth:`MGSSAF.load_pretrained` (timm's ``custom_load``):
+    A local checkpoint is read by :meth:`MGSSAF.load_pretrained` (timm's ``custom_load``):
     timm's own reader loads with ``weights_only`` and refuses the yacs config that project and
-    released checkpoints hold."""
+    released checkpoints hold. A ``.safetensors`` file (tools/export.py) is read by timm."""
     config = load_config(None, ["MODEL.NAME", _CONFIG_NAMES[variant]])
     args = dict(model_kwargs(config), **kwargs)
     out_indices = args.pop("out_indices", tuple(range(len(args["depths"]))))
     overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        overlay.setdefault("custom_load", True)
+    if overlay.get("file"):  # timm reads safetensors files itself; checkpoints are pickles
+        overlay.setdefault("custom_load", not str(overlay["file"]).endswith(".safetensors"))
     return build_model_with_cfg(
         MGSSAF, variant, pretrained, pretrained_cfg_overlay=overlay,
         pretrained_filter_fn=checkpoint_filter_fn,

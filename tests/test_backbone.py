@@ -103,6 +103,70 @@ def test_num_classes_zero_is_identity_head():
     assert isinstance(build_model(config).head, torch.nn.Identity)
 
 
+# a small MG-SSAF for the contract tests (same code as T/S/B, the fast paths included)
+SMALL = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 6, 6, 2), head_hidden_dim=64)
+
+
+def test_device_and_dtype_arguments():
+    """timm's construction contract: device and dtype keyword arguments reach every parameter
+    (the meta device included, as timm's default-cfg test builds models); in_chans is kept."""
+    meta = timm.create_model("mg_ssaf_t", device="meta", dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in meta.parameters()} == {("meta", torch.float64)}
+    assert meta.in_chans == 3 == meta.pretrained_cfg["input_size"][0]
+    model = timm.create_model("mg_ssaf_t", dtype=torch.float64, in_chans=1, **SMALL).eval()
+    assert model.in_chans == 1 and {p.dtype for p in model.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 64, 96, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(TypeError):
+        timm.create_model("mg_ssaf_t", device="meta", not_a_model_arg=1)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", ""])
+def test_reset_classifier_keeps_device_dtype_and_mode(global_pool):
+    """reset_classifier builds the new head on the model's device, in its dtype and train/eval
+    mode, for either pooling; with global_pool '' the head classifies every position."""
+    model = timm.create_model("mg_ssaf_t", num_classes=0, global_pool=global_pool, **SMALL)
+    model.to(torch.float64).eval()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64 and model.num_classes == 5
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        logits = model(x)
+    if global_pool:
+        torch.testing.assert_close(logits, model.head(pre_logits))
+    else:
+        assert logits.shape == (2, 5, 2, 3)
+        torch.testing.assert_close(logits, torch.einsum("bchw,kc->bkhw", pre_logits,
+                                                        model.head.weight)
+                                   + model.head.bias.view(1, -1, 1, 1))
+    model.train()
+    model.reset_classifier(3, "avg")
+    assert model.head.training and model.global_pool == "avg"
+    meta = timm.create_model("mg_ssaf_t", device="meta").eval()
+    meta.reset_classifier(4)
+    assert meta.head.weight.device.type == "meta" and not meta.head.training
+
+
+def test_fx_feature_extraction():
+    """features_only with timm's FX feature extractor (feature_cls="fx") traces the model and
+    gives the maps of forward_intermediates; the input size check still runs on real inputs."""
+    torch.manual_seed(0)
+    fx = timm.create_model("mg_ssaf_t", features_only=True, feature_cls="fx", **SMALL).eval()
+    torch.manual_seed(0)
+    model = timm.create_model("mg_ssaf_t", **SMALL).eval()
+    x = _input(2)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        for out, ref in zip(fx(x), maps, strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="multiples of 32"):
+            fx(torch.randn(1, 3, 64, 80))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_features_only_and_forward_intermediates(name):
     """timm's test_model_forward_features / test_model_forward_intermediates: four NCHW maps
