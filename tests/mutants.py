@@ -99,4 +99,7 @@ MUTANTS = [
     Mutant("buffers-not-broadcast", "every rank evaluates the state rank 0 saves", "main.py",
            "                broadcast_buffers(module)", "                pass",
            ("tests/test_seg_cli.py::test_torchrun_two_processes_train_with_workers_and_evaluate",)),
+    Mutant("fp16-without-loss-scaling", "AMP float16 trains with a GradScaler's loss scaling",
+           "main.py", "enabled=amp.enabled and amp.dtype == torch.float16)", "enabled=False)",
+           ("tests/test_defaults.py::test_shipped_recipe_trains_through_the_cli_on_photos",)),
 ]
