@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}: {m.property} ({m.file}; tests: {' '.join(m.tests)})")
         return 0
     tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
-    baseline = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
-                               *tests], cwd=ROOT, capture_output=True, text=True)
+    baseline = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p",
+                               "no:cacheprovider", *tests], cwd=ROOT, capture_output=True,
+                              text=True)
     if baseline.returncode != 0:  # a failure would count as a catch: the check means nothing
         print(baseline.stdout[-3000:] + baseline.stderr[-2000:])
         print("the mutants' tests fail on the unmutated tree; fix that first")
