@@ -531,7 +531,7 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos",
 VALUE_RULES: dict[str, tuple] = {
     "DATA.IMG_SIZE": SIZE,
     "DATA.INTERPOLATION": _choice(*INTERPOLATIONS),
-    "MODEL.NUM_CLASSES": SIZE,
+    "MODEL.NUM_CLASSES": ((lambda v: v >= 0), "at least 0 (0: no classifier, pooled features)"),
     "MODEL.DROP_RATE": PROBABILITY,
     "MODEL.DROP_PATH_RATE": PROBABILITY,
     "MODEL.LABEL_SMOOTHING": _number(0.0, 1.0, high_open=True),
