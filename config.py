@@ -204,6 +204,11 @@ _C.SEG.DROPOUT = 0.1
 _C.SEG.AUX_CHANNELS = 256
 _C.SEG.AUX_INDEX = 2
 _C.SEG.AUX_WEIGHT = 0.4
+# Initialisation of both heads: 'mmcv' (mmseg 0.11: each conv + BN as mmcv's ConvModule, conv
+# Kaiming normal fan_out, BN 1 / 0; each classifier conv_seg normal(0, 0.01), bias 0), the
+# recipe's; or 'pytorch' (every layer's PyTorch default), which the CPU digits demo uses (see its
+# config: with 'mmcv' it predicts background only for hundreds of iterations).
+_C.SEG.HEAD_INIT = "mmcv"
 # Label ignored by the loss and the metrics (ADE20K's 'other' class 0 becomes it, and a raw 255
 # stays it).
 _C.SEG.IGNORE_INDEX = 255

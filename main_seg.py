@@ -31,7 +31,8 @@ from data.build import SEGMENTATION_DATASETS, Loader, ShardSampler
 from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, multi_scale_ratios
 from main import Amp, ClassificationTask, main
 from models.seg_inference import inference
-from models.upernet import build_segmentor, convert_sync_batchnorm, load_backbone_weights
+from models.upernet import (HEAD_INITS, build_segmentor, convert_sync_batchnorm,
+                            load_backbone_weights)
 from optimizer import build_optimizer, keyword_decay_groups
 from seg_metrics import SegMetrics, format_table, summarize
 from utils import CheckpointError, get_rank, get_world_size, load_checkpoint_file
@@ -155,6 +156,9 @@ class SegmentationTask(ClassificationTask):
             raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} is not a segmentation "
                               "dataset: expected one of "
                               + ", ".join(map(repr, SEGMENTATION_DATASETS)))
+        if seg.HEAD_INIT not in HEAD_INITS:
+            raise ConfigError(f"SEG.HEAD_INIT {seg.HEAD_INIT!r}: expected one of "
+                              + ", ".join(map(repr, HEAD_INITS)))
         if config.TRAIN.LAYER_DECAY < 1.0:
             raise ConfigError(f"TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY}: main_seg.py has no "
                               "layer-wise LR decay (the recipe's paramwise_cfg has none)")

@@ -8,7 +8,9 @@ conv) adds a loss (weight 0.4, applied by the trainer) during training only.
 
 Initialisation of the heads as mmcv 1.x / mmseg 0.11: each conv + BatchNorm + ReLU as mmcv's
 ``ConvModule`` (conv Kaiming normal, fan_out, ReLU gain; BatchNorm weight 1, bias 0), each
-classifier ``conv_seg`` normal(0, 0.01) with bias 0 (``BaseDecodeHead.init_weights``).
+classifier ``conv_seg`` normal(0, 0.01) with bias 0 (``BaseDecodeHead.init_weights``). With
+``init="pytorch"`` (config SEG.HEAD_INIT, for the CPU digits demo) the heads keep PyTorch's own
+initialisation of each layer instead.
 
 All tensors are NCHW. Convolutions in the heads are conv (no bias) + BatchNorm + ReLU; under
 multi-process CUDA the trainer converts BatchNorm to SyncBatchNorm with
@@ -66,22 +68,39 @@ class MGSSAFSegBackbone(MGSSAF):
 
 class ConvBNReLU(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> ReLU, 'same' padding; initialised as mmcv's
-    ``ConvModule``: conv Kaiming normal (fan_out, ReLU), BatchNorm weight 1, bias 0."""
+    ``ConvModule``: conv Kaiming normal (fan_out, ReLU), BatchNorm weight 1, bias 0
+    (``init="mmcv"``), or left at PyTorch's defaults (``init="pytorch"``)."""
 
-    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1) -> None:
+    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1,
+                 init: str = "mmcv") -> None:
         super().__init__(
             nn.Conv2d(in_chans, out_chans, kernel_size, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_chans),
             nn.ReLU(inplace=True),
         )
+        if check_init(init) == "pytorch":
+            return
         nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
         nn.init.ones_(self[1].weight)
         nn.init.zeros_(self[1].bias)
 
 
-def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
-    """The 1x1 ``conv_seg`` of a head, normal(0, 0.01) with bias 0 (mmseg's decode heads)."""
+HEAD_INITS = ("mmcv", "pytorch")
+
+
+def check_init(init: str) -> str:
+    """``init`` if it is one of HEAD_INITS, else ValueError."""
+    if init not in HEAD_INITS:
+        raise ValueError(f"head init {init!r}: expected one of {', '.join(HEAD_INITS)}")
+    return init
+
+
+def _classifier(channels: int, num_classes: int, init: str = "mmcv") -> nn.Conv2d:
+    """The 1x1 ``conv_seg`` of a head, normal(0, 0.01) with bias 0 (mmseg's decode heads), or
+    PyTorch's default (``init="pytorch"``)."""
     conv = nn.Conv2d(channels, num_classes, 1)
+    if check_init(init) == "pytorch":
+        return conv
     nn.init.normal_(conv.weight, std=0.01)
     nn.init.zeros_(conv.bias)
     return conv
@@ -91,8 +110,10 @@ class PPM(nn.ModuleList):
     """Pyramid pooling: for each scale s, adaptive average pool to s x s, 1x1 ConvBNReLU,
     upsample back. (B, C, h, w) -> list of (B, channels, h, w)."""
 
-    def __init__(self, in_chans: int, channels: int, pool_scales: Sequence[int]) -> None:
-        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_chans, channels))
+    def __init__(self, in_chans: int, channels: int, pool_scales: Sequence[int],
+                 init: str = "mmcv") -> None:
+        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(s),
+                                       ConvBNReLU(in_chans, channels, init=init))
                          for s in pool_scales)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -104,15 +125,19 @@ class UPerHead(nn.Module):
     (B, num_classes, H/4, W/4) logits."""
 
     def __init__(self, in_chans: Sequence[int], num_classes: int, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
+                 init: str = "mmcv") -> None:
         super().__init__()
-        self.ppm = PPM(in_chans[-1], channels, pool_scales)
-        self.bottleneck = ConvBNReLU(in_chans[-1] + len(pool_scales) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels) for c in in_chans[:-1])
-        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_chans[:-1])
-        self.fpn_bottleneck = ConvBNReLU(len(in_chans) * channels, channels, 3)
+        self.ppm = PPM(in_chans[-1], channels, pool_scales, init)
+        self.bottleneck = ConvBNReLU(in_chans[-1] + len(pool_scales) * channels, channels, 3,
+                                     init)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, init=init)
+                                           for c in in_chans[:-1])
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3, init)
+                                       for _ in in_chans[:-1])
+        self.fpn_bottleneck = ConvBNReLU(len(in_chans) * channels, channels, 3, init)
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = _classifier(channels, num_classes)
+        self.conv_seg = _classifier(channels, num_classes, init)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         top = features[-1]
@@ -131,12 +156,12 @@ class FCNHead(nn.Module):
     3x3 ConvBNReLU, dropout and a 1x1 classifier (the input is not concatenated back)."""
 
     def __init__(self, in_chans: int, num_classes: int, channels: int = 256, num_convs: int = 1,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, init: str = "mmcv") -> None:
         super().__init__()
-        self.convs = nn.Sequential(*(ConvBNReLU(in_chans if i == 0 else channels, channels, 3)
-                                     for i in range(num_convs)))
+        self.convs = nn.Sequential(*(ConvBNReLU(in_chans if i == 0 else channels, channels, 3,
+                                                init) for i in range(num_convs)))
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = _classifier(channels, num_classes)
+        self.conv_seg = _classifier(channels, num_classes, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_seg(self.dropout(self.convs(x)))
@@ -148,20 +173,22 @@ class UPerNet(nn.Module):
     upsampled to (H, W).
 
     ``backbone(x)`` gives the four maps (strides 4/8/16/32) and ``backbone.out_channels`` their
-    channels: a :class:`MGSSAFSegBackbone`.
+    channels: a :class:`MGSSAFSegBackbone`. ``init``: the heads' initialisation, "mmcv" (as
+    mmseg 0.11) or "pytorch" (each layer's PyTorch default).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 512,
                  aux_channels: int = 256, aux_index: int = 2,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
+                 init: str = "mmcv") -> None:
         super().__init__()
         in_chans = list(backbone.out_channels)
         self.backbone = backbone
         self.num_classes = num_classes
         self.aux_index = aux_index
-        self.decode_head = UPerHead(in_chans, num_classes, channels, pool_scales, dropout)
+        self.decode_head = UPerHead(in_chans, num_classes, channels, pool_scales, dropout, init)
         self.auxiliary_head = (FCNHead(in_chans[aux_index], num_classes, aux_channels,
-                                       dropout=dropout) if aux_channels > 0 else None)
+                                       dropout=dropout, init=init) if aux_channels > 0 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[2:]
@@ -187,7 +214,7 @@ def build_segmentor(config: CfgNode) -> UPerNet:
     seg = config.SEG
     return UPerNet(backbone, config.MODEL.NUM_CLASSES, channels=seg.CHANNELS,
                    aux_channels=seg.AUX_CHANNELS, aux_index=seg.AUX_INDEX,
-                   pool_scales=seg.POOL_SCALES, dropout=seg.DROPOUT)
+                   pool_scales=seg.POOL_SCALES, dropout=seg.DROPOUT, init=seg.HEAD_INIT)
 
 
 # Parameters of an ImageNet MG-SSAF checkpoint that the segmentation backbone has no use for:

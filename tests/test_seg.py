@@ -362,6 +362,22 @@ def test_heads_are_initialised_as_mmcv():
         assert torch.equal(conv_seg.bias, torch.zeros_like(conv_seg.bias))
 
 
+def test_head_init_pytorch_keeps_the_layers_defaults():
+    """SEG.HEAD_INIT 'pytorch' (the digits demo): PyTorch's own init, conv_seg with std
+    1 / sqrt(3 fan_in) and a non-zero bias; the default stays mmcv's; anything else is refused."""
+    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_t_512x512_160k_ade20k.yaml"))
+    assert cfg.SEG.HEAD_INIT == "mmcv"
+    torch.manual_seed(0)
+    head = UPerHead([32, 64, 128, 256], num_classes=150, channels=256, init="pytorch")
+    assert head.conv_seg.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.05)
+    assert head.conv_seg.bias.abs().sum() > 0
+    conv = head.fpn_bottleneck[0]
+    fan_in = conv.in_channels * 9
+    assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.05)
+    with pytest.raises(ValueError, match="head init 'kaiming'"):
+        FCNHead(128, num_classes=150, channels=256, init="kaiming")
+
+
 def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
     """decay_mult 0 only for names containing 'norm' (every LayerNorm of MG-SSAF, the output
     norms norm0..norm3), 'relative_position_bias_table', 'absolute_pos_embed'; biases and the
