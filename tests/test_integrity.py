@@ -75,6 +75,9 @@ SEG_CFG = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.ya
 TOOLS_READING_CHECKPOINTS = {
     "tools/seg_overlay.py": ["--cfg", SEG_CFG, "--checkpoint", "EVIL", "--digits", "0",
                              "--out", "OUT"],
+    "tools/predict.py": ["--cfg", h.CFG, "--checkpoint", "EVIL", "DATA", "--opts", *h.TINY_MODEL],
+    "tools/export.py": ["--cfg", h.CFG, "--checkpoint", "EVIL", "--output", "OUT", "--no-onnx",
+                        "--opts", *h.TINY_MODEL],
 }
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
 from models import build_model, checkpoint_filter_fn  # noqa: E402
-from utils import load_checkpoint_file  # noqa: E402
+from utils import CheckpointError, load_checkpoint_file  # noqa: E402
 
 
 def config_json(config: Any) -> str:
@@ -110,10 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
 
-    config = load_config(args.cfg, args.opts)
-    model = build_model(config).eval()
-    if args.checkpoint:
-        load_weights(model, args.checkpoint)
+    try:
+        config = load_config(args.cfg, args.opts)
+        model = build_model(config).eval()
+        if args.checkpoint:
+            load_weights(model, args.checkpoint)
+    except (CheckpointError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
+        parser.exit(1, f"export.py: error: {(str(e).splitlines() or [''])[0]}\n")
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, config.MODEL.NAME)
     save_safetensors(model, config, stem + ".safetensors")

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from data.build import build_transform  # noqa: E402
 from models import build_model, checkpoint_filter_fn  # noqa: E402
-from utils import load_checkpoint_file  # noqa: E402
+from utils import CheckpointError, load_checkpoint_file  # noqa: E402
 
 
 def image_paths(inputs: Sequence[str]) -> list[str]:
@@ -95,11 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
 
-    config = load_config(args.cfg, args.opts)
-    paths = image_paths(args.images)
-    checkpoint = load_checkpoint_file(args.checkpoint)
-    model = build_model(config)
-    model.load_state_dict(checkpoint_filter_fn(checkpoint, model))
+    try:
+        config = load_config(args.cfg, args.opts)
+        paths = image_paths(args.images)
+        checkpoint = load_checkpoint_file(args.checkpoint)
+        model = build_model(config)
+        model.load_state_dict(checkpoint_filter_fn(checkpoint, model))
+    except (CheckpointError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
+        parser.exit(1, f"predict.py: error: {(str(e).splitlines() or [''])[0]}\n")
     model.to(args.device).eval()
     if model.num_classes < 1:
         raise SystemExit("error: the model has no classifier (MODEL.NUM_CLASSES 0)")
