@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from typing import Callable
 
 import numpy as np
@@ -104,6 +105,16 @@ def rank_logs(folder: str, nproc: int = 2) -> list[str]:
         with open(os.path.join(folder, f"log_rank{rank}.txt"), encoding="utf-8") as f:
             logs.append(f.read())
     return logs
+
+
+def wait_for(predicate: Callable[[], bool], process: subprocess.Popen, timeout: float = 180,
+             poll: float = 0.02) -> None:
+    """Waits until ``predicate()`` holds while ``process`` runs; fails if it ends or times out."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, f"the run ended early with code {process.returncode}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)
 
 
 def free_port() -> int:

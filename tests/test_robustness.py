@@ -76,12 +76,7 @@ def start(argv: list[str], log: str, prefix: tuple[str, ...] = ("main.py",),
                                 stderr=subprocess.STDOUT, env={**h.child_env(), **env})
 
 
-def wait_for(predicate, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, f"the run ended early with code {process.returncode}"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
+wait_for = h.wait_for
 
 
 def read(path: str) -> str:

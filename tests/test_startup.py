@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,14 +14,6 @@ import pipeline_helpers as h
 
 DEMO = os.path.join(h.ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
 SEG_DEMO = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
-
-
-def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, f"the run ended early with code {process.returncode}"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def importing_torch(pid: int) -> bool:
@@ -48,7 +39,7 @@ def test_a_signal_while_importing_stops_the_run_as_preempted(script, cfg, data, 
         process = subprocess.Popen([sys.executable, *argv], cwd=h.ROOT, env=h.child_env(),
                                    stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: importing_torch(process.pid), process)
+        h.wait_for(lambda: importing_torch(process.pid), process, timeout=120, poll=0.005)
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=180)
     finally:
