@@ -1,4 +1,4 @@
-"""Deliberate breakages of the properties the README promises, each with the tests that must
+"""Deliberate breakages of the properties the docs promise, each with the tests that must
 catch it (run by tools/mutation_check.py in a scratch copy; never applied to this tree).
 
 A mutant replaces ``old`` (which must occur exactly once in ``file``) by ``new``. Keep ``tests``

@@ -62,7 +62,7 @@ def test_demo_config_builds_a_ten_class_model_on_unflipped_digits():
 
 
 def test_demo_learns_and_its_checkpoint_reproduces_the_accuracy(tmp_path):
-    """The README's commands, the schedule cut to 3 epochs: the last Acc@1 is well above chance
+    """The quick start's commands, the schedule cut to 3 epochs: the last Acc@1 is well above chance
     (10%), and ``--eval --resume`` of the last checkpoint prints the same Acc@1."""
     output = str(tmp_path)
     train = run_cli(["--cfg", DEMO, "--output", output,

@@ -5,7 +5,7 @@ registers the models before collection and adds their module to timm's ``FEAT_IN
 
 Every collected test must pass except timm's two TorchScript tests
 (``test_model_forward_torchscript``, ``test_model_forward_fx_torchscript``), deselected: MG-SSAF
-does not support ``torch.jit.script`` (README, "Use as a backbone"). The sdist comes from the
+does not support ``torch.jit.script`` (docs/timm-backbone.md). The sdist comes from the
 package index pip is configured with, once per timm version, into ``$MGSSAF_TIMM_TESTS_CACHE``
 (default: the system temp folder); without a reachable index the tests are skipped, saying so.
 """
