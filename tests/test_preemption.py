@@ -180,7 +180,7 @@ def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(data48, tmp_
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from main import Preemption
+from engine.preemption import Preemption
 preemption = Preemption()
 preemption.install()
 os.kill(os.getpid(), signal.SIGINT)

@@ -16,9 +16,10 @@ import torch
 
 import pipeline_helpers as h
 from config import load_config
-from main import Preemption
-from utils import (CheckpointError, atomic_save, load_checkpoint_file, prune_checkpoints,
-                   weight_differences)
+from engine.preemption import Preemption
+from startup import STOP_SIGNALS
+from engine.checkpoint import prune_checkpoints
+from utils import CheckpointError, atomic_save, load_checkpoint_file, weight_differences
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
 NAN_FROM_SECOND_STEP = """
@@ -139,7 +140,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(dat
 
 
 def test_sigterm_sigusr1_and_sigint_request_a_stop():
-    saved = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         for sig in saved:
             preemption = Preemption()
