@@ -723,8 +723,9 @@ _MAIN_FLAGS: tuple[tuple[tuple[str, ...], str, Any, dict, str], ...] = (
      "process/GPU; with a config that sets DATA.TOTAL_BATCH_SIZE (configs/finetune) it replaces "
      "the per-process batch derived from that total; where that changes the total, the run "
      "warns with the total batch, LR and steps it makes"),
-    (("--data-path",), "DATA.DATA_PATH", None, {}, "dataset root holding train/<class>/* and "
-     "val/<class>/*, or the CUB_200_2011 folder with DATA.DATASET cub"),
+    (("--data-path",), "DATA.DATA_PATH", None, {}, "dataset root: a folder holding "
+     "train/<class>/* and val/<class>/*, the CUB_200_2011 folder (DATA.DATASET cub), or "
+     "ADEChallengeData2016 (main_seg.py, DATA.DATASET ade20k)"),
     (("--zip",), "DATA.ZIP_MODE", True, {}, "Swin's zipped ImageNet: accepted, no effect here"),
     (("--cache-mode",), "DATA.CACHE_MODE", None, dict(choices=("no", "full", "part")),
      "Swin's zip cache mode: accepted, no effect here"),
@@ -748,10 +749,11 @@ _MAIN_FLAGS: tuple[tuple[tuple[str, ...], str, Any, dict, str], ...] = (
     (("--output",), "OUTPUT", None, dict(metavar="PATH"), "root of output folders; the run "
      "writes to <output>/<MODEL.NAME>/<tag>"),
     (("--tag",), "TAG", None, {}, "name of the run's folder under <output>/<MODEL.NAME>"),
-    (("--eval",), "EVAL_MODE", True, {}, "only evaluate on val/: loss, Acc@1, Acc@5 (main.py), "
-     "mIoU (main_seg.py)"),
+    (("--eval",), "EVAL_MODE", True, {}, "only evaluate the weights of --resume (or "
+     "--pretrained) on the validation set: loss, Acc@1, Acc@5 (main.py); aAcc, mAcc, mIoU "
+     "(main_seg.py)"),
     (("--throughput",), "THROUGHPUT_MODE", True, {},
-     "only measure the model's images/s on val/ batches"),
+     "only measure the model's images/s on a validation batch"),
     (("--device",), "DEVICE", None, dict(choices=("auto", "cuda", "cpu")),
      "device; auto picks CUDA when available"),
 )
@@ -795,7 +797,7 @@ def get_config(args: Any) -> CN:
         elif switch_value is not None and given:
             flags[key] = switch_value
     flags["LOCAL_RANK"] = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # as main.init_device
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # as engine.run.init_device
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     cfg = load_config(args.cfg, args.opts or (), flags, world_size)
     cfg.defrost()

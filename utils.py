@@ -63,7 +63,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves large blocks (activations, gradients) with mmap and unmaps them when
     freed, so every training or inference step faults the same memory back in, page by page
-    (README, Performance). Without mmap and with trimming off, a step reuses the memory of the
+    (docs/performance.md). Without mmap and with trimming off, a step reuses the memory of the
     step before; the process then holds its peak memory until it exits. Returns True when both
     settings took effect, False (changing nothing) where malloc is not glibc's.
     """
