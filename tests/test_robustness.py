@@ -23,8 +23,8 @@ from utils import CheckpointError, atomic_save, load_checkpoint_file, weight_dif
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
 NAN_FROM_SECOND_STEP = """
-import sys, main
-build = main.build_criterion
+import sys, main, engine.classification as task
+build = task.build_criterion
 def build_criterion(config, mixup_active):
     criterion, calls = build(config, mixup_active), [0]
     def loss_turning_nan(outputs, targets):
@@ -32,17 +32,18 @@ def build_criterion(config, mixup_active):
         loss = criterion(outputs, targets)
         return loss * float("nan") if calls[0] > 1 else loss
     return loss_turning_nan
-main.build_criterion = build_criterion
+task.build_criterion = build_criterion
 sys.exit(main.main(sys.argv[1:]))
 """
 RANK_1_HANGS = """
 import os, sys, time, main
-train = main.train_one_epoch
+from engine.trainer import Trainer
+train = Trainer.train_one_epoch
 def train_one_epoch(*args, **kwargs):
     if os.environ["RANK"] == "1":
         time.sleep(600)
     return train(*args, **kwargs)
-main.train_one_epoch = train_one_epoch
+Trainer.train_one_epoch = train_one_epoch
 sys.exit(main.main(sys.argv[1:]))
 """
 
