@@ -8,6 +8,7 @@ An unknown key, a value of the wrong type or outside what the key allows (``VALU
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import math
 import os
@@ -509,7 +510,7 @@ def _derive_batch_size(cfg: CN, seen: dict[str, str], world_size: int) -> None:
 
 
 # The allowed values of single keys, checked by load_config (rules that tie several keys together
-# are main.check_config's). Each rule: (test, what is allowed), applied to the value or, for a list
+# are check_config's). Each rule: (test, what is allowed), applied to the value or, for a list
 # key marked EACH, to each of its items.
 def _number(low: float, high: float = math.inf, low_open: bool = False,
             high_open: bool = False) -> tuple[Any, str]:
@@ -609,6 +610,59 @@ def check_values(cfg: CN, seen: dict[str, str] | None = None) -> None:
                               f"{_show(value)}")
 
 
+def mixup_enabled(cfg: CN) -> bool:
+    """Whether ``AUG.*`` turns Mixup or CutMix on."""
+    return cfg.AUG.MIXUP > 0 or cfg.AUG.CUTMIX > 0 or cfg.AUG.CUTMIX_MINMAX is not None
+
+
+AMP_DTYPES = ("float16", "bfloat16")
+
+
+def check_config(cfg: CN) -> None:
+    """Rejects settings that cannot work together (the rules of single keys are VALUE_RULES'), and
+    a --resume or --pretrained file that is not there, before anything is built or written."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE (--batch-size) must be at least 1, got "
+         f"{cfg.DATA.BATCH_SIZE}")
+    need(cfg.TRAIN.ACCUMULATION_STEPS >= 1, "TRAIN.ACCUMULATION_STEPS (--accumulation-steps) "
+         f"must be at least 1, got {cfg.TRAIN.ACCUMULATION_STEPS}")
+    for key in ("TRAIN.EPOCHS", "SAVE_FREQ", "PRINT_FREQ", "DIST_TIMEOUT"):
+        need(_get_key(cfg, key) >= 1, f"{key} must be at least 1, got {_get_key(cfg, key)}")
+    training = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
+    need(0 <= cfg.TRAIN.WARMUP_EPOCHS < cfg.TRAIN.EPOCHS or not training,
+         f"TRAIN.WARMUP_EPOCHS ({cfg.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than "
+         f"TRAIN.EPOCHS ({cfg.TRAIN.EPOCHS})")
+    need(0 <= cfg.TRAIN.START_EPOCH < cfg.TRAIN.EPOCHS or not training,
+         f"TRAIN.START_EPOCH must be at least 0 and less than TRAIN.EPOCHS "
+         f"({cfg.TRAIN.EPOCHS}), got {cfg.TRAIN.START_EPOCH}")
+    need(cfg.TRAIN.KEEP_CHECKPOINTS >= 0, "TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or "
+         f"more, got {cfg.TRAIN.KEEP_CHECKPOINTS}")
+    need(cfg.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be 0 or more, got "
+         f"{cfg.DATA.NUM_WORKERS}")
+    need(cfg.AMP_DTYPE in AMP_DTYPES,
+         f"AMP_DTYPE must be 'float16' or 'bfloat16', got {cfg.AMP_DTYPE!r}")
+    need(cfg.DEVICE in ("auto", "cuda", "cpu"), f"DEVICE must be 'auto', 'cuda' or 'cpu', got "
+         f"{cfg.DEVICE!r}")
+    minmax = cfg.AUG.CUTMIX_MINMAX
+    need(minmax is None or (isinstance(minmax, (list, tuple)) and len(minmax) == 2
+                            and 0 < minmax[0] < minmax[1] <= 1),
+         f"AUG.CUTMIX_MINMAX must be None (CutMix areas from AUG.CUTMIX's beta distribution) or "
+         f"[min, max] with 0 < min < max <= 1, got {minmax!r}")
+    need(not mixup_enabled(cfg) or cfg.DATA.BATCH_SIZE % 2 == 0 or not training,
+         f"Mixup/CutMix (AUG.MIXUP {cfg.AUG.MIXUP}, AUG.CUTMIX {cfg.AUG.CUTMIX}) needs an "
+         f"even DATA.BATCH_SIZE, got {cfg.DATA.BATCH_SIZE}")
+    need(0.0 < cfg.TRAIN.LAYER_DECAY <= 1.0, f"TRAIN.LAYER_DECAY must be in (0, 1] (1 switches "
+         f"it off), got {cfg.TRAIN.LAYER_DECAY}")
+    need(0.0 < cfg.MODEL_EMA_DECAY < 1.0,
+         f"MODEL_EMA_DECAY must be in (0, 1), got {cfg.MODEL_EMA_DECAY}")
+    for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):
+        path = cfg.MODEL[key]
+        need(not path or os.path.isfile(path), f"MODEL.{key} ({flag}) {path}: file not found")
+
+
 def _get_key(cfg: CN, key: str) -> Any:
     for part in key.split("."):
         cfg = cfg[part]
@@ -661,30 +715,73 @@ def load_config(path: str | None = None, opts: Iterable[str] = (),
     return cfg
 
 
-# main.py flags that take a value, and the config key each one sets.
-_VALUE_FLAGS = {
-    "batch_size": "DATA.BATCH_SIZE",
-    "data_path": "DATA.DATA_PATH",
-    "cache_mode": "DATA.CACHE_MODE",
-    "pretrained": "MODEL.PRETRAINED",
-    "resume": "MODEL.RESUME",
-    "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
-    "optim": "TRAIN.OPTIMIZER.NAME",
-    "amp_opt_level": "AMP_OPT_LEVEL",
-    "output": "OUTPUT",
-    "tag": "TAG",
-    "device": "DEVICE",
-}
-# main.py on/off flags, and the config key and value each one sets when given.
-_SWITCH_FLAGS = {
-    "zip": ("DATA.ZIP_MODE", True),
-    "use_checkpoint": ("TRAIN.USE_CHECKPOINT", True),
-    "disable_amp": ("AMP_ENABLE", False),
-    "eval": ("EVAL_MODE", True),
-    "throughput": ("THROUGHPUT_MODE", True),
-    "fused_window_process": ("FUSED_WINDOW_PROCESS", True),
-    "fused_layernorm": ("FUSED_LAYERNORM", True),
-}
+# The command line of main.py and main_seg.py (Swin Transformer's flags): one row per flag,
+# (flag names, config key, value set by an on/off flag or None for a flag that takes a value,
+# argparse options, help). Flags win over --cfg and --opts.
+_MAIN_FLAGS: tuple[tuple[tuple[str, ...], str, Any, dict, str], ...] = (
+    (("--batch-size",), "DATA.BATCH_SIZE", None, dict(type=int), "batch size per "
+     "process/GPU; with a config that sets DATA.TOTAL_BATCH_SIZE (configs/finetune) it replaces "
+     "the per-process batch derived from that total; where that changes the total, the run "
+     "warns with the total batch, LR and steps it makes"),
+    (("--data-path",), "DATA.DATA_PATH", None, {}, "dataset root: a folder holding "
+     "train/<class>/* and val/<class>/*, the CUB_200_2011 folder (DATA.DATASET cub), or "
+     "ADEChallengeData2016 (main_seg.py, DATA.DATASET ade20k)"),
+    (("--zip",), "DATA.ZIP_MODE", True, {}, "Swin's zipped ImageNet: accepted, no effect here"),
+    (("--cache-mode",), "DATA.CACHE_MODE", None, dict(choices=("no", "full", "part")),
+     "Swin's zip cache mode: accepted, no effect here"),
+    (("--pretrained",), "MODEL.PRETRAINED", None, {}, "checkpoint whose weights initialise the "
+     "model; optimizer, schedule and epoch start fresh; a head of another class count is "
+     "re-initialised"),
+    (("--resume",), "MODEL.RESUME", None, {}, "checkpoint to resume training from (weights, "
+     "optimizer, scheduler, scaler, epoch), or to evaluate with --eval"),
+    (("--accumulation-steps",), "TRAIN.ACCUMULATION_STEPS", None, dict(type=int),
+     "micro-batches per optimizer step"),
+    (("--use-checkpoint",), "TRAIN.USE_CHECKPOINT", True, {},
+     "activation checkpointing: less GPU memory, slower"),
+    (("--disable_amp",), "AMP_ENABLE", False, {}, "no mixed precision"),
+    (("--amp-opt-level",), "AMP_OPT_LEVEL", None, dict(choices=("O0", "O1", "O2")),
+     "Swin's apex opt level (deprecated there too): O0 switches AMP off, O1/O2 keep AMP_ENABLE"),
+    (("--optim",), "TRAIN.OPTIMIZER.NAME", None, {}, "optimizer: adamw or sgd"),
+    (("--fused_window_process",), "FUSED_WINDOW_PROCESS", True, {},
+     "Swin's fused window kernel: accepted, no effect here"),
+    (("--fused_layernorm",), "FUSED_LAYERNORM", True, {},
+     "Swin's fused LayerNorm: accepted, no effect here"),
+    (("--output",), "OUTPUT", None, dict(metavar="PATH"), "root of output folders; the run "
+     "writes to <output>/<MODEL.NAME>/<tag>"),
+    (("--tag",), "TAG", None, {}, "name of the run's folder under <output>/<MODEL.NAME>"),
+    (("--eval",), "EVAL_MODE", True, {}, "only evaluate the weights of --resume (or "
+     "--pretrained) on the validation set: loss, Acc@1, Acc@5 (main.py); aAcc, mAcc, mIoU "
+     "(main_seg.py)"),
+    (("--throughput",), "THROUGHPUT_MODE", True, {},
+     "only measure the model's images/s on a validation batch"),
+    (("--device",), "DEVICE", None, dict(choices=("auto", "cuda", "cpu")),
+     "device; auto picks CUDA when available"),
+)
+
+
+def _flag_dest(names: tuple[str, ...]) -> str:
+    return names[0].lstrip("-").replace("-", "_")
+
+
+def parse_option(argv: list[str] | None = None, prog: str = "main.py",
+                 what: str = "MG-SSAF") -> argparse.Namespace:
+    """The Swin Transformer command line; every flag overrides the config key it names."""
+    parser = argparse.ArgumentParser(
+        prog, description=f"Train, evaluate (--eval) or time (--throughput) {what}. Flags "
+        "override the config file; --opts overrides any key.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
+    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
+                        help="config overrides as KEY VALUE pairs, e.g. TRAIN.EPOCHS 30 "
+                        "DATA.NUM_WORKERS 4")
+    for names, key, switch_value, options, text in _MAIN_FLAGS:
+        action = {"action": "store_true"} if switch_value is not None else {}
+        setting = key if switch_value is None else f"{key} {switch_value}"
+        parser.add_argument(*names, **action, **options, help=f"{text} ({setting})")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                        help="GPU of this process on its node; set by torch.distributed.launch "
+                        "(torchrun sets LOCAL_RANK instead)")
+    return parser.parse_args(argv)
 
 
 def get_config(args: Any) -> CN:
@@ -693,14 +790,14 @@ def get_config(args: Any) -> CN:
     comes from the launcher's environment (``LOCAL_RANK``) or ``--local-rank``, the number of
     processes (for DATA.TOTAL_BATCH_SIZE) from its ``WORLD_SIZE`` (1 without a launcher)."""
     flags: dict[str, Any] = {}
-    for name, key in _VALUE_FLAGS.items():
-        if getattr(args, name, None) is not None:
-            flags[key] = getattr(args, name)
-    for name, (key, value) in _SWITCH_FLAGS.items():
-        if getattr(args, name, False):
-            flags[key] = value
+    for names, key, switch_value, _, _ in _MAIN_FLAGS:
+        given = getattr(args, _flag_dest(names), None)
+        if switch_value is None and given is not None:
+            flags[key] = given
+        elif switch_value is not None and given:
+            flags[key] = switch_value
     flags["LOCAL_RANK"] = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # as main.init_device
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # as engine.run.init_device
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     cfg = load_config(args.cfg, args.opts or (), flags, world_size)
     cfg.defrost()

@@ -5,7 +5,7 @@ load included). Imports nothing but the standard library (torch only inside
 
 ``main.py`` and ``main_seg.py`` call :func:`record_signals` before importing torch and timm
 (seconds), so that a SIGTERM, SIGUSR1 or SIGINT arriving meanwhile is recorded instead of
-killing the process with no trace; ``main.Preemption`` takes the recorded signal over (the run
+killing the process with no trace; ``engine.preemption.Preemption`` takes the recorded signal over (the run
 then stops as preempted, with exit code 75 and the ``PREEMPTED`` marker, before it trains)."""
 from __future__ import annotations
 

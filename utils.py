@@ -1,4 +1,5 @@
-"""Checkpoints (atomic saves, safe loads, auto-resume), seeding and distributed helpers."""
+"""Atomic, checksummed saves and the safe checkpoint reader, seeding, the run folder's lock and
+distributed helpers (engine/checkpoint.py builds the run's checkpoints on them)."""
 from __future__ import annotations
 
 import collections
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,6 @@ from yacs.config import CfgNode as CN
 
 from config import VARIANTS
 
-CHECKPOINT_RE = re.compile(r"^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
-BEST_CHECKPOINT = "ckpt_best.pth"
 TORCH_SAVE_MAGIC = (b"PK", b"\x80")  # torch.save's zip format; its legacy format (a pickle)
 # The SHA-256 of a checkpoint, inside the file: the comment of its zip archive (the last bytes of
 # the file), over every byte before the comment's 2-byte length field. Written by atomic_save
@@ -34,8 +33,6 @@ TORCH_SAVE_MAGIC = (b"PK", b"\x80")  # torch.save's zip format; its legacy forma
 CHECKSUM_TAG = b"mg-ssaf-sha256:"
 _CHECKSUM_LEN = len(CHECKSUM_TAG) + 64
 _EOCD_SIG, _EOCD_LEN = b"PK\x05\x06", 22  # zip end-of-central-directory record, without comment
-# What a killed save leaves: atomic_save's temporary files and the marker's.
-LEFTOVER_TMP_RE = re.compile(r"^(\.ckpt_.*\.pth\..*\.tmp|PREEMPTED\.tmp)$")
 
 
 class RunError(Exception):
@@ -66,7 +63,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves large blocks (activations, gradients) with mmap and unmaps them when
     freed, so every training or inference step faults the same memory back in, page by page
-    (README, Performance). Without mmap and with trimming off, a step reuses the memory of the
+    (docs/performance.md). Without mmap and with trimming off, a step reuses the memory of the
     step before; the process then holds its peak memory until it exits. Returns True when both
     settings took effect, False (changing nothing) where malloc is not glibc's.
     """
@@ -391,114 +388,6 @@ def atomic_save(obj: Any, path: str) -> None:
                         + "; the files saved before are intact") from None
 
 
-def remove_leftover_temp_files(folder: str, logger: logging.Logger) -> None:
-    """Removes the temporary files of saves that a kill interrupted (call with the run's lock)."""
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if LEFTOVER_TMP_RE.match(name):
-            os.remove(os.path.join(folder, name))
-            logger.info(f"removed {os.path.join(folder, name)}, left by an interrupted save")
-
-
-def checkpoint_name(epoch: int, epoch_step: int | None = None) -> str:
-    """``ckpt_epoch_{epoch}.pth`` after a whole epoch, ``ckpt_epoch_{epoch}_step_{n}.pth`` after
-    ``n`` loader steps of it."""
-    if epoch_step is None:
-        return f"ckpt_epoch_{epoch}.pth"
-    return f"ckpt_epoch_{epoch}_step_{epoch_step}.pth"
-
-
-def list_checkpoints(folder: str) -> list[tuple[int, float, str]]:
-    """``(epoch, step, path)`` of the epoch checkpoints in ``folder``, oldest first; a whole-epoch
-    checkpoint has step ``inf`` (it comes after every mid-epoch one of the same epoch)."""
-    found = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        match = CHECKPOINT_RE.match(name)
-        if match:
-            step = float("inf") if match.group(2) is None else int(match.group(2))
-            found.append((int(match.group(1)), step, os.path.join(folder, name)))
-    return sorted(found)
-
-
-def prune_checkpoints(folder: str, epoch: int, keep: int, logger: logging.Logger) -> None:
-    """After the whole-epoch checkpoint of ``epoch`` is saved: removes mid-epoch checkpoints up to
-    ``epoch`` and whole-epoch ones older than the newest ``keep`` (``keep`` 0 keeps them all).
-    Checkpoints of later epochs (another run's) are left alone, and so is every file that does
-    not load (unreadable, corrupt, refused): it is named in a warning, never deleted."""
-    older = [(step, path) for e, step, path in list_checkpoints(folder) if e <= epoch]
-    whole = [path for step, path in older if step == float("inf")]
-    stale = [path for step, path in older if step != float("inf")]
-    if keep > 0:
-        stale += whole[:-keep]
-    for path in stale:
-        try:
-            load_checkpoint_file(path)
-        except CheckpointError as e:
-            logger.warning(f"not pruned, as it does not load: {e}; delete it yourself once "
-                           "you have looked at it")
-            continue
-        os.remove(path)
-        logger.info(f"removed old checkpoint {path}")
-
-
-def save_checkpoint(config: CN, epoch: int, model: torch.nn.Module, max_accuracy: float,
-                    optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-                    scaler: torch.amp.GradScaler, logger: logging.Logger, *, num_updates: int,
-                    epoch_step: int | None = None, train_loss: tuple[float, float] = (0.0, 0.0),
-                    is_best: bool = False, save_epoch: bool = True,
-                    model_ema: torch.nn.Module | None = None,
-                    class_names: Sequence[str] | None = None) -> None:
-    """Saves the training state (rank 0 writes, the other ranks return; no collective, so a rank
-    can save while its peers are gone).
-
-    Contents: ``model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, config`` as released
-    checkpoints have them, plus ``epoch_step`` (loader steps done in ``epoch``; None after the
-    whole epoch), ``num_updates`` (optimizer steps so far), ``train_loss`` (sum and count of the
-    epoch's losses so far, over all ranks), ``world_size`` (processes of the run) and, with
-    MODEL_EMA, ``model_ema`` (the EMA weights), and ``class_names`` (the dataset's class names,
-    in the order of the logits; tools/predict.py prints them). No RNG state: every random draw
-    of training is a function of SEED, epoch and step or sample."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "max_accuracy": float(max_accuracy),
-        "config": config,
-        "epoch_step": epoch_step,
-        "num_updates": num_updates,
-        "train_loss": tuple(train_loss),
-        "world_size": get_world_size(),
-    }
-    if model_ema is not None:
-        state["model_ema"] = model_ema.state_dict()
-    if class_names is not None:
-        state["class_names"] = [str(name) for name in class_names]
-    if get_rank() != 0:
-        return
-    if is_best:
-        # Before the epoch checkpoint: a crash in between leaves the epoch to run again (its
-        # checkpoint is not there), which saves the best again. The other order would leave an
-        # epoch checkpoint whose max_accuracy no later epoch beats, and no best checkpoint.
-        path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
-        atomic_save(state, path)
-        logger.info(f"{path} saved (best validation score {max_accuracy:.3f})")
-    if save_epoch:
-        path = os.path.join(config.OUTPUT, checkpoint_name(epoch, epoch_step))
-        if os.path.exists(path):
-            # Only after a resume from an older checkpoint, e.g. when auto-resume skipped this
-            # one as unreadable: keep it, under another name, rather than write over it.
-            kept = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(path, kept)
-            logger.warning(f"{path} already exists (auto-resume skipped it, or the run resumed "
-                           f"from an older checkpoint): kept as {kept}")
-        logger.info(f"saving {path}")
-        atomic_save(state, path)
-        logger.info(f"{path} saved")
-        if epoch_step is None:
-            prune_checkpoints(config.OUTPUT, epoch, config.TRAIN.KEEP_CHECKPOINTS, logger)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -551,43 +440,6 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
     if isinstance(ckpt.get("config"), dict):
         ckpt["config"] = _to_cfgnode(ckpt["config"])
     return ckpt
-
-
-def newest_loadable_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
-    """The newest epoch checkpoint in ``folder`` that loads, with its contents; unreadable or
-    refused ones are reported and skipped (left in place)."""
-    for _, _, path in reversed(list_checkpoints(folder)):
-        try:
-            return path, load_checkpoint_file(path)
-        except CheckpointError as e:
-            logger.warning(f"auto-resume skips {e}")
-    return None
-
-
-def find_resume_checkpoint(folder: str, logger: logging.Logger) -> tuple[str, dict] | None:
-    """The checkpoint to auto-resume from, the same on every rank (a collective): rank 0 picks the
-    newest loadable one in ``folder`` and sends its path; the other ranks load that path. A rank
-    that cannot load it makes every rank raise CheckpointError naming the rank and the file."""
-    if get_world_size() == 1:
-        return newest_loadable_checkpoint(folder, logger)
-    found = newest_loadable_checkpoint(folder, logger) if get_rank() == 0 else None
-    chosen = [found[0] if found else None]
-    dist.broadcast_object_list(chosen, src=0)
-    path, error = chosen[0], None
-    if path is not None and get_rank() != 0:
-        try:
-            found = path, load_checkpoint_file(path)
-        except CheckpointError as e:
-            error = str(e)
-    errors: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(errors, error)
-    failed = [(rank, message) for rank, message in enumerate(errors) if message]
-    if failed:
-        rank, message = failed[0]
-        raise CheckpointError(f"auto-resume: rank 0 chose {path}, but rank {rank} cannot load it "
-                              f"({message}); the output folder must be one that every node "
-                              f"sees (a shared filesystem)")
-    return found
 
 
 def _describe(ckpt: dict) -> str:
@@ -698,19 +550,3 @@ def load_pretrained(path: str, model: torch.nn.Module, logger: logging.Logger) -
             logger.info(f"{path}: {key} {shape} not loaded: the model has no classifier")
     model.load_state_dict(weights, strict=False)
     logger.info(f"loaded pretrained weights from {path}")
-
-
-def restore_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer,
-                           lr_scheduler: Any, scaler: torch.amp.GradScaler) -> None:
-    """Restores optimizer, LR scheduler and loss scaler from ``ckpt``."""
-    for key in ("optimizer", "lr_scheduler"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: has no '{key}' entry: it holds weights only; "
-                                  "use --pretrained to start training from it")
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its optimizer state does not fit this run: {e}") from None
-    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])

@@ -15,17 +15,19 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data import auto_augment
 from timm.data.transforms import str_to_interp_mode
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from yacs.config import CfgNode as CN
 
-from utils import derive_seed, get_rank, get_world_size, seed_all
+from config import mixup_enabled
+from startup import STOP_SIGNALS
+from utils import get_rank, get_world_size
+
+from .samplers import ResumableSampler, SeededSamples, ShardSampler
 
 # DATA.DATASET values of segmentation runs (main_seg.py, configs/seg/).
 SEGMENTATION_DATASETS = ("ade20k", "digits_seg")
 
-# Signals by which a launcher, Slurm or Ctrl-C asks training to stop (main.Preemption).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class DataError(ValueError):
@@ -193,61 +195,6 @@ def _missing_classes(dataset: Dataset, is_train: bool) -> str:
     return f": missing {missing}, which {other} has" if missing else ""
 
 
-class EpochSeededDataset(Dataset):
-    """A training dataset indexed by ``(epoch, index)`` (see :class:`TrainSampler`) whose every
-    random draw is a function of (``seed``, epoch, index): python's ``random``, NumPy and torch,
-    which timm's transforms use, are reseeded before each sample is loaded and transformed. So
-    an image gets the same augmentation in a resumed run, whichever worker or rank loads it."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        seed_all(derive_seed(self.seed, epoch, index), accelerators=False)
-        return self.dataset[index]
-
-
-class TrainSampler(DistributedSampler):
-    """torch's DistributedSampler (a fresh shuffle per epoch from the seed, split over ranks) that
-    yields ``(epoch, index)`` pairs for :class:`EpochSeededDataset` and can start an epoch
-    part-way through, for a resume from a mid-epoch checkpoint."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.start_index = 0
-
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        """Selects the epoch's order and skips its first ``start_index`` samples on this rank."""
-        super().set_epoch(epoch)
-        self.start_index = start_index
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = itertools.islice(super().__iter__(), self.start_index, None)
-        return ((self.epoch, index) for index in indices)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start_index
-
-
-class ShardSampler(Sampler[int]):
-    """Rank r of w takes samples r, r + w, r + 2w, ... in order: across ranks every sample
-    appears exactly once (no padding, no duplicates)."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        self.indices = range(rank, len(dataset), num_replicas)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """``worker_init_fn`` of the loaders: a worker ignores the stop signals, which a launcher or
     Slurm sends to the whole process group; the main process decides when to stop and ends its
@@ -343,11 +290,6 @@ def stop_loader_workers() -> None:
 atexit.register(stop_loader_workers)  # runs before torch's and multiprocessing's exit handlers
 
 
-def mixup_enabled(config: CN) -> bool:
-    """Whether ``AUG.*`` turns Mixup or CutMix on."""
-    return config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
-
-
 def build_mixup(config: CN) -> Mixup | None:
     """timm's Mixup/CutMix from ``AUG.*`` (label smoothing included), or None when both are off."""
     if not mixup_enabled(config):
@@ -382,13 +324,13 @@ def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None
         raise DataError(f"train/ and val/ of {config.DATA.DATA_PATH} have different class "
                         f"folders: only in train/: {sorted(train_classes - val_classes)}, only in "
                         f"val/: {sorted(val_classes - train_classes)}")
-    sampler = TrainSampler(dataset_train, world_size, rank, config.SEED)
+    sampler = ResumableSampler.one_pass(dataset_train, world_size, rank, config.SEED)
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(f"the training set ({len(dataset_train)} images) gives each of the "
                         f"{world_size} rank(s) {len(sampler)} images, less than one batch of "
                         f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
     data_loader_train = Loader(
-        EpochSeededDataset(dataset_train, config.SEED), sampler=sampler,
+        SeededSamples(dataset_train, config.SEED), sampler=sampler,
         batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=pin_memory, drop_last=True)
     return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)

@@ -23,14 +23,19 @@ class Mutant:
 # Resume that ignores the checkpoint and trains from scratch, logging the line a resume logs: as
 # training is deterministic, only a test that checks where the rerun starts notices.
 _FROM_SCRATCH = dict(
-    file="main.py",
-    old="    path, ckpt = resume\n    load_weights(model, ckpt, path)\n",
-    new=("    path, ckpt = resume\n"
-         "    start_epoch, progress = resume_position(ckpt, config, updates_per_epoch, logger)\n"
-         "    logger.info(f'resumed from {path}: epoch {start_epoch}, step {progress.epoch_step}, "
-         "{progress.num_updates} optimizer steps done, max accuracy 0.00%')\n"
-         "    lr_scheduler.step_update(0)\n"
-         "    return 0, 0.0, Progress(num_updates=0)\n"))
+    file="engine/trainer.py",
+    old=("        path, ckpt = resume\n"
+         "        self.start_epoch, self.best, self.progress = self.saver.restore(\n"),
+    new=("        path, ckpt = resume\n"
+         "        from .checkpoint import resume_position\n"
+         "        start_epoch, progress = resume_position(ckpt, config, self.updates_per_epoch, "
+         "logger)\n"
+         "        logger.info(f'resumed from {path}: epoch {start_epoch}, step "
+         "{progress.epoch_step}, {progress.num_updates} optimizer steps done, max accuracy "
+         "0.00%')\n"
+         "        self.lr_scheduler.step_update(0)\n"
+         "        return\n"
+         "        self.start_epoch, self.best, self.progress = self.saver.restore(\n"))
 _RESUME_TESTS = {
     "mid-epoch-signal": "tests/test_preemption.py::test_signal_to_the_process_group_saves_a_step_"
                         "and_the_rerun_equals_an_uninterrupted_run",
@@ -87,19 +92,21 @@ MUTANTS = [
            ("tests/test_integrity.py::"
             "test_a_corrupt_checkpoint_that_parses_is_skipped_by_auto_resume_and_kept",)),
     Mutant("eval-without-weights", "--eval --resume evaluates the checkpoint's weights",
-           "main.py", "    if resume:\n        load_weights(model, resume[1], resume[0])\n",
-           "    if resume:\n        pass\n",
+           "engine/run.py", "        if resume:\n            load_weights(model, resume[1], resume[0])\n",
+           "        if resume:\n            pass\n",
            ("tests/test_seg_cli.py::test_torchrun_two_processes_train_with_workers_and_evaluate",)),
     Mutant("seg-totals-not-summed", "segmentation metrics sum every rank's per-class totals",
-           "main_seg.py", "            torch.distributed.all_reduce(metrics.totals)\n", "",
+           "engine/segmentation.py", "        torch.distributed.all_reduce(metrics.totals)\n", "",
            ("tests/test_seg_cli.py::test_torchrun_two_processes_train_with_workers_and_evaluate",)),
     Mutant("seg-test-mode-ignored", "segmentation inference runs the mode SEG.TEST_MODE names",
            "models/seg_inference.py", '    if seg.TEST_MODE == "whole":\n', "    if True:\n",
            ("tests/test_seg.py::test_inference_runs_the_function_seg_test_mode_names",)),
-    Mutant("buffers-not-broadcast", "every rank evaluates the state rank 0 saves", "main.py",
+    Mutant("buffers-not-broadcast", "every rank evaluates the state rank 0 saves",
+           "engine/trainer.py",
            "                broadcast_buffers(module)", "                pass",
            ("tests/test_seg_cli.py::test_torchrun_two_processes_train_with_workers_and_evaluate",)),
     Mutant("fp16-without-loss-scaling", "AMP float16 trains with a GradScaler's loss scaling",
-           "main.py", "enabled=amp.enabled and amp.dtype == torch.float16)", "enabled=False)",
+           "engine/trainer.py", "enabled=amp.enabled and amp.dtype == torch.float16)",
+           "enabled=False)",
            ("tests/test_defaults.py::test_shipped_recipe_trains_through_the_cli_on_photos",)),
 ]

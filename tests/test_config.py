@@ -90,7 +90,7 @@ def test_released_repository_config_files_build_their_variant(reference_dir, var
     assert load_config(path, ["MODEL.DROP_PATH_RATE", "0.1"]).MODEL.DROP_PATH_RATE == 0.1
     assert load_config(None, ["MODEL.NAME", cfg.MODEL.NAME]).MODEL.DROP_PATH_RATE == drop_path
     from config import get_config
-    from main import parse_option
+    from config import parse_option
     args = parse_option(["--cfg", path, "--output", "out", "--tag", "run"])
     assert get_config(args).OUTPUT == os.path.join("out", f"MG-SSAF-{variant}", "run")
     # A key the variant does not have is an error naming the released spelling and the value.

@@ -15,7 +15,7 @@ from config import ConfigError, get_config, load_config
 from data import DataError
 from data.cub import CUBDataset
 from lr_scheduler import scale_lrs
-from main import parse_option
+from config import parse_option
 from models import build_model
 from utils import load_checkpoint_file
 

@@ -159,13 +159,13 @@ def test_a_corrupt_checkpoint_that_parses_is_skipped_by_auto_resume_and_kept(ref
 
 # main.py killed (SIGKILL, no handler runs) when it starts to write ckpt_best.pth at epoch EPOCH.
 KILL_IN_BEST_SAVE = """
-import os, signal, sys, main, utils
-save = utils.atomic_save
+import os, signal, sys, main, engine.checkpoint as checkpoint
+save = checkpoint.atomic_save
 def atomic_save(obj, path):
     if path.endswith("ckpt_best.pth") and obj["epoch"] == int(os.environ["KILL_EPOCH"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return save(obj, path)
-utils.atomic_save = atomic_save
+checkpoint.atomic_save = atomic_save
 sys.exit(main.main(sys.argv[1:]))
 """
 

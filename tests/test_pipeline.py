@@ -17,10 +17,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import pipeline_helpers as h
-from config import ConfigError, get_config, load_config
-from data.build import DataError, ShardSampler, build_loader, build_transform
+from config import ConfigError, get_config, load_config, parse_option
+from data.build import DataError, build_loader, build_transform
+from data.samplers import ShardSampler
+from engine.classification import ClassificationTask
+from engine.preemption import Preemption
+from engine.task import Amp, Loaders
+from engine.trainer import Trainer
 from lr_scheduler import build_scheduler, scale_lrs
-from main import Amp, Preemption, Progress, parse_option, train_one_epoch
 from models import build_model
 from optimizer import build_optimizer
 from utils import load_checkpoint_file, uses_glibc_malloc
@@ -372,14 +376,14 @@ def test_accumulating_two_micro_batches_matches_one_double_batch():
         torch.manual_seed(1)
         model = build_model(config)
         initial = copy.deepcopy(model.state_dict())
-        optimizer = build_optimizer(config, model)
-        scheduler = build_scheduler(config, optimizer, 1)
-        progress = Progress()
         loader = DataLoader(dataset, batch_size=batch)
-        train_one_epoch(config, model, torch.nn.CrossEntropyLoss(), loader, optimizer, 0, None,
-                        scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                        Amp(False, torch.float32), torch.device("cpu"), progress, Preemption(),
-                        logging.getLogger("test"))
+        trainer = Trainer(config, ClassificationTask(), model, Loaders(dataset, loader, dataset,
+                                                                       loader),
+                          torch.device("cpu"), Amp(False, torch.float32), Preemption(),
+                          logging.getLogger("test"))
+        trainer.criterion = torch.nn.CrossEntropyLoss()
+        trainer.train_one_epoch(0)
+        progress = trainer.progress
         assert progress.num_updates == 1 and progress.epoch_step == 8 // batch
         results.append(copy.deepcopy(model.state_dict()))
     for key, value in results[0].items():

@@ -180,7 +180,7 @@ def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(data48, tmp_
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from main import Preemption
+from engine.preemption import Preemption
 preemption = Preemption()
 preemption.install()
 os.kill(os.getpid(), signal.SIGINT)
@@ -220,11 +220,11 @@ def test_resume_with_another_batch_size_recomputes_the_position(one_process_run,
 
 # main.py where rank 1 cannot read the checkpoint files (an output folder not shared by its node)
 RANK_1_SEES_NO_CHECKPOINTS = """
-import os, sys, main, utils
+import os, sys, main, engine.checkpoint as checkpoint
 def load_checkpoint_file(path):
-    raise utils.CheckpointError(f"checkpoint not found: {path}")
+    raise checkpoint.CheckpointError(f"checkpoint not found: {path}")
 if os.environ["RANK"] == "1":
-    utils.load_checkpoint_file = load_checkpoint_file
+    checkpoint.load_checkpoint_file = load_checkpoint_file
 sys.exit(main.main(sys.argv[1:]))
 """
 

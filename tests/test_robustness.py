@@ -16,14 +16,15 @@ import torch
 
 import pipeline_helpers as h
 from config import load_config
-from main import Preemption
-from utils import (CheckpointError, atomic_save, load_checkpoint_file, prune_checkpoints,
-                   weight_differences)
+from engine.preemption import Preemption
+from startup import STOP_SIGNALS
+from engine.checkpoint import prune_checkpoints
+from utils import CheckpointError, atomic_save, load_checkpoint_file, weight_differences
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
 NAN_FROM_SECOND_STEP = """
-import sys, main
-build = main.build_criterion
+import sys, main, engine.classification as task
+build = task.build_criterion
 def build_criterion(config, mixup_active):
     criterion, calls = build(config, mixup_active), [0]
     def loss_turning_nan(outputs, targets):
@@ -31,17 +32,18 @@ def build_criterion(config, mixup_active):
         loss = criterion(outputs, targets)
         return loss * float("nan") if calls[0] > 1 else loss
     return loss_turning_nan
-main.build_criterion = build_criterion
+task.build_criterion = build_criterion
 sys.exit(main.main(sys.argv[1:]))
 """
 RANK_1_HANGS = """
 import os, sys, time, main
-train = main.train_one_epoch
+from engine.trainer import Trainer
+train = Trainer.train_one_epoch
 def train_one_epoch(*args, **kwargs):
     if os.environ["RANK"] == "1":
         time.sleep(600)
     return train(*args, **kwargs)
-main.train_one_epoch = train_one_epoch
+Trainer.train_one_epoch = train_one_epoch
 sys.exit(main.main(sys.argv[1:]))
 """
 
@@ -139,7 +141,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(dat
 
 
 def test_sigterm_sigusr1_and_sigint_request_a_stop():
-    saved = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         for sig in saved:
             preemption = Preemption()

@@ -303,7 +303,7 @@ def test_seg_backbone_normalises_each_stage_map_with_a_fresh_layernorm():
 
 def test_every_segmentor_parameter_gets_a_gradient_each_step():
     """What DDP needs (no unused parameters): one training step reaches every parameter."""
-    from main_seg import SegLoss
+    from engine.segmentation import SegLoss
     cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
     model = build_segmentor(cfg).train()
     x = torch.randn(2, 3, 64, 64)
@@ -316,7 +316,7 @@ def test_seg_loss_averages_over_all_pixels_as_mmseg():
     """mmseg 0.11: per-pixel cross-entropy, ignored pixels 0, mean over all pixels; decode +
     0.4 x auxiliary. By hand: 2 classes, logits (0, 0) -> ln 2 per pixel, logits (ln 3, 0) ->
     ln(4/3) for class 0; 2 of the 4 pixels ignored."""
-    from main_seg import SegLoss
+    from engine.segmentation import SegLoss
     logits = torch.zeros(1, 2, 2, 2)
     logits[0, 0, 0, 1] = math.log(3)
     aux = torch.zeros(1, 2, 2, 2)
@@ -329,7 +329,7 @@ def test_seg_loss_averages_over_all_pixels_as_mmseg():
 
 
 def test_seg_loss_of_an_all_ignored_batch_is_zero_not_nan():
-    from main_seg import SegLoss
+    from engine.segmentation import SegLoss
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     loss = SegLoss(255, 0.4)((logits, logits * 2), torch.full((2, 4, 4), 255))
     loss.backward()
@@ -382,7 +382,7 @@ def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
     """decay_mult 0 only for names containing 'norm' (every LayerNorm of MG-SSAF, the output
     norms norm0..norm3), 'relative_position_bias_table', 'absolute_pos_embed'; biases and the
     heads' BatchNorm keep TRAIN.WEIGHT_DECAY (main.py keeps Swin's set_weight_decay)."""
-    from main_seg import SegmentationTask
+    from engine.segmentation import SegmentationTask
     cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
     model = build_segmentor(cfg)
     optimizer = SegmentationTask().build_optimizer(cfg, model)
@@ -402,7 +402,7 @@ def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
 
 def test_seg_refuses_layer_decay():
     from config import ConfigError
-    from main_seg import SegmentationTask
+    from engine.segmentation import SegmentationTask
     cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"),
                       ["TRAIN.LAYER_DECAY", "0.9"])
     cfg.defrost()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import pipeline_helpers as h
-from main_seg import IterationSampler
+from data.samplers import ResumableSampler
 
 SEG_CFG = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
 DEMO_CFG = SEG_CFG
@@ -146,14 +146,14 @@ def test_iters_must_be_a_multiple_of_the_eval_interval(ade, tmp_path):
     assert "SEG.ITERS (5) must be a positive multiple of SEG.EVAL_INTERVAL (2)" in result.stdout
 
 
-def test_iteration_sampler_covers_ranks_and_resumes_part_way():
+def test_resumable_sampler_covers_ranks_and_resumes_part_way():
     data = list(range(5))
-    shards = [list(IterationSampler(data, 6, 2, r, seed=0)) for r in range(2)]
+    shards = [list(ResumableSampler(data, 6, 2, r, seed=0)) for r in range(2)]
     positions = sorted(p for s in shards for _, p, _ in s)
     assert positions == list(range(12))  # every draw of the epoch once, two passes and a bit
     indices = [i for _, _, i in sorted((k for s in shards for k in s), key=lambda k: k[1])]
     assert sorted(indices[:5]) == data and sorted(indices[5:10]) == data
-    sampler = IterationSampler(data, 6, 2, 1, seed=0)
+    sampler = ResumableSampler(data, 6, 2, 1, seed=0)
     sampler.set_epoch(0, 4)
     assert list(sampler) == shards[1][4:] and len(sampler) == 2
 

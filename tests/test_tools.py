@@ -169,3 +169,12 @@ def test_mutation_check_smoke_one_mutant_is_caught():
     assert result.stdout.rstrip().endswith("1 of 1 mutants caught")
     with open(os.path.join(ROOT, "config.py"), encoding="utf-8") as f:
         assert f.read() == before  # the mutant was applied to a scratch copy only
+
+
+def test_every_mutant_applies_to_exactly_one_place():
+    """A refactoring that moves the code a mutant breaks must move the mutant too (otherwise
+    tools/mutation_check.py reports it as not applicable instead of testing the property)."""
+    import mutants
+    for mutant in mutants.MUTANTS:
+        with open(os.path.join(ROOT, mutant.file), encoding="utf-8") as f:
+            assert f.read().count(mutant.old) == 1, (mutant.name, mutant.file)

@@ -6,7 +6,7 @@ augmentation, collation, with DATA.NUM_WORKERS workers), no model.
 
 Prints images/s over ``--batches`` batches after ``--warmup`` untimed ones (worker start-up
 excluded), per epoch of ``--epochs``, then their median, and the CPU model; and what reseeding
-each sample from (SEED, epoch, index) costs (data.EpochSeededDataset), timed in the same run,
+each sample from (SEED, epoch, index) costs (data.samplers.SeededSamples), timed in the same run,
 as a share of the time one sample takes a worker.
 """
 from __future__ import annotations
