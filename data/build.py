@@ -28,6 +28,12 @@ SEGMENTATION_DATASETS = ("ade20k", "digits_seg")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+def is_seg_config(config: CN) -> bool:
+    """Whether ``config`` describes a segmentation run (its DATA.DATASET is one of
+    SEGMENTATION_DATASETS)."""
+    return config.DATA.DATASET in SEGMENTATION_DATASETS
+
+
 def _image_folder(root: str, split: str, transform: Callable, config: CN) -> ImageFolderDataset:
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
