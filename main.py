@@ -47,12 +47,14 @@ from data import DataError, build_loader, mixup_enabled
 from logger import create_logger, open_log_file
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
+from models.checkpoint_io import (CheckpointError, load_checkpoint_file, load_pretrained,
+                                  load_weights)
 from optimizer import build_optimizer
 from utils import (RunError, RunLock, all_reduce_sum, any_rank, broadcast_buffers, check_in,
                    checkpoint_name, derive_seed, find_resume_checkpoint, get_rank, get_world_size,
-                   keep_freed_memory, load_checkpoint_file, load_pretrained, load_weights,
-                   prepare_output_dir, release_run_locks, remove_leftover_temp_files,
-                   restore_training_state, save_checkpoint, seed_all, synchronize)
+                   keep_freed_memory, prepare_output_dir, release_run_locks,
+                   remove_leftover_temp_files, restore_training_state, save_checkpoint, seed_all,
+                   synchronize)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable
 PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run stands preempted
@@ -945,7 +947,7 @@ def main(argv: list[str] | None = None, task: ClassificationTask | None = None) 
     except NonFiniteLossError as e:
         report(f"{e}; the checkpoints already in the output folder are untouched")
         return 1
-    except (ConfigError, DataError, RunError) as e:
+    except (ConfigError, DataError, RunError, CheckpointError) as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a loader worker: keep the message itself
             message = message.strip().splitlines()[-1]

@@ -30,12 +30,13 @@ from data import DataError
 from data.build import SEGMENTATION_DATASETS, Loader, ShardSampler
 from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, multi_scale_ratios
 from main import Amp, ClassificationTask, main
+from models.checkpoint_io import CheckpointError, load_checkpoint_file
 from models.seg_inference import inference
 from models.upernet import (HEAD_INITS, build_segmentor, convert_sync_batchnorm,
                             load_backbone_weights)
 from optimizer import build_optimizer, keyword_decay_groups
 from seg_metrics import SegMetrics, format_table, summarize
-from utils import CheckpointError, get_rank, get_world_size, load_checkpoint_file
+from utils import get_rank, get_world_size
 
 class IterationSampler(Sampler):
     """The draws of one engine epoch: ``num_samples`` per rank from seeded permutations of the

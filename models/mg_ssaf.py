@@ -46,8 +46,7 @@ from timm.layers import (DropPath, register_notrace_function, register_notrace_m
                          trunc_normal_)
 from timm.models._features import feature_take_indices
 
-from utils import load_pretrained
-
+from .checkpoint_io import load_pretrained
 from .depthwise import DepthwiseConv2d
 from .pointwise import PointwiseConv2d
 from .separable import fused_available, separable_attention
@@ -614,7 +613,7 @@ class MGSSAF(nn.Module):
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's loader of a local weights file (``pretrained=True,
         pretrained_cfg_overlay=dict(file=path)``): the project's safe loader of checkpoints
-        (``utils.load_pretrained``, as ``--pretrained``)."""
+        (``models.checkpoint_io.load_pretrained``, as ``--pretrained``)."""
         load_pretrained(checkpoint_path, self, _logger)
 
 

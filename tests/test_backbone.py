@@ -18,7 +18,7 @@ from timm.optim import param_groups_layer_decay
 
 from config import load_config
 from models import build_model, checkpoint_filter_fn
-from utils import load_pretrained
+from models.checkpoint_io import load_pretrained
 
 NAMES = ["mg_ssaf_t", "mg_ssaf_s", "mg_ssaf_b"]
 YAML = {"mg_ssaf_t": "T", "mg_ssaf_s": "S", "mg_ssaf_b": "B"}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pipeline_helpers as h
-from utils import load_checkpoint_file
+from models.checkpoint_io import load_checkpoint_file
 
 # 48 training images: 24 steps per epoch with one process, 12 with two (batch 2).
 TRAIN_PER_CLASS = 16
@@ -221,8 +221,9 @@ def test_resume_with_another_batch_size_recomputes_the_position(one_process_run,
 # main.py where rank 1 cannot read the checkpoint files (an output folder not shared by its node)
 RANK_1_SEES_NO_CHECKPOINTS = """
 import os, sys, main, utils
+from models.checkpoint_io import CheckpointError
 def load_checkpoint_file(path):
-    raise utils.CheckpointError(f"checkpoint not found: {path}")
+    raise CheckpointError(f"checkpoint not found: {path}")
 if os.environ["RANK"] == "1":
     utils.load_checkpoint_file = load_checkpoint_file
 sys.exit(main.main(sys.argv[1:]))

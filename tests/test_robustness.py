@@ -17,8 +17,8 @@ import torch
 import pipeline_helpers as h
 from config import load_config
 from main import Preemption
-from utils import (CheckpointError, atomic_save, load_checkpoint_file, prune_checkpoints,
-                   weight_differences)
+from models.checkpoint_io import CheckpointError, load_checkpoint_file, weight_differences
+from utils import atomic_save, prune_checkpoints
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
 NAN_FROM_SECOND_STEP = """
