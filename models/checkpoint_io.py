@@ -6,7 +6,8 @@ segmentation runs, tools/, tests/, and timm's ``pretrained=True`` path through
 so no pickled code runs, and verifies the SHA-256 that the training side's ``atomic_save``
 (utils.py) writes into the file with :func:`append_checksum`. :func:`load_weights` and
 :func:`load_pretrained` load a checkpoint's weights into a model and name, when they do not fit,
-the dimensions (and the released variant) that differ. Depends on torch and yacs only.
+the dimensions (and the released variant) that differ. Depends on torch, yacs and the variant
+table (models/variants.py) only.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import IO, Any
 import torch
 from yacs.config import CfgNode as CN
 
-from config import VARIANTS
+from .variants import VARIANTS
 
 __all__ = ["CHECKSUM_TAG", "CheckpointError", "TORCH_SAVE_MAGIC", "append_checksum",
            "load_checkpoint_file", "load_pretrained", "load_weights", "verify_checksum",

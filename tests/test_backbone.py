@@ -18,7 +18,9 @@ from timm.optim import param_groups_layer_decay
 
 from config import load_config
 from models import build_model, checkpoint_filter_fn
+from models.build import model_kwargs
 from models.checkpoint_io import load_pretrained
+from models.variants import VARIANTS, variant_kwargs
 
 NAMES = ["mg_ssaf_t", "mg_ssaf_s", "mg_ssaf_b"]
 YAML = {"mg_ssaf_t": "T", "mg_ssaf_s": "S", "mg_ssaf_b": "B"}
@@ -54,6 +56,13 @@ def test_registered_network_is_the_config_network(name):
     assert {k: v.shape for k, v in from_config.state_dict().items()} == \
            {k: v.shape for k, v in from_timm.state_dict().items()}
     assert name in timm.list_models("mg_ssaf*")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_table_gives_the_arguments_of_a_config_naming_the_variant(variant):
+    """timm's entry points build from the variant table (models/ reads no config): the same
+    MGSSAF arguments as build_model of a config that sets only MODEL.NAME."""
+    assert variant_kwargs(variant) == model_kwargs(load_config(None, ["MODEL.NAME", variant]))
 
 
 @pytest.mark.parametrize("name", NAMES)
