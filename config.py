@@ -17,6 +17,10 @@ from typing import Any, Iterable, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+# The released variants: MODEL.NAME -> (title, MODEL.MGSSAF keys, MODEL.DROP_PATH_RATE), a table
+# that lives with the model; this module checks how their names are spelled and fills them in.
+from models.variants import RELEASED_NAMES, VARIANTS
+
 _C = CN()
 
 # Base config files, merged before the file that names them (paths relative to that file).
@@ -272,22 +276,6 @@ _C.LOCAL_RANK = 0
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
-
-
-# The released variants: MODEL.NAME -> the architecture it stands for (MODEL.MGSSAF keys, plus
-# MODEL.DROP_PATH_RATE, which fills in when unset but may be changed, e.g. for fine-tuning).
-_T_LIKE = dict(EMBED_DIM=96, NUM_HEADS=[3, 6, 12, 24], GLOBAL_RATIO=[0.0, 0.5, 0.5, 0.0])
-_COMMON = dict(STRIP_WIDTH=[0, 2, 2, 0], WINDOW_SIZE=7, MLP_RATIO=2.0, QKV_BIAS=True,
-               HEAD_HIDDEN_DIM=1280)
-VARIANTS = {
-    "mg_ssaf_tiny": ("MG-SSAF-T", dict(_T_LIKE, DEPTHS=[2, 2, 6, 2], **_COMMON), 0.2),
-    "mg_ssaf_small": ("MG-SSAF-S", dict(_T_LIKE, DEPTHS=[2, 2, 18, 2], **_COMMON), 0.2),
-    "mg_ssaf_base": ("MG-SSAF-B", dict(EMBED_DIM=128, DEPTHS=[2, 2, 18, 2],
-                                       NUM_HEADS=[4, 8, 16, 32],
-                                       GLOBAL_RATIO=[0.0, 0.75, 0.75, 0.0], **_COMMON), 0.3),
-}
-# The released repository's MODEL.NAME spellings (its configs/MG-SSAF/*.yaml): the titles.
-RELEASED_NAMES = {title: name for name, (title, _, _) in VARIANTS.items()}
 
 
 def _name_key(name: str) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 
 import models  # noqa: F401  (registers mg_ssaf_t / mg_ssaf_s / mg_ssaf_b with timm)
 
-dependencies = ["torch", "timm", "yacs", "yaml"]
+dependencies = ["torch", "timm", "yacs"]  # what models/ imports (no config, so no yaml)
 
 
 def _create(name: str, checkpoint: str | None, **kwargs: Any) -> nn.Module:

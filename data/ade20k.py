@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .build import DataError
+from .common import DataError
 from .seg_pipeline import item_rng
 
 NUM_CLASSES = 150

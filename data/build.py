@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import logging
-import multiprocessing
 import os
 import signal
 import weakref
@@ -16,13 +14,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data import auto_augment
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets, transforms
+from torchvision import transforms
 from yacs.config import CfgNode as CN
 
 from config import mixup_enabled
 from startup import STOP_SIGNALS
 from utils import get_rank, get_world_size
 
+from .common import DataError, ImageFolderDataset
 from .samplers import ResumableSampler, SeededSamples, ShardSampler
 
 # DATA.DATASET values of segmentation runs (main_seg.py, configs/seg/).
@@ -30,53 +29,10 @@ SEGMENTATION_DATASETS = ("ade20k", "digits_seg")
 
 
 
-class DataError(ValueError):
-    """A data folder, image or data setting that cannot be used."""
-
-
-class BadImageError(DataError):
-    """An image file that cannot be read or decoded."""
-
-
-def load_rgb_image(path: str) -> Image.Image:
-    """Opens an image file as RGB; a file that cannot be decoded raises BadImageError naming it."""
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot read image {path}: {e}") from None
-
-
-class ImageFolderDataset(datasets.ImageFolder):
-    """An ImageFolder (``<root>/<class>/<image>``) that names unreadable images. With
-    ``skip_bad_images`` such an image is replaced by the next readable one, with a warning, and
-    counted (see :meth:`pop_skipped`)."""
-
-    def __init__(self, root: str, transform: Callable, skip_bad_images: bool) -> None:
-        try:
-            super().__init__(root, transform=transform, loader=load_rgb_image)
-        except FileNotFoundError as e:
-            raise DataError(f"{root}: {e}") from None
-        self.skip_bad_images = skip_bad_images
-        self._skipped = multiprocessing.Value("i", 0)  # shared with the loader's workers
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.samples)):
-            try:
-                return super().__getitem__((index + offset) % len(self.samples))
-            except BadImageError as e:
-                if not self.skip_bad_images:
-                    raise
-                logging.getLogger("mg_ssaf").warning(f"{e}: skipped (DATA.SKIP_BAD_IMAGES)")
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-        raise DataError(f"{self.root}: none of its images can be read")
-
-    def pop_skipped(self) -> int:
-        """Images skipped since the last call."""
-        with self._skipped.get_lock():
-            count, self._skipped.value = self._skipped.value, 0
-        return count
+def is_seg_config(config: CN) -> bool:
+    """Whether ``config`` describes a segmentation run (its DATA.DATASET is one of
+    SEGMENTATION_DATASETS)."""
+    return config.DATA.DATASET in SEGMENTATION_DATASETS
 
 
 def _image_folder(root: str, split: str, transform: Callable, config: CN) -> ImageFolderDataset:

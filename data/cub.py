@@ -22,7 +22,7 @@ import os
 import stat
 from typing import Callable
 
-from .build import DataError, ImageFolderDataset
+from .common import DataError, ImageFolderDataset
 
 LIST_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt")
 

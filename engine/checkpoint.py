@@ -27,8 +27,8 @@ from typing import Any
 import torch.distributed as dist
 from yacs.config import CfgNode as CN
 
-from utils import (CheckpointError, RunError, atomic_save, check_in, get_rank, get_world_size,
-                   load_checkpoint_file, load_weights)
+from models.checkpoint_io import CheckpointError, load_checkpoint_file, load_weights
+from utils import RunError, atomic_save, check_in, get_rank, get_world_size
 
 CHECKPOINT_RE = re.compile(r"^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
 BEST_CHECKPOINT = "ckpt_best.pth"

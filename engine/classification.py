@@ -16,7 +16,8 @@ from data import build_loader
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
 from optimizer import build_optimizer
-from utils import all_reduce_sum, load_pretrained
+from models.checkpoint_io import load_pretrained
+from utils import all_reduce_sum
 
 from .task import Amp, Loaders, Task
 from .trainer import memory_mb

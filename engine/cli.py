@@ -17,6 +17,7 @@ from yacs.config import CfgNode as CN
 import startup
 from config import ConfigError, check_config, get_config, parse_option
 from data import DataError
+from models.checkpoint_io import CheckpointError
 from utils import RunError, check_in, get_rank, get_world_size, prepare_output_dir, release_run_locks
 
 from .checkpoint import CheckpointSaver
@@ -103,7 +104,7 @@ def main(task: Task, argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         report(f"{e}; the checkpoints already in the output folder are untouched")
         return 1
-    except (ConfigError, DataError, RunError) as e:
+    except (ConfigError, DataError, RunError, CheckpointError) as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a loader worker: keep the message itself
             message = message.strip().splitlines()[-1]

@@ -17,8 +17,9 @@ from yacs.config import CfgNode as CN
 import startup
 from config import ConfigError, inert_settings
 from logger import create_logger, open_log_file
+from models.checkpoint_io import load_weights
 from utils import (RunError, RunLock, all_reduce_sum, any_rank, get_rank, get_world_size,
-                   keep_freed_memory, load_weights, prepare_output_dir, seed_all, synchronize)
+                   keep_freed_memory, prepare_output_dir, seed_all, synchronize)
 
 from .checkpoint import CheckpointSaver
 from .preemption import Preemption

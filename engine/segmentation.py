@@ -20,7 +20,8 @@ from models.upernet import (HEAD_INITS, build_segmentor, convert_sync_batchnorm,
                             load_backbone_weights)
 from optimizer import build_optimizer, keyword_decay_groups
 from seg_metrics import SegMetrics, format_table, summarize
-from utils import CheckpointError, get_world_size, load_checkpoint_file
+from models.checkpoint_io import CheckpointError, load_checkpoint_file
+from utils import get_world_size
 
 from .task import Amp, Loaders, Task
 

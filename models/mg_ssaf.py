@@ -46,8 +46,7 @@ from timm.layers import (DropPath, register_notrace_function, register_notrace_m
                          trunc_normal_)
 from timm.models._features import feature_take_indices
 
-from utils import load_pretrained
-
+from .checkpoint_io import load_pretrained
 from .depthwise import DepthwiseConv2d
 from .pointwise import PointwiseConv2d
 from .separable import fused_available, separable_attention
@@ -305,9 +304,11 @@ class MGSSAFAttention(nn.Module):
 
 
 def _drop_unused_norm(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load hook: drop the released, never-applied ``attn.norm`` parameters."""
+    """Load hook: drop the released, never-applied ``attn.norm`` parameters (see
+    ``checkpoint_io.drop_unused_released_keys``)."""
     for name in ("norm.weight", "norm.bias"):
         state_dict.pop(prefix + name, None)
+
 
 
 class ConvMlp(nn.Module):
@@ -614,7 +615,7 @@ class MGSSAF(nn.Module):
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's loader of a local weights file (``pretrained=True,
         pretrained_cfg_overlay=dict(file=path)``): the project's safe loader of checkpoints
-        (``utils.load_pretrained``, as ``--pretrained``)."""
+        (``models.checkpoint_io.load_pretrained``, as ``--pretrained``)."""
         load_pretrained(checkpoint_path, self, _logger)
 
 

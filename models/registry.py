@@ -1,7 +1,8 @@
 """timm registration: ``import models`` makes ``timm.create_model("mg_ssaf_t" | "mg_ssaf_s" |
-"mg_ssaf_b", ...)`` build the released MG-SSAF-T/S/B, each from its config (config.VARIANTS,
-the architecture of MODEL.NAME mg_ssaf_tiny/small/base) through :func:`model_kwargs`, the path of
-``build_model``. Weights come only from local files: no URL, no hub, nothing is downloaded."""
+"mg_ssaf_b", ...)`` build the released MG-SSAF-T/S/B, each from its row of the variant table
+(models/variants.py, the architecture of MODEL.NAME mg_ssaf_tiny/small/base) through
+:func:`variant_kwargs`: the arguments ``build_model`` gives a config naming that variant. Weights
+come only from local files: no URL, no hub, nothing is downloaded."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,10 +13,8 @@ from timm.models import (build_model_with_cfg, clean_state_dict, generate_defaul
                          register_model)
 from torch import nn
 
-from config import load_config
-
-from .build import model_kwargs
 from .mg_ssaf import MGSSAF
+from .variants import variant_kwargs
 
 __all__ = ["checkpoint_filter_fn"]
 
@@ -27,7 +26,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
     return clean_state_dict({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
 
 
-# timm names -> MODEL.NAME of the released variants (config.VARIANTS holds their architectures)
+# timm names -> MODEL.NAME of the released variants (models/variants.py holds their architectures)
 _CONFIG_NAMES = {"mg_ssaf_t": "mg_ssaf_tiny", "mg_ssaf_s": "mg_ssaf_small",
                  "mg_ssaf_b": "mg_ssaf_base"}
 
@@ -44,15 +43,14 @@ default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in _CONFIG
 
 
 def _create_mg_ssaf(variant: str, pretrained: bool = False, **kwargs: Any) -> MGSSAF:
-    """``variant``'s network (kwargs override the arguments its config gives) through timm's
+    """``variant``'s network (kwargs override the arguments its table row gives) through timm's
     builder; with ``features_only=True`` a FeatureGetterNet over
     :meth:`MGSSAF.forward_intermediates`.
 
     A local checkpoint is read by :meth:`MGSSAF.load_pretrained` (timm's ``custom_load``):
     timm's own reader loads with ``weights_only`` and refuses the yacs config that project and
     released checkpoints hold. A ``.safetensors`` file (tools/export.py) is read by timm."""
-    config = load_config(None, ["MODEL.NAME", _CONFIG_NAMES[variant]])
-    args = dict(model_kwargs(config), **kwargs)
+    args = dict(variant_kwargs(_CONFIG_NAMES[variant]), **kwargs)
     out_indices = args.pop("out_indices", tuple(range(len(args["depths"]))))
     overlay = dict(args.pop("pretrained_cfg_overlay", None) or {})
     if overlay.get("file"):  # timm reads safetensors files itself; checkpoints are pickles

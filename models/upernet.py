@@ -23,19 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode
 
-from data.build import SEGMENTATION_DATASETS
-
 from .build import model_kwargs
 from .mg_ssaf import MGSSAF, LayerNorm2d
 
-__all__ = ["is_seg_config", "MGSSAFSegBackbone", "ConvBNReLU", "PPM", "UPerHead", "FCNHead",
+__all__ = ["MGSSAFSegBackbone", "ConvBNReLU", "PPM", "UPerHead", "FCNHead",
            "UPerNet", "build_segmentor", "convert_sync_batchnorm", "load_backbone_weights"]
-
-
-def is_seg_config(config: CfgNode) -> bool:
-    """Whether ``config`` describes a segmentation run (its DATA.DATASET is a segmentation
-    dataset, ``data.build.SEGMENTATION_DATASETS``)."""
-    return config.DATA.DATASET in SEGMENTATION_DATASETS
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import pipeline_helpers as h  # noqa: E402
 from engine.checkpoint import list_checkpoints  # noqa: E402
-from utils import CheckpointError, load_checkpoint_file  # noqa: E402
+from models.checkpoint_io import CheckpointError, load_checkpoint_file  # noqa: E402
 
 EPOCHS = 2
 OPTS = ("TRAIN.EPOCHS", str(EPOCHS), "DATA.NUM_WORKERS", "2", "DETERMINISTIC", "true",

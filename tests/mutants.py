@@ -70,7 +70,8 @@ MUTANTS = [
            "models/mg_ssaf.py", "        self.scale = self.head_dim ** -0.5",
            "        self.scale = self.head_dim ** -0.5 * 1.001",
            ("tests/test_model.py::test_golden_logits",)),
-    Mutant("unsafe-load", "checkpoints are read without running pickled code", "utils.py",
+    Mutant("unsafe-load", "checkpoints are read without running pickled code",
+           "models/checkpoint_io.py",
            'ckpt = torch.load(path, map_location="cpu", weights_only=True)',
            'ckpt = torch.load(path, map_location="cpu", weights_only=False)',
            ("tests/test_robustness.py::test_checkpoint_that_would_run_code_is_refused",)),
@@ -88,7 +89,7 @@ MUTANTS = [
              "finished steps", tests=(test,), **_FROM_SCRATCH)
       for case, test in _RESUME_TESTS.items()],
     Mutant("checksum-not-verified", "a checkpoint whose checksum does not match is not loaded",
-           "utils.py", "    if stored != actual:\n", "    if False:\n",
+           "models/checkpoint_io.py", "    if stored != actual:\n", "    if False:\n",
            ("tests/test_integrity.py::"
             "test_a_corrupt_checkpoint_that_parses_is_skipped_by_auto_resume_and_kept",)),
     Mutant("eval-without-weights", "--eval --resume evaluates the checkpoint's weights",

@@ -18,7 +18,9 @@ from timm.optim import param_groups_layer_decay
 
 from config import load_config
 from models import build_model, checkpoint_filter_fn
-from utils import load_pretrained
+from models.build import model_kwargs
+from models.checkpoint_io import load_pretrained
+from models.variants import VARIANTS, variant_kwargs
 
 NAMES = ["mg_ssaf_t", "mg_ssaf_s", "mg_ssaf_b"]
 YAML = {"mg_ssaf_t": "T", "mg_ssaf_s": "S", "mg_ssaf_b": "B"}
@@ -54,6 +56,13 @@ def test_registered_network_is_the_config_network(name):
     assert {k: v.shape for k, v in from_config.state_dict().items()} == \
            {k: v.shape for k, v in from_timm.state_dict().items()}
     assert name in timm.list_models("mg_ssaf*")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_table_gives_the_arguments_of_a_config_naming_the_variant(variant):
+    """timm's entry points build from the variant table (models/ reads no config): the same
+    MGSSAF arguments as build_model of a config that sets only MODEL.NAME."""
+    assert variant_kwargs(variant) == model_kwargs(load_config(None, ["MODEL.NAME", variant]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -274,6 +283,32 @@ def test_local_pretrained_weights_equal_build_model(checkpoint_t, caplog):
     with torch.no_grad():
         torch.testing.assert_close(headless(x), reference.forward_head(
             reference.forward_features(x), pre_logits=True), rtol=0, atol=0)
+
+
+def test_released_layout_checkpoint_loads_as_pretrained_weights(reference_dir, tmp_path, caplog):
+    """A checkpoint with exactly the released keys (MG-SSAF-T.keys.txt: 24 never-applied
+    ``attn.norm`` entries among them) initialises a model through --pretrained's loader and
+    timm's local-file path, for ImageNet and for CUB's 200 classes (head re-initialised)."""
+    weights = {}
+    with open(os.path.join(reference_dir, "MG-SSAF-T.keys.txt"), encoding="utf-8") as f:
+        for line in f:
+            name, shape = line.split()
+            weights[name] = torch.randn([int(n) for n in shape.split("x")])
+    assert sum(".attn.norm." in k for k in weights) == 24
+    path = str(tmp_path / "mg_ssaf_tiny.pth")
+    torch.save({"model": weights}, path)
+    model = build_model(load_config(_yaml("mg_ssaf_t")))
+    load_pretrained(path, model, logging.getLogger("test"))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0, msg=key)
+    timm_model = timm.create_model("mg_ssaf_t", pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=path))
+    torch.testing.assert_close(timm_model.head.weight, weights["head.weight"], rtol=0, atol=0)
+    with caplog.at_level(logging.INFO):
+        cub = timm.create_model("mg_ssaf_t", num_classes=200, pretrained=True,
+                                pretrained_cfg_overlay=dict(file=path))
+    assert "the head starts from its initialisation" in caplog.text
+    torch.testing.assert_close(cub.last_conv.weight, weights["last_conv.weight"], rtol=0, atol=0)
 
 
 def test_no_pretrained_file_is_an_error():

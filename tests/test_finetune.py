@@ -17,7 +17,7 @@ from data.cub import CUBDataset
 from lr_scheduler import scale_lrs
 from config import parse_option
 from models import build_model
-from utils import load_checkpoint_file
+from models.checkpoint_io import load_checkpoint_file
 
 CFG = os.path.join(h.ROOT, "configs", "finetune", "MG-SSAF-T-CUB-448.yaml")
 SPECIES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]

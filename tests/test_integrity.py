@@ -19,8 +19,9 @@ import torch
 
 import pipeline_helpers as h
 import utils
+from models.checkpoint_io import CheckpointError, load_checkpoint_file, verify_checksum
 from test_robustness import Evil, read, start, wait_for
-from utils import CheckpointError, atomic_save, load_checkpoint_file
+from utils import atomic_save
 
 
 def everything(folder: str) -> dict[str, bytes]:
@@ -38,11 +39,11 @@ def evil_checkpoint(path: str, marker: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Finding 2: every checkpoint read goes through utils.load_checkpoint_file
+# Finding 2: every checkpoint read goes through models.checkpoint_io.load_checkpoint_file
 # ------------------------------------------------------------------------------------------------
 def _loads_outside_the_safe_loader() -> list[str]:
     """``file:line`` of every torch.load / pickle load call in the repository's own code (tests
-    excepted) other than the one in utils.load_checkpoint_file."""
+    excepted) other than the one in models.checkpoint_io.load_checkpoint_file."""
     found = []
     for path in sorted(glob.glob(os.path.join(h.ROOT, "**", "*.py"), recursive=True)):
         rel = os.path.relpath(path, h.ROOT)
@@ -52,7 +53,8 @@ def _loads_outside_the_safe_loader() -> list[str]:
             tree = ast.parse(f.read(), rel)
         allowed: set[int] = set()
         for node in ast.walk(tree):
-            if (rel == "utils.py" and isinstance(node, ast.FunctionDef)
+            if (rel == os.path.join("models", "checkpoint_io.py")
+                    and isinstance(node, ast.FunctionDef)
                     and node.name == "load_checkpoint_file"):
                 allowed |= {n.lineno for n in ast.walk(node) if hasattr(n, "lineno")}
         for node in ast.walk(tree):
@@ -129,7 +131,7 @@ def test_a_checkpoint_carries_a_checksum_and_one_without_loads_as_before(tmp_pat
     ours, plain = str(tmp_path / "ours.pth"), str(tmp_path / "plain.pth")
     atomic_save({"model": {"w": torch.arange(4.0)}}, ours)
     torch.save({"model": {"w": torch.arange(4.0)}}, plain)  # released / older checkpoints
-    assert utils.verify_checksum(ours) is True and utils.verify_checksum(plain) is False
+    assert verify_checksum(ours) is True and verify_checksum(plain) is False
     for path in (ours, plain):
         assert torch.equal(load_checkpoint_file(path)["model"]["w"], torch.arange(4.0))
     with open(ours, "r+b") as f:  # one flipped byte of a tensor

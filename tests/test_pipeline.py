@@ -26,8 +26,9 @@ from engine.task import Amp, Loaders
 from engine.trainer import Trainer
 from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
+from models.checkpoint_io import load_checkpoint_file
 from optimizer import build_optimizer
-from utils import load_checkpoint_file, uses_glibc_malloc
+from utils import uses_glibc_malloc
 
 ACC_LINE = re.compile(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images: (\d+) top-1 "
                       r"and (\d+) top-5 correct\)")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pipeline_helpers as h
-from utils import load_checkpoint_file
+from models.checkpoint_io import load_checkpoint_file
 
 # 48 training images: 24 steps per epoch with one process, 12 with two (batch 2).
 TRAIN_PER_CLASS = 16

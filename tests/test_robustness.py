@@ -16,10 +16,11 @@ import torch
 
 import pipeline_helpers as h
 from config import load_config
-from engine.preemption import Preemption
-from startup import STOP_SIGNALS
 from engine.checkpoint import prune_checkpoints
-from utils import CheckpointError, atomic_save, load_checkpoint_file, weight_differences
+from engine.preemption import Preemption
+from models.checkpoint_io import CheckpointError, load_checkpoint_file, weight_differences
+from startup import STOP_SIGNALS
+from utils import atomic_save
 
 # python -c wrappers around main.main that inject a fault; argv follows as for main.py.
 NAN_FROM_SECOND_STEP = """

@@ -24,8 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
+from data.build import is_seg_config  # noqa: E402
 from models import build_model, separable  # noqa: E402
-from models.upernet import build_segmentor, is_seg_config  # noqa: E402
+from models.upernet import build_segmentor  # noqa: E402
 
 
 def count_params(model: nn.Module) -> int:

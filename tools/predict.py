@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from data.build import build_transform  # noqa: E402
 from models import build_model, checkpoint_filter_fn  # noqa: E402
-from utils import CheckpointError, load_checkpoint_file  # noqa: E402
+from models.checkpoint_io import CheckpointError, load_checkpoint_file  # noqa: E402
 
 
 def image_paths(inputs: Sequence[str]) -> list[str]:

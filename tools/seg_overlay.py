@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from data.ade20k import reduce_zero_label  # noqa: E402
 from data.seg_pipeline import SegTestTransform, multi_scale_ratios  # noqa: E402
+from models.checkpoint_io import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
 from models.seg_inference import inference  # noqa: E402
 from models.upernet import build_segmentor  # noqa: E402
-from utils import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -60,7 +60,8 @@ def panel(image: np.ndarray, pred: np.ndarray, label: np.ndarray | None,
 
 def load_segmentor(cfg_path: str, checkpoint: str, opts=()) -> tuple[torch.nn.Module, object]:
     """The segmentor of ``cfg_path`` with the weights of ``checkpoint``, read by the project's
-    safe loader (utils.load_checkpoint_file: no pickled code runs, the checksum is verified)."""
+    safe loader (models.checkpoint_io.load_checkpoint_file: no pickled code runs, the checksum
+    is verified)."""
     config = load_config(cfg_path, opts)
     model = build_segmentor(config)
     load_weights(model, load_checkpoint_file(checkpoint), checkpoint)

@@ -1,0 +1,59 @@
+"""What every dataset of data/ shares: the data errors, image loading that names a file it cannot
+read, and the class-folder dataset (data/build.py's ImageNet layout, data/cub.py's images)."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from typing import Any, Callable
+
+from PIL import Image
+from torchvision import datasets
+
+
+class DataError(ValueError):
+    """A data folder, image or data setting that cannot be used."""
+
+
+class BadImageError(DataError):
+    """An image file that cannot be read or decoded."""
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Opens an image file as RGB; a file that cannot be decoded raises BadImageError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path}: {e}") from None
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """An ImageFolder (``<root>/<class>/<image>``) that names unreadable images. With
+    ``skip_bad_images`` such an image is replaced by the next readable one, with a warning, and
+    counted (see :meth:`pop_skipped`)."""
+
+    def __init__(self, root: str, transform: Callable, skip_bad_images: bool) -> None:
+        try:
+            super().__init__(root, transform=transform, loader=load_rgb_image)
+        except FileNotFoundError as e:
+            raise DataError(f"{root}: {e}") from None
+        self.skip_bad_images = skip_bad_images
+        self._skipped = multiprocessing.Value("i", 0)  # shared with the loader's workers
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            try:
+                return super().__getitem__((index + offset) % len(self.samples))
+            except BadImageError as e:
+                if not self.skip_bad_images:
+                    raise
+                logging.getLogger("mg_ssaf").warning(f"{e}: skipped (DATA.SKIP_BAD_IMAGES)")
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+        raise DataError(f"{self.root}: none of its images can be read")
+
+    def pop_skipped(self) -> int:
+        """Images skipped since the last call."""
+        with self._skipped.get_lock():
+            count, self._skipped.value = self._skipped.value, 0
+        return count
