@@ -66,6 +66,7 @@ def test_posterize_keeps_the_behaviour_before_pillow_13(photos):
     assert posterize(image, 8) is image
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("amp_dtype", ["float16", "bfloat16"])
 def test_shipped_recipe_trains_through_the_cli_on_photos(photos, tmp_path, amp_dtype):
     """configs/MG-SSAF/MG-SSAF-T.yaml as shipped (224 crops of the photos, RandAugment,
@@ -97,6 +98,7 @@ def test_shipped_recipe_trains_through_the_cli_on_photos(photos, tmp_path, amp_d
 # ------------------------------------------------------------------------------------------------
 # Findings of the review, through the CLI where a user meets them
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_start_epoch_places_the_lr_schedule(data, tmp_path):
     """(1) TRAIN.START_EPOCH 2 of 4 without a checkpoint: the schedule starts at epoch 2."""
     result = h.run_cli(h.main_args(data, str(tmp_path), "start", "TRAIN.EPOCHS", "4",
@@ -116,6 +118,7 @@ def test_start_epoch_places_the_lr_schedule(data, tmp_path):
     assert metrics[3]["lr"] == pytest.approx(low, rel=1e-6)  # the cosine reaches MIN_LR
 
 
+@pytest.mark.cli
 def test_start_epoch_out_of_range_is_refused(data, tmp_path):
     result = h.run_cli(h.main_args(data, str(tmp_path), "bad", "TRAIN.EPOCHS", "4",
                                    "TRAIN.START_EPOCH", "4"))
@@ -129,6 +132,7 @@ def _model_info(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("variant, params", [("T", "19.58"), ("S", "32.52"), ("B", "55.89")])
 def test_model_info_on_the_released_repository_configs(reference_dir, variant, params):
     """The released repository's variant files as users bring them (MODEL.NAME MG-SSAF-S, ...)."""
@@ -138,6 +142,7 @@ def test_model_info_on_the_released_repository_configs(reference_dir, variant, p
     assert result.stdout.startswith(f"MG-SSAF-{variant}: {params} M parameters")
 
 
+@pytest.mark.cli
 def test_model_info_names_a_variant_whose_architecture_is_overridden():
     result = _model_info("--cfg", "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts", "MODEL.NAME",
                          "mg_ssaf_base")
@@ -146,6 +151,7 @@ def test_model_info_names_a_variant_whose_architecture_is_overridden():
         result.stderr)
 
 
+@pytest.mark.cli
 def test_swin_flags_are_accepted(data, tmp_path):
     """(3) Swin's command line: the flags without effect are named in one warning line."""
     result = h.run_cli(h.main_args(
@@ -164,6 +170,7 @@ def test_swin_flags_are_accepted(data, tmp_path):
     assert ckpt["config"].AMP_OPT_LEVEL == "O0" and not ckpt["config"].AMP_ENABLE
 
 
+@pytest.mark.cli
 def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
     """(4) The run folder holds checkpoints, yet --eval --pretrained X evaluates X."""
     other = build_model(load_config(h.CFG, h.TINY))  # weights unlike the run's
@@ -181,6 +188,7 @@ def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
     assert ACC_LINE.findall(pretrained.stdout) == ACC_LINE.findall(resumed.stdout)
 
 
+@pytest.mark.cli
 def test_opts_none_means_none(data, tmp_path):
     """(5) ``--opts AUG.CUTMIX_MINMAX None`` is None (CutMix from its alpha), as in yacs; a
     malformed value is named."""

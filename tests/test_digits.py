@@ -3,6 +3,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 import torch
 from torchvision import transforms
 
@@ -61,6 +62,7 @@ def test_demo_config_builds_a_ten_class_model_on_unflipped_digits():
     assert build_model(config)(images).shape == (2, NUM_CLASSES)
 
 
+@pytest.mark.cli
 def test_demo_learns_and_its_checkpoint_reproduces_the_accuracy(tmp_path):
     """The README's commands, the schedule cut to 3 epochs: the last Acc@1 is well above chance
     (10%), and ``--eval --resume`` of the last checkpoint prints the same Acc@1."""

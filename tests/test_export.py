@@ -70,6 +70,7 @@ def test_jit_trace_is_the_same_with_and_without_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_export_tool_onnx_and_safetensors(tmp_path):
     """tools/export.py writes the ONNX file (onnxruntime gives eager's logits at batch 1 and 3)

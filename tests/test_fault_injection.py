@@ -6,6 +6,8 @@ import pytest
 
 import fault_injection as fi
 
+pytestmark = pytest.mark.cli
+
 
 def test_kill_9_inside_a_save_and_sigusr1_during_validation_resume_exactly(tmp_path):
     cases = [fi.Case(0, "plain", "SIGKILL", "save", epoch=0, step=0, to_group=True, delay=0.3),

@@ -211,6 +211,7 @@ def finetune_run(cub, imagenet_checkpoint, tmp_path_factory):
     return output, result.stdout
 
 
+@pytest.mark.cli
 def test_finetune_cli_with_layer_decay_and_ema(finetune_run, imagenet_checkpoint):
     output, log = finetune_run
     assert "6 validation images, 12 training images" in log
@@ -237,6 +238,7 @@ def test_finetune_cli_with_layer_decay_and_ema(finetune_run, imagenet_checkpoint
     assert ckpt["optimizer"]["param_groups"][0]["momentum"] == 0.9  # the recipe's SGD
 
 
+@pytest.mark.cli
 def test_finetune_auto_resume_after_an_epoch_is_exact(finetune_run, cub, imagenet_checkpoint):
     output, _ = finetune_run
     reference = _run_dir(output, "reference")
@@ -256,6 +258,7 @@ def test_finetune_auto_resume_after_an_epoch_is_exact(finetune_run, cub, imagene
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.cli
 def test_finetune_under_torchrun_keeps_the_total_batch_lr_and_steps(finetune_run, cub,
                                                                      imagenet_checkpoint,
                                                                      tmp_path):
@@ -292,6 +295,7 @@ def test_finetune_under_torchrun_keeps_the_total_batch_lr_and_steps(finetune_run
     assert any(not torch.equal(ckpt["model_ema"][k], ckpt["model"][k]) for k in ckpt["model"])
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("opts, message", [
     (["TRAIN.LAYER_DECAY", "0.0"],
      "TRAIN.LAYER_DECAY must be in (0, 1] (1 switches it off), got 0.0"),

@@ -97,6 +97,7 @@ ENTRY_POINTS = {"main.py --pretrained": ["--cfg", h.CFG, "--data-path", "DATA", 
                                          "--pretrained", "EVIL", "--opts", *h.TINY]}
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("tool", sorted(TOOLS_READING_CHECKPOINTS) + sorted(ENTRY_POINTS))
 def test_every_tool_with_a_checkpoint_flag_is_fed_a_malicious_one(tool, data, tmp_path):
     marker = str(tmp_path / "pwned")
@@ -140,6 +141,7 @@ def test_a_checkpoint_carries_a_checksum_and_one_without_loads_as_before(tmp_pat
         load_checkpoint_file(ours)
 
 
+@pytest.mark.cli
 def test_a_corrupt_checkpoint_that_parses_is_skipped_by_auto_resume_and_kept(reference, data,
                                                                             tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "corrupt")
@@ -170,6 +172,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.cli
 def test_kill_9_while_the_best_checkpoint_is_written_does_not_lose_it(reference, data, tmp_path):
     best = load_checkpoint_file(os.path.join(reference, "ckpt_best.pth"))
     argv = h.main_args(data, str(tmp_path), "best", *h.REFERENCE_OPTS)
@@ -186,6 +189,7 @@ def test_kill_9_while_the_best_checkpoint_is_written_does_not_lose_it(reference,
     assert all(torch.equal(saved["model"][k], best["model"][k]) for k in best["model"])
 
 
+@pytest.mark.cli
 def test_training_keeps_unloadable_checkpoints_and_removes_leftover_temp_files(reference, data,
                                                                               tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "prune")
@@ -236,6 +240,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.cli
 def test_a_full_disk_while_saving_ends_the_run_with_one_line_and_keeps_what_was_saved(
         data, tmp_path):
     argv = h.main_args(data, str(tmp_path), "full", "TRAIN.EPOCHS", "3", *h.NO_AUG)
@@ -256,6 +261,7 @@ def test_a_full_disk_while_saving_ends_the_run_with_one_line_and_keeps_what_was_
 # ------------------------------------------------------------------------------------------------
 # Findings 8, 9: --resume, nothing written by a failed run, the lock
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 @pytest.mark.parametrize("case", ["resume_not_a_checkpoint", "num_classes"])
 def test_a_run_that_fails_its_checks_writes_nothing_into_the_run_folder(case, reference, data,
                                                                         tmp_path):
@@ -274,6 +280,7 @@ def test_a_run_that_fails_its_checks_writes_nothing_into_the_run_folder(case, re
     assert everything(folder) == before
 
 
+@pytest.mark.cli
 def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_rerun_after_kill_9_takes_over(
         data, tmp_path):
     argv = h.main_args(data, str(tmp_path), "locked", "TRAIN.EPOCHS", "1000", *h.NO_AUG)

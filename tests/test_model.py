@@ -191,6 +191,7 @@ def test_model_info_reports_paper_figures():
     assert count_gmacs(t, (224, 224)) == pytest.approx(3.327, abs=1e-3)
 
 
+@pytest.mark.cli
 def test_model_info_cli():
     import subprocess
     import sys
@@ -200,6 +201,7 @@ def test_model_info_cli():
     assert re.fullmatch(r"mg_ssaf_tiny: 19\.58 M parameters, \d+\.\d\d GFLOPs at 256x320\n", out)
 
 
+@pytest.mark.cli
 def test_model_info_cli_names_a_bad_config():
     import subprocess
     import sys
@@ -211,6 +213,7 @@ def test_model_info_cli_names_a_bad_config():
     assert "error: stage 1 (dim 192" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("size, message", [
     (["100"], "error: MG-SSAF needs input sides that are multiples of 32, got (100, 100)"),
     (["0"], "error: --img-size must be positive, got 0x0")])

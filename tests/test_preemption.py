@@ -16,6 +16,8 @@ import torch
 import pipeline_helpers as h
 from utils import load_checkpoint_file
 
+pytestmark = pytest.mark.cli
+
 # 48 training images: 24 steps per epoch with one process, 12 with two (batch 2).
 TRAIN_PER_CLASS = 16
 OPTS = ("TRAIN.EPOCHS", "2", "DATA.NUM_WORKERS", "2", "DETERMINISTIC", "true",

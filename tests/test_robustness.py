@@ -87,6 +87,7 @@ def read(path: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Resume
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(reference, data,
                                                                               tmp_path):
     argv = h.main_args(data, str(tmp_path), "killed", *h.REFERENCE_OPTS)
@@ -110,6 +111,7 @@ def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(re
     assert all(torch.equal(final[k], ref[k]) for k in ref)
 
 
+@pytest.mark.cli
 def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(data, tmp_path):
     # Batch 1 and 2 micro-batches per step: 15 loader steps and 8 optimizer steps per epoch.
     argv = h.main_args(data, str(tmp_path), "preempted", "TRAIN.EPOCHS", "2",
@@ -171,6 +173,7 @@ def test_pruning_keeps_the_newest_epochs_the_best_and_later_runs_files(tmp_path)
                                             "ckpt_epoch_7.pth"]
 
 
+@pytest.mark.cli
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "truncated")
     newest = os.path.join(folder, "ckpt_epoch_3.pth")
@@ -183,6 +186,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(referenc
     assert os.path.getsize(newest) == size
 
 
+@pytest.mark.cli
 def test_training_over_a_skipped_checkpoint_keeps_it(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "retrain")
     newest = os.path.join(folder, "ckpt_epoch_3.pth")
@@ -202,6 +206,7 @@ def test_training_over_a_skipped_checkpoint_keeps_it(reference, data, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Safe loading
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_checkpoint_that_would_run_code_is_refused(data, tmp_path):
     marker = str(tmp_path / "pwned")
     for i, zipped in enumerate((True, False)):
@@ -239,6 +244,7 @@ def test_released_s_weights_into_t_are_refused_naming_the_depths_not_listing_key
         "blocks in stage 2 (layers.2): 18 in the checkpoint, 6 in this model"]
 
 
+@pytest.mark.cli
 def test_released_layout_checkpoint_with_a_yacs_config_loads(reference, data, tmp_path):
     weights = dict(load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))["model"])
     for key in [k for k in weights if k.endswith("attn.proj_qkv.weight")]:  # released extra norm
@@ -359,6 +365,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case, change, messages", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
         case, change, messages, victim, data, bad_image_data, other_class_count_checkpoint,
@@ -447,6 +454,7 @@ def run_or_kill(argv: list[str], prefix: tuple[str, ...], timeout: float = 180
         return None, process.communicate()[0]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("processes", [1, 2])
 def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(
@@ -471,6 +479,7 @@ def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(
     assert not os.path.exists(os.path.join(folder, "PREEMPTED"))
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_bad_images_warns_and_counts(workers, bad_image_data, tmp_path):
     result = h.run_cli(h.main_args(bad_image_data, str(tmp_path), "skip", "TRAIN.EPOCHS", "1",
@@ -482,6 +491,7 @@ def test_skip_bad_images_warns_and_counts(workers, bad_image_data, tmp_path):
     assert "epoch 0: 1 unreadable training image(s) skipped" in result.stdout
 
 
+@pytest.mark.cli
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "nan")
     before = h.digests(folder)
@@ -492,6 +502,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, da
     assert h.digests(folder) == before and len(h.read_metrics(folder)) == 4
 
 
+@pytest.mark.cli
 def test_a_stuck_rank_makes_the_others_stop_after_dist_timeout(data, tmp_path):
     argv = h.main_args(data, str(tmp_path), "stuck", "TRAIN.EPOCHS", "1", "DIST_TIMEOUT", "5",
                        *h.NO_AUG, batch_size=2)

@@ -53,6 +53,7 @@ def run_seg(argv: list, launcher: tuple = ()):
     return h.run_cli(argv, prefix=(*launcher, "main_seg.py"))
 
 
+@pytest.mark.cli
 def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
     result = run_seg(seg_args(ade, str(tmp_path), "t", "SEG.ITERS", "4", "SEG.EVAL_INTERVAL", "2"))
     assert result.returncode == 0, result.stdout[-4000:]
@@ -87,6 +88,7 @@ def per_class_tables(output: str) -> list[str]:
     return re.findall(r"per-class results:\n(.*?\naAcc [^\n]*)", output, re.DOTALL)
 
 
+@pytest.mark.cli
 def test_torchrun_two_processes_train_with_workers_and_evaluate(ade, tmp_path):
     """main_seg.py under torchrun x2 with loader workers: 3 optimizer steps (DDP checks for
     parameters without gradient from the second on), an evaluation counting every validation
@@ -123,6 +125,7 @@ def test_torchrun_two_processes_train_with_workers_and_evaluate(ade, tmp_path):
     assert per_class_tables(untrained.stdout) != [trained]
 
 
+@pytest.mark.cli
 def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_path):
     broken = str(tmp_path / "ade")
     shutil.copytree(ade, broken)
@@ -139,6 +142,7 @@ def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_p
     assert f"annotation {wrong} is 20x10 but image" in result.stdout
 
 
+@pytest.mark.cli
 def test_iters_must_be_a_multiple_of_the_eval_interval(ade, tmp_path):
     result = run_seg(seg_args(ade, str(tmp_path), "c", "SEG.ITERS", "5", "SEG.EVAL_INTERVAL",
                               "2"))
@@ -158,6 +162,7 @@ def test_iteration_sampler_covers_ranks_and_resumes_part_way():
     assert list(sampler) == shards[1][4:] and len(sampler) == 2
 
 
+@pytest.mark.cli
 def test_digits_demo_command_runs_one_short_epoch(tmp_path):
     result = h.run_cli(["--cfg", DEMO_CFG, "--output", str(tmp_path), "--opts", "SEG.ITERS",
                         "2", "SEG.EVAL_INTERVAL", "2", "SEG.WARMUP_ITERS", "1"],
@@ -173,6 +178,7 @@ def test_digits_demo_command_runs_one_short_epoch(tmp_path):
     assert os.path.isfile(os.path.join(folder, "metrics.png"))
 
 
+@pytest.mark.cli
 def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     from models.mg_ssaf import MGSSAF
     classifier = MGSSAF(img_size=64, num_classes=10, embed_dim=16, depths=[1, 1, 1, 1],
@@ -189,6 +195,7 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
 
 
+@pytest.mark.cli
 def test_preempted_run_resumes_mid_epoch_exactly(ade, tmp_path):
     from test_preemption import interrupt
     opts = ("SEG.ITERS", "16", "SEG.EVAL_INTERVAL", "8")

@@ -12,6 +12,8 @@ import pytest
 
 import pipeline_helpers as h
 
+pytestmark = pytest.mark.cli
+
 DEMO = os.path.join(h.ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
 SEG_DEMO = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
 

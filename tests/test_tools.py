@@ -8,6 +8,8 @@ import pytest
 
 from utils import uses_glibc_malloc
 
+pytestmark = pytest.mark.cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT = os.path.join(ROOT, "tools", "plot_metrics.py")
 
