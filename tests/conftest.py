@@ -12,7 +12,7 @@ REFERENCE_DIR = os.environ.get("MGSSAF_REFERENCE_DIR") or os.path.join(os.path.d
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import pipeline_helpers  # noqa: E402  (imports the project, so after the path is set)
+import helpers  # noqa: E402  (imports the project, so after the path is set)
 
 # ------------------------------------------------------------------------------------------------
 # The cli tier cannot rot: a test that starts one of the repository's command lines in a
@@ -93,13 +93,13 @@ def reference_dir() -> str:
 @pytest.fixture(scope="session")
 def data(tmp_path_factory) -> str:
     """A tiny generated ImageFolder (train/ and val/) shared by the CLI tests."""
-    return pipeline_helpers.shared_dataset(str(tmp_path_factory.getbasetemp()))
+    return helpers.shared_dataset(str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, data) -> str:
     """The output folder of one uninterrupted 4-epoch CLI run on ``data``."""
-    return pipeline_helpers.reference_run(str(tmp_path_factory.getbasetemp()))
+    return helpers.reference_run(str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture

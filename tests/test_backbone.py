@@ -212,7 +212,7 @@ def test_features_only_and_forward_intermediates(name):
 
 
 def test_features_only_320x480_base():
-    """The issue's example: MG-SSAF-B on 320x480."""
+    """MG-SSAF-B's feature maps on a 320x480 input (not square, not a multiple of 224)."""
     model = timm.create_model("mg_ssaf_b", features_only=True).eval()
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 320, 480))

@@ -1,14 +1,12 @@
-"""Issue 10: the path users run (the shipped recipe's augmentation and AMP, through the CLI, on
-photo-sized JPEGs) and the traps found in review: TRAIN.START_EPOCH, variant names, Swin's flags
-and keys, --eval --pretrained under auto-resume, None in --opts, lower bounds of requirements."""
+"""The defaults users get: the path they run (the shipped recipe's augmentation and AMP, through
+the CLI, on photo-sized JPEGs), TRAIN.START_EPOCH, variant names, Swin's flags and keys, --eval
+--pretrained under auto-resume, None in --opts, lower bounds of requirements."""
 from __future__ import annotations
 
 import copy
 import math
 import os
 import re
-import subprocess
-import sys
 from importlib.metadata import version
 
 import pytest
@@ -17,12 +15,12 @@ from packaging.requirements import Requirement
 from PIL import Image, ImageOps
 from timm.data.auto_augment import RandAugment
 
-import pipeline_helpers as h
+import helpers as h
 from config import load_config
 from data.build import build_transform, posterize
 from models import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = h.ROOT
 ACC_LINE = re.compile(r"\* Acc@1 .*")
 
 
@@ -96,11 +94,11 @@ def test_shipped_recipe_trains_through_the_cli_on_photos(photos, tmp_path, amp_d
 
 
 # ------------------------------------------------------------------------------------------------
-# Findings of the review, through the CLI where a user meets them
+# Settings as a user meets them, through the CLI
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.cli
 def test_start_epoch_places_the_lr_schedule(data, tmp_path):
-    """(1) TRAIN.START_EPOCH 2 of 4 without a checkpoint: the schedule starts at epoch 2."""
+    """TRAIN.START_EPOCH 2 of 4 without a checkpoint: the schedule starts at epoch 2."""
     result = h.run_cli(h.main_args(data, str(tmp_path), "start", "TRAIN.EPOCHS", "4",
                                    "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.START_EPOCH", "2",
                                    *h.NO_AUG))
@@ -127,9 +125,8 @@ def test_start_epoch_out_of_range_is_refused(data, tmp_path):
         result.stdout)
 
 
-def _model_info(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/model_info.py", *args], cwd=ROOT,
-                          capture_output=True, text=True)
+def _model_info(*args: str):
+    return h.run_tool("tools/model_info.py", *args, timeout=None)
 
 
 @pytest.mark.cli
@@ -153,7 +150,7 @@ def test_model_info_names_a_variant_whose_architecture_is_overridden():
 
 @pytest.mark.cli
 def test_swin_flags_are_accepted(data, tmp_path):
-    """(3) Swin's command line: the flags without effect are named in one warning line."""
+    """Swin's command line: the flags without effect are named in one warning line."""
     result = h.run_cli(h.main_args(
         data, str(tmp_path), "swin", "TRAIN.EPOCHS", "1", *h.NO_AUG,
         flags=("--zip", "--cache-mode", "part", "--fused_window_process", "--fused_layernorm",
@@ -172,7 +169,7 @@ def test_swin_flags_are_accepted(data, tmp_path):
 
 @pytest.mark.cli
 def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
-    """(4) The run folder holds checkpoints, yet --eval --pretrained X evaluates X."""
+    """The run folder holds checkpoints, yet --eval --pretrained X evaluates X."""
     other = build_model(load_config(h.CFG, h.TINY))  # weights unlike the run's
     path = str(tmp_path / "other.pth")
     torch.save({"model": other.state_dict()}, path)
@@ -190,7 +187,7 @@ def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
 
 @pytest.mark.cli
 def test_opts_none_means_none(data, tmp_path):
-    """(5) ``--opts AUG.CUTMIX_MINMAX None`` is None (CutMix from its alpha), as in yacs; a
+    """``--opts AUG.CUTMIX_MINMAX None`` is None (CutMix from its alpha), as in yacs; a
     malformed value is named."""
     ok = h.run_cli(h.main_args(data, str(tmp_path), "none", "TRAIN.EPOCHS", "1",
                                "AUG.CUTMIX_MINMAX", "None"))
@@ -202,7 +199,7 @@ def test_opts_none_means_none(data, tmp_path):
 
 
 def test_requirements_have_lower_bounds_that_hold():
-    """(7) An older torch than the code needs (safe_globals with (object, name) pairs: 2.6) is
+    """An older torch than the code needs (safe_globals with (object, name) pairs: 2.6) is
     not kept by pip; every bound holds for what is installed."""
     with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
         # one requirement a line, comments (whole lines or after one) and blank lines left out;

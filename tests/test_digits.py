@@ -11,7 +11,7 @@ from config import load_config
 from data.build import build_transform
 from data.digits import NUM_CLASSES, build_digits_dataset, digits_split
 from models import build_model
-from pipeline_helpers import ROOT, digests, read_metrics, run_cli
+from helpers import DEMO_CFG, digests, read_metrics, run_cli
 
 
 def test_split_is_deterministic_and_covers_every_scan_once():
@@ -48,7 +48,7 @@ def test_items_are_rgb_images_through_the_transform():
     assert same_label == label
 
 
-DEMO = os.path.join(ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
+DEMO = DEMO_CFG
 
 
 def test_demo_config_builds_a_ten_class_model_on_unflipped_digits():

@@ -11,7 +11,7 @@ from torch.export import Dim
 
 from config import load_config
 from models import build_model, model_kwargs
-from pipeline_helpers import CFG, TINY_MODEL, run_cli
+from helpers import CFG, TINY_MODEL, run_cli
 
 # a small MG-SSAF whose stages 1 and 2 have global heads (window and strip pooling)
 SMALL = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 6, 6, 2), head_hidden_dim=64,

@@ -1,4 +1,4 @@
-"""A few cases of tests/fault_injection.py (issue 20): interrupted runs resume at the saved step,
+"""A few cases of tests/fault_injection.py: interrupted runs resume at the saved step,
 bit-exact, with ckpt_best.pth at the end. The full run: python tests/fault_injection.py."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training / evaluation pipeline (issue 3) through the real command line, on CPU, with a
+"""The training / evaluation pipeline through the real command line, on CPU, with a
 tiny model on tiny generated ImageFolders; plus the optimizer, schedule and accumulation."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import pipeline_helpers as h
+import helpers as h
 from config import ConfigError, get_config, load_config
 from data.build import DataError, ShardSampler, build_loader, build_transform
 from lr_scheduler import build_scheduler, scale_lrs

@@ -9,7 +9,7 @@ from timm.data import ImageNetInfo
 
 from config import load_config
 from models import build_model
-from pipeline_helpers import CFG, TINY_MODEL, run_cli
+from helpers import CFG, TINY_MODEL, run_cli
 
 pytestmark = pytest.mark.cli
 

@@ -1,4 +1,4 @@
-"""Segmentation components (issue 13): UPerNet heads, ADE20K reader and pipelines, inference
+"""Segmentation components: UPerNet heads, ADE20K reader and pipelines, inference
 helpers, metrics, the digits scenes."""
 import math
 import os
@@ -17,7 +17,7 @@ from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, res
 from models.mg_ssaf import MGSSAF
 from models.seg_inference import ms_flip_inference, slide_inference, whole_inference
 from models.upernet import FCNHead, UPerHead, UPerNet, build_segmentor
-from pipeline_helpers import ROOT
+from helpers import ROOT, make_ade20k
 from seg_metrics import SegMetrics, format_table, intersect_and_union, summarize
 
 
@@ -124,17 +124,13 @@ def test_raw_label_255_stays_ignored_after_reduce_zero_label():
 
 
 def _ade_folder(root, sizes=((40, 30), (64, 48))):
-    rng = np.random.default_rng(0)
-    for split in ("training", "validation"):
-        os.makedirs(os.path.join(root, "images", split))
-        os.makedirs(os.path.join(root, "annotations", split))
-        for i, (w, h) in enumerate(sizes):
-            name = f"ADE_{split}_{i:08d}"
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
-                os.path.join(root, "images", split, name + ".jpg"))
-            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(
-                os.path.join(root, "annotations", split, name + ".png"))
-    return str(root)
+    """An ADE20K folder of two pairs a split, of ``sizes`` (width, height), labels 0..150."""
+    def draw(rng, i):
+        w, h = sizes[i]
+        return (rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                rng.integers(0, 151, (h, w), dtype=np.uint8))
+
+    return make_ade20k(str(root), (len(sizes), len(sizes)), draw)
 
 
 def test_ade20k_reads_reduced_labels_and_is_reproducible(tmp_path):
