@@ -271,7 +271,8 @@ def _layout(tmp: str, kind: str, data: str) -> str:
 
 
 # (id, how to break the run, what the message must say); TRAIN.EPOCHS 5 lets a run that got past
-# its checks resume from the victim's epoch 3 and write epoch 4.
+# its checks resume from the victim's epoch 3 and write epoch 4. untouched: not a byte of the run
+# folder changes (logs and metrics included).
 BAD_INPUTS = [
     ("no_data_path", dict(data=""), ["DATA.DATA_PATH (--data-path) is not set"]),
     ("missing_data_path", dict(data="/nonexistent/imagenet"),
@@ -280,7 +281,7 @@ BAD_INPUTS = [
     ("no_val", dict(layout="no_val"), ["no_val/val not found"]),
     ("no_train", dict(layout="no_train"), ["no_train/train not found"]),
     ("empty_class_folder", dict(layout="empty_class"), ["empty_class/train", "class1"]),
-    ("num_classes", dict(opts=["MODEL.NUM_CLASSES", "5"]),
+    ("num_classes", dict(opts=["MODEL.NUM_CLASSES", "5"], untouched=True),
      ["MODEL.NUM_CLASSES is 5 but", "/val has 3 classes"]),
     ("bad_image", dict(layout="bad_image", batch_size=5, opts=h.NO_AUG),
      ["cannot read image", "train/class0/0.png"]),
@@ -358,6 +359,7 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
                   for f in change.get("flags", ()))
     argv = h.main_args(dataset, output, "victim", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5",
                        *change.get("opts", []), flags=flags, batch_size=change.get("batch_size", 4))
+    files = h.folder_bytes(folder)
     result = h.run_cli(argv)
     assert result.returncode == 1, result.stdout[-3000:]
     for message in messages:
@@ -369,6 +371,8 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
         assert " INFO " not in result.stdout, result.stdout[-3000:]
     assert h.digests(folder) == before
     assert not os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
+    if change.get("untouched"):
+        assert h.folder_bytes(folder) == files
 
 
 @pytest.fixture(scope="session")
