@@ -27,6 +27,7 @@ def _images(batch: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
 
 
+@pytest.mark.slow
 def test_export_dynamic_batch():
     """Exported at batch 2, the program runs at batch 5 with eager's logits (the pointwise
     convolution's batch-dependent views stand aside under export)."""

@@ -180,6 +180,7 @@ def test_construction_errors(kwargs, message):
         MGSSAF(**args)
 
 
+@pytest.mark.slow
 def test_model_info_reports_paper_figures():
     from tools.model_info import count_gmacs, count_params
     paper_gflops = {"T": 3.1, "S": 5.6, "B": 9.8}

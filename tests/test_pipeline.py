@@ -394,6 +394,7 @@ def test_accumulating_two_micro_batches_matches_one_double_batch():
     assert not torch.equal(results[0]["head.weight"], initial["head.weight"])  # the step moved them
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not uses_glibc_malloc(), reason="tunes glibc's malloc")
 def test_keep_freed_memory_stops_per_step_page_faults():
     code = """
