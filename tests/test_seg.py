@@ -17,7 +17,7 @@ from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, res
 from models.mg_ssaf import MGSSAF
 from models.seg_inference import ms_flip_inference, slide_inference, whole_inference
 from models.upernet import FCNHead, UPerHead, UPerNet, build_segmentor
-from helpers import ROOT, make_ade20k
+from helpers import ROOT, SEG_DEMO_CFG, make_ade20k
 from seg_metrics import SegMetrics, format_table, intersect_and_union, summarize
 
 
@@ -63,7 +63,7 @@ def test_segmentor_params_match_the_paper(variant, expected):
 
 
 def test_segmentor_on_the_mg_ssaf_backbone():
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg).eval()
     assert model(torch.randn(1, 3, 64, 96)).shape == (1, DIGITS_CLASSES, 64, 96)
 
@@ -249,7 +249,7 @@ def _nano_classifier(cfg) -> MGSSAF:
 
 def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
     from models.upernet import load_backbone_weights
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg)
     classifier = _nano_classifier(cfg)
     with torch.no_grad():  # the classifier's final norm: not what the output norms start from
@@ -272,7 +272,7 @@ def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
 def test_seg_backbone_normalises_each_stage_map_with_a_fresh_layernorm():
     """Swin's segmentation backbone: norm0..norm3, nn.LayerNorm(C_i) with eps 1e-5, weight 1,
     bias 0, over the channels of each stage map; no final norm, no classifier."""
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     backbone = build_segmentor(cfg).backbone
     embed = cfg.MODEL.MGSSAF.EMBED_DIM
     for i in range(4):
@@ -300,7 +300,7 @@ def test_seg_backbone_normalises_each_stage_map_with_a_fresh_layernorm():
 def test_every_segmentor_parameter_gets_a_gradient_each_step():
     """What DDP needs (no unused parameters): one training step reaches every parameter."""
     from main_seg import SegLoss
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg).train()
     x = torch.randn(2, 3, 64, 64)
     target = torch.randint(0, DIGITS_CLASSES, (2, 64, 64))
@@ -379,7 +379,7 @@ def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
     norms norm0..norm3), 'relative_position_bias_table', 'absolute_pos_embed'; biases and the
     heads' BatchNorm keep TRAIN.WEIGHT_DECAY (main.py keeps Swin's set_weight_decay)."""
     from main_seg import SegmentationTask
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg)
     optimizer = SegmentationTask().build_optimizer(cfg, model)
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -399,7 +399,7 @@ def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
 def test_seg_refuses_layer_decay():
     from config import ConfigError
     from main_seg import SegmentationTask
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"),
+    cfg = load_config(SEG_DEMO_CFG,
                       ["TRAIN.LAYER_DECAY", "0.9"])
     cfg.defrost()
     with pytest.raises(ConfigError, match="no layer-wise LR decay"):
