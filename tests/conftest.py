@@ -1,4 +1,6 @@
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +12,73 @@ REFERENCE_DIR = os.environ.get("MGSSAF_REFERENCE_DIR") or os.path.join(os.path.d
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import pipeline_helpers  # noqa: E402  (imports the project, so after the path is set)
+import helpers  # noqa: E402  (imports the project, so after the path is set)
+
+# ------------------------------------------------------------------------------------------------
+# The cli tier cannot rot: a test that starts one of the repository's command lines in a
+# subprocess without the ``cli`` mark fails, naming the command.
+# ------------------------------------------------------------------------------------------------
+ENTRY_POINTS = ("main.py", "main_seg.py")
+LAUNCHERS = ("torch.distributed.run", "torch.distributed.launch", "torchrun")
+# python -c code that imports an entry point (a wrapper around main.main that injects a fault)
+IMPORTS_AN_ENTRY_POINT = re.compile(r"^\s*(import|from)\s[^\n]*\bmain(_seg)?\b", re.MULTILINE)
+
+
+def cli_command(args) -> str | None:
+    """What makes the subprocess command line ``args`` a run of one of this repository's command
+    lines (None: it is none)."""
+    argv = [os.fsdecode(a) for a in
+            ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) in ENTRY_POINTS + LAUNCHERS:
+            return arg
+        if arg.endswith(".py") and os.path.relpath(os.path.join(ROOT, arg), ROOT).startswith(
+                "tools" + os.sep):
+            return arg
+        if arg == "-c" and i + 1 < len(argv):
+            found = IMPORTS_AN_ENTRY_POINT.search(argv[i + 1])
+            if found:
+                return f"python -c '{found.group(0).strip()} ...'"
+        if arg.endswith(".py") and os.path.isfile(arg):  # a wrapper script written by a test
+            with open(arg, encoding="utf-8", errors="replace") as f:
+                found = IMPORTS_AN_ENTRY_POINT.search(f.read())
+            if found:
+                return f"{arg} ('{found.group(0).strip()} ...')"
+    return None
+
+
+_POPEN = subprocess.Popen
+_running: list = []  # the test item being run (its setup, call and teardown)
+
+
+class CheckedPopen(subprocess.Popen):
+    """subprocess.Popen that fails the running test if it starts a command line without the
+    ``cli`` mark (subprocess.run and friends go through it too)."""
+
+    def __init__(self, args, *more, **kwargs):
+        command = cli_command(args)
+        if command and _running and _running[-1].get_closest_marker("cli") is None:
+            pytest.fail(f"{_running[-1].nodeid} starts a command line ({command}) but is not "
+                        "marked cli: add pytestmark = pytest.mark.cli to its module or "
+                        "@pytest.mark.cli to it", pytrace=False)
+        super().__init__(args, *more, **kwargs)
+
+
+def pytest_configure(config):
+    subprocess.Popen = CheckedPopen
+
+
+def pytest_unconfigure(config):
+    subprocess.Popen = _POPEN
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.pop()
 
 
 @pytest.fixture(scope="session")
@@ -25,13 +93,13 @@ def reference_dir() -> str:
 @pytest.fixture(scope="session")
 def data(tmp_path_factory) -> str:
     """A tiny generated ImageFolder (train/ and val/) shared by the CLI tests."""
-    return pipeline_helpers.shared_dataset(str(tmp_path_factory.getbasetemp()))
+    return helpers.shared_dataset(str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, data) -> str:
     """The output folder of one uninterrupted 4-epoch CLI run on ``data``."""
-    return pipeline_helpers.reference_run(str(tmp_path_factory.getbasetemp()))
+    return helpers.reference_run(str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fault injection (issue 20): interrupt training runs at random points and check each rerun.
+"""Fault injection: interrupt training runs at random points and check each rerun.
 
     python tests/fault_injection.py --cases 16 --seed 20 [--launchers plain,torchrun] [--keep]
 
@@ -25,7 +25,6 @@ import dataclasses
 import glob
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import pipeline_helpers as h  # noqa: E402
+import helpers as h  # noqa: E402
 from engine.checkpoint import list_checkpoints  # noqa: E402
 from models.checkpoint_io import CheckpointError, load_checkpoint_file  # noqa: E402
 
@@ -104,18 +103,7 @@ def draw_cases(count: int, seed: int, launchers: list[str]) -> list[Case]:
 
 
 def prefix(launcher: str, wrapper: str) -> tuple[str, ...]:
-    if launcher == "plain":
-        return (wrapper,)
-    return ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", wrapper)
-
-
-def read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
+    return (wrapper,) if launcher == "plain" else h.torchrun(2, wrapper)
 
 
 def trigger(case: Case) -> str:
@@ -128,40 +116,12 @@ def trigger(case: Case) -> str:
     return f"Max accuracy"  # the saves of the epoch follow (the count says which epoch)
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL to ``pid`` and every process below it at once (torchrun starts each rank in a
-    session of its own: killing torchrun's process group would leave the ranks running)."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo += children(current)
-    for member in tree:
-        try:
-            os.kill(member, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def deliver(case: Case, process: subprocess.Popen) -> None:
     sig = getattr(signal, case.action)
     if case.action == "SIGKILL":
-        kill_tree(process.pid)  # the node is gone: every process at once
+        h.kill_tree(process.pid)  # the node is gone: every process at once
     elif case.launcher == "torchrun" and case.action == "SIGUSR1":
-        for pid in children(process.pid):  # torchrun does not forward SIGUSR1: signal the ranks
+        for pid in h.children(process.pid):  # torchrun does not forward SIGUSR1: signal the ranks
             os.kill(pid, sig)
     elif case.launcher == "plain" and case.to_group:
         os.killpg(process.pid, sig)
@@ -172,16 +132,13 @@ def deliver(case: Case, process: subprocess.Popen) -> None:
 def interrupt(case: Case, argv: list[str], folder: str, log: str, wrapper: str) -> int | None:
     """Runs the case's first run and injects its fault; the exit code (None: it finished before
     the trigger was reached)."""
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, *prefix(case.launcher, wrapper), *argv],
-                                   cwd=h.ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env=h.child_env(), start_new_session=True)
+    process = h.start(argv, log, prefix(case.launcher, wrapper), new_session=True)
     rank0 = os.path.join(folder, "log_rank0.txt")
     line = trigger(case)
     deadline = time.time() + 600
     try:
         while True:
-            text = read(rank0)
+            text = h.read(rank0, "")
             if case.phase == "save":
                 hit = text.count(line) > case.epoch
             elif case.phase == "validation":
@@ -202,15 +159,8 @@ def interrupt(case: Case, argv: list[str], folder: str, log: str, wrapper: str) 
         return process.wait(timeout=300)
     finally:
         if process.poll() is None:
-            kill_tree(process.pid)
+            h.kill_tree(process.pid)
             process.wait()
-
-
-def marker(folder: str) -> dict[str, str] | None:
-    path = os.path.join(folder, "PREEMPTED")
-    if not os.path.exists(path):
-        return None
-    return dict(line.split("=", 1) for line in read(path).splitlines())
 
 
 def newest_loadable(folder: str) -> str | None:
@@ -242,7 +192,7 @@ def run_case(case: Case, data: str, work: str, wrapper: str, references: dict[st
     folder = h.run_dir(output, "run")
     os.makedirs(output, exist_ok=True)
     code = interrupt(case, argv, folder, os.path.join(output, "first.log"), wrapper)
-    found = marker(folder)
+    found = h.read_marker(folder)
     completed = len(h.read_metrics(folder)) == EPOCHS if os.path.exists(
         os.path.join(folder, "metrics.jsonl")) else False
     if case.action == "SIGKILL":
@@ -271,8 +221,7 @@ def run_case(case: Case, data: str, work: str, wrapper: str, references: dict[st
         problems.append(f"rerun did not resume from {resume_from}")
     if resume_from is None and "training from scratch" not in rerun.stdout:
         problems.append("rerun did not start from scratch although no checkpoint was saved")
-    steps = [(int(e), int(s)) for e, s in re.findall(r"Train: \[(\d+)/\d+\]\[(\d+)/\d+\]",
-                                                     rerun.stdout)]
+    steps = h.step_lines(rerun.stdout)
     if start[0] < EPOCHS and (not steps or steps[0] != start):
         problems.append(f"rerun's first step {steps[:1]}, expected {start}")
     if start[0] >= EPOCHS and steps:

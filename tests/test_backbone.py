@@ -176,7 +176,7 @@ def test_fx_feature_extraction():
             fx(torch.randn(1, 3, 64, 80))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES[:2], pytest.param(NAMES[2], marks=pytest.mark.slow)])
 def test_features_only_and_forward_intermediates(name):
     """timm's test_model_forward_features / test_model_forward_intermediates: four NCHW maps
     at strides 4/8/16/32 with C/2C/4C/8C channels; forward_intermediates' final output is
@@ -221,7 +221,7 @@ def test_features_only_and_forward_intermediates(name):
 
 
 def test_features_only_320x480_base():
-    """The issue's example: MG-SSAF-B on 320x480."""
+    """MG-SSAF-B's feature maps on a 320x480 input (not square, not a multiple of 224)."""
     model = timm.create_model("mg_ssaf_b", features_only=True).eval()
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 320, 480))
@@ -235,6 +235,7 @@ def test_bad_input_size_is_named():
         model.forward_intermediates(torch.randn(1, 3, 64, 80))
 
 
+@pytest.mark.slow
 def test_torch_export():
     """torch.export (timm's replacement for the TorchScript check) gives the same logits."""
     model = timm.create_model("mg_ssaf_t").eval()
@@ -342,6 +343,7 @@ def test_group_matcher_and_layer_decay():
     assert "norm.weight" in model.no_weight_decay()
 
 
+@pytest.mark.slow
 def test_segmentation_models_pytorch_encoder():
     """segmentation_models_pytorch's timm-universal encoder ``tu-mg_ssaf_t`` in UPerNet at
     512x512: forward and backward (strides 4..32 read as a transformer-style encoder)."""
@@ -364,6 +366,7 @@ def test_cub_head_params_and_flops_at_448():
     assert ratio == pytest.approx(4.0, rel=0.02)
 
 
+@pytest.mark.slow
 def test_torch_hub_loads_the_variants_from_a_local_checkout_anywhere(checkpoint_t, tmp_path):
     """hubconf.py: torch.hub.load(<checkout>, "mg_ssaf_t", source="local") from another folder
     (a process whose path does not hold the checkout), with a local checkpoint."""

@@ -123,7 +123,7 @@ def test_variant_name_with_another_architecture_names_both(tmp_path):
     assert load_config(path, ["MODEL.NAME", "mine"]).MODEL.MGSSAF.EMBED_DIM == 96
 
 
-# Issue 10 (5): None in --opts is None, as yacs reads it; Python literals as yacs reads them.
+# None in --opts is None, as yacs reads it; Python literals as yacs reads them.
 def test_opts_none_and_python_literals():
     cfg = load_config(None, ["AUG.CUTMIX_MINMAX", "None", "TRAIN.OPTIMIZER.BETAS", "(0.9, 0.95)",
                              "TRAIN.AUTO_RESUME", "False", "AMP_ENABLE", "false",
@@ -138,7 +138,7 @@ def test_opts_none_and_python_literals():
         load_config(None, ["TRAIN.EPOCHS", "None"])
 
 
-# Issue 10 (3): Swin's keys are accepted; those without effect here are named.
+# Swin's keys are accepted; those without effect here are named.
 def test_swin_keys_accepted_and_inert_ones_named(tmp_path):
     from config import inert_settings
     path = _write(tmp_path / "swin.yaml", """DATA:

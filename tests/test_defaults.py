@@ -1,14 +1,12 @@
-"""Issue 10: the path users run (the shipped recipe's augmentation and AMP, through the CLI, on
-photo-sized JPEGs) and the traps found in review: TRAIN.START_EPOCH, variant names, Swin's flags
-and keys, --eval --pretrained under auto-resume, None in --opts, lower bounds of requirements."""
+"""The defaults users get: the path they run (the shipped recipe's augmentation and AMP, through
+the CLI, on photo-sized JPEGs), TRAIN.START_EPOCH, variant names, Swin's flags and keys, --eval
+--pretrained under auto-resume, None in --opts, lower bounds of requirements."""
 from __future__ import annotations
 
 import copy
 import math
 import os
 import re
-import subprocess
-import sys
 from importlib.metadata import version
 
 import pytest
@@ -17,12 +15,12 @@ from packaging.requirements import Requirement
 from PIL import Image, ImageOps
 from timm.data.auto_augment import RandAugment
 
-import pipeline_helpers as h
+import helpers as h
 from config import load_config
 from data.build import build_transform, posterize
 from models import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = h.ROOT
 ACC_LINE = re.compile(r"\* Acc@1 .*")
 
 
@@ -66,6 +64,7 @@ def test_posterize_keeps_the_behaviour_before_pillow_13(photos):
     assert posterize(image, 8) is image
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("amp_dtype", ["float16", "bfloat16"])
 def test_shipped_recipe_trains_through_the_cli_on_photos(photos, tmp_path, amp_dtype):
     """configs/MG-SSAF/MG-SSAF-T.yaml as shipped (224 crops of the photos, RandAugment,
@@ -95,10 +94,11 @@ def test_shipped_recipe_trains_through_the_cli_on_photos(photos, tmp_path, amp_d
 
 
 # ------------------------------------------------------------------------------------------------
-# Findings of the review, through the CLI where a user meets them
+# Settings as a user meets them, through the CLI
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_start_epoch_places_the_lr_schedule(data, tmp_path):
-    """(1) TRAIN.START_EPOCH 2 of 4 without a checkpoint: the schedule starts at epoch 2."""
+    """TRAIN.START_EPOCH 2 of 4 without a checkpoint: the schedule starts at epoch 2."""
     result = h.run_cli(h.main_args(data, str(tmp_path), "start", "TRAIN.EPOCHS", "4",
                                    "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.START_EPOCH", "2",
                                    *h.NO_AUG))
@@ -116,6 +116,7 @@ def test_start_epoch_places_the_lr_schedule(data, tmp_path):
     assert metrics[3]["lr"] == pytest.approx(low, rel=1e-6)  # the cosine reaches MIN_LR
 
 
+@pytest.mark.cli
 def test_start_epoch_out_of_range_is_refused(data, tmp_path):
     result = h.run_cli(h.main_args(data, str(tmp_path), "bad", "TRAIN.EPOCHS", "4",
                                    "TRAIN.START_EPOCH", "4"))
@@ -124,11 +125,11 @@ def test_start_epoch_out_of_range_is_refused(data, tmp_path):
         result.stdout)
 
 
-def _model_info(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/model_info.py", *args], cwd=ROOT,
-                          capture_output=True, text=True)
+def _model_info(*args: str):
+    return h.run_tool("tools/model_info.py", *args, timeout=None)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("variant, params", [("T", "19.58"), ("S", "32.52"), ("B", "55.89")])
 def test_model_info_on_the_released_repository_configs(reference_dir, variant, params):
     """The released repository's variant files as users bring them (MODEL.NAME MG-SSAF-S, ...)."""
@@ -138,6 +139,7 @@ def test_model_info_on_the_released_repository_configs(reference_dir, variant, p
     assert result.stdout.startswith(f"MG-SSAF-{variant}: {params} M parameters")
 
 
+@pytest.mark.cli
 def test_model_info_names_a_variant_whose_architecture_is_overridden():
     result = _model_info("--cfg", "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts", "MODEL.NAME",
                          "mg_ssaf_base")
@@ -146,8 +148,9 @@ def test_model_info_names_a_variant_whose_architecture_is_overridden():
         result.stderr)
 
 
+@pytest.mark.cli
 def test_swin_flags_are_accepted(data, tmp_path):
-    """(3) Swin's command line: the flags without effect are named in one warning line."""
+    """Swin's command line: the flags without effect are named in one warning line."""
     result = h.run_cli(h.main_args(
         data, str(tmp_path), "swin", "TRAIN.EPOCHS", "1", *h.NO_AUG,
         flags=("--zip", "--cache-mode", "part", "--fused_window_process", "--fused_layernorm",
@@ -164,8 +167,9 @@ def test_swin_flags_are_accepted(data, tmp_path):
     assert ckpt["config"].AMP_OPT_LEVEL == "O0" and not ckpt["config"].AMP_ENABLE
 
 
+@pytest.mark.cli
 def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
-    """(4) The run folder holds checkpoints, yet --eval --pretrained X evaluates X."""
+    """The run folder holds checkpoints, yet --eval --pretrained X evaluates X."""
     other = build_model(load_config(h.CFG, h.TINY))  # weights unlike the run's
     path = str(tmp_path / "other.pth")
     torch.save({"model": other.state_dict()}, path)
@@ -181,8 +185,9 @@ def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
     assert ACC_LINE.findall(pretrained.stdout) == ACC_LINE.findall(resumed.stdout)
 
 
+@pytest.mark.cli
 def test_opts_none_means_none(data, tmp_path):
-    """(5) ``--opts AUG.CUTMIX_MINMAX None`` is None (CutMix from its alpha), as in yacs; a
+    """``--opts AUG.CUTMIX_MINMAX None`` is None (CutMix from its alpha), as in yacs; a
     malformed value is named."""
     ok = h.run_cli(h.main_args(data, str(tmp_path), "none", "TRAIN.EPOCHS", "1",
                                "AUG.CUTMIX_MINMAX", "None"))
@@ -194,7 +199,7 @@ def test_opts_none_means_none(data, tmp_path):
 
 
 def test_requirements_have_lower_bounds_that_hold():
-    """(7) An older torch than the code needs (safe_globals with (object, name) pairs: 2.6) is
+    """An older torch than the code needs (safe_globals with (object, name) pairs: 2.6) is
     not kept by pip; every bound holds for what is installed."""
     with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
         # one requirement a line, comments (whole lines or after one) and blank lines left out;

@@ -33,6 +33,7 @@ def test_fast_path_is_taken():
         assert not fast_backward_available(x, DepthwiseConv2d(32, 7).weight, stride=1)
 
 
+@pytest.mark.slow  # ~4600 forwards each; test_float32_matches_conv2d covers the kernel fast
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kernel", [5, 7])
 def test_gradcheck_float64(layout, kernel):

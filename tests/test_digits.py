@@ -3,6 +3,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 import torch
 from torchvision import transforms
 
@@ -10,7 +11,7 @@ from config import load_config
 from data.build import build_transform
 from data.digits import NUM_CLASSES, build_digits_dataset, digits_split
 from models import build_model
-from pipeline_helpers import ROOT, digests, read_metrics, run_cli
+from helpers import DEMO_CFG, digests, read_metrics, run_cli
 
 
 def test_split_is_deterministic_and_covers_every_scan_once():
@@ -47,7 +48,7 @@ def test_items_are_rgb_images_through_the_transform():
     assert same_label == label
 
 
-DEMO = os.path.join(ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
+DEMO = DEMO_CFG
 
 
 def test_demo_config_builds_a_ten_class_model_on_unflipped_digits():
@@ -61,6 +62,7 @@ def test_demo_config_builds_a_ten_class_model_on_unflipped_digits():
     assert build_model(config)(images).shape == (2, NUM_CLASSES)
 
 
+@pytest.mark.cli
 def test_demo_learns_and_its_checkpoint_reproduces_the_accuracy(tmp_path):
     """The quick start's commands, the schedule cut to 3 epochs: the last Acc@1 is well above chance
     (10%), and ``--eval --resume`` of the last checkpoint prints the same Acc@1."""

@@ -11,7 +11,7 @@ from torch.export import Dim
 
 from config import load_config
 from models import build_model, model_kwargs
-from pipeline_helpers import CFG, TINY_MODEL, run_cli
+from helpers import CFG, TINY_MODEL, run_cli
 
 # a small MG-SSAF whose stages 1 and 2 have global heads (window and strip pooling)
 SMALL = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 6, 6, 2), head_hidden_dim=64,
@@ -27,6 +27,7 @@ def _images(batch: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
 
 
+@pytest.mark.slow
 def test_export_dynamic_batch():
     """Exported at batch 2, the program runs at batch 5 with eager's logits (the pointwise
     convolution's batch-dependent views stand aside under export)."""
@@ -70,6 +71,7 @@ def test_jit_trace_is_the_same_with_and_without_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_export_tool_onnx_and_safetensors(tmp_path):
     """tools/export.py writes the ONNX file (onnxruntime gives eager's logits at batch 1 and 3)

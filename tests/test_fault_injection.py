@@ -1,10 +1,12 @@
-"""A few cases of tests/fault_injection.py (issue 20): interrupted runs resume at the saved step,
+"""A few cases of tests/fault_injection.py: interrupted runs resume at the saved step,
 bit-exact, with ckpt_best.pth at the end. The full run: python tests/fault_injection.py."""
 from __future__ import annotations
 
 import pytest
 
 import fault_injection as fi
+
+pytestmark = pytest.mark.cli
 
 
 def test_kill_9_inside_a_save_and_sigusr1_during_validation_resume_exactly(tmp_path):

@@ -1,16 +1,15 @@
-"""Fine-tuning as the paper's CUB table (issue 12): DATA.DATASET cub in the official
+"""Fine-tuning as the paper's CUB table: DATA.DATASET cub in the official
 CUB_200_2011 layout, the configs/finetune recipe through the CLI from --pretrained weights with
 layer-wise LR decay and EMA on, and an exact auto-resume. The network is shrunk (tiny model, 32x32
 images), the recipe is the config's."""
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import pipeline_helpers as h
+import helpers as h
 from config import ConfigError, get_config, load_config
 from data import DataError
 from data.cub import CUBDataset
@@ -20,38 +19,13 @@ from models import build_model
 from models.checkpoint_io import load_checkpoint_file
 
 CFG = os.path.join(h.ROOT, "configs", "finetune", "MG-SSAF-T-CUB-448.yaml")
-SPECIES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
-TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 2
-
-
-def make_cub(root: str) -> str:
-    """A CUB_200_2011 folder of 3 species: list files as released, JPEGs of bird-photo shapes;
-    train and test images interleaved in images.txt as in the real file."""
-    rng = np.random.default_rng(0)
-    images, labels, split = [], [], []
-    for c, species in enumerate(SPECIES, start=1):
-        os.makedirs(os.path.join(root, "images", species))
-        for i in range(TRAIN_PER_CLASS + TEST_PER_CLASS):
-            name = f"{species}/{species.split('.')[1]}_{i:04d}_{100 + i}.jpg"
-            height, width = (48, 64) if i % 2 else (64, 40)
-            pixels = rng.integers(0, 90, (height, width, 3), dtype=np.uint8)
-            pixels[..., (c - 1) % 3] += 160
-            Image.fromarray(pixels).save(os.path.join(root, "images", name), quality=90)
-            images.append(name)
-            labels.append(c)
-            split.append(1 if i % 3 else 0)  # 4 train, 2 test per species
-    with open(os.path.join(root, "classes.txt"), "w") as f:
-        f.writelines(f"{c} {s}\n" for c, s in enumerate(SPECIES, start=1))
-    for name, values in (("images.txt", images), ("image_class_labels.txt", labels),
-                         ("train_test_split.txt", split)):
-        with open(os.path.join(root, name), "w") as f:
-            f.writelines(f"{i} {v}\n" for i, v in enumerate(values, start=1))
-    return root
+SPECIES = h.CUB_SPECIES
+TRAIN_PER_CLASS, TEST_PER_CLASS = h.CUB_TRAIN_PER_CLASS, h.CUB_TEST_PER_CLASS
 
 
 @pytest.fixture(scope="module")
 def cub(tmp_path_factory) -> str:
-    return make_cub(str(tmp_path_factory.mktemp("cub") / "CUB_200_2011"))
+    return h.make_cub(str(tmp_path_factory.mktemp("cub") / "CUB_200_2011"))
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +40,7 @@ def imagenet_checkpoint(tmp_path_factory) -> str:
 
 # The tiny network of the pipeline tests (MODEL.NAME h.MODEL_NAME); the schedule and optimizer
 # stay the recipe's.
-TINY_RUN = [v for key, value in zip(h.TINY[::2], h.TINY[1::2])
-            if key not in ("TRAIN.BASE_LR", "TRAIN.WARMUP_EPOCHS") for v in (key, value)]
+TINY_RUN = h.without(h.TINY, "TRAIN.BASE_LR", "TRAIN.WARMUP_EPOCHS")
 FINETUNE_OPTS = ("MODEL.NUM_CLASSES", "3", "TRAIN.EPOCHS", "2", "TRAIN.LAYER_DECAY", "0.75",
                  "MODEL_EMA", "true", "MODEL_EMA_DECAY", "0.5", "DETERMINISTIC", "true")
 
@@ -76,10 +49,6 @@ def _finetune(cub: str, pretrained: str, output: str, tag: str):
     argv = ["--cfg", CFG, "--data-path", cub, "--pretrained", pretrained, "--output", output,
             "--tag", tag, "--batch-size", "4", "--opts", *TINY_RUN, *FINETUNE_OPTS]
     return h.run_cli(argv)
-
-
-def _run_dir(output: str, tag: str) -> str:
-    return os.path.join(output, h.MODEL_NAME, tag)
 
 
 def test_cub_reads_the_official_split(cub):
@@ -211,6 +180,7 @@ def finetune_run(cub, imagenet_checkpoint, tmp_path_factory):
     return output, result.stdout
 
 
+@pytest.mark.cli
 def test_finetune_cli_with_layer_decay_and_ema(finetune_run, imagenet_checkpoint):
     output, log = finetune_run
     assert "6 validation images, 12 training images" in log
@@ -222,7 +192,7 @@ def test_finetune_cli_with_layer_decay_and_ema(finetune_run, imagenet_checkpoint
             "starts from its initialisation") in log
     assert f"loaded pretrained weights from {imagenet_checkpoint}" in log
     assert "EMA weights:" in log and "(model or EMA weights)" in log
-    folder = _run_dir(output, "reference")
+    folder = h.run_dir(output, "reference")
     metrics = h.read_metrics(folder)
     assert sorted(metrics) == [0, 1]
     for row in metrics.values():
@@ -237,10 +207,11 @@ def test_finetune_cli_with_layer_decay_and_ema(finetune_run, imagenet_checkpoint
     assert ckpt["optimizer"]["param_groups"][0]["momentum"] == 0.9  # the recipe's SGD
 
 
+@pytest.mark.cli
 def test_finetune_auto_resume_after_an_epoch_is_exact(finetune_run, cub, imagenet_checkpoint):
     output, _ = finetune_run
-    reference = _run_dir(output, "reference")
-    folder = _run_dir(output, "resumed")
+    reference = h.run_dir(output, "reference")
+    folder = h.run_dir(output, "resumed")
     shutil.copytree(reference, folder)
     os.remove(os.path.join(folder, "ckpt_epoch_1.pth"))
     result = _finetune(cub, imagenet_checkpoint, output, "resumed")
@@ -256,6 +227,7 @@ def test_finetune_auto_resume_after_an_epoch_is_exact(finetune_run, cub, imagene
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.cli
 def test_finetune_under_torchrun_keeps_the_total_batch_lr_and_steps(finetune_run, cub,
                                                                      imagenet_checkpoint,
                                                                      tmp_path):
@@ -268,7 +240,7 @@ def test_finetune_under_torchrun_keeps_the_total_batch_lr_and_steps(finetune_run
                         "--output", str(tmp_path), "--tag", "ddp", "--opts", *opts],
                        prefix=h.torchrun())
     assert result.returncode == 0, result.stdout[-4000:]
-    folder = _run_dir(str(tmp_path), "ddp")
+    folder = h.run_dir(str(tmp_path), "ddp")
     for rank, log in enumerate(h.rank_logs(folder)):
         assert f"rank {rank} of 2" in log
         assert "AMP_ENABLE: true" in log and "NUM_WORKERS: 1" in log and "LAYER_DECAY: 0.75" in log
@@ -280,7 +252,7 @@ def test_finetune_under_torchrun_keeps_the_total_batch_lr_and_steps(finetune_run
         assert "(6 images:" in log and "EMA weights:" in log
     assert "replaces the config's DATA.TOTAL_BATCH_SIZE" not in result.stdout
     metrics = h.read_metrics(folder)
-    single = h.read_metrics(_run_dir(finetune_run[0], "reference"))
+    single = h.read_metrics(h.run_dir(finetune_run[0], "reference"))
     assert [r["num_updates"] for r in metrics.values()] == [3, 6]
     for key in ("num_updates", "lr"):
         assert [r[key] for r in metrics.values()] == [r[key] for r in single.values()], key
@@ -292,6 +264,7 @@ def test_finetune_under_torchrun_keeps_the_total_batch_lr_and_steps(finetune_run
     assert any(not torch.equal(ckpt["model_ema"][k], ckpt["model"][k]) for k in ckpt["model"])
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("opts, message", [
     (["TRAIN.LAYER_DECAY", "0.0"],
      "TRAIN.LAYER_DECAY must be in (0, 1] (1 switches it off), got 0.0"),

@@ -1,7 +1,7 @@
-"""Checkpoint integrity and the run folder (issue 20, findings 2-4, 6, 8-10), through the real
-command line on CPU where it reaches, directly where it does not: one safe reader for every
-checkpoint, checksums, best and epoch checkpoints after a crash, pruning, disk full, --resume,
-nothing written by a run that fails its checks, the run folder's lock."""
+"""Checkpoint integrity and the run folder, through the real command line on CPU where it
+reaches, directly where it does not: one safe reader for every checkpoint, checksums, best and
+epoch checkpoints after a crash, pruning, disk full, --resume, nothing written by a run that
+fails its checks, the run folder's lock."""
 from __future__ import annotations
 
 import ast
@@ -10,36 +10,19 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-import pipeline_helpers as h
+import helpers as h
 import utils
 from models.checkpoint_io import CheckpointError, load_checkpoint_file, verify_checksum
-from test_robustness import Evil, read, start, wait_for
 from utils import atomic_save
 
 
-def everything(folder: str) -> dict[str, bytes]:
-    """Every file of ``folder`` with its bytes."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
-
-def evil_checkpoint(path: str, marker: str) -> str:
-    torch.save({"model": {}, "payload": Evil(marker)}, path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------
-# Finding 2: every checkpoint read goes through models.checkpoint_io.load_checkpoint_file
+# Every checkpoint read goes through models.checkpoint_io.load_checkpoint_file
 # ------------------------------------------------------------------------------------------------
 def _loads_outside_the_safe_loader() -> list[str]:
     """``file:line`` of every torch.load / pickle load call in the repository's own code (tests
@@ -71,11 +54,10 @@ def test_no_checkpoint_is_read_outside_the_safe_loader():
     assert _loads_outside_the_safe_loader() == []
 
 
-SEG_CFG = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
 # Every tool that takes a checkpoint, with a command line that reads EVIL; a tool with such a
 # flag that is missing here fails test_every_tool_with_a_checkpoint_flag_is_fed_a_malicious_one.
 TOOLS_READING_CHECKPOINTS = {
-    "tools/seg_overlay.py": ["--cfg", SEG_CFG, "--checkpoint", "EVIL", "--digits", "0",
+    "tools/seg_overlay.py": ["--cfg", h.SEG_DEMO_CFG, "--checkpoint", "EVIL", "--digits", "0",
                              "--out", "OUT"],
     "tools/predict.py": ["--cfg", h.CFG, "--checkpoint", "EVIL", "DATA", "--opts", *h.TINY_MODEL],
     "tools/export.py": ["--cfg", h.CFG, "--checkpoint", "EVIL", "--output", "OUT", "--no-onnx",
@@ -99,10 +81,11 @@ ENTRY_POINTS = {"main.py --pretrained": ["--cfg", h.CFG, "--data-path", "DATA", 
                                          "--pretrained", "EVIL", "--opts", *h.TINY]}
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("tool", sorted(TOOLS_READING_CHECKPOINTS) + sorted(ENTRY_POINTS))
 def test_every_tool_with_a_checkpoint_flag_is_fed_a_malicious_one(tool, data, tmp_path):
     marker = str(tmp_path / "pwned")
-    evil = evil_checkpoint(str(tmp_path / "evil.pth"), marker)
+    evil = h.evil_checkpoint(str(tmp_path / "evil.pth"), marker)
     fill = {"EVIL": evil, "OUT": str(tmp_path / "out"), "DATA": data}
     argv = [fill.get(a, a) for a in {**TOOLS_READING_CHECKPOINTS, **ENTRY_POINTS}[tool]]
     tool = tool.split()[0]
@@ -117,7 +100,7 @@ def test_the_timm_path_refuses_a_malicious_checkpoint(tmp_path):
 
     import models  # noqa: F401  (registers the timm names)
     marker = str(tmp_path / "pwned")
-    evil = evil_checkpoint(str(tmp_path / "evil.pth"), marker)
+    evil = h.evil_checkpoint(str(tmp_path / "evil.pth"), marker)
     with pytest.raises(CheckpointError, match="refused to load"):
         timm.create_model("mg_ssaf_t", pretrained=True, num_classes=3,
                           pretrained_cfg_overlay=dict(file=evil))
@@ -125,7 +108,7 @@ def test_the_timm_path_refuses_a_malicious_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Findings 3, 4, 10: checksums, best after a crash, pruning, leftovers
+# Checksums, the best checkpoint after a crash, pruning, leftovers of interrupted saves
 # ------------------------------------------------------------------------------------------------
 def test_a_checkpoint_carries_a_checksum_and_one_without_loads_as_before(tmp_path):
     ours, plain = str(tmp_path / "ours.pth"), str(tmp_path / "plain.pth")
@@ -142,6 +125,7 @@ def test_a_checkpoint_carries_a_checksum_and_one_without_loads_as_before(tmp_pat
         load_checkpoint_file(ours)
 
 
+@pytest.mark.cli
 def test_a_corrupt_checkpoint_that_parses_is_skipped_by_auto_resume_and_kept(reference, data,
                                                                             tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "corrupt")
@@ -172,14 +156,13 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.cli
 def test_kill_9_while_the_best_checkpoint_is_written_does_not_lose_it(reference, data, tmp_path):
     best = load_checkpoint_file(os.path.join(reference, "ckpt_best.pth"))
     argv = h.main_args(data, str(tmp_path), "best", *h.REFERENCE_OPTS)
     folder = h.run_dir(str(tmp_path), "best")
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_BEST_SAVE, *argv], cwd=h.ROOT,
-                            env={**h.child_env(), "KILL_EPOCH": str(best["epoch"])},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=240)
+    killed = h.run_cli(argv, prefix=("-c", KILL_IN_BEST_SAVE),
+                       env={**h.child_env(), "KILL_EPOCH": str(best["epoch"])})
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     resumed = h.run_cli(argv)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
@@ -188,11 +171,12 @@ def test_kill_9_while_the_best_checkpoint_is_written_does_not_lose_it(reference,
     assert all(torch.equal(saved["model"][k], best["model"][k]) for k in best["model"])
 
 
+@pytest.mark.cli
 def test_training_keeps_unloadable_checkpoints_and_removes_leftover_temp_files(reference, data,
                                                                               tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "prune")
     marker = str(tmp_path / "pwned")
-    refused = evil_checkpoint(os.path.join(folder, "ckpt_epoch_3_step_1.pth"), marker)
+    refused = h.evil_checkpoint(os.path.join(folder, "ckpt_epoch_3_step_1.pth"), marker)
     corrupt = os.path.join(folder, "ckpt_epoch_2.pth")  # beyond KEEP_CHECKPOINTS 2 after epoch 4
     with open(corrupt, "r+b") as f:
         f.seek(os.path.getsize(corrupt) // 2)
@@ -216,7 +200,7 @@ def test_training_keeps_unloadable_checkpoints_and_removes_leftover_temp_files(r
 
 
 # ------------------------------------------------------------------------------------------------
-# Finding 6: disk full while saving
+# Disk full while saving
 # ------------------------------------------------------------------------------------------------
 # main.py on a disk that fills up while ckpt_epoch_1.pth is written (writes fail with ENOSPC
 # after its first 64 KB).
@@ -238,6 +222,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.cli
 def test_a_full_disk_while_saving_ends_the_run_with_one_line_and_keeps_what_was_saved(
         data, tmp_path):
     argv = h.main_args(data, str(tmp_path), "full", "TRAIN.EPOCHS", "3", *h.NO_AUG)
@@ -256,43 +241,41 @@ def test_a_full_disk_while_saving_ends_the_run_with_one_line_and_keeps_what_was_
 
 
 # ------------------------------------------------------------------------------------------------
-# Findings 8, 9: --resume, nothing written by a failed run, the lock
+# --resume, nothing written by a failed run, the lock
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["resume_not_a_checkpoint", "num_classes"])
-def test_a_run_that_fails_its_checks_writes_nothing_into_the_run_folder(case, reference, data,
-                                                                        tmp_path):
+@pytest.mark.cli
+def test_a_run_resuming_from_a_file_that_is_not_a_checkpoint_writes_nothing_into_the_run_folder(
+        reference, data, tmp_path):
+    # (a run that fails the MODEL.NUM_CLASSES check: test_robustness's bad input num_classes)
     folder = h.copy_run(reference, str(tmp_path), "victim")
-    before = everything(folder)
+    before = h.folder_bytes(folder)
     notes = tmp_path / "a.jpg"
     notes.write_text("an image, not a checkpoint")
-    flags, opts = (("--resume", str(notes)), ()) if case == "resume_not_a_checkpoint" else \
-        ((), ("MODEL.NUM_CLASSES", "5"))
     result = h.run_cli(h.main_args(data, str(tmp_path), "victim", *h.REFERENCE_OPTS,
-                                   "TRAIN.EPOCHS", "5", *opts, flags=flags))
+                                   "TRAIN.EPOCHS", "5", flags=("--resume", str(notes))))
     assert result.returncode == 1, result.stdout[-3000:]
-    message = (f"{notes}: not a checkpoint" if case == "resume_not_a_checkpoint" else
-               "MODEL.NUM_CLASSES is 5 but")
-    assert message in result.stdout, result.stdout[-3000:]
-    assert everything(folder) == before
+    assert f"{notes}: not a checkpoint" in result.stdout, result.stdout[-3000:]
+    assert h.folder_bytes(folder) == before
 
 
+@pytest.mark.cli
 def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_rerun_after_kill_9_takes_over(
         data, tmp_path):
     argv = h.main_args(data, str(tmp_path), "locked", "TRAIN.EPOCHS", "1000", *h.NO_AUG)
     folder = h.run_dir(str(tmp_path), "locked")
-    first = start(argv, str(tmp_path / "first.log"))
+    first = h.start(argv, str(tmp_path / "first.log"))
     try:
         log = os.path.join(folder, "log_rank0.txt")
-        wait_for(lambda: os.path.exists(log) and "Train: [0/1000]" in read(log), first)
+        h.wait_for_line(log, "Train: [0/1000]", first)
         with open(os.path.join(folder, "RUNNING"), encoding="utf-8") as f:
             assert f.read().startswith(f"host={socket.gethostname()}\npid={first.pid}\n")
-        before = read(log)
+        before = h.read(log)
         second = h.run_cli(argv)
         assert second.returncode == 1, second.stdout[-3000:]
         assert (f"{folder} is in use by another training run: host {socket.gethostname()}, pid "
                 f"{first.pid}" in second.stdout), second.stdout[-3000:]
-        assert read(log).startswith(before) and "in use by another" not in read(log)
-        wait_for(lambda: glob.glob(os.path.join(folder, "ckpt_epoch_*.pth")), first)
+        assert h.read(log).startswith(before) and "in use by another" not in h.read(log)
+        h.wait_for(lambda: glob.glob(os.path.join(folder, "ckpt_epoch_*.pth")), first)
     finally:
         first.kill()  # SIGKILL: the lock stays behind
         first.wait()

@@ -143,7 +143,7 @@ def test_import_graph_resolves_relative_and_function_level_imports() -> None:
     graph = import_graph()
     assert "models.mg_ssaf" in graph["models"]        # from .mg_ssaf import (a package's own)
     assert "data.digits" in graph["data.build"]       # from .digits import, inside a function
-    assert "tests.pipeline_helpers" in graph["tests.conftest"]  # a sibling of the tests folder
+    assert "tests.helpers" in graph["tests.conftest"]  # a sibling of the tests folder
 
 
 def test_no_import_cycle() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from config import load_config
+from helpers import run_tool
 from models import build_model
 from models.mg_ssaf import MGSSAF, MGSSAFAttention
 
@@ -179,6 +180,7 @@ def test_construction_errors(kwargs, message):
         MGSSAF(**args)
 
 
+@pytest.mark.slow
 def test_model_info_reports_paper_figures():
     from tools.model_info import count_gmacs, count_params
     paper_gflops = {"T": 3.1, "S": 5.6, "B": 9.8}
@@ -191,33 +193,29 @@ def test_model_info_reports_paper_figures():
     assert count_gmacs(t, (224, 224)) == pytest.approx(3.327, abs=1e-3)
 
 
+@pytest.mark.cli
 def test_model_info_cli():
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "tools/model_info.py", "--cfg",
-                          "configs/MG-SSAF/MG-SSAF-T.yaml", "--img-size", "256", "320"],
-                         capture_output=True, text=True, check=True).stdout
+    done = run_tool("tools/model_info.py", "--cfg", "configs/MG-SSAF/MG-SSAF-T.yaml",
+                    "--img-size", "256", "320", timeout=None)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert re.fullmatch(r"mg_ssaf_tiny: 19\.58 M parameters, \d+\.\d\d GFLOPs at 256x320\n", out)
 
 
+@pytest.mark.cli
 def test_model_info_cli_names_a_bad_config():
-    import subprocess
-    import sys
-    result = subprocess.run([sys.executable, "tools/model_info.py", "--cfg",
-                             "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts", "MODEL.NAME", "custom",
-                             "MODEL.MGSSAF.NUM_HEADS", "[3, 5, 12, 24]"],
-                            capture_output=True, text=True)
+    result = run_tool("tools/model_info.py", "--cfg", "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts",
+                      "MODEL.NAME", "custom", "MODEL.MGSSAF.NUM_HEADS", "[3, 5, 12, 24]",
+                      timeout=None)
     assert result.returncode == 1
     assert "error: stage 1 (dim 192" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("size, message", [
     (["100"], "error: MG-SSAF needs input sides that are multiples of 32, got (100, 100)"),
     (["0"], "error: --img-size must be positive, got 0x0")])
 def test_model_info_cli_names_a_bad_input_size(size, message):
-    import subprocess
-    import sys
-    result = subprocess.run([sys.executable, "tools/model_info.py", "--cfg",
-                             "configs/MG-SSAF/MG-SSAF-T.yaml", "--img-size", *size],
-                            capture_output=True, text=True)
+    result = run_tool("tools/model_info.py", "--cfg", "configs/MG-SSAF/MG-SSAF-T.yaml",
+                      "--img-size", *size, timeout=None)
     assert result.returncode == 1 and result.stderr == f"model_info.py: {message}\n"

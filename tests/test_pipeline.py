@@ -1,4 +1,4 @@
-"""The training / evaluation pipeline (issue 3) through the real command line, on CPU, with a
+"""The training / evaluation pipeline through the real command line, on CPU, with a
 tiny model on tiny generated ImageFolders; plus the optimizer, schedule and accumulation."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import pipeline_helpers as h
+import helpers as h
 from config import ConfigError, get_config, load_config, parse_option
 from data.build import DataError, build_loader, build_transform
 from data.samplers import ShardSampler
@@ -56,6 +56,7 @@ def accuracy_line(output: str) -> tuple[float, ...]:
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_training_writes_checkpoints_metrics_and_logs(reference, tmp_path_factory):
     names = sorted(os.listdir(reference))
     # KEEP_CHECKPOINTS 2: the two newest epoch checkpoints stay, plus the best one.
@@ -92,6 +93,7 @@ def test_training_writes_checkpoints_metrics_and_logs(reference, tmp_path_factor
     assert ckpt["config"].MODEL.NAME == h.MODEL_NAME and ckpt["config"].TRAIN.EPOCHS == 4
 
 
+@pytest.mark.cli
 def test_second_invocation_auto_resumes_at_next_epoch(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "continued")
     result = h.run_cli(h.main_args(data, str(tmp_path), "continued", *h.REFERENCE_OPTS,
@@ -105,6 +107,7 @@ def test_second_invocation_auto_resumes_at_next_epoch(reference, data, tmp_path)
     assert os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
 
 
+@pytest.mark.cli
 def test_eval_resume_counts_equal_a_plain_loop(reference, data, tmp_path):
     ckpt_path = os.path.join(reference, "ckpt_epoch_3.pth")
     result = h.run_cli(h.main_args(data, str(tmp_path), "eval",
@@ -136,6 +139,7 @@ def test_eval_resume_counts_equal_a_plain_loop(reference, data, tmp_path):
     assert loss == pytest.approx(sum(losses) / 9, abs=1e-3)
 
 
+@pytest.mark.cli
 def test_torchrun_two_processes_train_and_evaluate_as_users_run_them(data, tmp_path):
     # The defaults users get: augmentation and Mixup/CutMix on, AMP as configured (float16), loader
     # workers on; 2 micro-batches per optimizer step, 2 epochs: 4 optimizer steps.
@@ -187,6 +191,7 @@ def test_torchrun_two_processes_train_and_evaluate_as_users_run_them(data, tmp_p
     assert accuracy_line(single.stdout)[3:] == (images, top1, top5)
 
 
+@pytest.mark.cli
 def test_pretrained_loads_weights_and_reinitialises_a_head_of_another_size(reference, data,
                                                                             tmp_path):
     ckpt = load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))
@@ -205,6 +210,7 @@ def test_pretrained_loads_weights_and_reinitialises_a_head_of_another_size(refer
     assert metrics[0]["num_updates"] == 3  # a fresh start, not a resume
 
 
+@pytest.mark.cli
 def test_torch_distributed_launch_one_process(data, tmp_path):
     launcher = ("-m", "torch.distributed.launch", "--nproc_per_node", "1",
                 "--master_port", str(h.free_port()), "main.py")
@@ -215,6 +221,7 @@ def test_torch_distributed_launch_one_process(data, tmp_path):
     assert os.path.exists(os.path.join(h.run_dir(str(tmp_path), "launch"), "ckpt_epoch_0.pth"))
 
 
+@pytest.mark.cli
 def test_throughput_mode_times_30_forward_passes_and_trains_nothing(data, tmp_path):
     start = time.monotonic()
     result = h.run_cli(h.main_args(data, str(tmp_path), "speed",
@@ -392,6 +399,7 @@ def test_accumulating_two_micro_batches_matches_one_double_batch():
     assert not torch.equal(results[0]["head.weight"], initial["head.weight"])  # the step moved them
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not uses_glibc_malloc(), reason="tunes glibc's malloc")
 def test_keep_freed_memory_stops_per_step_page_faults():
     code = """

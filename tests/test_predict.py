@@ -3,12 +3,15 @@ top-k lines per image, a CSV for a folder, ImageNet-1K names for a 1,000-class h
 import csv
 import os
 
+import pytest
 import torch
 from timm.data import ImageNetInfo
 
 from config import load_config
 from models import build_model
-from pipeline_helpers import CFG, TINY_MODEL, run_cli
+from helpers import CFG, TINY_MODEL, run_cli
+
+pytestmark = pytest.mark.cli
 
 OPTS = [*TINY_MODEL, "DATA.IMG_SIZE", "32"]
 

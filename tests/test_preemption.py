@@ -1,31 +1,25 @@
-"""Preemption as launchers and Slurm deliver it, and exact resume at any step (issue 11), through
-the real command line on CPU: a tiny model, loader workers on, augmentation, Mixup/CutMix, drop
+"""Preemption as launchers and Slurm deliver it, and exact resume at any step, through the real
+command line on CPU: a tiny model, loader workers on, augmentation, Mixup/CutMix, drop
 path and dropout on; a signal mid-epoch, then the same command again."""
 from __future__ import annotations
 
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-import pipeline_helpers as h
+import helpers as h
 from models.checkpoint_io import load_checkpoint_file
+
+pytestmark = pytest.mark.cli
 
 # 48 training images: 24 steps per epoch with one process, 12 with two (batch 2).
 TRAIN_PER_CLASS = 16
 OPTS = ("TRAIN.EPOCHS", "2", "DATA.NUM_WORKERS", "2", "DETERMINISTIC", "true",
         "MODEL.DROP_RATE", "0.1")
 COMPARED = ("train_loss", "lr", "val_loss", "acc1", "acc5", "num_updates")
-
-
-def torchrun() -> tuple[str, ...]:
-    return ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", "main.py")
 
 
 @pytest.fixture(scope="module")
@@ -49,45 +43,13 @@ def one_process_run(data48, tmp_path_factory) -> str:
     return uninterrupted(data48, str(tmp_path_factory.mktemp("one")), ("main.py",))
 
 
-def read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def interrupt(argv_: list[str], folder: str, log: str, prefix: tuple[str, ...], sig: int,
-              to_group: bool, step: int = 3) -> int:
-    """Starts a run in its own session, sends ``sig`` once rank 0 has logged ``step`` of epoch 0
-    (to the whole process group, or to the launched process alone); returns the exit code."""
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, *prefix, *argv_], cwd=h.ROOT, stdout=out,
-                                   stderr=subprocess.STDOUT, env=h.child_env(),
-                                   start_new_session=True)
-    rank0 = os.path.join(folder, "log_rank0.txt")
-    deadline = time.time() + 180
-    while not (os.path.exists(rank0) and f"Train: [0/2][{step}/" in read(rank0)):
-        assert process.poll() is None, read(log)[-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
-    if to_group:
-        os.killpg(process.pid, sig)
-    else:
-        process.send_signal(sig)
-    return process.wait(timeout=120)
-
-
-def marker(folder: str) -> dict[str, str]:
-    """OUTPUT/PREEMPTED as a dict."""
-    lines = read(os.path.join(folder, "PREEMPTED")).splitlines()
-    return dict(line.split("=", 1) for line in lines)
-
-
 def check_stopped_mid_epoch(folder: str, signal_name: str, steps: int) -> str:
     """One step checkpoint of epoch 0, named by the marker; returns its path."""
     saved = [n for n in os.listdir(folder) if re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n)]
     assert len(saved) == 1, os.listdir(folder)
     step = int(re.search(r"step_(\d+)", saved[0]).group(1))
     assert 3 < step < steps
-    found = marker(folder)
+    found = h.read_marker(folder)
     path = os.path.join(folder, saved[0])
     assert found["checkpoint"] == path and found["signal"] == signal_name
     assert found["epoch"] == "0" and found["step"] == str(step) and found["exit_code"] == "75"
@@ -120,8 +82,9 @@ def test_signal_to_the_process_group_saves_a_step_and_the_rerun_equals_an_uninte
     args = argv(data48, str(tmp_path), "preempted")
     folder = h.run_dir(str(tmp_path), "preempted")
     log = str(tmp_path / "preempted.log")
-    assert interrupt(args, folder, log, ("main.py",), sig, to_group=True) == 75, read(log)[-3000:]
-    output = read(log)
+    assert h.interrupt(args, folder, log, ("main.py",), sig, to_group=True) == 75, \
+        h.read(log)[-3000:]
+    output = h.read(log)
     assert f"preempted: {sig.name} received: stopped at epoch 0 step" in output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     saved = check_stopped_mid_epoch(folder, sig.name, 24)
@@ -134,23 +97,23 @@ def test_signal_to_the_process_group_saves_a_step_and_the_rerun_equals_an_uninte
 @pytest.mark.slow
 def test_sigterm_to_torchrun_with_workers_saves_a_step_and_the_rerun_equals_an_uninterrupted_run(
         data48, tmp_path):
-    reference = uninterrupted(data48, str(tmp_path / "reference"), torchrun())
+    reference = uninterrupted(data48, str(tmp_path / "reference"), h.torchrun())
     args = argv(data48, str(tmp_path), "preempted")
     folder = h.run_dir(str(tmp_path), "preempted")
     log = str(tmp_path / "torchrun.log")
     # torchrun forwards SIGTERM to each rank's process group, waits for the ranks, then exits 1
     # (not 75): the marker is what tells a requeue script that the run was preempted.
-    assert interrupt(args, folder, log, torchrun(), signal.SIGTERM, to_group=False) != 0
+    assert h.interrupt(args, folder, log, h.torchrun(), signal.SIGTERM, to_group=False) != 0
     saved = check_stopped_mid_epoch(folder, "SIGTERM", 12)
-    step = marker(folder)["step"]
+    step = h.read_marker(folder)["step"]
     for rank in (0, 1):
         assert (f"preempted: SIGTERM received: stopped at epoch 0 step {step}/12"
-                in read(os.path.join(folder, f"log_rank{rank}.txt")))
-    assert "killed by signal" not in read(log)
+                in h.read(os.path.join(folder, f"log_rank{rank}.txt")))
+    assert "killed by signal" not in h.read(log)
 
-    resumed = h.run_cli(args, prefix=torchrun())
+    resumed = h.run_cli(args, prefix=h.torchrun())
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    check_resumed_exactly(folder, reference, saved, read(os.path.join(folder, "log_rank0.txt")))
+    check_resumed_exactly(folder, reference, saved, h.read(os.path.join(folder, "log_rank0.txt")))
 
 
 # main.py with loader workers that do not guard against the stop signals (torch's own SIGTERM
@@ -169,13 +132,13 @@ def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(data48, tmp_
     args = [*argv(data48, str(tmp_path), "unguarded"), "TRAIN.ACCUMULATION_STEPS", "16"]
     folder = h.run_dir(str(tmp_path), "unguarded")
     log = str(tmp_path / "unguarded.log")
-    code = interrupt(args, folder, log, ("-c", UNGUARDED_WORKERS), signal.SIGTERM, to_group=True,
-                     step=17)
-    output = read(log)
+    code = h.interrupt(args, folder, log, ("-c", UNGUARDED_WORKERS), signal.SIGTERM,
+                       to_group=True, step=17)
+    output = h.read(log)
     assert code == 75, output[-3000:]
     assert "RuntimeError while stopping on SIGTERM: DataLoader worker" in output
     assert "stopped at epoch 0 step 16/24" in output  # the state of the last optimizer step
-    assert marker(folder)["checkpoint"] == os.path.join(folder, "ckpt_epoch_0_step_16.pth")
+    assert h.read_marker(folder)["checkpoint"] == os.path.join(folder, "ckpt_epoch_0_step_16.pth")
 
 
 SECOND_SIGNAL = """
@@ -234,12 +197,12 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose_or_all_stop_naming_the_ra
     folder = h.copy_run(one_process_run, str(tmp_path), "unshared")
     args = h.main_args(data48, str(tmp_path), "unshared", *OPTS, flags=("--eval",), batch_size=2)
     env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()))
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_1_SEES_NO_CHECKPOINTS, *args],
-                              cwd=h.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**h.child_env(), "RANK": str(r),
-                                              "LOCAL_RANK": str(r), **env})
-             for r in (0, 1)]
-    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    logs = [str(tmp_path / f"rank{r}.log") for r in (0, 1)]
+    ranks = [h.start(args, logs[r], ("-c", RANK_1_SEES_NO_CHECKPOINTS),
+                     env=dict(RANK=str(r), LOCAL_RANK=str(r), **env)) for r in (0, 1)]
+    for rank in ranks:
+        rank.wait(timeout=120)
+    outputs = [h.read(log) for log in logs]
     newest = os.path.join(folder, "ckpt_epoch_1.pth")
     for rank, output in zip(ranks, outputs):
         assert rank.returncode == 1, output[-3000:]
@@ -251,18 +214,14 @@ def children_with_rank(parent: int, rank: int) -> list[int]:
     """The direct child processes of ``parent`` started as rank ``rank`` (RANK in their
     environment): torchrun's workers, not their loader workers."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in h.children(parent):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read().split(b"\0")
         except OSError:
             continue
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            found.append(int(entry))
+        if f"RANK={rank}".encode() in env:
+            found.append(pid)
     return found
 
 
@@ -273,17 +232,10 @@ def test_kill_9_of_one_rank_under_torchrun_is_a_failure_not_a_preemption(data48,
     args = argv(data48, str(tmp_path), "crashed")
     folder = h.run_dir(str(tmp_path), "crashed")
     log = str(tmp_path / "torchrun.log")
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, *torchrun(), *args], cwd=h.ROOT, stdout=out,
-                                   stderr=subprocess.STDOUT, env=h.child_env(),
-                                   start_new_session=True)
+    process = h.start(args, log, h.torchrun(), new_session=True)
     rank0 = os.path.join(folder, "log_rank0.txt")
     try:
-        deadline = time.time() + 180
-        while not (os.path.exists(rank0) and "Train: [0/2][3/" in read(rank0)):
-            assert process.poll() is None, read(log)[-3000:]
-            assert time.time() < deadline, "timed out"
-            time.sleep(0.02)
+        h.wait_for_line(rank0, "Train: [0/2][3/", process, log=log)
         rank1 = children_with_rank(process.pid, 1)
         assert len(rank1) == 1, rank1
         os.kill(rank1[0], signal.SIGKILL)
@@ -291,8 +243,8 @@ def test_kill_9_of_one_rank_under_torchrun_is_a_failure_not_a_preemption(data48,
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert code != 0, read(log)[-3000:]
-    assert not os.path.exists(os.path.join(folder, "PREEMPTED")), read(log)[-3000:]
-    output = read(rank0)
+    assert code != 0, h.read(log)[-3000:]
+    assert not os.path.exists(os.path.join(folder, "PREEMPTED")), h.read(log)[-3000:]
+    output = h.read(rank0)
     assert "rank(s) 1 died or hung" in output and "preempted:" not in output, output[-3000:]
     assert "a failure, not a preemption (no PREEMPTED marker)" in output

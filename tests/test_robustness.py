@@ -1,5 +1,5 @@
-"""Crash-safe resume, preemption, safe checkpoint loading and clear errors (issue 6), through the
-real command line on CPU with a tiny model on tiny generated ImageFolders."""
+"""Crash-safe resume, preemption, safe checkpoint loading and clear errors, through the real
+command line on CPU with a tiny model on tiny generated ImageFolders."""
 from __future__ import annotations
 
 import logging
@@ -7,14 +7,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-import pipeline_helpers as h
+import helpers as h
 from config import load_config
 from engine.checkpoint import prune_checkpoints
 from engine.preemption import Preemption
@@ -49,16 +47,6 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
-class Evil:
-    """Unpickling this creates a file: a stand-in for code hidden in a stranger's checkpoint."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 @pytest.fixture(scope="session")
 def bad_image_data(tmp_path_factory) -> str:
     """The tiny ImageFolder with train/class0/0.png truncated to half its bytes."""
@@ -71,31 +59,16 @@ def bad_image_data(tmp_path_factory) -> str:
     return root
 
 
-def start(argv: list[str], log: str, prefix: tuple[str, ...] = ("main.py",),
-          **env: str) -> subprocess.Popen:
-    """Starts a CLI run in the background, its output going to ``log``."""
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, *prefix, *argv], cwd=h.ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env={**h.child_env(), **env})
-
-
-wait_for = h.wait_for
-
-
-def read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
 # ------------------------------------------------------------------------------------------------
 # Resume
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(reference, data,
                                                                               tmp_path):
     argv = h.main_args(data, str(tmp_path), "killed", *h.REFERENCE_OPTS)
     folder = h.run_dir(str(tmp_path), "killed")
-    process = start(argv, str(tmp_path / "killed.log"))
-    wait_for(lambda: os.path.exists(os.path.join(folder, "ckpt_epoch_1.pth")), process)
+    process = h.start(argv, str(tmp_path / "killed.log"))
+    h.wait_for(lambda: os.path.exists(os.path.join(folder, "ckpt_epoch_1.pth")), process)
     process.kill()  # SIGKILL: no handler runs
     assert process.wait() == -signal.SIGKILL
 
@@ -113,17 +86,17 @@ def test_kill_9_after_second_epoch_then_auto_resume_matches_uninterrupted_run(re
     assert all(torch.equal(final[k], ref[k]) for k in ref)
 
 
+@pytest.mark.cli
 def test_sigterm_saves_a_mid_epoch_checkpoint_and_resume_completes_the_steps(data, tmp_path):
     # Batch 1 and 2 micro-batches per step: 15 loader steps and 8 optimizer steps per epoch.
     argv = h.main_args(data, str(tmp_path), "preempted", "TRAIN.EPOCHS", "2",
                        "TRAIN.ACCUMULATION_STEPS", "2", *h.NO_AUG, batch_size=1)
     folder = h.run_dir(str(tmp_path), "preempted")
-    process = start(argv, str(tmp_path / "preempted.log"))
-    log = os.path.join(folder, "log_rank0.txt")
-    wait_for(lambda: os.path.exists(log) and "Train: [0/2][4/15]" in read(log), process)
+    process = h.start(argv, str(tmp_path / "preempted.log"))
+    h.wait_for_line(os.path.join(folder, "log_rank0.txt"), "Train: [0/2][4/15]", process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 75
-    output = read(str(tmp_path / "preempted.log"))
+    output = h.read(str(tmp_path / "preempted.log"))
     assert "preempted: SIGTERM received: stopped at epoch 0 step" in output
     mid = [n for n in os.listdir(folder) if re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n)]
     assert len(mid) == 1, os.listdir(folder)
@@ -174,6 +147,7 @@ def test_pruning_keeps_the_newest_epochs_the_best_and_later_runs_files(tmp_path)
                                             "ckpt_epoch_7.pth"]
 
 
+@pytest.mark.cli
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "truncated")
     newest = os.path.join(folder, "ckpt_epoch_3.pth")
@@ -186,6 +160,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_kept(referenc
     assert os.path.getsize(newest) == size
 
 
+@pytest.mark.cli
 def test_training_over_a_skipped_checkpoint_keeps_it(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "retrain")
     newest = os.path.join(folder, "ckpt_epoch_3.pth")
@@ -205,12 +180,11 @@ def test_training_over_a_skipped_checkpoint_keeps_it(reference, data, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Safe loading
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_checkpoint_that_would_run_code_is_refused(data, tmp_path):
     marker = str(tmp_path / "pwned")
     for i, zipped in enumerate((True, False)):
-        path = str(tmp_path / f"evil{i}.pth")
-        torch.save({"model": {}, "payload": Evil(marker)}, path,
-                   _use_new_zipfile_serialization=zipped)
+        path = h.evil_checkpoint(str(tmp_path / f"evil{i}.pth"), marker, zipped)
         with pytest.raises(CheckpointError, match="refused to load"):
             load_checkpoint_file(path)
         assert not os.path.exists(marker)
@@ -242,6 +216,7 @@ def test_released_s_weights_into_t_are_refused_naming_the_depths_not_listing_key
         "blocks in stage 2 (layers.2): 18 in the checkpoint, 6 in this model"]
 
 
+@pytest.mark.cli
 def test_released_layout_checkpoint_with_a_yacs_config_loads(reference, data, tmp_path):
     weights = dict(load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))["model"])
     for key in [k for k in weights if k.endswith("attn.proj_qkv.weight")]:  # released extra norm
@@ -299,7 +274,8 @@ def _layout(tmp: str, kind: str, data: str) -> str:
 
 
 # (id, how to break the run, what the message must say); TRAIN.EPOCHS 5 lets a run that got past
-# its checks resume from the victim's epoch 3 and write epoch 4.
+# its checks resume from the victim's epoch 3 and write epoch 4. untouched: not a byte of the run
+# folder changes (logs and metrics included).
 BAD_INPUTS = [
     ("no_data_path", dict(data=""), ["DATA.DATA_PATH (--data-path) is not set"]),
     ("missing_data_path", dict(data="/nonexistent/imagenet"),
@@ -308,7 +284,7 @@ BAD_INPUTS = [
     ("no_val", dict(layout="no_val"), ["no_val/val not found"]),
     ("no_train", dict(layout="no_train"), ["no_train/train not found"]),
     ("empty_class_folder", dict(layout="empty_class"), ["empty_class/train", "class1"]),
-    ("num_classes", dict(opts=["MODEL.NUM_CLASSES", "5"]),
+    ("num_classes", dict(opts=["MODEL.NUM_CLASSES", "5"], untouched=True),
      ["MODEL.NUM_CLASSES is 5 but", "/val has 3 classes"]),
     ("bad_image", dict(layout="bad_image", batch_size=5, opts=h.NO_AUG),
      ["cannot read image", "train/class0/0.png"]),
@@ -362,6 +338,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case, change, messages", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
         case, change, messages, victim, data, bad_image_data, other_class_count_checkpoint,
@@ -385,6 +362,7 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
                   for f in change.get("flags", ()))
     argv = h.main_args(dataset, output, "victim", *h.REFERENCE_OPTS, "TRAIN.EPOCHS", "5",
                        *change.get("opts", []), flags=flags, batch_size=change.get("batch_size", 4))
+    files = h.folder_bytes(folder)
     result = h.run_cli(argv)
     assert result.returncode == 1, result.stdout[-3000:]
     for message in messages:
@@ -396,6 +374,8 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_alone(
         assert " INFO " not in result.stdout, result.stdout[-3000:]
     assert h.digests(folder) == before
     assert not os.path.exists(os.path.join(folder, "ckpt_epoch_4.pth"))
+    if change.get("untouched"):
+        assert h.folder_bytes(folder) == files
 
 
 @pytest.fixture(scope="session")
@@ -413,67 +393,30 @@ def unreadable_class0(tmp_path_factory) -> dict[str, str]:
     return roots
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes started by ``pid``, and by those, ... (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def run_or_kill(argv: list[str], prefix: tuple[str, ...], timeout: float = 180
-                ) -> tuple[int | None, str]:
-    """Runs a CLI command; one still running after ``timeout`` seconds is killed with every
-    process it started (loader workers, torchrun's ranks, which have sessions of their own) and
-    gives None as exit code."""
-    process = subprocess.Popen([sys.executable, *prefix, *argv], cwd=h.ROOT, env=h.child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-        return process.returncode, output
-    except subprocess.TimeoutExpired:
-        for pid in [process.pid, *_descendants(process.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return None, process.communicate()[0]
-
-
+@pytest.mark.cli
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("processes", [1, 2])
 def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(
         split, processes, reference, unreadable_class0, tmp_path):
     """With loader workers, an exception in a worker ends the run (every rank) with exit code 1
-    and the file named; before, the main process waited forever at exit for workers that ignore
-    SIGTERM."""
+    and the file named, instead of the main process waiting forever at exit for workers that
+    ignore SIGTERM."""
     folder = h.copy_run(reference, str(tmp_path), "bad")
-    before, metrics = h.digests(folder), read(os.path.join(folder, "metrics.jsonl"))
-    prefix = ("main.py",) if processes == 1 else (
-        "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}", "main.py")
+    before, metrics = h.digests(folder), h.read(os.path.join(folder, "metrics.jsonl"))
+    prefix = ("main.py",) if processes == 1 else h.torchrun()
     argv = h.main_args(unreadable_class0[split], str(tmp_path), "bad", *h.REFERENCE_OPTS,
                        "TRAIN.EPOCHS", "5", "DATA.NUM_WORKERS", "2")
     began = time.time()
-    code, output = run_or_kill(argv, prefix)
+    code, output = h.run_cli_or_kill(argv, prefix)
     assert code == 1, f"exit code {code} after {time.time() - began:.0f} s:\n{output[-3000:]}"
     assert re.search(rf"(ERROR|error:) .*cannot read image \S+/{split}/class0/\d+\.png", output), \
         output[-3000:]
     assert h.digests(folder) == before
-    assert read(os.path.join(folder, "metrics.jsonl")) == metrics
+    assert h.read(os.path.join(folder, "metrics.jsonl")) == metrics
     assert not os.path.exists(os.path.join(folder, "PREEMPTED"))
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_bad_images_warns_and_counts(workers, bad_image_data, tmp_path):
     result = h.run_cli(h.main_args(bad_image_data, str(tmp_path), "skip", "TRAIN.EPOCHS", "1",
@@ -485,6 +428,7 @@ def test_skip_bad_images_warns_and_counts(workers, bad_image_data, tmp_path):
     assert "epoch 0: 1 unreadable training image(s) skipped" in result.stdout
 
 
+@pytest.mark.cli
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, data, tmp_path):
     folder = h.copy_run(reference, str(tmp_path), "nan")
     before = h.digests(folder)
@@ -495,21 +439,22 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, da
     assert h.digests(folder) == before and len(h.read_metrics(folder)) == 4
 
 
+@pytest.mark.cli
 def test_a_stuck_rank_makes_the_others_stop_after_dist_timeout(data, tmp_path):
     argv = h.main_args(data, str(tmp_path), "stuck", "TRAIN.EPOCHS", "1", "DIST_TIMEOUT", "5",
                        *h.NO_AUG, batch_size=2)
     env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()))
-    ranks = [start(argv, str(tmp_path / f"rank{r}.log"), ("-c", RANK_1_HANGS), RANK=str(r),
-                   LOCAL_RANK=str(r), **env) for r in (0, 1)]
+    ranks = [h.start(argv, str(tmp_path / f"rank{r}.log"), ("-c", RANK_1_HANGS),
+                     env=dict(RANK=str(r), LOCAL_RANK=str(r), **env)) for r in (0, 1)]
     try:
         log = str(tmp_path / "rank0.log")
-        wait_for(lambda: "Start training" in read(log), ranks[0])
+        h.wait_for_line(log, "Start training", ranks[0])
         began = time.time()
         assert ranks[0].wait(timeout=120) == 1
         assert time.time() - began < 60
     finally:
         ranks[1].kill()
         ranks[1].wait()
-    output = read(log)
+    output = h.read(log)
     assert "another rank failed or did not answer within DIST_TIMEOUT (5 s)" in output, \
         output[-3000:]

@@ -1,4 +1,4 @@
-"""Segmentation components (issue 13): UPerNet heads, ADE20K reader and pipelines, inference
+"""Segmentation components: UPerNet heads, ADE20K reader and pipelines, inference
 helpers, metrics, the digits scenes."""
 import math
 import os
@@ -17,7 +17,7 @@ from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, res
 from models.mg_ssaf import MGSSAF
 from models.seg_inference import ms_flip_inference, slide_inference, whole_inference
 from models.upernet import FCNHead, UPerHead, UPerNet, build_segmentor
-from pipeline_helpers import ROOT
+from helpers import ROOT, SEG_DEMO_CFG, make_ade20k
 from seg_metrics import SegMetrics, format_table, intersect_and_union, summarize
 
 
@@ -63,7 +63,7 @@ def test_segmentor_params_match_the_paper(variant, expected):
 
 
 def test_segmentor_on_the_mg_ssaf_backbone():
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg).eval()
     assert model(torch.randn(1, 3, 64, 96)).shape == (1, DIGITS_CLASSES, 64, 96)
 
@@ -124,17 +124,13 @@ def test_raw_label_255_stays_ignored_after_reduce_zero_label():
 
 
 def _ade_folder(root, sizes=((40, 30), (64, 48))):
-    rng = np.random.default_rng(0)
-    for split in ("training", "validation"):
-        os.makedirs(os.path.join(root, "images", split))
-        os.makedirs(os.path.join(root, "annotations", split))
-        for i, (w, h) in enumerate(sizes):
-            name = f"ADE_{split}_{i:08d}"
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
-                os.path.join(root, "images", split, name + ".jpg"))
-            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(
-                os.path.join(root, "annotations", split, name + ".png"))
-    return str(root)
+    """An ADE20K folder of two pairs a split, of ``sizes`` (width, height), labels 0..150."""
+    def draw(rng, i):
+        w, h = sizes[i]
+        return (rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                rng.integers(0, 151, (h, w), dtype=np.uint8))
+
+    return make_ade20k(str(root), (len(sizes), len(sizes)), draw)
 
 
 def test_ade20k_reads_reduced_labels_and_is_reproducible(tmp_path):
@@ -253,7 +249,7 @@ def _nano_classifier(cfg) -> MGSSAF:
 
 def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
     from models.upernet import load_backbone_weights
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg)
     classifier = _nano_classifier(cfg)
     with torch.no_grad():  # the classifier's final norm: not what the output norms start from
@@ -276,7 +272,7 @@ def test_imagenet_weights_load_into_the_backbone_without_the_classifier():
 def test_seg_backbone_normalises_each_stage_map_with_a_fresh_layernorm():
     """Swin's segmentation backbone: norm0..norm3, nn.LayerNorm(C_i) with eps 1e-5, weight 1,
     bias 0, over the channels of each stage map; no final norm, no classifier."""
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     backbone = build_segmentor(cfg).backbone
     embed = cfg.MODEL.MGSSAF.EMBED_DIM
     for i in range(4):
@@ -304,7 +300,7 @@ def test_seg_backbone_normalises_each_stage_map_with_a_fresh_layernorm():
 def test_every_segmentor_parameter_gets_a_gradient_each_step():
     """What DDP needs (no unused parameters): one training step reaches every parameter."""
     from engine.segmentation import SegLoss
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg).train()
     x = torch.randn(2, 3, 64, 64)
     target = torch.randint(0, DIGITS_CLASSES, (2, 64, 64))
@@ -383,7 +379,7 @@ def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
     norms norm0..norm3), 'relative_position_bias_table', 'absolute_pos_embed'; biases and the
     heads' BatchNorm keep TRAIN.WEIGHT_DECAY (main.py keeps Swin's set_weight_decay)."""
     from engine.segmentation import SegmentationTask
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"))
+    cfg = load_config(SEG_DEMO_CFG)
     model = build_segmentor(cfg)
     optimizer = SegmentationTask().build_optimizer(cfg, model)
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -403,7 +399,7 @@ def test_seg_weight_decay_groups_follow_the_recipes_paramwise_cfg():
 def test_seg_refuses_layer_decay():
     from config import ConfigError
     from engine.segmentation import SegmentationTask
-    cfg = load_config(os.path.join(ROOT, "configs/seg/upernet_mg_ssaf_nano_digits.yaml"),
+    cfg = load_config(SEG_DEMO_CFG,
                       ["TRAIN.LAYER_DECAY", "0.9"])
     cfg.defrost()
     with pytest.raises(ConfigError, match="no layer-wise LR decay"):

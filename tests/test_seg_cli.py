@@ -1,4 +1,4 @@
-"""main_seg.py through its command line (issue 13): training by iterations with checkpoints,
+"""main_seg.py through its command line: training by iterations with checkpoints,
 metrics.jsonl and auto-resume on an ADE20K-layout folder, torchrun x2 validation counts, bad
 data, the iteration schedule's checks and the digits demo."""
 import os
@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline_helpers as h
+import helpers as h
 from data.samplers import ResumableSampler
 
-SEG_CFG = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
-DEMO_CFG = SEG_CFG
+SEG_CFG = h.SEG_DEMO_CFG
 NAME = "upernet_seg_test"  # a custom MODEL.NAME: the tiny architecture below is ours
 TINY_SEG = ["MODEL.NAME", NAME, "DATA.DATASET", "ade20k", "MODEL.NUM_CLASSES", "150",
             "MODEL.MGSSAF.EMBED_DIM", "16", "MODEL.MGSSAF.DEPTHS", "[1, 1, 1, 1]",
@@ -29,19 +28,7 @@ VAL_IMAGES = 3  # odd: two ranks evaluate 2 and 1
 def ade(tmp_path_factory):
     """ADEChallengeData2016 layout: 4 training and 3 validation 96x64 JPEG + PNG pairs whose
     labels are 0 (ignored) on the left quarter and 1..150 elsewhere."""
-    root = tmp_path_factory.mktemp("ADEChallengeData2016")
-    rng = np.random.default_rng(0)
-    for split, count in (("training", 4), ("validation", VAL_IMAGES)):
-        os.makedirs(root / "images" / split)
-        os.makedirs(root / "annotations" / split)
-        for i in range(count):
-            name = f"ADE_{split}_{i:08d}"
-            label = rng.integers(1, 151, (64, 96), dtype=np.uint8)
-            label[:, :24] = 0
-            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(
-                root / "images" / split / f"{name}.jpg")
-            Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
-    return str(root)
+    return h.make_ade20k(str(tmp_path_factory.mktemp("ADEChallengeData2016")), (4, VAL_IMAGES))
 
 
 def seg_args(data: str, output: str, tag: str, *opts: str, flags: tuple[str, ...] = ()) -> list:
@@ -49,10 +36,11 @@ def seg_args(data: str, output: str, tag: str, *opts: str, flags: tuple[str, ...
             "--batch-size", "2", *flags, "--opts", *TINY_SEG, *opts]
 
 
-def run_seg(argv: list, launcher: tuple = ()):
-    return h.run_cli(argv, prefix=(*launcher, "main_seg.py"))
+def run_seg(argv: list, prefix: tuple = ("main_seg.py",)):
+    return h.run_cli(argv, prefix=prefix)
 
 
+@pytest.mark.cli
 def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
     result = run_seg(seg_args(ade, str(tmp_path), "t", "SEG.ITERS", "4", "SEG.EVAL_INTERVAL", "2"))
     assert result.returncode == 0, result.stdout[-4000:]
@@ -87,14 +75,14 @@ def per_class_tables(output: str) -> list[str]:
     return re.findall(r"per-class results:\n(.*?\naAcc [^\n]*)", output, re.DOTALL)
 
 
+@pytest.mark.cli
 def test_torchrun_two_processes_train_with_workers_and_evaluate(ade, tmp_path):
     """main_seg.py under torchrun x2 with loader workers: 3 optimizer steps (DDP checks for
     parameters without gradient from the second on), an evaluation counting every validation
     image once; then --eval of the checkpoint, under torchrun x2 and on one process, reproduces
     the per-class table the run recorded, which an untrained model does not give."""
     def launcher():
-        return ("-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{h.free_port()}")
+        return h.torchrun(2, "main_seg.py")
     # a high LR, so that 3 steps move the predictions away from the untrained model's
     lr = ("TRAIN.BASE_LR", "0.02")
     result = run_seg(seg_args(ade, str(tmp_path), "ddp", "SEG.ITERS", "3", "SEG.EVAL_INTERVAL",
@@ -123,6 +111,7 @@ def test_torchrun_two_processes_train_with_workers_and_evaluate(ade, tmp_path):
     assert per_class_tables(untrained.stdout) != [trained]
 
 
+@pytest.mark.cli
 def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_path):
     broken = str(tmp_path / "ade")
     shutil.copytree(ade, broken)
@@ -139,6 +128,7 @@ def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_p
     assert f"annotation {wrong} is 20x10 but image" in result.stdout
 
 
+@pytest.mark.cli
 def test_iters_must_be_a_multiple_of_the_eval_interval(ade, tmp_path):
     result = run_seg(seg_args(ade, str(tmp_path), "c", "SEG.ITERS", "5", "SEG.EVAL_INTERVAL",
                               "2"))
@@ -158,8 +148,9 @@ def test_resumable_sampler_covers_ranks_and_resumes_part_way():
     assert list(sampler) == shards[1][4:] and len(sampler) == 2
 
 
+@pytest.mark.cli
 def test_digits_demo_command_runs_one_short_epoch(tmp_path):
-    result = h.run_cli(["--cfg", DEMO_CFG, "--output", str(tmp_path), "--opts", "SEG.ITERS",
+    result = h.run_cli(["--cfg", h.SEG_DEMO_CFG, "--output", str(tmp_path), "--opts", "SEG.ITERS",
                         "2", "SEG.EVAL_INTERVAL", "2", "SEG.WARMUP_ITERS", "1"],
                        prefix=("main_seg.py",))
     assert result.returncode == 0, result.stdout[-4000:]
@@ -173,6 +164,7 @@ def test_digits_demo_command_runs_one_short_epoch(tmp_path):
     assert os.path.isfile(os.path.join(folder, "metrics.png"))
 
 
+@pytest.mark.cli
 def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     from models.mg_ssaf import MGSSAF
     classifier = MGSSAF(img_size=64, num_classes=10, embed_dim=16, depths=[1, 1, 1, 1],
@@ -189,13 +181,13 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
 
 
+@pytest.mark.cli
 def test_preempted_run_resumes_mid_epoch_exactly(ade, tmp_path):
-    from test_preemption import interrupt
     opts = ("SEG.ITERS", "16", "SEG.EVAL_INTERVAL", "8")
     reference = run_seg(seg_args(ade, str(tmp_path), "ref", *opts))
     assert reference.returncode == 0, reference.stdout[-3000:]
     folder = os.path.join(str(tmp_path), NAME, "pre")
-    code = interrupt(seg_args(ade, str(tmp_path), "pre", *opts), folder, str(tmp_path / "pre.log"),
+    code = h.interrupt(seg_args(ade, str(tmp_path), "pre", *opts), folder, str(tmp_path / "pre.log"),
                      ("main_seg.py",), signal.SIGTERM, to_group=True)
     assert code == 75, open(tmp_path / "pre.log").read()[-3000:]
     [saved] = [n for n in os.listdir(folder) if re.fullmatch(r"ckpt_epoch_0_step_\d+\.pth", n)]

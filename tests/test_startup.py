@@ -1,6 +1,5 @@
 """The first moments of a run, through the real command line: a stop signal during the imports
-stops it as preempted (issue 20, finding 11), and on CPU the thread count suits a busy machine
-(finding 13)."""
+stops it as preempted, and on CPU the thread count suits a busy machine."""
 from __future__ import annotations
 
 import os
@@ -10,10 +9,10 @@ import sys
 
 import pytest
 
-import pipeline_helpers as h
+import helpers as h
 
-DEMO = os.path.join(h.ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
-SEG_DEMO = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_nano_digits.yaml")
+pytestmark = pytest.mark.cli
+
 
 
 def importing_torch(pid: int) -> bool:
@@ -26,18 +25,17 @@ def importing_torch(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("script, cfg", [("main.py", h.CFG), ("main_seg.py", SEG_DEMO)],
+@pytest.mark.parametrize("script, cfg", [("main.py", h.CFG), ("main_seg.py", h.SEG_DEMO_CFG)],
                          ids=["main", "main_seg"])
 def test_a_signal_while_importing_stops_the_run_as_preempted(script, cfg, data, tmp_path):
-    """Before, SIGTERM during the imports killed the process (-15) and left no PREEMPTED: a
-    requeue script took the preemption for a failure."""
+    """SIGTERM during the imports ends the run with exit code 75 and a PREEMPTED marker (not
+    killed by the signal, -15, without one), so that a requeue script sees a preemption, not a
+    failure."""
     argv = [script, *h.main_args(data, str(tmp_path), "early", "TRAIN.EPOCHS", "2")]
     if script == "main_seg.py":  # the seg demo's own model and data
         argv = [script, "--cfg", cfg, "--output", str(tmp_path), "--tag", "early"]
     log = str(tmp_path / "early.log")
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, *argv], cwd=h.ROOT, env=h.child_env(),
-                                   stdout=out, stderr=subprocess.STDOUT)
+    process = h.start(argv, log, prefix=())
     try:
         h.wait_for(lambda: importing_torch(process.pid), process, timeout=120, poll=0.005)
         process.send_signal(signal.SIGTERM)
@@ -46,8 +44,7 @@ def test_a_signal_while_importing_stops_the_run_as_preempted(script, cfg, data, 
         if process.poll() is None:
             process.kill()
             process.wait()
-    with open(log) as f:
-        output = f.read()
+    output = h.read(log)
     assert code == 75, f"exit code {code}:\n{output[-3000:]}"
     assert ("SIGTERM received while the run started: stopped before training, nothing saved; "
             "run the same command again to resume (exit code 75)") in output, output[-3000:]
@@ -86,17 +83,15 @@ def busy_cpus():
 def _demo_eval(env: dict[str, str], cpus: list[int], tmp_path) -> str:
     """The quick-start's config as printed, in --eval mode (the thread choice is the same, and
     it is short), pinned to ``cpus``; returns its output."""
-    result = subprocess.run(
-        [sys.executable, "main.py", "--cfg", DEMO, "--eval", "--output", str(tmp_path)],
-        cwd=h.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
+    result = h.run_cli(["--cfg", h.DEMO_CFG, "--eval", "--output", str(tmp_path)], timeout=300,
+                       env=env, preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
     assert result.returncode == 0, result.stdout[-3000:]
     return result.stdout
 
 
 def test_on_busy_cpus_the_demo_takes_one_thread_and_says_why(busy_cpus, tmp_path):
-    """Before, torch's default (one thread per core) competed with the other programs: the
-    quick-start took minutes per epoch instead of seconds on a busy 2-core machine."""
+    """Not torch's default (one thread per core), which competes with the other programs: with
+    it the quick-start took minutes per epoch instead of seconds on a busy 2-core machine."""
     env = {k: v for k, v in h.child_env().items() if k != "OMP_NUM_THREADS"}
     output = _demo_eval(env, busy_cpus, tmp_path)
     threads = [line for line in output.splitlines() if "CPU threads:" in line]

@@ -72,7 +72,7 @@ def timm_tests() -> str:
 
 
 @pytest.mark.parametrize("name", [
-    "mg_ssaf_t",
+    pytest.param("mg_ssaf_t", marks=pytest.mark.slow),
     pytest.param("mg_ssaf_s", marks=pytest.mark.slow),
     pytest.param("mg_ssaf_b", marks=pytest.mark.slow),
 ])

@@ -1,20 +1,15 @@
 """The tools' command lines: plot_metrics.py, benchmark.py and the micro-benchmarks."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from helpers import ROOT, run_tool
 from utils import uses_glibc_malloc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.cli
+
 PLOT = os.path.join(ROOT, "tools", "plot_metrics.py")
-
-
-def run_tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def write_metrics(run_dir, epochs: int) -> None:
@@ -162,8 +157,8 @@ def test_mutation_check_smoke_one_mutant_is_caught():
     whole list is run before resolving an issue; see tests/mutants.py)."""
     with open(os.path.join(ROOT, "config.py"), encoding="utf-8") as f:
         before = f.read()
-    result = subprocess.run([sys.executable, "tools/mutation_check.py", "--only",
-                             "released-names-ignored"], cwd=ROOT, capture_output=True, text=True)
+    result = run_tool("tools/mutation_check.py", "--only", "released-names-ignored",
+                      timeout=None)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "caught   released-names-ignored" in result.stdout
     assert result.stdout.rstrip().endswith("1 of 1 mutants caught")
