@@ -22,8 +22,8 @@ from .seg_pipeline import item_rng
 class ResumableSampler(Sampler):
     """The draws of one epoch: ``num_samples`` per rank from permutations of the dataset, seeded
     from (``seed``, epoch), laid end to end (an image appears several times when the epoch is
-    longer than the dataset; with ``num_samples`` = ceil(len / ranks), each image once, the last
-    few again to fill the ranks' equal shares), taken by rank ``rank`` at positions ``rank``,
+    longer than the dataset; with ``num_samples`` = ceil(len / ranks), each image once, and the
+    few draws that fill the ranks' equal shares from the next permutation), taken by rank ``rank`` at positions ``rank``,
     ``rank + num_replicas``, ... Yields ``(epoch, position, index)``; ``set_epoch(epoch,
     start_index)`` selects the epoch and skips this rank's first ``start_index`` draws. On one
     process and one permutation the order is torch's DistributedSampler's."""

@@ -4,7 +4,7 @@ resume from, and restoring the training state from it.
 File names, in the run folder (``config.OUTPUT``): ``ckpt_epoch_{e}.pth`` after epoch ``e``,
 ``ckpt_epoch_{e}_step_{n}.pth`` after ``n`` loader steps of it (a preemption), ``ckpt_best.pth``
 (the best validation score), ``PREEMPTED`` (``key=value`` lines naming the checkpoint to resume,
-while the run stands preempted). Every file is written atomically with its SHA-256 inside
+while the run stands preempted). Every checkpoint is written atomically with its SHA-256 inside
 (``utils.atomic_save``) and read by the one safe reader (``load_checkpoint_file``).
 
 Contents: ``model, optimizer, lr_scheduler, scaler, epoch, max_accuracy, config`` as the released

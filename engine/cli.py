@@ -46,7 +46,7 @@ def stop_before_training(config: CN, preemption: Preemption) -> None:
     if os.environ.get("RANK", "0") == "0":  # the process group does not exist yet
         prepare_output_dir(config.OUTPUT)
         CheckpointSaver(config, logging.getLogger(LOGGER_NAME)).write_preempted_marker(
-            "none", preemption.source, "none", "start")
+            "none", preemption.signal_name, "none", "start")
     raise Preempted(f"{preemption.signal_name} received while the run started: stopped before "
                     "training, nothing saved")
 

@@ -23,7 +23,7 @@ from yacs.config import CfgNode as CN
 from utils import (RunError, all_reduce_sum, any_rank, broadcast_buffers, derive_seed, get_rank,
                    get_world_size, seed_all)
 
-from .checkpoint import CheckpointSaver, Progress
+from .checkpoint import CheckpointSaver, Progress, checkpoint_name
 from .preemption import Preempted, Preemption
 from .task import Amp, Loaders, Task
 
@@ -209,16 +209,20 @@ class Trainer:
             if save_epoch or is_best:
                 self.saver.save(self.state(epoch), epoch, is_best=is_best, save_epoch=save_epoch)
             self.progress = Progress(num_updates=self.progress.num_updates)
-            if stop:
-                self.stop(epoch, None)
+            if stop:  # the epoch's checkpoint is saved (stop forces save_epoch)
+                self.stop(epoch, None, saved=True)
         self.logger.info(f"Training time "
                          f"{datetime.timedelta(seconds=int(time.time() - start_time))}")
 
-    def stop(self, epoch: int, epoch_step: int | None) -> None:
-        """Saves the checkpoint of where training stands, writes the PREEMPTED marker and raises
-        Preempted."""
-        path = self.saver.save(self.state(epoch, epoch_step), epoch, epoch_step)
-        self.saver.write_preempted_marker(path, self.preemption.source, epoch, epoch_step)
+    def stop(self, epoch: int, epoch_step: int | None, saved: bool = False) -> None:
+        """Saves the checkpoint of where training stands (unless ``saved``: the epoch's own),
+        writes the PREEMPTED marker and raises Preempted."""
+        if saved:
+            path = os.path.join(self.config.OUTPUT, checkpoint_name(epoch, epoch_step))
+        else:
+            path = self.saver.save(self.state(epoch, epoch_step), epoch, epoch_step)
+        self.saver.write_preempted_marker(path, self.preemption.signal_name or "on another rank",
+                                          epoch, epoch_step)
         where = (f"after epoch {epoch}" if epoch_step is None else
                  f"at epoch {epoch} step {epoch_step}/{self.steps_per_epoch}")
         raise Preempted(f"{self.preemption.source} received: stopped {where} and saved {path}")

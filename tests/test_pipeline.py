@@ -422,3 +422,39 @@ print(sorted(faults[8:])[4])  # a typical step once the heap has settled (it tak
         assert result.returncode == 0, result.stderr
         faults[mode] = int(result.stdout)
     assert faults["keep"] <= max(100, faults["default"] // 10), faults
+
+
+def test_a_stop_signal_after_an_epoch_saves_its_checkpoint_once_and_marks_it(tmp_path):
+    """A signal that arrives after the epoch's last optimizer step (during validation or the
+    saves): the epoch checkpoint is written once (no second save moving the first aside), the
+    PREEMPTED marker names it and the signal, and the run stops as preempted."""
+    from data.samplers import ResumableSampler, SeededSamples
+    from engine.preemption import Preempted
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    config = tiny_config("TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "0", "MODEL_EMA", "false",
+                         "OUTPUT", str(tmp_path))
+    train = DataLoader(SeededSamples(dataset, 0), batch_size=4,
+                       sampler=ResumableSampler.one_pass(dataset, 1, 0, 0))
+    preemption = Preemption()
+    trainer = Trainer(config, ClassificationTask(), build_model(config),
+                      Loaders(dataset, DataLoader(dataset, batch_size=4), dataset, train),
+                      torch.device("cpu"), Amp(False, torch.float32), preemption,
+                      logging.getLogger("test"))
+    epoch_or_stop = trainer.train_epoch_or_stop
+
+    def signal_after_the_epoch(epoch: int) -> None:
+        epoch_or_stop(epoch)
+        preemption.signal_name = "SIGTERM"  # as the handler does
+    trainer.train_epoch_or_stop = signal_after_the_epoch
+    with pytest.raises(Preempted, match="stopped after epoch 0"):
+        trainer.fit()
+    assert sorted(os.listdir(tmp_path)) == ["PREEMPTED", "ckpt_best.pth", "ckpt_epoch_0.pth",
+                                            "metrics.jsonl"]
+    marker = h.read_marker(str(tmp_path))
+    assert marker["checkpoint"] == os.path.join(str(tmp_path), "ckpt_epoch_0.pth")
+    assert (marker["signal"], marker["step"]) == ("SIGTERM", "end")
+    preemption.signal_name = None  # the stop came from another rank's signal: the marker says so
+    with pytest.raises(Preempted, match="a signal on another rank received: stopped after epoch"):
+        trainer.stop(0, None, saved=True)
+    assert h.read_marker(str(tmp_path))["signal"] == "on another rank"
