@@ -13,10 +13,14 @@ and, on CPU in float32/float64 with stride 1, computes the gradients as:
   channels in registers, on PyTorch's own OpenMP threads. It is compiled on first use by
   ``models/ckernel.py`` for the instruction set PyTorch itself dispatches to.
 
-It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within 2-4x of the
-forward). Everywhere else (CUDA, where cuDNN has dedicated depthwise kernels; autocast; stride
-2; channel counts that are no multiple of the kernel's channel block; no C compiler; graphs
-recorded by ``torch.export`` or ``torch.jit.trace``) the module is exactly ``nn.Conv2d``.
+Both are PyTorch custom ops (``torch.library``): ``mgssaf::depthwise_conv2d`` (the forward,
+``F.conv2d``, whose autograd formula is the above) and ``mgssaf::depthwise_weight_grad`` (the C
+kernel), each with a fake implementation and a FLOP formula, so ``torch.compile`` keeps the fast
+backward. It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within 2-4x of
+the forward), with grad enabled. Everywhere else (CUDA, where cuDNN has dedicated depthwise
+kernels; autocast; stride 2; channel counts that are no multiple of the kernel's channel block;
+no C compiler; no grad; graphs recorded to run elsewhere, by ``torch.export`` or
+``torch.jit.trace``, which keep ATen's convolution) the module is exactly ``nn.Conv2d``.
 Parameter names and shapes are ``nn.Conv2d``'s, so checkpoints load as before, and the weight
 gradient has the weight's own strides (what DDP's buckets expect).
 """
@@ -28,10 +32,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
 
-__all__ = ["DepthwiseConv2d", "depthwise_weight_grad"]
+__all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad"]
 
 # Channels per register block of the weight-gradient kernel, by PyTorch's CPU capability.
 _CHANNEL_BLOCK = {"AVX512": 16, "AVX2": 8}
@@ -202,28 +207,56 @@ def _(x: torch.Tensor, grad_out: torch.Tensor,
     return x.new_empty(channels, 1, kernel_size, kernel_size), x.new_empty(channels)
 
 
-class _DepthwiseConv(torch.autograd.Function):
-    """Stride-1 'same' depthwise convolution with the fast CPU backward (see the module doc)."""
+@torch.library.custom_op("mgssaf::depthwise_conv2d", mutates_args=(), device_types="cpu")
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Stride-1, 'same'-padded depthwise convolution of ``x`` ``(B, C, H, W)`` by ``weight``
+    ``(C, 1, k, k)``: ``F.conv2d``'s forward, with the fast CPU backward as its autograd formula
+    (see the module doc)."""
+    return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        k, channels = weight.shape[-1], x.shape[1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, k // 2, 1, channels)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            grad_w, grad_b = depthwise_weight_grad(x, grad_out, k)
-            # in the weight's own strides, as autograd and DDP's gradient buckets expect
-            grad_w = torch.empty_like(weight).copy_(grad_w)
-        return grad_x, grad_w, grad_b if ctx.has_bias else None
+@depthwise_conv2d.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _gradients(ctx, grad_out: torch.Tensor):
+    """The input gradient as the depthwise convolution with the flipped kernel; the weight and
+    bias gradients from ``depthwise_weight_grad``, in the weight's own strides (as autograd and
+    DDP's gradient buckets expect)."""
+    x, weight = ctx.saved_tensors
+    k, channels = weight.shape[-1], x.shape[1]
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, k // 2, 1, channels)
+    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        grad_w, grad_b = depthwise_weight_grad(x, grad_out, k)
+        grad_w = torch.empty_like(weight).copy_(grad_w)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None
+
+
+depthwise_conv2d.register_autograd(_gradients, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.mgssaf.depthwise_conv2d)
+def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the forward: 2 per multiply-add, k*k per output value."""
+    b, c, h, w = x_shape
+    return 2 * b * c * h * w * w_shape[-1] * w_shape[-2]
+
+
+@register_flop_formula(torch.ops.mgssaf.depthwise_weight_grad)
+def _(x_shape, grad_out_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the weight gradient (the input gradient is an ATen convolution, counted as one)."""
+    b, c, h, w = x_shape
+    return 2 * b * c * h * w * kernel_size * kernel_size
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -241,5 +274,5 @@ class DepthwiseConv2d(nn.Conv2d):
         if (torch.is_grad_enabled() and not torch.compiler.is_exporting()
                 and not torch.jit.is_tracing()
                 and fast_backward_available(x, self.weight, self.stride[0])):
-            return _DepthwiseConv.apply(x, self.weight, self.bias)
+            return depthwise_conv2d(x, self.weight, self.bias)
         return super().forward(x)

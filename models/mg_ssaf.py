@@ -202,8 +202,9 @@ class MGSSAFAttention(nn.Module):
     def ss_msa(self, x: torch.Tensor) -> torch.Tensor:
         """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``.
 
-        On CPU, as fused kernels where they apply (models/separable.py); below, the same in
-        PyTorch ops, which every other case (CUDA, autocast, padded maps, tracing) runs.
+        On CPU, as fused kernels where they apply (models/separable.py, custom ops that
+        ``torch.compile`` keeps); below, the same in PyTorch ops, which every other case (CUDA,
+        autocast, padded maps, ``torch.export`` and ``torch.jit.trace``) runs.
         """
         b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size

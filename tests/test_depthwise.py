@@ -139,6 +139,16 @@ def test_torch_compile_matches_eager(recording_openmp_pool):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
-def test_custom_op_passes_opcheck():
+def test_custom_ops_pass_opcheck():
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(depthwise.depthwise_weight_grad, (x, torch.randn(2, 16, 6, 6), 5))
+    weight, bias = torch.randn(16, 1, 7, 7, requires_grad=True), torch.randn(16, requires_grad=True)
+    torch.library.opcheck(depthwise.depthwise_conv2d, (x.requires_grad_(True), weight, bias))
+
+
+def test_export_records_conv2d():
+    """An exported program holds ATen's convolution, not the custom op, with and without grad."""
+    _, fast = _pair(32, 7)
+    program = torch.export.export(fast, (torch.randn(2, 32, 8, 8),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == ["aten.conv2d.default"]
