@@ -47,8 +47,8 @@ def test_export_dynamic_height_and_width():
     """Dynamic batch and sides (multiples of 32): exported at 224x224, where the last stage is
     one window across, the program runs at 256x320, whose stage maps need window padding (and
     whose last stage is two windows across), and at 448x448 with eager's logits. (At batch
-    1 this program refuses a 448 input: the exporter assumes dynamic sizes of at least 2, and a
-    strip pooling's reshape guards on the batch with the sides; an open item of issue 22.)"""
+    1 this program refuses a 448 input: the exporter assumes dynamic sizes of at least 2 and
+    keeps a guard, from a reshape in stage 1, that holds from batch 2 only; open in issue 22.)"""
     model = _model()
     side = dict(min=7, max=64)  # 224 .. 2048 pixels
     program = torch.export.export(model, (_images(2, 224, 224),), dynamic_shapes={
