@@ -13,10 +13,17 @@ and, on CPU in float32/float64 with stride 1, computes the gradients as:
   channels in registers, on PyTorch's own OpenMP threads. It is compiled on first use by
   ``models/ckernel.py`` for the instruction set PyTorch itself dispatches to.
 
-It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within 2-4x of the
-forward). Everywhere else (CUDA, where cuDNN has dedicated depthwise kernels; autocast; stride
-2; channel counts that are no multiple of the kernel's channel block; no C compiler; graphs
-recorded by ``torch.export`` or ``torch.jit.trace``) the module is exactly ``nn.Conv2d``.
+Both are PyTorch custom ops (``torch.library``): ``mgssaf::depthwise_conv2d`` (the forward,
+``F.conv2d``, whose autograd formula is the above) and ``mgssaf::depthwise_weight_grad`` (the C
+kernel), each with a fake implementation and a FLOP formula, so ``torch.compile`` keeps the fast
+backward. It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within 2-4x of
+the forward), with grad enabled, in float32, float64 and bfloat16: under CPU autocast to bfloat16
+the convolution runs on bfloat16 copies of the input and parameters, as autocast runs
+``nn.Conv2d``, and the kernel loads the bfloat16 maps and sums in float32. Everywhere else (CUDA,
+where cuDNN has dedicated depthwise kernels; autocast to other dtypes; stride 2; channel counts
+that are no multiple of the kernel's channel block; no C compiler; no grad; graphs recorded to
+run elsewhere, by ``torch.export`` or ``torch.jit.trace``, which keep ATen's convolution) the
+module is exactly ``nn.Conv2d``.
 Parameter names and shapes are ``nn.Conv2d``'s, so checkpoints load as before, and the weight
 gradient has the weight's own strides (what DDP's buckets expect).
 """
@@ -28,10 +35,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
 
-__all__ = ["DepthwiseConv2d", "depthwise_weight_grad"]
+__all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad"]
 
 # Channels per register block of the weight-gradient kernel, by PyTorch's CPU capability.
 _CHANNEL_BLOCK = {"AVX512": 16, "AVX2": 8}
@@ -50,8 +58,14 @@ _KERNEL_SOURCE = r"""
  * GOMP_parallel, omp_get_thread_num and omp_get_num_threads (threads of another pool would
  * compete with PyTorch's spinning workers), else the work runs on the calling thread. The
  * blocks are split over the team OpenMP actually started, which may be smaller than asked. */
+#ifdef BF16_INPUT /* x and g in bfloat16 (the upper half of a float32), sums in float32 */
+typedef unsigned short IN;
+#else
+typedef REAL IN;
+#endif
+
 typedef struct {
-    const REAL *x, *g;
+    const IN *x, *g;
     REAL *out;
     long B, H, W, C, K;
     int (*thread_num)(void), (*num_threads)(void);
@@ -59,16 +73,26 @@ typedef struct {
 
 typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(REAL)),
                                  may_alias));
+#ifdef BF16_INPUT
+typedef unsigned short hvec __attribute__((vector_size(CB * 2), aligned(2), may_alias));
+typedef unsigned int uvec __attribute__((vector_size(CB * 4)));
+/* CB bfloat16 values widened to float32: each one's 16 bits become a float's upper half */
+static inline __attribute__((always_inline)) vec LOADV(const IN *p) {
+    return (vec)(__builtin_convertvector(*(const hvec *)p, uvec) << 16);
+}
+#else
+#define LOADV(p) (*(const vec *)(p))
+#endif
 
 /* One output column w near the left or right edge: only the kernel columns inside the map. */
 #define EDGE_STEP(K)                                                                    \
     {                                                                                   \
-        const vec gv = *(const vec *)(grow + w * C + c0);                               \
+        const vec gv = LOADV(grow + w * C + c0);                                        \
         bias += gv;                                                                     \
         _Pragma("GCC unroll 8")                                                         \
         for (long j = 0; j < K; j++) {                                                  \
             const long wj = w + j - P;                                                  \
-            if (wj >= 0 && wj < W) s[j] += gv * *(const vec *)(xrow + wj * C + c0);     \
+            if (wj >= 0 && wj < W) s[j] += gv * LOADV(xrow + wj * C + c0);              \
         }                                                                               \
     }
 
@@ -81,8 +105,8 @@ typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(R
                     const long hi = h + i - P;                                          \
                     if (hi < 0 || hi >= H) continue;                                    \
                     const int centre = i == P;                                          \
-                    const REAL *grow = t->g + ((b * H + h) * W) * C;                    \
-                    const REAL *xrow = t->x + ((b * H + hi) * W) * C;                   \
+                    const IN *grow = t->g + ((b * H + h) * W) * C;                      \
+                    const IN *xrow = t->x + ((b * H + hi) * W) * C;                     \
                     for (long c0 = first * CB; c0 < last * CB; c0 += CB) {              \
                         REAL *o = t->out + i * K * C + c0;                              \
                         vec s[K], bias = {0};                                           \
@@ -91,12 +115,12 @@ typedef REAL vec __attribute__((vector_size(CB * sizeof(REAL)), aligned(sizeof(R
                         long w = 0;                                                     \
                         for (; w < W && (w < P || w + P >= W); w++) EDGE_STEP(K)        \
                         for (; w + P < W; w++) {                                        \
-                            const vec gv = *(const vec *)(grow + w * C + c0);           \
-                            const REAL *xv = xrow + (w - P) * C + c0;                   \
+                            const vec gv = LOADV(grow + w * C + c0);                    \
+                            const IN *xv = xrow + (w - P) * C + c0;                     \
                             bias += gv;                                                 \
                             _Pragma("GCC unroll 8")                                     \
                             for (long j = 0; j < K; j++)                                \
-                                s[j] += gv * *(const vec *)(xv + j * C);                \
+                                s[j] += gv * LOADV(xv + j * C);                         \
                         }                                                               \
                         for (; w < W; w++) EDGE_STEP(K)                                 \
                         _Pragma("GCC unroll 8")                                         \
@@ -120,7 +144,7 @@ static void run(void *arg) {
 }
 
 /* Returns 0, or -1 for a kernel size it does not handle. C must be a multiple of CB. */
-int depthwise_weight_grad(const REAL *x, const REAL *g, REAL *out, long B, long H, long W,
+int depthwise_weight_grad(const IN *x, const IN *g, REAL *out, long B, long H, long W,
                           long C, long K, long threads,
                           void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned),
                           int (*thread_num)(void), int (*num_threads)(void)) {
@@ -153,10 +177,12 @@ def _setup(library: ctypes.CDLL) -> None:
 
 
 def _library(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
-    """The kernel for ``dtype`` (compiled on first use), or None without a C compiler."""
-    real = {torch.float32: "float", torch.float64: "double"}[dtype]
-    return ckernel.load("depthwise", _KERNEL_SOURCE, {"REAL": real, "CB": channel_block()},
-                        _setup)
+    """The kernel for maps in ``dtype`` (compiled on first use; bfloat16 maps: float32 sums), or
+    None without a C compiler."""
+    defines = {"REAL": "double" if dtype == torch.float64 else "float", "CB": channel_block()}
+    if dtype == torch.bfloat16:
+        defines["BF16_INPUT"] = 1
+    return ckernel.load("depthwise", _KERNEL_SOURCE, defines, _setup)
 
 
 @torch.compiler.assume_constant_result
@@ -166,13 +192,26 @@ def _kernel_ready(dtype: torch.dtype, channels: int) -> bool:
     return channels % channel_block() == 0 and _library(dtype) is not None
 
 
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the convolution runs in: under CPU autocast to bfloat16 (float32 or bfloat16
+    input), bfloat16, as autocast runs ``nn.Conv2d``; outside autocast, the input's if the
+    weight has it; None for every other case (other autocast dtypes)."""
+    if torch.is_autocast_enabled("cpu"):
+        autocast = torch.get_autocast_dtype("cpu")
+        return (autocast if autocast == torch.bfloat16
+                and x.dtype in (torch.float32, torch.bfloat16) else None)
+    return x.dtype if weight.dtype == x.dtype and x.dtype in _DTYPES else None
+
+
 def fast_backward_available(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
     """Whether ``DepthwiseConv2d`` takes the fast CPU backward for this input and weight."""
-    k = weight.shape[-1]
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and weight.dtype == x.dtype and stride == 1 and weight.shape[-2] == k
-            and k in _FAST_KERNELS and not torch.is_autocast_enabled("cpu")
-            and _kernel_ready(x.dtype, x.shape[1]))
+    k, dtype = weight.shape[-1], _compute_dtype(x, weight)
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and dtype is not None
+            and stride == 1 and weight.shape[-2] == k and k in _FAST_KERNELS
+            and _kernel_ready(dtype, x.shape[1]))
 
 
 @torch.library.custom_op("mgssaf::depthwise_weight_grad", mutates_args=())
@@ -180,19 +219,21 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
                           kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias gradients, ``(C, 1, k, k)`` and ``(C,)``, of a stride-1, 'same'-padded
     depthwise convolution of ``x`` ``(B, C, H, W)`` whose output gradient is ``grad_out``
-    ``(B, C, H, W)`` (CPU)."""
+    ``(B, C, H, W)`` (CPU; float32, float64, or bfloat16 summed in float32), in ``x``'s dtype."""
     b, c, h, w = x.shape
     # (B, H, W, C): views, copied only if not channels-last already
     xt = x.permute(0, 2, 3, 1).contiguous()
     g = grad_out.permute(0, 2, 3, 1).contiguous()
-    out = torch.zeros(kernel_size * kernel_size + 1, c, dtype=x.dtype)  # (k*k weights + bias, C)
+    # (k*k weights + bias, C), in the kernel's sum type
+    out = torch.zeros(kernel_size * kernel_size + 1, c,
+                      dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     status = _library(x.dtype).depthwise_weight_grad(
         xt.data_ptr(), g.data_ptr(), out.data_ptr(), b, h, w, c, kernel_size,
         torch.get_num_threads(), *ckernel.openmp_pool())
     if status:
         raise RuntimeError(f"depthwise_weight_grad: kernel size {kernel_size} not supported")
     grad_w = out[:-1].t().reshape(c, 1, kernel_size, kernel_size).contiguous()
-    return grad_w, out[-1].clone()
+    return grad_w.to(x.dtype), out[-1].to(x.dtype, copy=True)
 
 
 @depthwise_weight_grad.register_fake
@@ -202,28 +243,56 @@ def _(x: torch.Tensor, grad_out: torch.Tensor,
     return x.new_empty(channels, 1, kernel_size, kernel_size), x.new_empty(channels)
 
 
-class _DepthwiseConv(torch.autograd.Function):
-    """Stride-1 'same' depthwise convolution with the fast CPU backward (see the module doc)."""
+@torch.library.custom_op("mgssaf::depthwise_conv2d", mutates_args=(), device_types="cpu")
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Stride-1, 'same'-padded depthwise convolution of ``x`` ``(B, C, H, W)`` by ``weight``
+    ``(C, 1, k, k)``: ``F.conv2d``'s forward, with the fast CPU backward as its autograd formula
+    (see the module doc)."""
+    return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        k, channels = weight.shape[-1], x.shape[1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, k // 2, 1, channels)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            grad_w, grad_b = depthwise_weight_grad(x, grad_out, k)
-            # in the weight's own strides, as autograd and DDP's gradient buckets expect
-            grad_w = torch.empty_like(weight).copy_(grad_w)
-        return grad_x, grad_w, grad_b if ctx.has_bias else None
+@depthwise_conv2d.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _gradients(ctx, grad_out: torch.Tensor):
+    """The input gradient as the depthwise convolution with the flipped kernel; the weight and
+    bias gradients from ``depthwise_weight_grad``, in the weight's own strides (as autograd and
+    DDP's gradient buckets expect)."""
+    x, weight = ctx.saved_tensors
+    k, channels = weight.shape[-1], x.shape[1]
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, k // 2, 1, channels)
+    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        grad_w, grad_b = depthwise_weight_grad(x, grad_out, k)
+        grad_w = torch.empty_like(weight).copy_(grad_w)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None
+
+
+depthwise_conv2d.register_autograd(_gradients, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.mgssaf.depthwise_conv2d)
+def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the forward: 2 per multiply-add, k*k per output value."""
+    b, c, h, w = x_shape
+    return 2 * b * c * h * w * w_shape[-1] * w_shape[-2]
+
+
+@register_flop_formula(torch.ops.mgssaf.depthwise_weight_grad)
+def _(x_shape, grad_out_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the weight gradient (the input gradient is an ATen convolution, counted as one)."""
+    b, c, h, w = x_shape
+    return 2 * b * c * h * w * kernel_size * kernel_size
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -241,5 +310,8 @@ class DepthwiseConv2d(nn.Conv2d):
         if (torch.is_grad_enabled() and not torch.compiler.is_exporting()
                 and not torch.jit.is_tracing()
                 and fast_backward_available(x, self.weight, self.stride[0])):
-            return _DepthwiseConv.apply(x, self.weight, self.bias)
+            # under autocast, on bfloat16 copies, as autocast runs nn.Conv2d (no-ops otherwise)
+            dtype = _compute_dtype(x, self.weight)
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            return depthwise_conv2d(x.to(dtype), self.weight.to(dtype), bias)
         return super().forward(x)

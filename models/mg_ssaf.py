@@ -71,6 +71,22 @@ def _depthwise(dim: int, kernel_size: int, stride: int = 1, **dd: Any) -> nn.Con
     return DepthwiseConv2d(dim, kernel_size, stride, **dd)
 
 
+def _window_order(b: int, nh: int, nw: int, w: int, device: torch.device,
+                  inverse: bool = False) -> torch.Tensor:
+    """The pixels of ``b`` maps of ``nh x nw`` windows of ``w x w`` in window order: entry ``t``
+    (window ``t // w**2`` of the ``b*nh*nw``, batch-major then row-major, position ``t % w**2``
+    in it, row-major) is the index of that pixel in the ``(b, nh*w, nw*w)`` raster order;
+    ``inverse``: entry ``p`` is the window-order index of raster pixel ``p``. Integer arithmetic
+    on an ``arange``, so that every size is a plain expression of ``b``, ``nh`` and ``nw``."""
+    t = torch.arange(b * nh * w * nw * w, device=device)
+    if inverse:  # raster p: image row y = p // (nw*w) over the batch, column x
+        y, x = t // (nw * w), t % (nw * w)
+        return ((y // w) * nw + x // w) * (w * w) + (y % w) * w + x % w
+    # window g = (image row of windows r over the batch) * nw + column of windows c
+    g, n = t // (w * w), t % (w * w)
+    return ((g // nw) * w + n // w) * (nw * w) + (g % nw) * w + n % w
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LN2d of the spec: LayerNorm over the channels of a ``(B, C, H, W)`` map, eps 1e-6 (the
     segmentation backbone's output norms use PyTorch's default 1e-5, as Swin's).
@@ -185,8 +201,9 @@ class MGSSAFAttention(nn.Module):
     def ss_msa(self, x: torch.Tensor) -> torch.Tensor:
         """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``.
 
-        On CPU, as fused kernels where they apply (models/separable.py); below, the same in
-        PyTorch ops, which every other case (CUDA, autocast, padded maps, tracing) runs.
+        On CPU, as fused kernels where they apply (models/separable.py, custom ops that
+        ``torch.compile`` keeps); below, the same in PyTorch ops, which every other case (CUDA,
+        autocast, padded maps, ``torch.export`` and ``torch.jit.trace``) runs.
         """
         b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size
@@ -199,9 +216,15 @@ class MGSSAFAttention(nn.Module):
         padded = torch.compiler.is_exporting() or pad_h > 0 or pad_w > 0
         if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        # (B, nh, w, nw, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
-        x = x.reshape(b, nh, w, nw, w, 2, heads, d).permute(5, 6, 0, 1, 3, 2, 4, 7)
-        q, k = x.reshape(2, heads, b * nh * nw, w, w, d).unbind(0)
+        # Windows by a gather of the (B*Hp*Wp) pixels in window order (see _window_order): no
+        # tensor has an axis of nh or nw windows, which may be 1, so that torch.export with
+        # dynamic sides traced where a stage is one window across (the last, at 224) keeps a
+        # graph for every size instead of specialising to that one
+        groups, order = b * nh * nw, _window_order(b, nh, nw, w, x.device)
+        x = x.reshape(b * nh * w * nw * w, 2 * heads * d).index_select(0, order)
+        # (B*nh*nw, w, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
+        x = x.view(groups, w, w, 2, heads, d).permute(3, 4, 0, 1, 2, 5).contiguous()
+        q, k = x.unbind(0)
         q = q * self.scale
         # Scores with the keys on the second-to-last axis, where softmax is fastest:
         # row[i, j', j] = q(i,j) . k(i,j') and col[j', i', i] = q(i,j') . k(i',j')
@@ -209,11 +232,9 @@ class MGSSAFAttention(nn.Module):
         k_cols, q_cols = k.transpose(2, 3).contiguous(), q.transpose(2, 3).contiguous()
         col = torch.matmul(k_cols, q_cols.transpose(-1, -2))  # (heads, Bw, j', i', i)
         if padded:
-            # padded positions: rows from H on, columns from W on
-            pad = ((torch.arange(nh * w, device=x.device) >= hh).view(-1, 1)
-                   | (torch.arange(nw * w, device=x.device) >= ww).view(1, -1))
-            # (Hp, Wp) -> (B*nh*nw, w, w), windows in the order of q and k
-            pad = pad.view(nh, w, nw, w).transpose(1, 2).reshape(nh * nw, w, w).repeat(b, 1, 1)
+            # padded positions (rows from H on, columns from W on), windows in the order of q, k
+            pad = ((order // (nw * w) % (nh * w) >= hh) | (order % (nw * w) >= ww))
+            pad = pad.view(groups, w, w)
             row = row.masked_fill(pad.unsqueeze(-1), torch.finfo(row.dtype).min)  # key (i, j')
             col = col.masked_fill(pad.transpose(-1, -2).unsqueeze(-1),
                                   torch.finfo(col.dtype).min)  # key (i', j')
@@ -224,9 +245,10 @@ class MGSSAFAttention(nn.Module):
         p = row.unsqueeze(-2) * col.unsqueeze(-3)  # (heads, Bw, i, j, i', j')
         p = p.view(heads, -1, w * w, w * w)
         out = self.attn_local_win(p, k.reshape(heads, -1, w * w, d), (w, w))  # (heads, Bw, w*w, d)
-        # (heads, B, nh, nw, w, w, d) -> (B, nh, w, nw, w, heads, d)
-        out = out.view(heads, b, nh, nw, w, w, d).permute(1, 2, 4, 3, 5, 0, 6)
-        out = out.reshape(b, nh * w, nw * w, heads, d)
+        # (heads, B*nh*nw*w*w, d) -> (B*Hp*Wp, heads, d) in window order -> the pixel order
+        out = out.permute(1, 2, 0, 3).reshape(groups * w * w, heads * d)
+        out = out.index_select(0, _window_order(b, nh, nw, w, x.device, inverse=True))
+        out = out.view(b, nh * w, nw * w, heads, d)
         if padded:  # the outputs of padded queries cropped (a negative padding: sizes H and W)
             out = F.pad(out, (0, 0, 0, 0, 0, -pad_w, 0, -pad_h))
         return out

@@ -22,22 +22,29 @@ Maps are stored key-major (``[key][query]``), so that the 3x3 convolution and it
 sweeps over 49 contiguous queries. Parameter gradients are summed per (head, window) unit and
 then over the windows in PyTorch, so no two threads write the same memory.
 
-It applies on CPU, in float32/float64 outside autocast and tracing (``torch.compile``,
-``torch.jit.trace``, ``make_fx``, ``torch.func``, dispatch modes), to stage maps that need no
-window padding (every stage of the released models at 224, and at 448); everywhere else
-``ss_msa`` runs its PyTorch ops. Results agree with those to float round-off (tested).
+The kernels are PyTorch custom ops (``torch.library``): ``mgssaf::separable_attention`` (the
+forward, which also returns the maps its backward reads) and
+``mgssaf::separable_attention_backward``, each with a fake implementation (shapes, for fake
+tensors and tracing) and a FLOP formula (``FlopCounterMode``); the forward has an autograd
+formula (the backward op: once differentiable) and a vmap rule. So ``torch.compile``, ``make_fx``, ``torch.func.vmap`` and dispatch modes
+keep them as single ops. They apply on CPU, in float32/float64 outside autocast, to stage maps
+that need no window padding (every stage of the released models at 224, and at 448); everywhere
+else ``ss_msa`` runs its PyTorch ops: CUDA, bf16 and autocast, padded maps, no C compiler, within
+``pytorch_ops()``, and in graphs recorded to run elsewhere (``torch.export``, whose programs,
+like their ONNX files, hold standard ATen ops only, and ``torch.jit.trace``). Results agree with
+the PyTorch ops to float round-off (tested).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import ctypes
+import threading
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
 
@@ -333,9 +340,10 @@ int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, un
 # -ffast-math, these do not switch the process's floating-point mode.
 _FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 _SCORES, _APPLY, _APPLY_BACKWARD, _SCORES_BACKWARD = range(4)
-_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("mgssaf_fused", default=True)
+_VL = 8  # the kernels' vector length (VL): the maps' query axis is padded to a multiple
 _POINTERS = ("x", "wdw", "bdw", "bmix", "P", "Y", "Wt", "dWt", "dY", "rowA", "colA", "out",
              "dout", "dx", "part", "scratch")
+_pytorch_ops_depth = 0  # open pytorch_ops() contexts, in any thread
 
 
 class _Job(ctypes.Structure):
@@ -360,35 +368,46 @@ def _library(dtype: torch.dtype, window: int, head_dim: int) -> Optional[ctypes.
                         _FLAGS)
 
 
+@torch.compiler.assume_constant_result
+def _kernels_ready(dtype: torch.dtype, window: int, head_dim: int) -> bool:
+    """Whether the kernels for ``dtype``, window and head dimension are compiled (compiling them
+    on first use); a constant to ``torch.compile``."""
+    return _library(dtype, window, head_dim) is not None
+
+
 @contextlib.contextmanager
 def pytorch_ops() -> Iterator[None]:
-    """Within this context (in this thread) ``ss_msa`` runs its PyTorch ops everywhere, to
-    compare or debug."""
-    token = _enabled.set(False)
+    """Within this context (process-wide: in every thread, while any such context is open;
+    contexts nest) ``ss_msa`` runs its PyTorch ops everywhere, to compare or debug, or to count
+    FLOPs op by op. ``torch.compile`` guards on it: a function compiled outside the context is
+    recompiled inside it."""
+    global _pytorch_ops_depth
+    with _depth_lock:
+        _pytorch_ops_depth += 1
     try:
         yield
     finally:
-        _enabled.reset(token)
+        with _depth_lock:
+            _pytorch_ops_depth -= 1
 
 
-def _plain_eager() -> bool:
-    """Whether real tensors are computed eagerly: the C kernels are invisible to tracing
-    (``torch.compile``, ``make_fx``, ``torch.jit.trace``), to ``torch.func`` transforms and to
-    dispatch modes (fake tensors, FLOP counters), so all of those get the PyTorch ops."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active())
+_depth_lock = threading.Lock()
 
 
 def fused_available(x: torch.Tensor, window: int, heads: int, af: nn.Module) -> bool:
-    """Whether ``separable_attention`` takes ``x`` ``(B, H, W, 2*heads*d)`` and the AF module."""
-    return (_enabled.get() and heads > 0 and type(x) is torch.Tensor
+    """Whether ``separable_attention`` takes ``x`` ``(B, H, W, 2*heads*d)`` and the AF module:
+    on CPU, float32/float64 (the parameters too), outside autocast, stage maps that need no
+    window padding, a head dimension of whole vectors of 8, a C compiler; not in graphs recorded
+    for other machines (``torch.export``, ``torch.jit.trace``), which keep standard ops only, and
+    not within ``pytorch_ops()``."""
+    return (_pytorch_ops_depth == 0 and heads > 0
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and all(p.dtype == x.dtype and p.device.type == "cpu" for p in af.parameters())
-            and not torch.is_autocast_enabled("cpu") and _plain_eager()
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
             and x.shape[1] % window == 0 and x.shape[2] % window == 0
-            and x.shape[3] % (2 * heads * 8) == 0  # head dimension: whole vectors of 8
-            and _library(x.dtype, window, x.shape[3] // (2 * heads)) is not None)
+            and x.shape[3] % (2 * heads * _VL) == 0  # head dimension: whole vectors
+            and _kernels_ready(x.dtype, window, x.shape[3] // (2 * heads)))
 
 
 def _run(kernel: int, x: torch.Tensor, window: int, heads: int, scale: float,
@@ -408,53 +427,151 @@ def _run(kernel: int, x: torch.Tensor, window: int, heads: int, scale: float,
         raise RuntimeError(f"ssmsa: unknown kernel {kernel}")
 
 
-class _SeparableAttention(torch.autograd.Function):
-    """SS-MSA + AF on ``(B, H, W, 2*heads*d)`` -> ``(B, H, W, heads, d)`` (see the module doc)."""
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, W, C)``, copied unless its pixels are rows of contiguous channels at one
+    stride (what the kernels read)."""
+    b, h, w, _ = x.shape
+    if x.stride(3) != 1 or x.stride(1) != w * x.stride(2) or x.stride(0) != h * x.stride(1):
+        return x.contiguous()
+    return x
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, window: int, heads: int, scale: float,
-                dw_weight: torch.Tensor, dw_bias: torch.Tensor, pw_weight: torch.Tensor,
-                pw_bias: torch.Tensor) -> torch.Tensor:
-        b, h, w, channels = x.shape
-        if x.stride(3) != 1 or x.stride(1) != w * x.stride(2) or x.stride(0) != h * x.stride(1):
-            x = x.contiguous()
-        groups, n, d = b * (h // window) * (w // window), window * window, channels // (2 * heads)
-        nq = _library(x.dtype, window, d).ssmsa_query_stride()  # n, padded to whole vectors
-        p, y = x.new_empty(2, heads, groups, n, nq).unbind(0)  # [key][query] maps
-        rows, cols = x.new_empty(2, heads, groups, n * window).unbind(0)
-        _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
-             bdw=dw_bias.contiguous(), P=p, Y=y, rowA=rows, colA=cols)
-        a = F.gelu(y)
-        wt = torch.addmm(p.view(heads, -1), pw_weight.reshape(heads, heads), a.view(heads, -1))
-        out = x.new_empty(b, h, w, heads, d)
-        _run(_APPLY, x, window, heads, scale, Wt=wt, bmix=pw_bias.contiguous(), out=out)
-        ctx.save_for_backward(x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias)
-        ctx.window, ctx.heads, ctx.scale = window, heads, scale
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias = ctx.saved_tensors
-        window, heads, scale = ctx.window, ctx.heads, ctx.scale
-        grad_x, grad_wt = x.new_empty(x.shape), torch.empty_like(p)
-        grad_pw_bias = x.new_empty(heads, p.shape[1])  # per window
-        _run(_APPLY_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), Wt=wt,
-             bmix=pw_bias.contiguous(), dWt=grad_wt, dx=grad_x, part=grad_pw_bias)
-        mix = pw_weight.reshape(heads, heads)
-        grad_mix = grad_wt.view(heads, -1) @ a.view(heads, -1).t()
-        grad_y = torch.ops.aten.gelu_backward(mix.t() @ grad_wt.view(heads, -1), y.view(heads, -1))
-        grad_dw = x.new_empty(heads, p.shape[1], 10)  # 9 weights and the bias, per window
-        _run(_SCORES_BACKWARD, x, window, heads, scale, dY=grad_y, dWt=grad_wt, P=p,
-             rowA=rows, colA=cols, wdw=dw_weight.reshape(heads, 9).contiguous(), dx=grad_x,
-             part=grad_dw)
-        grad_dw = grad_dw.sum(1)
-        # parameter gradients in the parameters' own strides, as DDP's buckets expect
-        return (grad_x, None, None, None,
-                torch.empty_like(dw_weight).copy_(grad_dw[:, :9].reshape(dw_weight.shape)),
-                grad_dw[:, 9].contiguous(),
-                torch.empty_like(pw_weight).copy_(grad_mix.view(pw_weight.shape)),
-                grad_pw_bias.sum(1))
+def _sizes(x: torch.Tensor, window: int, heads: int) -> tuple:
+    """Windows of all images, positions per window, its padding to whole vectors, head dim."""
+    b, h, w, channels = x.shape
+    n = window * window
+    return b * (h // window) * (w // window), n, -(-n // _VL) * _VL, channels // (2 * heads)
+
+
+Maps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+             torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("mgssaf::separable_attention", mutates_args=(), device_types="cpu")
+def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: torch.Tensor,
+             dw_bias: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor) -> Maps:
+    """SS-MSA + AF on ``(B, H, W, 2*heads*d)`` -> ``(B, H, W, heads, d)`` (see the module doc),
+    with what the backward needs: the maps P, Y, GELU(Y) and Wt ``(heads, G, N, NQ)``, the row
+    and column attention ``(heads, G, N*w)``."""
+    x = _pixels(x)
+    b, h, w, _ = x.shape
+    groups, n, nq, d = _sizes(x, window, heads)
+    p, y = x.new_empty(heads, groups, n, nq), x.new_empty(heads, groups, n, nq)  # [key][query]
+    rows, cols = x.new_empty(heads, groups, n * window), x.new_empty(heads, groups, n * window)
+    _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
+         bdw=dw_bias.contiguous(), P=p, Y=y, rowA=rows, colA=cols)
+    a = F.gelu(y)
+    wt = torch.addmm(p.view(heads, -1), pw_weight.reshape(heads, heads), a.view(heads, -1))
+    wt = wt.view(p.shape)
+    out = x.new_empty(b, h, w, heads, d)
+    _run(_APPLY, x, window, heads, scale, Wt=wt, bmix=pw_bias.contiguous(), out=out)
+    return out, p, y, a, wt, rows, cols
+
+
+@_forward.register_fake
+def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
+    b, h, w, _ = x.shape
+    groups, n, nq, d = _sizes(x, window, heads)
+    maps = [x.new_empty(heads, groups, n, nq) for _ in range(4)]
+    rows, cols = (x.new_empty(heads, groups, n * window) for _ in range(2))
+    return x.new_empty(b, h, w, heads, d), *maps, rows, cols
+
+
+@torch.library.custom_op("mgssaf::separable_attention_backward", mutates_args=(),
+                         device_types="cpu")
+def _backward(grad_out: torch.Tensor, x: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
+              a: torch.Tensor, wt: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              dw_weight: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor,
+              window: int, heads: int, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``mgssaf::separable_attention``'s output with respect to x and the AF
+    parameters (dw weight and bias, pw weight and bias), each in its parameter's strides (as
+    DDP's gradient buckets expect)."""
+    x = _pixels(x)
+    grad_x, grad_wt = x.new_empty(x.shape), torch.empty_like(p)
+    grad_pw_bias = x.new_empty(heads, p.shape[1])  # per window
+    _run(_APPLY_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), Wt=wt,
+         bmix=pw_bias.contiguous(), dWt=grad_wt, dx=grad_x, part=grad_pw_bias)
+    mix = pw_weight.reshape(heads, heads)
+    grad_mix = grad_wt.view(heads, -1) @ a.view(heads, -1).t()
+    grad_y = torch.ops.aten.gelu_backward(mix.t() @ grad_wt.view(heads, -1), y.view(heads, -1))
+    grad_dw = x.new_empty(heads, p.shape[1], 10)  # 9 weights and the bias, per window
+    _run(_SCORES_BACKWARD, x, window, heads, scale, dY=grad_y, dWt=grad_wt, P=p,
+         rowA=rows, colA=cols, wdw=dw_weight.reshape(heads, 9).contiguous(), dx=grad_x,
+         part=grad_dw)
+    grad_dw = grad_dw.sum(1)
+    return (grad_x, torch.empty_like(dw_weight).copy_(grad_dw[:, :9].reshape(dw_weight.shape)),
+            grad_dw[:, 9].contiguous(),
+            torch.empty_like(pw_weight).copy_(grad_mix.view(pw_weight.shape)),
+            grad_pw_bias.sum(1))
+
+
+@_backward.register_fake
+def _(grad_out, x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias, window, heads, scale):
+    return (x.new_empty(x.shape), torch.empty_like(dw_weight), dw_weight.new_empty(heads),
+            torch.empty_like(pw_weight), pw_weight.new_empty(heads))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, window, heads, scale, dw_weight, _, pw_weight, pw_bias = inputs
+    _, p, y, a, wt, rows, cols = output
+    ctx.save_for_backward(x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias)
+    ctx.window, ctx.heads, ctx.scale = window, heads, scale
+
+
+def _gradients(ctx, grad_out, *unused):
+    """Autograd formula of ``mgssaf::separable_attention`` (the maps it returns for the backward
+    are not differentiated through: once differentiable)."""
+    grads = _backward(grad_out, *ctx.saved_tensors, ctx.window, ctx.heads, ctx.scale)
+    grad_x, grad_dw_weight, grad_dw_bias, grad_pw_weight, grad_pw_bias = grads
+    return (grad_x, None, None, None, grad_dw_weight, grad_dw_bias, grad_pw_weight,
+            grad_pw_bias)
+
+
+_forward.register_autograd(_gradients, setup_context=_setup_context)
+
+
+@torch.library.register_vmap("mgssaf::separable_attention")
+def _(info, in_dims, x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
+    """``torch.func.vmap``: a batch of maps with shared parameters is one call on the batch of
+    all their images; otherwise one call per entry."""
+    x_dim, params, param_dims = in_dims[0], (dw_weight, dw_bias, pw_weight, pw_bias), in_dims[4:]
+    if x_dim is not None and all(dim is None for dim in param_dims):
+        xs = x.movedim(x_dim, 0)
+        v, b = xs.shape[:2]
+        out, *maps = _forward(xs.reshape(v * b, *xs.shape[2:]), window, heads, scale, *params)
+        maps = [m.view(m.shape[0], v, m.shape[1] // v, *m.shape[2:]) for m in maps]
+        return (out.view(v, b, *out.shape[1:]), *maps), (0,) + (1,) * len(maps)
+
+    def entry(t: torch.Tensor, dim, i: int) -> torch.Tensor:
+        return t if dim is None else t.select(dim, i)
+
+    results = [_forward(entry(x, x_dim, i), window, heads, scale,
+                        *(entry(t, dim, i) for t, dim in zip(params, param_dims)))
+               for i in range(info.batch_size)]
+    return tuple(torch.stack(r) for r in zip(*results)), (0,) * 7
+
+
+def _units(x_shape, window: int, heads: int) -> tuple[int, int, int]:
+    """(head, window) units, positions per window and head dimension of a call."""
+    b, h, w, channels = x_shape
+    return heads * b * (h // window) * (w // window), window * window, channels // (2 * heads)
+
+
+@register_flop_formula(torch.ops.mgssaf.separable_attention)
+def _(x_shape, window, heads, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs (2 per multiply-add) of the kernels' products: row and column scores, the AF's
+    3x3 convolution and 1x1 over heads, and the weights times the values."""
+    units, n, d = _units(x_shape, window, heads)
+    return 2 * units * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
+
+
+@register_flop_formula(torch.ops.mgssaf.separable_attention_backward)
+def _(grad_out_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the backward: twice each product of the forward."""
+    window, heads = args[-3], args[-2]
+    units, n, d = _units(x_shape, window, heads)
+    return 4 * units * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
 
 
 def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
@@ -467,5 +584,4 @@ def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
                          f"{x.dtype} map on {x.device} with {heads} heads and window {window} "
                          "(see fused_available)")
     dw, _, pw = af
-    return _SeparableAttention.apply(x, window, heads, scale, dw.weight, dw.bias, pw.weight,
-                                     pw.bias)
+    return _forward(x, window, heads, scale, dw.weight, dw.bias, pw.weight, pw.bias)[0]

@@ -51,7 +51,7 @@ MUTANTS = [
            "    return RELEASED_NAMES.get(model_name)\n", "    return None\n",
            ("tests/test_config.py::test_released_repository_config_files_build_their_variant",)),
     Mutant("fused-kernels-unused", "SS-MSA + AF runs the fused CPU kernels where they apply",
-           "models/separable.py", "    return (_enabled.get() and heads > 0",
+           "models/separable.py", "    return (_pytorch_ops_depth == 0 and heads > 0",
            "    return (False and heads > 0",
            ("tests/test_separable.py::test_fused_matches_pytorch_ops_float64",)),
     Mutant("ssmsa-one-thread", "the SS-MSA kernels share their work over PyTorch's threads",

@@ -29,7 +29,7 @@ def test_fast_path_is_taken():
     assert fast_backward_available(x, DepthwiseConv2d(32, 7).weight, stride=1)
     assert not fast_backward_available(x, DepthwiseConv2d(32, 3).weight, stride=1)  # oneDNN's
     assert not fast_backward_available(x, DepthwiseConv2d(32, 7).weight, stride=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):  # bfloat16 only
         assert not fast_backward_available(x, DepthwiseConv2d(32, 7).weight, stride=1)
 
 
@@ -105,15 +105,40 @@ def test_other_shapes_are_exactly_conv2d(kernel, stride):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def test_bfloat16_autocast_matches_conv2d():
+def test_bfloat16_autocast_takes_the_kernel(recording_openmp_pool):
+    """Under CPU autocast to bfloat16 the convolution runs on bfloat16 copies, as nn.Conv2d's
+    does (the same forward), and its weight gradient in the C kernel (bfloat16 loads, float32
+    sums): the gradients are the float32 path's within bfloat16 round-off."""
     native, fast = _pair(32, 7)
     x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 32, 14, 14, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_backward_available(x, fast.weight, stride=1)
         expected, got = _grads(native, x, grad), _grads(fast, x, grad)
+    assert recording_openmp_pool.launches == 1  # the C kernel computed the weight gradient
     assert got[0].dtype == torch.bfloat16
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert [g.dtype for g in got[1:]] == [torch.float32] * 3  # the parameters' own dtype
+    fp32 = _grads(native, x, grad.float())
+    for name, g, e, n in zip(("input", "weight", "bias"), got[1:], fp32[1:], expected[1:]):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2 * scale, msg=name)
+        # no further from float32 than PyTorch's own bfloat16 backward, give or take round-off
+        assert (g - e).abs().max() <= 2 * (n - e).abs().max() + 1e-2 * scale, name
+
+
+@pytest.mark.parametrize("kernel", [5, 7])
+def test_bfloat16_weight_gradient_matches_float32(kernel):
+    """The kernel on bfloat16 maps gives the float32 kernel's sums of the same (rounded) values,
+    to float32 round-off, then rounded to bfloat16."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 48, 11, 9).to(torch.bfloat16)
+    g = torch.randn(3, 48, 11, 9).to(torch.bfloat16)
+    got = depthwise.depthwise_weight_grad(x, g, kernel)
+    expected = depthwise.depthwise_weight_grad(x.float(), g.float(), kernel)
+    for w, e in zip(got, expected):
+        assert w.dtype == torch.bfloat16
+        torch.testing.assert_close(w, e.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
 
 
 def test_without_a_c_compiler_it_is_conv2d(monkeypatch):
@@ -140,6 +165,16 @@ def test_torch_compile_matches_eager(recording_openmp_pool):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
-def test_custom_op_passes_opcheck():
+def test_custom_ops_pass_opcheck():
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(depthwise.depthwise_weight_grad, (x, torch.randn(2, 16, 6, 6), 5))
+    weight, bias = torch.randn(16, 1, 7, 7, requires_grad=True), torch.randn(16, requires_grad=True)
+    torch.library.opcheck(depthwise.depthwise_conv2d, (x.requires_grad_(True), weight, bias))
+
+
+def test_export_records_conv2d():
+    """An exported program holds ATen's convolution, not the custom op, with and without grad."""
+    _, fast = _pair(32, 7)
+    program = torch.export.export(fast, (torch.randn(2, 32, 8, 8),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == ["aten.conv2d.default"]

@@ -30,10 +30,14 @@ def _images(batch: int, height: int, width: int) -> torch.Tensor:
 @pytest.mark.slow
 def test_export_dynamic_batch():
     """Exported at batch 2, the program runs at batch 5 with eager's logits (the pointwise
-    convolution's batch-dependent views stand aside under export)."""
+    convolution's batch-dependent views stand aside under export). The program holds standard
+    ATen ops only: the fused SS-MSA and depthwise custom ops give way to their reference ops."""
     model = _model()
     program = torch.export.export(model, (_images(2, 64, 96),),
                                   dynamic_shapes={"x": {0: Dim("batch", min=1, max=1024)}})
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    ops -= {t for t in ops if t.startswith("<built-in function")}  # size arithmetic
+    assert ops and all(t.startswith("aten.") for t in ops), ops
     x = _images(5, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
@@ -41,17 +45,19 @@ def test_export_dynamic_batch():
 
 @pytest.mark.slow
 def test_export_dynamic_height_and_width():
-    """Dynamic batch and sides (multiples of 32): exported at 448x448, the program runs at
-    256x320, whose stage maps need window padding, with eager's logits. Sides start at 256:
-    at 224 the last stage is one 7x7 window per side, and torch.export specialises sizes of 1."""
+    """Dynamic batch and sides (multiples of 32): exported at 224x224, where the last stage is
+    one window across, the program runs at 256x320, whose stage maps need window padding (and
+    whose last stage is two windows across), and at 448x448 with eager's logits. (At batch
+    1 this program refuses a 448 input: the exporter assumes dynamic sizes of at least 2 and
+    keeps a guard, from a reshape in stage 1, that holds from batch 2 only; open in issue 22.)"""
     model = _model()
-    side = dict(min=8, max=64)  # 256 .. 2048 pixels
-    program = torch.export.export(model, (_images(2, 448, 448),), dynamic_shapes={
+    side = dict(min=7, max=64)  # 224 .. 2048 pixels
+    program = torch.export.export(model, (_images(2, 224, 224),), dynamic_shapes={
         "x": {0: Dim("batch", min=1, max=1024), 2: 32 * Dim("h", **side),
               3: 32 * Dim("w", **side)}})
-    x = _images(3, 256, 320)
     with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+        for x in (_images(3, 256, 320), _images(2, 448, 448)):
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_jit_trace_is_the_same_with_and_without_grad():

@@ -24,9 +24,13 @@ def _local(attn: MGSSAFAttention, shape, dtype=torch.float64) -> torch.Tensor:
 
 
 def _run(attn: MGSSAFAttention, x: torch.Tensor, grad: torch.Tensor):
+    return _run_with(attn.ss_msa, attn, x, grad)
+
+
+def _run_with(ss_msa, attn: MGSSAFAttention, x: torch.Tensor, grad: torch.Tensor):
     x = x.detach().requires_grad_(True)
     params = list(attn.attn_local_win.parameters())
-    out = attn.ss_msa(x)
+    out = ss_msa(x)
     return (out, *torch.autograd.grad(out, [x, *params], grad))
 
 
@@ -117,24 +121,63 @@ def test_where_it_does_not_apply_the_pytorch_ops_run(monkeypatch):
     assert attn.ss_msa(padded).shape == (1, 10, 10, 3, 32)
 
 
+def _kernel_calls(graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if "mgssaf" in str(n.target)]
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
-def test_tracing_and_transforms_get_the_pytorch_ops():
-    """The C kernels are invisible to tracers, transforms and dispatch modes: there the PyTorch
-    ops run (a traced graph replays the same numbers; fake tensors do not reach C code)."""
+def test_tracers_transforms_and_modes_keep_the_kernels_where_they_apply():
+    """The kernels are custom ops: make_fx records them as single ops (the graph replays the
+    same numbers), vmap, fake tensors and the FLOP counter go through them; torch.jit.trace, whose
+    graphs run elsewhere, gets the PyTorch ops."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
     attn = _attention(96, 3, 0.0)
     x = _local(attn, (1, 14, 14, 96)).contiguous()
-    expected = attn.ss_msa(x)
+    with separable.pytorch_ops():
+        expected = attn.ss_msa(x)
     traced = make_fx(lambda t: attn.ss_msa(t))(x)
+    assert _kernel_calls(traced.graph) == ["mgssaf.separable_attention.default"]
     torch.testing.assert_close(traced(x), expected, rtol=1e-12, atol=1e-12)
-    attn.requires_grad_(False)  # the parameters become the trace's constants
-    traced = torch.jit.trace(lambda t: attn.ss_msa(t), x)
-    torch.testing.assert_close(traced(x), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.func.vmap(attn.ss_msa)(x.unsqueeze(0))[0], expected,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(attn.ss_msa)(torch.stack([x, 2 * x])),
+                               torch.stack([expected, attn.ss_msa(2 * x)]), rtol=1e-12,
+                               atol=1e-12)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # real parameters, fake input
         assert attn.ss_msa(mode.from_tensor(x)).shape == expected.shape
+    with FlopCounterMode(display=False) as counter:
+        attn.ss_msa(x.requires_grad_(True)).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts["mgssaf.separable_attention"] > 0
+    assert counts["mgssaf.separable_attention_backward"] > counts["mgssaf.separable_attention"]
+    attn.requires_grad_(False)  # the parameters become the trace's constants
+    traced = torch.jit.trace(lambda t: attn.ss_msa(t), x.detach())
+    assert not [n for n in traced.inlined_graph.nodes() if "mgssaf" in n.kind()]
+    torch.testing.assert_close(traced(x.detach()), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_keeps_the_kernels(recording_openmp_pool):
+    """Compiled, SS-MSA + AF runs the kernels (forward and backward), with eager's numbers and
+    gradients."""
+    attn = _attention(96, 3, 0.0, torch.float32)
+    x = _local(attn, (2, 14, 14, 96), torch.float32)
+    grad = torch.randn(2, 14, 14, 3, 32)
+    expected = _run(attn, x, grad)
+    compiled = torch.compile(attn.ss_msa)
+    for _ in range(2):  # the first call compiles
+        launches = recording_openmp_pool.launches
+        got = _run_with(compiled, attn, x, grad)
+    assert recording_openmp_pool.launches - launches == 4  # the four kernels ran
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_custom_ops_pass_opcheck():
+    attn = _attention(96, 3, 0.0)
+    x = _local(attn, (1, 7, 14, 96)).requires_grad_(True)
+    params = [p.detach().requires_grad_(True) for p in attn.attn_local_win.parameters()]
+    torch.library.opcheck(torch.ops.mgssaf.separable_attention.default,
+                          (x, 7, 3, attn.scale, *params))
 
 
 def test_an_unloadable_cached_kernel_falls_back(monkeypatch, tmp_path, caplog):

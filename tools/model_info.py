@@ -7,9 +7,10 @@ A segmentation config (configs/seg/) counts the whole UPerNet (backbone, decode 
 heads) at 512x2048 by default, the size the field reports for ADE20K.
 
 FLOPs are counted the way the field reports them, one multiply-add = one FLOP, with torch's
-own counter (``torch.utils.flop_counter``) over one forward pass of a single image. The counter
-sees PyTorch ops only, so the pass runs SS-MSA in PyTorch ops (``separable.pytorch_ops``), not
-in the fused CPU kernels, which compute the same products.
+own counter (``torch.utils.flop_counter``) over one forward pass of a single image. The pass
+runs SS-MSA in PyTorch ops (``separable.pytorch_ops``), whose products (AF's 3x3 convolution as
+a dense product over the window) are those the field counts; the fused CPU kernels' own FLOP
+formulas count the fewer products they do (a 9-tap stencil).
 """
 from __future__ import annotations
 

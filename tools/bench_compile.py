@@ -1,0 +1,107 @@
+"""Eager against ``torch.compile`` in one process: MG-SSAF's fp32 training step (AdamW) and
+inference, the two runners' steps interleaved so that both see the same machine load.
+
+    python tools/bench_compile.py                        # mg_ssaf_t, train batch 8, infer 16
+    python tools/bench_compile.py --model mg_ssaf_s --steps 7 --threads 2
+
+The compiled model keeps the fused SS-MSA + AF kernels and the depthwise weight-gradient kernel
+(custom ops, models/separable.py and models/depthwise.py). Times are medians in seconds per step
+after the warm-up (which compiles); img/s from them. Prints one line per phase and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+
+import models  # noqa: E402,F401  (registers mg_ssaf_*)
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def steps(model: nn.Module, phase: str, batch: int, img_size: int):
+    """A training step (forward, cross-entropy, backward, AdamW) or an inference step of
+    ``model`` on fixed random images."""
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, img_size, img_size).contiguous(
+        memory_format=torch.channels_last)
+    if phase == "infer":
+        def step() -> None:
+            with torch.inference_mode():
+                model(images)
+        return step
+    labels = torch.zeros(batch, dtype=torch.long)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    criterion = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(images), labels).backward()
+        optimizer.step()
+    return step
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="mg_ssaf_t")
+    parser.add_argument("--train-batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--phases", nargs="+", default=["train"], choices=["train", "infer"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per runner")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
+    parser.add_argument("--threads", type=int, default=0, help="0: PyTorch's default")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    for phase in args.phases:
+        batch = args.train_batch_size if phase == "train" else args.batch_size
+        runners = {}
+        for name in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = timm.create_model(args.model).to(memory_format=torch.channels_last)
+            model.train(phase == "train")
+            runner = torch.compile(model) if name == "compiled" else model
+            runners[name] = steps(runner, phase, batch, args.img_size)
+        for name, step in runners.items():
+            start = time.perf_counter()
+            for _ in range(args.warmup):
+                step()
+            print(f"  {phase} {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(args.steps):
+            for name, step in runners.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        print(f"{args.model} {phase} fp32 batch {batch}: "
+              + ", ".join(f"{name} {medians[name]:.3f} s/step ({batch / medians[name]:.2f} img/s)"
+                          for name in runners)
+              + f"; compiled/eager speed {medians['eager'] / medians['compiled']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
