@@ -64,7 +64,7 @@ MUTANTS = [
            "        1, *ckernel.openmp_pool())",
            ("tests/test_depthwise.py::test_weight_gradient_with_any_thread_count_on_any_pool",)),
     Mutant("depthwise-kernel-unused", "the 7x7 depthwise weight gradient runs the C kernel",
-           "models/depthwise.py", "and k in _FAST_KERNELS and", "and k in () and",
+           "models/depthwise.py", "and k in _FAST_KERNELS\n", "and k in ()\n",
            ("tests/test_depthwise.py::test_float32_matches_conv2d",)),
     Mutant("attention-scale", "the model computes the released network (golden logits)",
            "models/mg_ssaf.py", "        self.scale = self.head_dim ** -0.5",
