@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import random
+import re
 import socket
 import sys
 import tempfile
@@ -41,6 +42,21 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
 def uses_glibc_malloc() -> bool:
     """True where malloc is glibc's: a glibc system with no allocator preloaded (LD_PRELOAD)."""
     return platform.libc_ver()[0] == "glibc" and "malloc" not in os.environ.get("LD_PRELOAD", "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (what ``lscpu`` shows), from
+    /proc/cpuinfo; the platform's processor string elsewhere. Benchmarks print it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    fields = {}
+    for key in ("model name", "cpu family", "model"):
+        found = re.search(rf"^{key}\s*:\s*(.+)$", text, re.M)
+        fields[key] = found.group(1).strip() if found else "?"
+    return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
 
 
 def keep_freed_memory() -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,18 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers mg_ssaf_*)
-
-
-def cpu_name() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from utils import cpu_model  # noqa: E402
 
 
 def steps(model: nn.Module, phase: str, batch: int, img_size: int):
@@ -74,7 +62,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     for phase in args.phases:
         batch = args.train_batch_size if phase == "train" else args.batch_size

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import keep_freed_memory, synchronize  # noqa: E402
+from utils import cpu_model, keep_freed_memory, synchronize  # noqa: E402
 
 DEFAULT_CFGS = [os.path.join("configs", "MG-SSAF", f"MG-SSAF-{v}.yaml") for v in "TSB"]
 DEFAULT_PEERS = ["swin_tiny_patch4_window7_224", "convnext_tiny"]
@@ -73,12 +72,7 @@ def device_description(device: torch.device) -> str:
     """The GPU's or CPU's name, for the table's caption."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        name = found.group(1).strip() if found else name
-    return f"{name}, {os.cpu_count()} logical cores"
+    return f"{cpu_model()}, {os.cpu_count()} logical cores"
 
 
 def model_specs(cfgs: Sequence[str], peers: Sequence[str], opts: Sequence[str]) -> list[str]:

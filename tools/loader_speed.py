@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,19 +24,7 @@ if ROOT not in sys.path:
 
 from config import load_config  # noqa: E402
 from data import DataError, build_loader  # noqa: E402
-from utils import derive_seed, seed_all  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU model name (``lscpu``'s "Model name"), or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from utils import cpu_model, derive_seed, seed_all  # noqa: E402
 
 
 def time_epoch(loader, epoch: int, warmup: int, batches: int) -> float:
