@@ -159,8 +159,11 @@ class AttentionFusion(nn.Sequential):
         weights = torch.addmm(flat.view(heads, -1), mix, act(y).view(heads, -1))
         # the 1x1's bias is added to every weight, so it contributes bias * (sum of the values)
         bias = pw.bias.to(dtype).view(heads, 1, 1, 1) * values.sum(2, keepdim=True)
-        out = torch.baddbmm(bias.view(heads * groups, 1, d), weights.view(heads * groups, nq, m),
-                            values.reshape(heads * groups, m, d))
+        # (heads, G, ...) -> (heads*G, ...) through the flat view: torch.export with dynamic sizes
+        # keeps, from a view that merges the two axes, a guard that G is at least 2 (batch 1
+        # with one window per stage map, the last stage at 224, would fail it)
+        out = torch.baddbmm(bias.reshape(-1).view(-1, 1, d), weights.reshape(-1).view(-1, nq, m),
+                            values.reshape(-1).view(-1, m, d))
         return out.view(heads, groups, nq, d)
 
 
@@ -279,12 +282,16 @@ class MGSSAFAttention(nn.Module):
                     horizontal: bool) -> torch.Tensor:
         """Averages keys ``(heads, B, H*W, d)`` over strips ``strip`` rows high and the map's
         width (``horizontal``: ``(heads, B, H/strip, d)``) or ``strip`` columns wide and the
-        map's height (``(heads, B, W/strip, d)``); ``strip`` divides the side."""
-        heads, b, _, d = k.shape
-        hh, ww = size
-        if horizontal:
-            return k.reshape(heads, b, hh // strip, strip * ww, d).mean(3)
-        return k.reshape(heads, b, hh, ww // strip, strip, d).mean((2, 4))
+        map's height (``(heads, B, W/strip, d)``); ``strip`` divides the side.
+
+        The strips are an ``unfold`` of the ``(heads, B, H, W, d)`` view, not a reshape that
+        splits ``H*W`` into ``(H/strip, strip*W)``: ``torch.export`` with a dynamic batch and
+        dynamic sides checks such a reshape with a guard on the batch that fails at batch 1.
+        The mean covers the same elements in the same order (the reshape's numbers)."""
+        grid = k.unflatten(2, size)  # (heads, B, H, W, d)
+        if horizontal:  # (heads, B, H/strip, W, d, strip)
+            return grid.unfold(2, strip, strip).mean((3, 5))
+        return grid.unfold(3, strip, strip).mean((2, 5))  # (heads, B, H, W/strip, d, strip)
 
     def mg_msa(self, x: torch.Tensor) -> torch.Tensor:
         """Global: ``(B, H, W, 2*num_global*d) -> (B, H, W, num_global, d)``."""

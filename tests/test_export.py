@@ -47,16 +47,17 @@ def test_export_dynamic_batch():
 def test_export_dynamic_height_and_width():
     """Dynamic batch and sides (multiples of 32): exported at 224x224, where the last stage is
     one window across, the program runs at 256x320, whose stage maps need window padding (and
-    whose last stage is two windows across), and at 448x448 with eager's logits. (At batch
-    1 this program refuses a 448 input: the exporter assumes dynamic sizes of at least 2 and
-    keeps a guard, from a reshape in stage 1, that holds from batch 2 only; open in issue 22.)"""
+    whose last stage is two windows across), and at 448x448 with eager's logits, at batch 1
+    too (the exporter assumes dynamic sizes of at least 2: the strip pooling and the AF's views
+    are written so that it keeps no guard that holds from batch 2 only)."""
     model = _model()
     side = dict(min=7, max=64)  # 224 .. 2048 pixels
     program = torch.export.export(model, (_images(2, 224, 224),), dynamic_shapes={
         "x": {0: Dim("batch", min=1, max=1024), 2: 32 * Dim("h", **side),
               3: 32 * Dim("w", **side)}})
     with torch.no_grad():
-        for x in (_images(3, 256, 320), _images(2, 448, 448)):
+        for x in (_images(3, 256, 320), _images(2, 448, 448), _images(1, 448, 448),
+                  _images(1, 256, 320), _images(1, 224, 224)):
             torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
