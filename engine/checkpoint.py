@@ -30,6 +30,8 @@ from yacs.config import CfgNode as CN
 from models.checkpoint_io import CheckpointError, load_checkpoint_file, load_weights
 from utils import RunError, atomic_save, check_in, get_rank, get_world_size
 
+from .preemption import PREEMPTED_EXIT_CODE
+
 CHECKPOINT_RE = re.compile(r"^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$")
 BEST_CHECKPOINT = "ckpt_best.pth"
 PREEMPTED_MARKER = "PREEMPTED"
@@ -230,7 +232,6 @@ class CheckpointSaver:
         the signal: what a requeue script reads, whatever exit code the launcher reports. Only once
         every rank has passed the save (checked in, see ``utils.check_in``): a rank that died
         meanwhile makes the stop a failure (RunError), with no marker."""
-        from .preemption import PREEMPTED_EXIT_CODE
         # Rank 0 checks in after its save and waits for the others (who have nothing to save).
         missing = check_in(f"saved/{epoch}/{epoch_step}", min(self.config.DIST_TIMEOUT, 60),
                            wait=get_rank() == 0)

@@ -111,7 +111,3 @@ class ClassificationTask(Task):
 
     def metrics_row(self, stats: dict) -> dict:
         return {"val_loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"]}
-
-    def class_names(self, config: CN, loaders: Loaders) -> list[str] | None:
-        """The folder (or CUB) class names of the validation set."""
-        return getattr(loaders.dataset_val, "classes", None)

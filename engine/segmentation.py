@@ -165,7 +165,3 @@ class SegmentationTask(Task):
     def metrics_row(self, stats: dict) -> dict:
         return {"val_loss": stats["loss"], "aAcc": stats["aAcc"], "mAcc": stats["mAcc"],
                 "mIoU": stats["mIoU"]}
-
-    def class_names(self, config: CN, loaders: Loaders) -> list[str] | None:
-        """The dataset's own class names where it has them (checkpoints store them)."""
-        return getattr(loaders.dataset_val, "classes", None)

@@ -2,7 +2,8 @@
 
 The engine (:mod:`engine.run`, :class:`engine.trainer.Trainer`) builds everything through a
 task object and never asks which task it runs. A task is a sibling of the others, implementing
-every method below; ``engine/classification.py`` and ``engine/segmentation.py`` are the two.
+every method below (``class_names`` has a default); ``engine/classification.py`` and
+``engine/segmentation.py`` are the two.
 """
 from __future__ import annotations
 
@@ -81,5 +82,6 @@ class Task:
         raise NotImplementedError
 
     def class_names(self, config: CN, loaders: Loaders) -> list[str] | None:
-        """The class names, in the order of the logits, that checkpoints store."""
-        raise NotImplementedError
+        """The class names, in the order of the logits, that checkpoints store: the validation
+        dataset's ``classes`` (image folders, CUB), where it has them."""
+        return getattr(loaders.dataset_val, "classes", None)
