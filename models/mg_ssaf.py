@@ -205,8 +205,9 @@ class MGSSAFAttention(nn.Module):
         """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``.
 
         On CPU, as fused kernels where they apply (models/separable.py, custom ops that
-        ``torch.compile`` keeps); below, the same in PyTorch ops, which every other case (CUDA,
-        autocast, padded maps, ``torch.export`` and ``torch.jit.trace``) runs.
+        ``torch.compile`` keeps; float32, float64 and bf16 autocast); below, the same in PyTorch
+        ops, which every other case (CUDA, float16 autocast, padded maps, ``torch.export`` and
+        ``torch.jit.trace``) runs.
         """
         b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size

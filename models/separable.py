@@ -27,11 +27,14 @@ forward, which also returns the maps its backward reads) and
 ``mgssaf::separable_attention_backward``, each with a fake implementation (shapes, for fake
 tensors and tracing) and a FLOP formula (``FlopCounterMode``); the forward has an autograd
 formula (the backward op: once differentiable) and a vmap rule. So ``torch.compile``, ``make_fx``, ``torch.func.vmap`` and dispatch modes
-keep them as single ops. They apply on CPU, in float32/float64 outside autocast, to stage maps
-that need no window padding (every stage of the released models at 224, and at 448); everywhere
-else ``ss_msa`` runs its PyTorch ops: CUDA, bf16 and autocast, padded maps, no C compiler, within
-``pytorch_ops()``, and in graphs recorded to run elsewhere (``torch.export``, whose programs,
-like their ONNX files, hold standard ATen ops only, and ``torch.jit.trace``). Results agree with
+keep them as single ops. They apply on CPU, in float32/float64 outside autocast and under
+autocast to bfloat16 (they read float32 copies of the bf16 activations, sum in float32 and
+return bf16, as the PyTorch ops do under autocast), to stage maps that need no window padding
+(every stage of the released models at 224, and at 448); everywhere else ``ss_msa`` runs its
+PyTorch ops: CUDA, bf16 weights outside autocast, autocast to float16, padded maps, no C
+compiler, within ``pytorch_ops()``, and in graphs recorded to run elsewhere (``torch.export``,
+whose programs, like their ONNX files, hold standard ATen ops only, and ``torch.jit.trace``).
+Results agree with
 the PyTorch ops to float round-off (tested).
 """
 from __future__ import annotations
@@ -394,20 +397,35 @@ def pytorch_ops() -> Iterator[None]:
 _depth_lock = threading.Lock()
 
 
+def _kernel_dtype(x: torch.Tensor, af: nn.Module) -> Optional[torch.dtype]:
+    """The dtype the kernels compute in for ``x`` and the AF module's parameters: under CPU
+    autocast to bfloat16, float32 (float32 or bfloat16 activations and parameters, read as
+    float32 copies); outside autocast, ``x``'s if float32/float64 and the parameters have it;
+    None otherwise (autocast to another dtype, other dtypes)."""
+    params = [p.dtype for p in af.parameters()]
+    if torch.is_autocast_enabled("cpu"):
+        usable = (torch.get_autocast_dtype("cpu") == torch.bfloat16
+                  and all(t in (torch.float32, torch.bfloat16) for t in (x.dtype, *params)))
+        return torch.float32 if usable else None
+    usable = x.dtype in (torch.float32, torch.float64) and all(t == x.dtype for t in params)
+    return x.dtype if usable else None
+
+
 def fused_available(x: torch.Tensor, window: int, heads: int, af: nn.Module) -> bool:
     """Whether ``separable_attention`` takes ``x`` ``(B, H, W, 2*heads*d)`` and the AF module:
-    on CPU, float32/float64 (the parameters too), outside autocast, stage maps that need no
-    window padding, a head dimension of whole vectors of 8, a C compiler; not in graphs recorded
-    for other machines (``torch.export``, ``torch.jit.trace``), which keep standard ops only, and
-    not within ``pytorch_ops()``."""
-    return (_pytorch_ops_depth == 0 and heads > 0
-            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and all(p.dtype == x.dtype and p.device.type == "cpu" for p in af.parameters())
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+    on CPU, float32/float64 (the parameters too) or under autocast to bfloat16, stage maps that
+    need no window padding, a head dimension of whole vectors of 8, a C compiler; not in graphs
+    recorded for other machines (``torch.export``, ``torch.jit.trace``), which keep standard ops
+    only, and not within ``pytorch_ops()``."""
+    if (_pytorch_ops_depth or heads <= 0 or x.device.type != "cpu"
+            or any(p.device.type != "cpu" for p in af.parameters())
+            or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+        return False
+    dtype = _kernel_dtype(x, af)
+    return (dtype is not None
             and x.shape[1] % window == 0 and x.shape[2] % window == 0
             and x.shape[3] % (2 * heads * _VL) == 0  # head dimension: whole vectors
-            and _kernels_ready(x.dtype, window, x.shape[3] // (2 * heads)))
+            and _kernels_ready(dtype, window, x.shape[3] // (2 * heads)))
 
 
 def _run(kernel: int, x: torch.Tensor, window: int, heads: int, scale: float,
@@ -460,8 +478,9 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
     rows, cols = x.new_empty(heads, groups, n * window), x.new_empty(heads, groups, n * window)
     _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
          bdw=dw_bias.contiguous(), P=p, Y=y, rowA=rows, colA=cols)
-    a = F.gelu(y)
-    wt = torch.addmm(p.view(heads, -1), pw_weight.reshape(heads, heads), a.view(heads, -1))
+    with torch.autocast("cpu", enabled=False):  # the maps stay in x's dtype (float32 sums)
+        a = F.gelu(y)
+        wt = torch.addmm(p.view(heads, -1), pw_weight.reshape(heads, heads), a.view(heads, -1))
     wt = wt.view(p.shape)
     out = x.new_empty(b, h, w, heads, d)
     _run(_APPLY, x, window, heads, scale, Wt=wt, bmix=pw_bias.contiguous(), out=out)
@@ -493,8 +512,10 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, p: torch.Tensor, y: torch
     _run(_APPLY_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), Wt=wt,
          bmix=pw_bias.contiguous(), dWt=grad_wt, dx=grad_x, part=grad_pw_bias)
     mix = pw_weight.reshape(heads, heads)
-    grad_mix = grad_wt.view(heads, -1) @ a.view(heads, -1).t()
-    grad_y = torch.ops.aten.gelu_backward(mix.t() @ grad_wt.view(heads, -1), y.view(heads, -1))
+    with torch.autocast("cpu", enabled=False):  # a backward run within autocast
+        grad_mix = grad_wt.view(heads, -1) @ a.view(heads, -1).t()
+        grad_y = torch.ops.aten.gelu_backward(mix.t() @ grad_wt.view(heads, -1),
+                                              y.view(heads, -1))
     grad_dw = x.new_empty(heads, p.shape[1], 10)  # 9 weights and the bias, per window
     _run(_SCORES_BACKWARD, x, window, heads, scale, dY=grad_y, dWt=grad_wt, P=p,
          rowA=rows, colA=cols, wdw=dw_weight.reshape(heads, 9).contiguous(), dx=grad_x,
@@ -584,4 +605,12 @@ def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
                          f"{x.dtype} map on {x.device} with {heads} heads and window {window} "
                          "(see fused_available)")
     dw, _, pw = af
-    return _forward(x, window, heads, scale, dw.weight, dw.bias, pw.weight, pw.bias)[0]
+    params = (dw.weight, dw.bias, pw.weight, pw.bias)
+    if not torch.is_autocast_enabled("cpu"):
+        return _forward(x, window, heads, scale, *params)[0]
+    # Autocast to bfloat16: the kernels read float32 copies of the activations and parameters
+    # (one pass over x, small beside the kernels' work), sum in float32, and the output is
+    # bfloat16, as the PyTorch ops give it under autocast. Their gradients come back through
+    # the copies in the inputs' dtypes.
+    out = _forward(x.float(), window, heads, scale, *(p.float() for p in params))[0]
+    return out.to(torch.bfloat16)

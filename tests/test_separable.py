@@ -96,6 +96,31 @@ def test_float32_and_inference():
         torch.testing.assert_close(attn.ss_msa(x), got[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_autocast_matches_float32_within_bfloat16_round_off(input_dtype):
+    """Under CPU autocast to bfloat16 the kernels take bfloat16 (or float32) activations, sum in
+    float32 and return bfloat16, as the PyTorch ops do under autocast; outputs and gradients
+    (input and AF parameters) agree with the float32 kernels on the same bf16-rounded input to
+    bf16 round-off, and are closer to them than the PyTorch ops under autocast are."""
+    attn = _attention(192, 6, 0.5, torch.float32)
+    x = _local(attn, (2, 14, 21, 192), torch.float32).bfloat16().float()
+    grad = torch.randn(2, 14, 21, 3, 32)
+    expected = _run(attn, x, grad)  # float32 kernels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert separable.fused_available(x.to(input_dtype), 7, 3, attn.attn_local_win)
+        got = _run(attn, x.to(input_dtype), grad)
+        with separable.pytorch_ops():
+            ops = _run(attn, x.to(input_dtype), grad)
+    assert got[0].dtype == ops[0].dtype == torch.bfloat16
+    assert got[1].dtype == input_dtype
+    names = ["out", "x", "dw.weight", "dw.bias", "pw.weight", "pw.bias"]
+    for name, g, o, e in zip(names, got, ops, expected):
+        assert g.dtype == o.dtype, name
+        error = (g.float() - e).abs().max() / e.abs().max()
+        assert error < 1e-2, (name, error.item())
+        assert error <= (o.float() - e).abs().max() / e.abs().max(), name
+
+
 def test_parameter_gradients_keep_the_parameters_strides():
     """DDP's buckets expect each gradient in its parameter's strides (channels-last here)."""
     model = build_model(load_config("configs/MG-SSAF/MG-SSAF-T.yaml"))
@@ -112,7 +137,7 @@ def test_where_it_does_not_apply_the_pytorch_ops_run(monkeypatch):
     padded = _local(attn, (1, 10, 10, 96), torch.float32)  # 10 is no multiple of the window
     assert not separable.fused_available(padded, 7, 3, af)
     x = _local(attn, (1, 14, 14, 96), torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):  # autocast to bfloat16 only
         assert not separable.fused_available(x, 7, 3, af)
     assert not separable.fused_available(x.double(), 7, 3, af)  # parameters in another dtype
     monkeypatch.setattr(ckernel, "_libraries", {})
