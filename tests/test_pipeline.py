@@ -458,3 +458,19 @@ def test_a_stop_signal_after_an_epoch_saves_its_checkpoint_once_and_marks_it(tmp
     with pytest.raises(Preempted, match="a signal on another rank received: stopped after epoch"):
         trainer.stop(0, None, saved=True)
     assert h.read_marker(str(tmp_path))["signal"] == "on another rank"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_amp_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch, caplog, native):
+    """AVX2-only CPUs run bf16 products on generic code (~5x slower than float32): the run
+    says so and how to train in float32; where oneDNN has bf16, nothing is said."""
+    import engine.run
+
+    monkeypatch.setattr(engine.run, "cpu_bfloat16_native", lambda: native)
+    config = load_config(None, ["AMP_DTYPE", "bfloat16"])
+    logger = logging.getLogger("test_bf16_warning")
+    with caplog.at_level(logging.WARNING, logger="test_bf16_warning"):
+        amp = engine.run.amp_settings(config, torch.device("cpu"), logger)
+    assert amp == Amp(True, torch.bfloat16)
+    assert ("without the AVX-512 instructions" in caplog.text) is not native
+    assert ("--disable_amp" in caplog.text) is not native
