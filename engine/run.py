@@ -72,7 +72,7 @@ def amp_settings(config: CN, device: torch.device, logger: logging.Logger) -> Am
     if device.type == "cpu" and config.AMP_DTYPE == "bfloat16" and not cpu_bfloat16_native():
         logger.warning(f"AMP_DTYPE bfloat16 on a CPU ({cpu_model()}) without the AVX-512 "
                        "instructions oneDNN runs bfloat16 on: its bf16 matrix products and "
-                       "convolutions fall back to generic code, about 5x slower than float32 "
+                       "convolutions fall back to generic code, 5-7x slower than float32 "
                        "(on an AVX2-only EPYC); --disable_amp for float32")
     return Amp(True, AMP_DTYPES[config.AMP_DTYPE])
 
