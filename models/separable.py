@@ -454,9 +454,10 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _sizes(x: torch.Tensor, window: int, heads: int) -> tuple:
-    """Windows of all images, positions per window, its padding to whole vectors, head dim."""
-    b, h, w, channels = x.shape
+def _sizes(shape, window: int, heads: int) -> tuple[int, int, int, int]:
+    """For an input of ``shape`` ``(B, H, W, 2*heads*d)``: windows of all images, positions per
+    window, its padding to whole vectors, head dimension."""
+    b, h, w, channels = shape
     n = window * window
     return b * (h // window) * (w // window), n, -(-n // _VL) * _VL, channels // (2 * heads)
 
@@ -473,7 +474,7 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
     and column attention ``(heads, G, N*w)``."""
     x = _pixels(x)
     b, h, w, _ = x.shape
-    groups, n, nq, d = _sizes(x, window, heads)
+    groups, n, nq, d = _sizes(x.shape, window, heads)
     p, y = x.new_empty(heads, groups, n, nq), x.new_empty(heads, groups, n, nq)  # [key][query]
     rows, cols = x.new_empty(heads, groups, n * window), x.new_empty(heads, groups, n * window)
     _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
@@ -490,7 +491,7 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
 @_forward.register_fake
 def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
     b, h, w, _ = x.shape
-    groups, n, nq, d = _sizes(x, window, heads)
+    groups, n, nq, d = _sizes(x.shape, window, heads)
     maps = [x.new_empty(heads, groups, n, nq) for _ in range(4)]
     rows, cols = (x.new_empty(heads, groups, n * window) for _ in range(2))
     return x.new_empty(b, h, w, heads, d), *maps, rows, cols
@@ -573,26 +574,20 @@ def _(info, in_dims, x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_
     return tuple(torch.stack(r) for r in zip(*results)), (0,) * 7
 
 
-def _units(x_shape, window: int, heads: int) -> tuple[int, int, int]:
-    """(head, window) units, positions per window and head dimension of a call."""
-    b, h, w, channels = x_shape
-    return heads * b * (h // window) * (w // window), window * window, channels // (2 * heads)
-
-
 @register_flop_formula(torch.ops.mgssaf.separable_attention)
 def _(x_shape, window, heads, *args, out_shape=None, **kwargs) -> int:
     """FLOPs (2 per multiply-add) of the kernels' products: row and column scores, the AF's
     3x3 convolution and 1x1 over heads, and the weights times the values."""
-    units, n, d = _units(x_shape, window, heads)
-    return 2 * units * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
+    groups, n, _, d = _sizes(x_shape, window, heads)
+    return 2 * heads * groups * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
 
 
 @register_flop_formula(torch.ops.mgssaf.separable_attention_backward)
 def _(grad_out_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the backward: twice each product of the forward."""
     window, heads = args[-3], args[-2]
-    units, n, d = _units(x_shape, window, heads)
-    return 4 * units * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
+    groups, n, _, d = _sizes(x_shape, window, heads)
+    return 4 * heads * groups * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
 
 
 def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
