@@ -181,19 +181,22 @@ def test_tracers_transforms_and_modes_keep_the_kernels_where_they_apply():
     torch.testing.assert_close(traced(x.detach()), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_torch_compile_keeps_the_kernels(recording_openmp_pool):
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_torch_compile_keeps_the_kernels(recording_openmp_pool, autocast):
     """Compiled, SS-MSA + AF runs the kernels (forward and backward), with eager's numbers and
-    gradients."""
+    gradients, in float32 and under bf16 autocast."""
     attn = _attention(96, 3, 0.0, torch.float32)
     x = _local(attn, (2, 14, 14, 96), torch.float32)
     grad = torch.randn(2, 14, 14, 3, 32)
-    expected = _run(attn, x, grad)
-    compiled = torch.compile(attn.ss_msa)
-    for _ in range(2):  # the first call compiles
-        launches = recording_openmp_pool.launches
-        got = _run_with(compiled, attn, x, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected = _run(attn, x, grad)
+        compiled = torch.compile(attn.ss_msa)
+        for _ in range(2):  # the first call compiles
+            launches = recording_openmp_pool.launches
+            got = _run_with(compiled, attn, x, grad)
     assert recording_openmp_pool.launches - launches == 4  # the four kernels ran
     for g, e in zip(got, expected):
+        assert g.dtype == e.dtype
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
