@@ -520,6 +520,8 @@ PROBABILITY = _number(0.0, 1.0)
 RATE = _number(0.0)  # learning rates, weight decay, strengths: finite and >= 0
 POSITIVE = _number(0.0, low_open=True)
 SIZE = ((lambda v: v >= 1), "at least 1")  # sizes and counts
+COUNT = ((lambda v: v >= 0), "0 or more")
+AMP_DTYPES = ("float16", "bfloat16")
 EACH = "each item"
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")
 VALUE_RULES: dict[str, tuple] = {
@@ -572,6 +574,18 @@ VALUE_RULES: dict[str, tuple] = {
     "SEG.SLIDE_CROP": (EACH, SIZE),
     "SEG.SLIDE_STRIDE": (EACH, SIZE),
     "SEG.MS_RATIOS": (EACH, POSITIVE),
+    "DATA.BATCH_SIZE": SIZE,
+    "DATA.NUM_WORKERS": COUNT,
+    "TRAIN.EPOCHS": SIZE,
+    "TRAIN.ACCUMULATION_STEPS": SIZE,
+    "TRAIN.KEEP_CHECKPOINTS": ((lambda v: v >= 0), "0 (keep all) or more"),
+    "TRAIN.LAYER_DECAY": ((lambda v: 0.0 < v <= 1.0), "in (0, 1] (1 switches it off)"),
+    "MODEL_EMA_DECAY": _number(0.0, 1.0, low_open=True, high_open=True),
+    "AMP_DTYPE": _choice(*AMP_DTYPES),
+    "DEVICE": _choice("auto", "cuda", "cpu"),
+    "SAVE_FREQ": SIZE,
+    "PRINT_FREQ": SIZE,
+    "DIST_TIMEOUT": SIZE,
 }
 # Lists of two numbers that are a [min, max] range.
 RANGE_KEYS = ("AUG.SCALE", "SEG.RATIO_RANGE")
@@ -603,7 +617,6 @@ def mixup_enabled(cfg: CN) -> bool:
     return cfg.AUG.MIXUP > 0 or cfg.AUG.CUTMIX > 0 or cfg.AUG.CUTMIX_MINMAX is not None
 
 
-AMP_DTYPES = ("float16", "bfloat16")
 
 
 def check_config(cfg: CN) -> None:
@@ -613,12 +626,6 @@ def check_config(cfg: CN) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(cfg.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE (--batch-size) must be at least 1, got "
-         f"{cfg.DATA.BATCH_SIZE}")
-    need(cfg.TRAIN.ACCUMULATION_STEPS >= 1, "TRAIN.ACCUMULATION_STEPS (--accumulation-steps) "
-         f"must be at least 1, got {cfg.TRAIN.ACCUMULATION_STEPS}")
-    for key in ("TRAIN.EPOCHS", "SAVE_FREQ", "PRINT_FREQ", "DIST_TIMEOUT"):
-        need(_get_key(cfg, key) >= 1, f"{key} must be at least 1, got {_get_key(cfg, key)}")
     training = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
     need(0 <= cfg.TRAIN.WARMUP_EPOCHS < cfg.TRAIN.EPOCHS or not training,
          f"TRAIN.WARMUP_EPOCHS ({cfg.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than "
@@ -626,14 +633,6 @@ def check_config(cfg: CN) -> None:
     need(0 <= cfg.TRAIN.START_EPOCH < cfg.TRAIN.EPOCHS or not training,
          f"TRAIN.START_EPOCH must be at least 0 and less than TRAIN.EPOCHS "
          f"({cfg.TRAIN.EPOCHS}), got {cfg.TRAIN.START_EPOCH}")
-    need(cfg.TRAIN.KEEP_CHECKPOINTS >= 0, "TRAIN.KEEP_CHECKPOINTS must be 0 (keep all) or "
-         f"more, got {cfg.TRAIN.KEEP_CHECKPOINTS}")
-    need(cfg.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be 0 or more, got "
-         f"{cfg.DATA.NUM_WORKERS}")
-    need(cfg.AMP_DTYPE in AMP_DTYPES,
-         f"AMP_DTYPE must be 'float16' or 'bfloat16', got {cfg.AMP_DTYPE!r}")
-    need(cfg.DEVICE in ("auto", "cuda", "cpu"), f"DEVICE must be 'auto', 'cuda' or 'cpu', got "
-         f"{cfg.DEVICE!r}")
     minmax = cfg.AUG.CUTMIX_MINMAX
     need(minmax is None or (isinstance(minmax, (list, tuple)) and len(minmax) == 2
                             and 0 < minmax[0] < minmax[1] <= 1),
@@ -642,10 +641,6 @@ def check_config(cfg: CN) -> None:
     need(not mixup_enabled(cfg) or cfg.DATA.BATCH_SIZE % 2 == 0 or not training,
          f"Mixup/CutMix (AUG.MIXUP {cfg.AUG.MIXUP}, AUG.CUTMIX {cfg.AUG.CUTMIX}) needs an "
          f"even DATA.BATCH_SIZE, got {cfg.DATA.BATCH_SIZE}")
-    need(0.0 < cfg.TRAIN.LAYER_DECAY <= 1.0, f"TRAIN.LAYER_DECAY must be in (0, 1] (1 switches "
-         f"it off), got {cfg.TRAIN.LAYER_DECAY}")
-    need(0.0 < cfg.MODEL_EMA_DECAY < 1.0,
-         f"MODEL_EMA_DECAY must be in (0, 1), got {cfg.MODEL_EMA_DECAY}")
     for key, flag in (("RESUME", "--resume"), ("PRETRAINED", "--pretrained")):
         path = cfg.MODEL[key]
         need(not path or os.path.isfile(path), f"MODEL.{key} ({flag}) {path}: file not found")
@@ -690,7 +685,7 @@ def load_config(path: str | None = None, opts: Iterable[str] = (),
         for p in parents:
             node = node[p]
         node[leaf] = _coerce(value, node[leaf], key, "command line")
-        seen[key] = "command line"
+        seen[key] = _FLAG_NAMES.get(key, "command line")
     _apply_variant(cfg, seen)
     _derive_batch_size(cfg, seen, world_size)
     if cfg.AMP_OPT_LEVEL not in ("", "O0", "O1", "O2"):
@@ -745,6 +740,8 @@ _MAIN_FLAGS: tuple[tuple[tuple[str, ...], str, Any, dict, str], ...] = (
     (("--device",), "DEVICE", None, dict(choices=("auto", "cuda", "cpu")),
      "device; auto picks CUDA when available"),
 )
+# the flag that sets a key (for messages about its value)
+_FLAG_NAMES = {key: names[0] for names, key, *_ in _MAIN_FLAGS}
 
 
 def _flag_dest(names: tuple[str, ...]) -> str:

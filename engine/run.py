@@ -27,7 +27,6 @@ from .task import Amp, Loaders, Task
 from .trainer import Trainer
 
 LOGGER_NAME = "mg_ssaf"
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def init_device(config: CN) -> torch.device:
@@ -74,7 +73,7 @@ def amp_settings(config: CN, device: torch.device, logger: logging.Logger) -> Am
                        "instructions oneDNN runs bfloat16 on: its bf16 matrix products and "
                        "convolutions fall back to generic code, 5-7x slower than float32 "
                        "(on an AVX2-only EPYC); --disable_amp for float32")
-    return Amp(True, AMP_DTYPES[config.AMP_DTYPE])
+    return Amp(True, getattr(torch, config.AMP_DTYPE))  # float16 or bfloat16
 
 
 def cpu_bfloat16_native() -> bool:

@@ -1,5 +1,6 @@
 """Config files, BASE inheritance and overrides; errors name the key and where it came from."""
 import os
+import re
 
 import pytest
 
@@ -65,6 +66,33 @@ def test_bad_opts():
         load_config(None, ["DATA.IMG_SIZE", "large"])
     with pytest.raises(ConfigError, match="KEY VALUE pairs"):
         load_config(None, ["DATA.IMG_SIZE"])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("DATA.BATCH_SIZE", "0", "DATA.BATCH_SIZE (--opts) must be at least 1, got 0"),
+    ("DATA.NUM_WORKERS", "-1", "DATA.NUM_WORKERS (--opts) must be 0 or more, got -1"),
+    ("TRAIN.EPOCHS", "0", "TRAIN.EPOCHS (--opts) must be at least 1, got 0"),
+    ("TRAIN.ACCUMULATION_STEPS", "0", "TRAIN.ACCUMULATION_STEPS (--opts) must be at least 1"),
+    ("TRAIN.KEEP_CHECKPOINTS", "-1", "TRAIN.KEEP_CHECKPOINTS (--opts) must be 0 (keep all)"),
+    ("TRAIN.LAYER_DECAY", "1.5", "TRAIN.LAYER_DECAY (--opts) must be in (0, 1] (1 switches"),
+    ("MODEL_EMA_DECAY", "0.0", "MODEL_EMA_DECAY (--opts) must be in (0, 1), got 0.0"),
+    ("AMP_DTYPE", "fp16", "AMP_DTYPE (--opts) must be one of 'float16', 'bfloat16', got 'fp16'"),
+    ("DEVICE", "gpu", "DEVICE (--opts) must be one of 'auto', 'cuda', 'cpu', got 'gpu'"),
+    ("SAVE_FREQ", "0", "SAVE_FREQ (--opts) must be at least 1, got 0"),
+    ("PRINT_FREQ", "0", "PRINT_FREQ (--opts) must be at least 1, got 0"),
+    ("DIST_TIMEOUT", "0", "DIST_TIMEOUT (--opts) must be at least 1, got 0"),
+])
+def test_single_key_values_are_refused_naming_key_source_value_and_allowed(key, value, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_config(None, [key, value])
+
+
+def test_a_value_from_a_flag_names_the_flag():
+    with pytest.raises(ConfigError, match=re.escape("DATA.BATCH_SIZE (--batch-size) must be at "
+                                                    "least 1, got 0")):
+        load_config(None, flags={"DATA.BATCH_SIZE": 0})
+    with pytest.raises(ConfigError, match=re.escape("DATA.IMG_SIZE (command line) must be")):
+        load_config(None, flags={"DATA.IMG_SIZE": 0})  # no flag sets it
 
 
 def test_missing_file():

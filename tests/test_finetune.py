@@ -267,8 +267,8 @@ def test_finetune_under_torchrun_keeps_the_total_batch_lr_and_steps(finetune_run
 @pytest.mark.cli
 @pytest.mark.parametrize("opts, message", [
     (["TRAIN.LAYER_DECAY", "0.0"],
-     "TRAIN.LAYER_DECAY must be in (0, 1] (1 switches it off), got 0.0"),
-    (["MODEL_EMA_DECAY", "1.0"], "MODEL_EMA_DECAY must be in (0, 1), got 1.0"),
+     "TRAIN.LAYER_DECAY (--opts) must be in (0, 1] (1 switches it off), got 0.0"),
+    (["MODEL_EMA_DECAY", "1.0"], "MODEL_EMA_DECAY (--opts) must be in (0, 1), got 1.0"),
 ])
 def test_bad_layer_decay_or_ema_decay_exits_1_naming_the_key(cub, tmp_path, opts, message):
     result = h.run_cli(["--cfg", CFG, "--data-path", cub, "--output", str(tmp_path), "--opts",

@@ -311,7 +311,7 @@ BAD_INPUTS = [
       "classes (MODEL.NUM_CLASSES): 2 in the checkpoint, 3 in this model"]),
     ("not_a_checkpoint", dict(flags=("--eval", "--resume", "TEXT_FILE")),
      ["notes.txt: not a checkpoint (not a torch.save file: it starts with b'some'"]),
-    ("batch_size_0", dict(batch_size=0),
+    ("batch_size_0", dict(early=True, batch_size=0),
      ["DATA.BATCH_SIZE (--batch-size) must be at least 1, got 0"]),
     ("odd_batch_with_cutmix",
      dict(batch_size=3, opts=[*h.NO_AUG, "AUG.CUTMIX_MINMAX", "[0.2, 0.8]"]),
