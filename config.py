@@ -101,6 +101,13 @@ _C.MODEL.MGSSAF.MLP_RATIO = 2.0
 _C.MODEL.MGSSAF.QKV_BIAS = True
 # Width of the 1x1 convolution before the classifier.
 _C.MODEL.MGSSAF.HEAD_HIDDEN_DIM = 1280
+# How the local attention (SS-MSA + AF) runs where the CPU's fused C kernels do not apply (CUDA,
+# float16 autocast, padded stage maps): 'ops', eager PyTorch ops (about thirty kernel launches
+# per block on CUDA), or 'compiled', the same ops through torch.compile (Inductor fuses them into
+# a few Triton kernels on CUDA; compiled once per stage shape on first use). Not an architecture
+# key: the weights and numbers are the same. 'ops' stays the default until tools/gpu_check.py
+# has measured 'compiled' faster on a GPU (docs/performance.md).
+_C.MODEL.MGSSAF.LOCAL_ATTENTION = "ops"
 
 # -----------------------------------------------------------------------------
 # Training
@@ -537,6 +544,7 @@ VALUE_RULES: dict[str, tuple] = {
     "MODEL.MGSSAF.MLP_RATIO": POSITIVE,
     "MODEL.MGSSAF.HEAD_HIDDEN_DIM": SIZE,
     "MODEL.MGSSAF.GLOBAL_RATIO": (EACH, PROBABILITY),
+    "MODEL.MGSSAF.LOCAL_ATTENTION": _choice("ops", "compiled"),
     "TRAIN.WEIGHT_DECAY": RATE,
     "TRAIN.BASE_LR": RATE,
     "TRAIN.WARMUP_LR": RATE,

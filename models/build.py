@@ -31,6 +31,7 @@ def model_kwargs(config: CfgNode) -> dict[str, Any]:
         drop_rate=config.MODEL.DROP_RATE,
         drop_path_rate=config.MODEL.DROP_PATH_RATE,
         use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        local_attention=arch.LOCAL_ATTENTION,
     )
 
 

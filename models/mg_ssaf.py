@@ -6,9 +6,11 @@ Feature maps are ``(B, C, H, W)`` tensors in the channels-last memory format (la
 contiguous channels, and the attention reads its projection as a ``(B, H, W, C)`` view (a
 permutation, no copy) whose heads are contiguous channels (the layout only changes how the same
 numbers are computed). On CPU, SS-MSA with its AF module runs as fused C kernels
-(models/separable.py) that compute the same numbers as the PyTorch ops of ``ss_msa``. Parameter
-names and shapes follow the released checkpoints (``MG-SSAF-{T,S,B}.keys.txt``), so those state
-dicts load with ``strict=True``.
+(models/separable.py) that compute the same numbers as the PyTorch ops of
+``windowed_attention``, which run elsewhere (CUDA, float16 autocast, padded maps): eagerly, or
+with ``local_attention="compiled"`` through ``torch.compile``. Parameter names and shapes follow
+the released checkpoints (``MG-SSAF-{T,S,B}.keys.txt``), so those state dicts load with
+``strict=True``.
 
 Input sizes: at 224, the resolution of the released checkpoints, the network is exactly the
 released one (golden logits). At every size, every pooling size follows the actual resolution
@@ -167,6 +169,90 @@ class AttentionFusion(nn.Sequential):
         return out.view(heads, groups, nq, d)
 
 
+# How SS-MSA + AF runs where the CPU kernels do not apply (``local_attention``, the config's
+# MODEL.MGSSAF.LOCAL_ATTENTION): "ops", eager PyTorch ops (some thirty kernel launches per block
+# on CUDA), or "compiled", the same function through torch.compile (Inductor fuses them).
+LOCAL_ATTENTION = ("ops", "compiled")
+
+
+def windowed_attention(x: torch.Tensor, heads: int, head_dim: int, window: int, scale: float,
+                       af: AttentionFusion) -> torch.Tensor:
+    """SS-MSA with the AF module ``af`` in PyTorch ops: ``(B, H, W, 2*heads*head_dim)`` (q then
+    k, each ``heads`` contiguous heads) -> ``(B, H, W, heads, head_dim)``, over ``window x
+    window`` windows. The numbers of the fused CPU kernels (models/separable.py)."""
+    b, hh, ww, _ = x.shape
+    d, w = head_dim, window
+    nh, nw = -(-hh // w), -(-ww // w)
+    pad_h, pad_w = nh * w - hh, nw * w - ww
+    # an exported graph pads and masks at every size (by nothing where nothing is missing):
+    # it must not depend on whether the example input's stage maps needed it
+    padded = torch.compiler.is_exporting() or pad_h > 0 or pad_w > 0
+    if padded:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    # Windows by a gather of the (B*Hp*Wp) pixels in window order (see _window_order): no
+    # tensor has an axis of nh or nw windows, which may be 1, so that torch.export with
+    # dynamic sides traced where a stage is one window across (the last, at 224) keeps a
+    # graph for every size instead of specialising to that one
+    groups, order = b * nh * nw, _window_order(b, nh, nw, w, x.device)
+    x = x.reshape(b * nh * w * nw * w, 2 * heads * d).index_select(0, order)
+    # (B*nh*nw, w, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
+    x = x.view(groups, w, w, 2, heads, d).permute(3, 4, 0, 1, 2, 5).contiguous()
+    q, k = x.unbind(0)
+    q = q * scale
+    # Scores with the keys on the second-to-last axis, where softmax is fastest:
+    # row[i, j', j] = q(i,j) . k(i,j') and col[j', i', i] = q(i,j') . k(i',j')
+    row = torch.matmul(k, q.transpose(-1, -2))  # (heads, Bw, i, j', j)
+    k_cols, q_cols = k.transpose(2, 3).contiguous(), q.transpose(2, 3).contiguous()
+    col = torch.matmul(k_cols, q_cols.transpose(-1, -2))  # (heads, Bw, j', i', i)
+    if padded:
+        # padded positions (rows from H on, columns from W on), windows in the order of q, k
+        pad = ((order // (nw * w) % (nh * w) >= hh) | (order % (nw * w) >= ww))
+        pad = pad.view(groups, w, w)
+        row = row.masked_fill(pad.unsqueeze(-1), torch.finfo(row.dtype).min)  # key (i, j')
+        col = col.masked_fill(pad.transpose(-1, -2).unsqueeze(-1),
+                              torch.finfo(col.dtype).min)  # key (i', j')
+    row = row.softmax(-2).transpose(-1, -2).contiguous()  # rowA[i, j, j']
+    col = col.softmax(-2).permute(0, 1, 4, 3, 2).contiguous()  # colA of (i,j') as [i, i', j']
+    # P[(i,j), (i',j')] = rowA[i, j, j'] * colA[i, j', i']: query (i,j) goes along its row to
+    # (i,j'), then (i,j') along its column to (i',j')
+    p = row.unsqueeze(-2) * col.unsqueeze(-3)  # (heads, Bw, i, j, i', j')
+    p = p.view(heads, -1, w * w, w * w)
+    out = af(p, k.reshape(heads, -1, w * w, d), (w, w))  # (heads, Bw, w*w, d)
+    # (heads, B*nh*nw*w*w, d) -> (B*Hp*Wp, heads, d) in window order -> the pixel order
+    out = out.permute(1, 2, 0, 3).reshape(groups * w * w, heads * d)
+    out = out.index_select(0, _window_order(b, nh, nw, w, x.device, inverse=True))
+    out = out.view(b, nh * w, nw * w, heads, d)
+    if padded:  # the outputs of padded queries cropped (a negative padding: sizes H and W)
+        out = F.pad(out, (0, 0, 0, 0, 0, -pad_w, 0, -pad_h))
+    return out
+
+
+def _recording_a_graph() -> bool:
+    """Whether a graph is being recorded around this call (``torch.compile``, ``torch.export``,
+    ``torch.jit.trace``): it records ``windowed_attention``'s ops, not a compiled call."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing())
+
+
+# Graphs of the compiled local attention a process keeps: one per stage shape (batch, map,
+# heads, head dimension) and per grad mode and autocast dtype, so the train and validation
+# batches of a run's four stages (the last batches of an epoch too) and a benchmark's phases
+# stay compiled; Dynamo's default (8 per function) would send the rest back to eager ops.
+COMPILED_GRAPHS = 64
+_compiled: list = []  # the torch.compile wrapper of windowed_attention, made on first use
+
+
+def compiled_windowed_attention(x: torch.Tensor, heads: int, head_dim: int, window: int,
+                                scale: float, af: AttentionFusion) -> torch.Tensor:
+    """``windowed_attention`` through ``torch.compile`` (Inductor: Triton kernels on CUDA, C++
+    on CPU; static shapes, compiled once per stage shape on first use). Its recompile limit is
+    raised to ``COMPILED_GRAPHS`` for these calls only (Dynamo's config is restored after each)."""
+    if not _compiled:
+        _compiled.append(torch.compile(windowed_attention, dynamic=False))
+    with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
+        return _compiled[0](x, heads, head_dim, window, scale, af)
+
+
 @register_notrace_module  # torch.fx: a leaf, its window padding and fused kernels branch on shapes
 class MGSSAFAttention(nn.Module):
     """SS-MSA with the AF module (local heads) beside MG-MSA (global heads), on ``(B, C, H, W)``.
@@ -176,13 +262,18 @@ class MGSSAFAttention(nn.Module):
     ``num_local`` heads; the global block is cut into window-pooled, horizontal-strip and
     vertical-strip chunks of ``num_global / 3`` heads each. The branch outputs are concatenated on
     channels (local, window, horizontal, vertical), then ``GELU -> 1x1 -> Dropout``.
+    ``local_attention`` ("ops" or "compiled") is how SS-MSA runs where the CPU kernels do not
+    apply (see ``ss_msa``); it changes no parameter and no number beyond float round-off.
     """
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
                  window_size: int, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
+                 local_attention: str = "ops", device: DeviceLike = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        _check_local_attention(local_attention)
+        self.local_attention = local_attention
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.num_global = int(num_heads * global_ratio)
@@ -205,57 +296,19 @@ class MGSSAFAttention(nn.Module):
         """Local windows: ``(B, H, W, 2*num_local*d) -> (B, H, W, num_local, d)``.
 
         On CPU, as fused kernels where they apply (models/separable.py, custom ops that
-        ``torch.compile`` keeps; float32, float64 and bf16 autocast); below, the same in PyTorch
-        ops, which every other case (CUDA, float16 autocast, padded maps, ``torch.export`` and
-        ``torch.jit.trace``) runs.
+        ``torch.compile`` keeps; float32, float64 and bf16 autocast); every other case (CUDA,
+        float16 autocast, padded maps, ``torch.export`` and ``torch.jit.trace``) runs the same
+        numbers in PyTorch ops, ``windowed_attention``: eagerly, or with
+        ``local_attention="compiled"`` through ``torch.compile`` (one Inductor graph per stage
+        shape: fused Triton kernels on CUDA) outside graphs that are being compiled, exported or
+        traced (these record the ops themselves).
         """
-        b, hh, ww, _ = x.shape
         heads, d, w = self.num_local, self.head_dim, self.window_size
         if fused_available(x, w, heads, self.attn_local_win):
             return separable_attention(x, w, heads, self.scale, self.attn_local_win)
-        nh, nw = -(-hh // w), -(-ww // w)
-        pad_h, pad_w = nh * w - hh, nw * w - ww
-        # an exported graph pads and masks at every size (by nothing where nothing is missing):
-        # it must not depend on whether the example input's stage maps needed it
-        padded = torch.compiler.is_exporting() or pad_h > 0 or pad_w > 0
-        if padded:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        # Windows by a gather of the (B*Hp*Wp) pixels in window order (see _window_order): no
-        # tensor has an axis of nh or nw windows, which may be 1, so that torch.export with
-        # dynamic sides traced where a stage is one window across (the last, at 224) keeps a
-        # graph for every size instead of specialising to that one
-        groups, order = b * nh * nw, _window_order(b, nh, nw, w, x.device)
-        x = x.reshape(b * nh * w * nw * w, 2 * heads * d).index_select(0, order)
-        # (B*nh*nw, w, w, 2, heads, d) -> (2, heads, B*nh*nw, w, w, d)
-        x = x.view(groups, w, w, 2, heads, d).permute(3, 4, 0, 1, 2, 5).contiguous()
-        q, k = x.unbind(0)
-        q = q * self.scale
-        # Scores with the keys on the second-to-last axis, where softmax is fastest:
-        # row[i, j', j] = q(i,j) . k(i,j') and col[j', i', i] = q(i,j') . k(i',j')
-        row = torch.matmul(k, q.transpose(-1, -2))  # (heads, Bw, i, j', j)
-        k_cols, q_cols = k.transpose(2, 3).contiguous(), q.transpose(2, 3).contiguous()
-        col = torch.matmul(k_cols, q_cols.transpose(-1, -2))  # (heads, Bw, j', i', i)
-        if padded:
-            # padded positions (rows from H on, columns from W on), windows in the order of q, k
-            pad = ((order // (nw * w) % (nh * w) >= hh) | (order % (nw * w) >= ww))
-            pad = pad.view(groups, w, w)
-            row = row.masked_fill(pad.unsqueeze(-1), torch.finfo(row.dtype).min)  # key (i, j')
-            col = col.masked_fill(pad.transpose(-1, -2).unsqueeze(-1),
-                                  torch.finfo(col.dtype).min)  # key (i', j')
-        row = row.softmax(-2).transpose(-1, -2).contiguous()  # rowA[i, j, j']
-        col = col.softmax(-2).permute(0, 1, 4, 3, 2).contiguous()  # colA of (i,j') as [i, i', j']
-        # P[(i,j), (i',j')] = rowA[i, j, j'] * colA[i, j', i']: query (i,j) goes along its row to
-        # (i,j'), then (i,j') along its column to (i',j')
-        p = row.unsqueeze(-2) * col.unsqueeze(-3)  # (heads, Bw, i, j, i', j')
-        p = p.view(heads, -1, w * w, w * w)
-        out = self.attn_local_win(p, k.reshape(heads, -1, w * w, d), (w, w))  # (heads, Bw, w*w, d)
-        # (heads, B*nh*nw*w*w, d) -> (B*Hp*Wp, heads, d) in window order -> the pixel order
-        out = out.permute(1, 2, 0, 3).reshape(groups * w * w, heads * d)
-        out = out.index_select(0, _window_order(b, nh, nw, w, x.device, inverse=True))
-        out = out.view(b, nh * w, nw * w, heads, d)
-        if padded:  # the outputs of padded queries cropped (a negative padding: sizes H and W)
-            out = F.pad(out, (0, 0, 0, 0, 0, -pad_w, 0, -pad_h))
-        return out
+        if self.local_attention == "compiled" and not _recording_a_graph():
+            return compiled_windowed_attention(x, heads, d, w, self.scale, self.attn_local_win)
+        return windowed_attention(x, heads, d, w, self.scale, self.attn_local_win)
 
     @staticmethod
     def _window_pool(k: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
@@ -369,13 +422,13 @@ class MGSSAFBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, global_ratio: float, strip_width: int,
                  window_size: int, mlp_ratio: float, qkv_bias: bool, drop: float,
-                 drop_path: float, device: DeviceLike = None,
+                 drop_path: float, local_attention: str = "ops", device: DeviceLike = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = LayerNorm2d(dim, **dd)
         self.attn = MGSSAFAttention(dim, num_heads, global_ratio, strip_width, window_size,
-                                    qkv_bias, drop, **dd)
+                                    qkv_bias, drop, local_attention, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mlp = ConvMlp(dim, mlp_ratio, drop, **dd)
 
@@ -466,6 +519,8 @@ class MGSSAF(nn.Module):
     ``forward_intermediates`` the four stage maps of ``feature_info`` (strides 4/8/16/32, C, 2C,
     4C, 8C channels, each taken before the stage's PatchMerging). ``num_classes=0`` has no
     classifier: the model then returns the ``head_hidden_size`` pooled features.
+    ``local_attention`` "compiled" runs SS-MSA + AF through ``torch.compile`` where the CPU
+    kernels do not apply (CUDA, float16 autocast, padded maps); "ops", the default, runs it eagerly.
     """
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
@@ -475,11 +530,12 @@ class MGSSAF(nn.Module):
                  strip_width: Sequence[int] = (0, 2, 2, 0), window_size: int = 7,
                  mlp_ratio: float = 2.0, qkv_bias: bool = True, head_hidden_dim: int = 1280,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, use_checkpoint: bool = False,
-                 global_pool: str = "avg", device: DeviceLike = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 global_pool: str = "avg", local_attention: str = "ops",
+                 device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_arch(img_size, embed_dim, depths, num_heads, global_ratio, strip_width, window_size)
         _check_pool(global_pool)
+        _check_local_attention(local_attention)
         dd = dict(device=device, dtype=dtype)
         num_stages = len(depths)
         self.in_chans = in_chans
@@ -503,7 +559,7 @@ class MGSSAF(nn.Module):
                 drop_path=rates[start:start + depths[i]], num_heads=num_heads[i],
                 global_ratio=global_ratio[i], strip_width=strip_width[i],
                 window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                **dd))
+                local_attention=local_attention, **dd))
         self.norm = LayerNorm2d(self.num_features, **dd)
         self.last_conv = _pointwise(self.num_features, head_hidden_dim, **dd)
         self.head_act = nn.GELU()
@@ -657,6 +713,12 @@ def _init_linear(m: nn.Linear) -> None:
 def _check_pool(global_pool: str) -> None:
     if global_pool not in ("avg", ""):
         raise ValueError(f"global_pool {global_pool!r}: expected 'avg' or ''")
+
+
+def _check_local_attention(local_attention: str) -> None:
+    if local_attention not in LOCAL_ATTENTION:
+        raise ValueError(f"local_attention {local_attention!r}: expected one of "
+                         + ", ".join(map(repr, LOCAL_ATTENTION)))
 
 
 # torch.fx records it as one call (the check runs on the real input); FX wraps public names only

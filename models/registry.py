@@ -61,6 +61,8 @@ def _create_mg_ssaf(variant: str, pretrained: bool = False, **kwargs: Any) -> MG
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)
 
 
+# Every MGSSAF argument is a keyword of the entry points: e.g. timm.create_model("mg_ssaf_t",
+# local_attention="compiled") runs SS-MSA + AF through torch.compile on CUDA (see MGSSAF).
 @register_model
 def mg_ssaf_t(pretrained: bool = False, **kwargs: Any) -> MGSSAF:
     """MG-SSAF-T (19.6 M parameters with the 1000-class head)."""

@@ -29,7 +29,8 @@ RELEASED_NAMES = {title: name for name, (title, _, _) in VARIANTS.items()}
 def variant_kwargs(name: str) -> dict[str, Any]:
     """The ``MGSSAF`` arguments of the released variant ``name`` (a VARIANTS key) with the other
     settings at config.py's defaults: 224 x 224 RGB input, 1000 classes, no dropout, the
-    variant's drop-path rate, no activation checkpointing. The same arguments as
+    variant's drop-path rate, no activation checkpointing, SS-MSA in eager PyTorch ops where
+    the CPU kernels do not apply (``local_attention="ops"``). The same arguments as
     ``model_kwargs`` of a config that sets only MODEL.NAME (tests/test_backbone.py checks)."""
     _, arch, drop_path_rate = VARIANTS[name]
     return dict(
@@ -39,5 +40,5 @@ def variant_kwargs(name: str) -> dict[str, Any]:
         strip_width=list(arch["STRIP_WIDTH"]), window_size=arch["WINDOW_SIZE"],
         mlp_ratio=arch["MLP_RATIO"], qkv_bias=arch["QKV_BIAS"],
         head_hidden_dim=arch["HEAD_HIDDEN_DIM"], drop_rate=0.0, drop_path_rate=drop_path_rate,
-        use_checkpoint=False,
+        use_checkpoint=False, local_attention="ops",
     )

@@ -5,6 +5,7 @@ line, stop signals, and readers of what a run leaves (metrics, step lines, the P
 checkpoint digests)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +42,39 @@ TINY = [*TINY_MODEL, "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
 NO_AUG = ["AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0", "AUG.AUTO_AUGMENT", "none", "AUG.REPROB", "0.0",
           "AUG.COLOR_JITTER", "0.0"]
 
+# Where the tests that opt in run (the golden tests, the compiled local attention's):
+# MGSSAF_TEST_DEVICE=cuda runs them on the GPU (tools/gpu_check.py does); the default is the CPU.
+TEST_DEVICE = os.environ.get("MGSSAF_TEST_DEVICE", "cpu")
+ON_CUDA = TEST_DEVICE.startswith("cuda")
+
 _cache: dict[str, str] = {}
+
+
+def device_under_test() -> torch.device:
+    """``MGSSAF_TEST_DEVICE`` as a device; fails the test where it names CUDA and there is none
+    (a GPU run that quietly ran on the CPU would prove nothing)."""
+    if ON_CUDA and not torch.cuda.is_available():
+        import pytest
+
+        pytest.fail(f"MGSSAF_TEST_DEVICE={TEST_DEVICE}, but no CUDA device is available")
+    return torch.device(TEST_DEVICE)
+
+
+@contextlib.contextmanager
+def ieee_float32(device: torch.device) -> Iterator[None]:
+    """float32 matrix products and convolutions in IEEE float32 on CUDA (no TF32: cuDNN's
+    convolutions default to it, 10-bit mantissas), as on the CPU; nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    # the flags of one API throughout (torch refuses to read flags set through both)
+    matmul, saved = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = saved
 
 
 def _write_imagefolder(root: str, classes: int, counts: tuple[int, int], class_dir: str,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config import load_config
-from helpers import run_tool
+from helpers import ON_CUDA, device_under_test, ieee_float32, run_tool
 from models import build_model
 from models.mg_ssaf import MGSSAF, MGSSAFAttention
 
@@ -19,9 +19,9 @@ def _config(variant: str):
     return load_config(os.path.join("configs", "MG-SSAF", f"MG-SSAF-{variant}.yaml"))
 
 
-def _golden(reference_dir: str, name: str):
+def _golden(reference_dir: str, name: str, local_attention: str = "ops"):
     golden = torch.load(os.path.join(reference_dir, f"golden_tiny_{name}.pt"), weights_only=True)
-    opts = ["MODEL.NAME", f"golden_tiny_{name}"]
+    opts = ["MODEL.NAME", f"golden_tiny_{name}", "MODEL.MGSSAF.LOCAL_ATTENTION", local_attention]
     for key, value in golden["arch"].items():
         opts += [key, str(value)]
     model = build_model(load_config(None, opts)).eval()
@@ -38,12 +38,22 @@ def _keys_state_dict(reference_dir: str, variant: str) -> dict:
     return state
 
 
-@pytest.mark.parametrize("name", ["global050", "global075"])
-def test_golden_logits(reference_dir, name):
-    model, golden = _golden(reference_dir, name)
-    with torch.no_grad():
-        out64 = model.double()(golden["input"].double())
-        out32 = model.float()(golden["input"])
+# On the CPU the golden tests run the fused kernels; MGSSAF_TEST_DEVICE=cuda (tools/gpu_check.py)
+# runs them on the GPU, in PyTorch ops and, for one network, in the compiled local attention
+# (Inductor's Triton kernels: float64 and float32 graphs of every stage). On the CPU
+# tests/test_local_attention.py compares the compiled path with the ops.
+GOLDEN_CASES = [("global050", "ops"), ("global075", "ops")] + (
+    [("global050", "compiled")] if ON_CUDA else [])
+
+
+@pytest.mark.parametrize("name,local_attention", GOLDEN_CASES)
+def test_golden_logits(reference_dir, name, local_attention):
+    device = device_under_test()
+    model, golden = _golden(reference_dir, name, local_attention)
+    model, images = model.to(device), golden["input"].to(device)
+    with torch.no_grad(), ieee_float32(device):
+        out64 = model.double()(images.double()).cpu()
+        out32 = model.float()(images).cpu()
     assert (out64 - golden["logits"]).abs().max().item() < 1e-9
     assert (out32.double() - golden["logits"]).abs().max().item() < 1e-4
 
