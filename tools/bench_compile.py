@@ -1,8 +1,10 @@
-"""Eager against ``torch.compile`` in one process: MG-SSAF's fp32 training step (AdamW) and
-inference, the two runners' steps interleaved so that both see the same machine load.
+"""Eager against ``torch.compile`` in one process: MG-SSAF's training step (AdamW) and inference,
+in float32 or under CPU autocast to bfloat16, the two runners' steps interleaved so that both see
+the same machine load.
 
     python tools/bench_compile.py                        # mg_ssaf_t, train batch 8, infer 16
     python tools/bench_compile.py --model mg_ssaf_s --steps 7 --threads 2
+    python tools/bench_compile.py --dtype float32 bfloat16 --phases train infer
 
 The compiled model keeps the fused SS-MSA + AF kernels and the depthwise weight-gradient kernel
 (custom ops, models/separable.py and models/depthwise.py). Times are medians in seconds per step
@@ -27,15 +29,16 @@ import models  # noqa: E402,F401  (registers mg_ssaf_*)
 from utils import cpu_model  # noqa: E402
 
 
-def steps(model: nn.Module, phase: str, batch: int, img_size: int):
+def steps(model: nn.Module, phase: str, batch: int, img_size: int, dtype: str):
     """A training step (forward, cross-entropy, backward, AdamW) or an inference step of
-    ``model`` on fixed random images."""
+    ``model`` on fixed random images, in float32 or under CPU autocast to bfloat16."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     torch.manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size).contiguous(
         memory_format=torch.channels_last)
     if phase == "infer":
         def step() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 model(images)
         return step
     labels = torch.zeros(batch, dtype=torch.long)
@@ -44,7 +47,9 @@ def steps(model: nn.Module, phase: str, batch: int, img_size: int):
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        criterion(model(images), labels).backward()
+        with autocast:
+            loss = criterion(model(images), labels)
+        loss.backward()
         optimizer.step()
     return step
 
@@ -59,37 +64,46 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per runner")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
     parser.add_argument("--threads", type=int, default=0, help="0: PyTorch's default")
+    parser.add_argument("--dtype", nargs="+", default=["float32"],
+                        choices=["float32", "bfloat16"],
+                        help="float32, and/or bfloat16 autocast (slow on CPUs without AVX-512)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    for phase in args.phases:
-        batch = args.train_batch_size if phase == "train" else args.batch_size
-        runners = {}
-        for name in ("eager", "compiled"):
-            torch.manual_seed(0)
-            model = timm.create_model(args.model).to(memory_format=torch.channels_last)
-            model.train(phase == "train")
-            runner = torch.compile(model) if name == "compiled" else model
-            runners[name] = steps(runner, phase, batch, args.img_size)
+    for dtype in args.dtype:
+        for phase in args.phases:
+            compare(args, phase, dtype)
+
+
+def compare(args: argparse.Namespace, phase: str, dtype: str) -> None:
+    """Times eager and compiled steps of one phase in one dtype, interleaved; prints the ratio."""
+    batch = args.train_batch_size if phase == "train" else args.batch_size
+    runners = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = timm.create_model(args.model).to(memory_format=torch.channels_last)
+        model.train(phase == "train")
+        runner = torch.compile(model) if name == "compiled" else model
+        runners[name] = steps(runner, phase, batch, args.img_size, dtype)
+    for name, step in runners.items():
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        print(f"  {phase} {dtype} {name}: warm-up {time.perf_counter() - start:.1f} s",
+              flush=True)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.steps):
         for name, step in runners.items():
             start = time.perf_counter()
-            for _ in range(args.warmup):
-                step()
-            print(f"  {phase} {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(args.steps):
-            for name, step in runners.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        print(f"{args.model} {phase} fp32 batch {batch}: "
-              + ", ".join(f"{name} {medians[name]:.3f} s/step ({batch / medians[name]:.2f} img/s)"
-                          for name in runners)
-              + f"; compiled/eager speed {medians['eager'] / medians['compiled']:.3f}x")
-
+            step()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"{args.model} {phase} {dtype} batch {batch}: "
+          + ", ".join(f"{name} {medians[name]:.3f} s/step ({batch / medians[name]:.2f} img/s)"
+                      for name in runners)
+          + f"; compiled/eager speed {medians['eager'] / medians['compiled']:.3f}x", flush=True)
 
 if __name__ == "__main__":
     main()
