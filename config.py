@@ -486,7 +486,7 @@ def _derive_batch_size(cfg: CN, seen: dict[str, str], world_size: int) -> None:
         raise ConfigError(f"DATA.TOTAL_BATCH_SIZE ({where}) must be 0 (off) or a positive total "
                           f"batch, got {total}")
     source = seen.get("DATA.BATCH_SIZE")
-    if source in ("--opts", "command line"):
+    if source is not None and (source.startswith("--") or source == "command line"):
         return  # the batch per process given for this run wins; main.py warns with its total
     if source is not None:
         raise ConfigError(f"DATA.BATCH_SIZE {cfg.DATA.BATCH_SIZE} ({source}) and "

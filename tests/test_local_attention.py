@@ -119,10 +119,10 @@ def test_compiled_path_keeps_a_graph_per_shape_beyond_dynamos_default(monkeypatc
 
     monkeypatch.setattr(mg_ssaf, "_compiled", [torch.compile(
         windowed_attention, dynamic=False, backend="eager")])  # Dynamo's capture, no codegen
-    limit = torch._dynamo.config.recompile_limit
+    limit = 8  # Dynamo's default, set here: an earlier test of the session may have raised it
     attn = _attention("compiled", torch.float32)
     torch._dynamo.utils.counters.clear()
-    with separable.pytorch_ops():
+    with separable.pytorch_ops(), torch._dynamo.config.patch(recompile_limit=limit):
         for height in range(3, 3 + limit + 2):
             attn.ss_msa(_local(attn, 1, height, 7, torch.float32))
             assert torch._dynamo.config.recompile_limit == limit
