@@ -79,9 +79,18 @@ def fail_collectively(error: Exception, config: CN | None) -> None:
            f"{get_world_size()} processes this usually means another rank failed or did not "
            f"answer within DIST_TIMEOUT ({timeout} s): {who}; a failure, not a "
            "preemption (no PREEMPTED marker)")
+    exit_now(1)
+
+
+def exit_now(code: int) -> None:
+    """Ends a process of a multi-process run with ``code`` at once, its log and output flushed:
+    no interpreter shutdown, where the process group's threads could hang or abort it
+    ("terminate called without an active exception", exit code -6 instead of ``code``)."""
     release_run_locks()
     logging.shutdown()
-    os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(task: Task, argv: list[str] | None = None) -> int:
@@ -103,17 +112,19 @@ def main(task: Task, argv: list[str] | None = None) -> int:
         code = PREEMPTED_EXIT_CODE
     except NonFiniteLossError as e:
         report(f"{e}; the checkpoints already in the output folder are untouched")
-        return 1
+        code = 1
     except (ConfigError, DataError, RunError, CheckpointError) as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a loader worker: keep the message itself
             message = message.strip().splitlines()[-1]
         report(message)
-        return 1
+        code = 1
     except Exception as e:
         if get_world_size() == 1:
             raise
         fail_collectively(e, config)
+    if code == 1 and dist.is_initialized() and get_world_size() > 1:
+        exit_now(code)  # a failure: the peers may be gone, so no orderly teardown
     if dist.is_initialized():
         dist.destroy_process_group()
     return code
