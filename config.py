@@ -19,6 +19,7 @@ from yacs.config import CfgNode as CN
 
 # The released variants: MODEL.NAME -> (title, MODEL.MGSSAF keys, MODEL.DROP_PATH_RATE), a table
 # that lives with the model; this module checks how their names are spelled and fills them in.
+from models.mg_ssaf import LOCAL_ATTENTION
 from models.variants import RELEASED_NAMES, VARIANTS
 
 _C = CN()
@@ -544,7 +545,7 @@ VALUE_RULES: dict[str, tuple] = {
     "MODEL.MGSSAF.MLP_RATIO": POSITIVE,
     "MODEL.MGSSAF.HEAD_HIDDEN_DIM": SIZE,
     "MODEL.MGSSAF.GLOBAL_RATIO": (EACH, PROBABILITY),
-    "MODEL.MGSSAF.LOCAL_ATTENTION": _choice("ops", "compiled"),
+    "MODEL.MGSSAF.LOCAL_ATTENTION": _choice(*LOCAL_ATTENTION),
     "TRAIN.WEIGHT_DECAY": RATE,
     "TRAIN.BASE_LR": RATE,
     "TRAIN.WARMUP_LR": RATE,
@@ -623,8 +624,6 @@ def check_values(cfg: CN, seen: dict[str, str] | None = None) -> None:
 def mixup_enabled(cfg: CN) -> bool:
     """Whether ``AUG.*`` turns Mixup or CutMix on."""
     return cfg.AUG.MIXUP > 0 or cfg.AUG.CUTMIX > 0 or cfg.AUG.CUTMIX_MINMAX is not None
-
-
 
 
 def check_config(cfg: CN) -> None:
