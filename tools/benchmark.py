@@ -13,8 +13,8 @@ measurements runs N times and each figure is the median over the rounds (peak me
 largest): on a shared machine a busy moment then hits every model alike instead of one row.
 
 Efficiency: once per run the tool measures the machine's matrix-multiply peak in the benchmark's
-dtype (the faster of a large ``torch.mm`` and a large 1x1 convolution, on the same device and
-threads; see ``gemm_peak_gflops``) and
+dtype (the faster of a large ``torch.mm`` and a large 1x1 convolution under the same autocast,
+on the same device and threads; see ``gemm_peak_gflops``) and
 reports for every row the achieved FLOP/s (2 FLOPs per multiply-add; a training step counted as 3
 forward passes: forward, input gradients, weight gradients) and its fraction of that peak, which
 carries over between machines better than img/s does.
@@ -175,33 +175,45 @@ def median_step_seconds(step: Callable[[], None], steps: int, device: torch.devi
     return statistics.median(times)
 
 
-def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn`` (after one untimed)."""
-    fn()
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
+                  budget: float = 10.0) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` after one warm-up call; a warm-up over
+    ``budget`` seconds is the measurement (minute-long bfloat16 products on CPUs without
+    bfloat16 kernels)."""
     best = float("inf")
-    for _ in range(repeats):
+    for call in range(repeats + 1):
         synchronize(device)
         start = time.perf_counter()
         fn()
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if call or seconds > budget:
+            best = min(best, seconds)
+        if seconds > budget:
+            break
     return best
 
 
 def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
-    """The machine's matrix-multiply peak in GFLOP/s (2 FLOPs per multiply-add), as the faster
-    of the two GEMM libraries PyTorch calls: ``torch.mm`` of 2048 x 2048 matrices (MKL or
-    OpenBLAS on CPU, cuBLAS on CUDA) and a 1024 -> 1024-channel 1x1 convolution of a 16 x 16 x 16
-    channels-last batch (oneDNN on CPU, cuDNN on CUDA). On AMD CPUs MKL runs AVX2 code while
-    oneDNN runs AVX-512, so the two can differ by 2x; models reach one or the other."""
+    """The machine's matrix-multiply peak in GFLOP/s (2 FLOPs per multiply-add) in ``dtype``, as
+    the faster of the two GEMM libraries PyTorch calls: ``torch.mm`` of 2048 x 2048 matrices
+    (MKL or OpenBLAS on CPU, cuBLAS on CUDA) and a 1024 -> 1024-channel 1x1 convolution of a
+    16 x 16 x 16 channels-last batch under autocast to ``dtype``, as MG-SSAF runs it
+    (``models.conv``: oneDNN on CPU, through float32 on CPUs without bfloat16 kernels; cuDNN on
+    CUDA). On AMD CPUs
+    MKL runs AVX2 code while oneDNN runs AVX-512, so the two can differ by 2x; models reach one
+    or the other."""
+    from models.conv import Conv2d
+
     n = 2048
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     mm = 2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), device, repeats) / 1e9
     batch, c, size = 16, 1024, 16
     x = torch.randn(batch, c, size, size, device=device).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(c, c, 1, 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    seconds = _best_seconds(lambda: torch.nn.functional.conv2d(x, w), device, repeats)
+    conv = Conv2d(c, c, 1, bias=False, device=device).to(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        seconds = _best_seconds(lambda: conv(x), device, repeats)
     conv = 2 * batch * size * size * c * c / seconds / 1e9
     return {"peak": max(mm, conv), "mm": mm, "conv1x1": conv}
 
