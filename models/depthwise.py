@@ -19,7 +19,8 @@ kernel), each with a fake implementation and a FLOP formula, so ``torch.compile`
 backward. It applies to the 5x5 and 7x7 kernels (at 3x3 oneDNN's own backward is within 2-4x of
 the forward), with grad enabled, in float32, float64 and bfloat16: under CPU autocast to bfloat16
 the convolution runs on bfloat16 copies of the input and parameters, as autocast runs
-``nn.Conv2d``, and the kernel loads the bfloat16 maps and sums in float32. Everywhere else (CUDA,
+``nn.Conv2d``, and the kernel loads the bfloat16 maps and sums in float32 (on CPUs without
+bfloat16 kernels, through float32 copies: ``models.conv.Conv2d``). Everywhere else (CUDA,
 where cuDNN has dedicated depthwise kernels; autocast to other dtypes; stride 2; channel counts
 that are no multiple of the kernel's channel block; no C compiler; no grad; graphs recorded to
 run elsewhere, by ``torch.export`` or ``torch.jit.trace``, which keep ATen's convolution) the
@@ -34,10 +35,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
+from .conv import Conv2d, autocast_off
 
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad"]
 
@@ -270,8 +271,9 @@ def _gradients(ctx, grad_out: torch.Tensor):
     x, weight = ctx.saved_tensors
     k, channels = weight.shape[-1], x.shape[1]
     grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, k // 2, 1, channels)
+    if ctx.needs_input_grad[0]:  # in the saved dtypes, also when traced under autocast
+        with autocast_off(grad_out.device.type):
+            grad_x = F.conv2d(grad_out, weight.flip(-2, -1), None, 1, k // 2, 1, channels)
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
         grad_w, grad_b = depthwise_weight_grad(x, grad_out, k)
         grad_w = torch.empty_like(weight).copy_(grad_w)
@@ -295,7 +297,7 @@ def _(x_shape, grad_out_shape, kernel_size, *args, out_shape=None, **kwargs) -> 
     return 2 * b * c * h * w * kernel_size * kernel_size
 
 
-class DepthwiseConv2d(nn.Conv2d):
+class DepthwiseConv2d(Conv2d):
     """``nn.Conv2d(dim, dim, k, stride, k // 2, groups=dim)`` on ``(B, C, H, W)`` maps (any memory
     format), with the fast CPU backward where it applies (see the module docstring)."""
 
@@ -305,13 +307,14 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim,
                          device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
         # a recorded graph (torch.export, torch.jit.trace) is the same with and without grad
         if (torch.is_grad_enabled() and not torch.compiler.is_exporting()
                 and not torch.jit.is_tracing()
-                and fast_backward_available(x, self.weight, self.stride[0])):
+                and fast_backward_available(x, weight, self.stride[0])):
             # under autocast, on bfloat16 copies, as autocast runs nn.Conv2d (no-ops otherwise)
-            dtype = _compute_dtype(x, self.weight)
-            bias = self.bias.to(dtype) if self.bias is not None else None
-            return depthwise_conv2d(x.to(dtype), self.weight.to(dtype), bias)
-        return super().forward(x)
+            dtype = _compute_dtype(x, weight)
+            bias = bias.to(dtype) if bias is not None else None
+            return depthwise_conv2d(x.to(dtype), weight.to(dtype), bias)
+        return self._conv_forward(x, weight, bias)

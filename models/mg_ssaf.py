@@ -2,7 +2,8 @@
 Attention Fusion module (SS-MSA + AF) side by side with multi-scale global attention (MG-MSA).
 
 Feature maps are ``(B, C, H, W)`` tensors in the channels-last memory format (laid out as
-``(B, H, W, C)``): every convolution runs channels-last in oneDNN or cuDNN, LN2d normalises
+``(B, H, W, C)``): every convolution runs channels-last in oneDNN or cuDNN (under CPU autocast to
+bfloat16 on CPUs without bfloat16 kernels, through float32: models/conv.py), LN2d normalises
 contiguous channels, and the attention reads its projection as a ``(B, H, W, C)`` view (a
 permutation, no copy) whose heads are contiguous channels (the layout only changes how the same
 numbers are computed). On CPU, SS-MSA with its AF module runs as fused C kernels
@@ -49,6 +50,7 @@ from timm.layers import (DropPath, register_notrace_function, register_notrace_m
 from timm.models._features import feature_take_indices
 
 from .checkpoint_io import load_pretrained
+from .conv import Conv2d, autocast_off
 from .depthwise import DepthwiseConv2d
 from .pointwise import PointwiseConv2d
 from .separable import fused_available, separable_attention
@@ -60,7 +62,8 @@ _logger = logging.getLogger(__name__)
 DeviceLike = torch.device | str | None
 
 # torch.fx (timm's FX feature extraction) calls these as leaf modules, like nn.Conv2d: their
-# CPU fast paths branch on the device, batch and memory format of the input
+# CPU fast paths branch on the device, batch, memory format and autocast state of the input
+register_notrace_module(Conv2d)
 register_notrace_module(PointwiseConv2d)
 register_notrace_module(DepthwiseConv2d)
 
@@ -130,14 +133,18 @@ class AttentionFusion(nn.Sequential):
         )
 
     def _spatial_operator(self, map_size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """The depthwise 3x3 convolution on ``map_size`` maps as ``(heads, M, M)`` matrices."""
+        """The depthwise 3x3 convolution on ``map_size`` maps as ``(heads, M, M)`` matrices in
+        ``like``'s dtype. Their entries are the weights (rounded to that dtype) and zeros, so the
+        convolution runs exactly in the weight's dtype, outside autocast."""
         dw = self[0]
         heads, m = dw.out_channels, map_size[0] * map_size[1]
-        basis = torch.eye(m, dtype=like.dtype, device=like.device)
+        weight = dw.weight.to(like.dtype).to(dw.weight.dtype)
+        basis = torch.eye(m, dtype=weight.dtype, device=like.device)
         basis = basis.view(m, 1, *map_size).expand(m, heads, *map_size)
         # (M_in, heads, mh, mw): the convolution's response to each one-hot input position
-        response = F.conv2d(basis, dw.weight.to(like.dtype), padding=1, groups=heads)
-        return response.reshape(m, heads, m).transpose(0, 1)  # (heads, M_in, M_out)
+        with autocast_off(like.device.type):
+            response = F.conv2d(basis, weight, padding=1, groups=heads)
+        return response.to(like.dtype).reshape(m, heads, m).transpose(0, 1)  # (heads, M_in, M_out)
 
     def forward(self, attn: torch.Tensor, values: torch.Tensor,
                 map_size: tuple[int, int]) -> torch.Tensor:
@@ -469,9 +476,9 @@ class PatchEmbed(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm = LayerNorm2d(embed_dim, **dd)
-        self.Conv2Down = nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1, **dd)
-        self.Conv4Down = nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1, **dd)
-        self.ConvFuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, **dd)
+        self.Conv2Down = Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1, **dd)
+        self.Conv4Down = Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1, **dd)
+        self.ConvFuse = Conv2d(embed_dim, embed_dim, 3, padding=1, **dd)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

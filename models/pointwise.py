@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .conv import Conv2d
 
 __all__ = ["PointwiseConv2d"]
 
@@ -28,7 +29,7 @@ def _plain_conv(x: torch.Tensor) -> bool:
             or not x.is_contiguous(memory_format=torch.channels_last))
 
 
-class PointwiseConv2d(nn.Conv2d):
+class PointwiseConv2d(Conv2d):
     """``nn.Conv2d(in_chans, out_chans, 1)`` on ``(B, C, H, W)`` maps.
 
     On a channels-last map the 1x1 convolution is one ``(B*H*W, C) x (C, out)`` matrix product.
@@ -48,12 +49,13 @@ class PointwiseConv2d(nn.Conv2d):
                  ) -> None:
         super().__init__(in_chans, out_chans, 1, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
         if _plain_conv(x):
-            return super().forward(x)
+            return self._conv_forward(x, weight, bias)
         b, c, h, w = x.shape
         k = _pieces(b, h)
         # (B, H, W, C) memory as a (B*k, C, H/k, W) channels-last batch: a view
         pieces = x.permute(0, 2, 3, 1).reshape(b * k, h // k, w, c).permute(0, 3, 1, 2)
-        out = F.conv2d(pieces, self.weight, self.bias)  # (B*k, out, H/k, W), channels-last
+        out = F.conv2d(pieces, weight, bias)  # (B*k, out, H/k, W), channels-last
         return out.permute(0, 2, 3, 1).reshape(b, h, w, -1).permute(0, 3, 1, 2)

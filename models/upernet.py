@@ -24,6 +24,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from .build import model_kwargs
+from .conv import Conv2d
 from .mg_ssaf import MGSSAF, LayerNorm2d
 
 __all__ = ["MGSSAFSegBackbone", "ConvBNReLU", "PPM", "UPerHead", "FCNHead",
@@ -66,7 +67,7 @@ class ConvBNReLU(nn.Sequential):
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1,
                  init: str = "mmcv") -> None:
         super().__init__(
-            nn.Conv2d(in_chans, out_chans, kernel_size, padding=kernel_size // 2, bias=False),
+            Conv2d(in_chans, out_chans, kernel_size, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_chans),
             nn.ReLU(inplace=True),
         )
@@ -87,10 +88,10 @@ def check_init(init: str) -> str:
     return init
 
 
-def _classifier(channels: int, num_classes: int, init: str = "mmcv") -> nn.Conv2d:
+def _classifier(channels: int, num_classes: int, init: str = "mmcv") -> Conv2d:
     """The 1x1 ``conv_seg`` of a head, normal(0, 0.01) with bias 0 (mmseg's decode heads), or
     PyTorch's default (``init="pytorch"``)."""
-    conv = nn.Conv2d(channels, num_classes, 1)
+    conv = Conv2d(channels, num_classes, 1)
     if check_init(init) == "pytorch":
         return conv
     nn.init.normal_(conv.weight, std=0.01)

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from config import load_config
+from models import build_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs", "MG-SSAF", "MG-SSAF-T.yaml")
 DEMO_CFG = os.path.join(ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
@@ -48,6 +51,19 @@ TEST_DEVICE = os.environ.get("MGSSAF_TEST_DEVICE", "cpu")
 ON_CUDA = TEST_DEVICE.startswith("cuda")
 
 _cache: dict[str, str] = {}
+
+
+def golden_model(reference_dir: str, name: str, local_attention: str = "ops"
+                 ) -> tuple[torch.nn.Module, dict]:
+    """The network of ``golden_tiny_<name>.pt`` with its weights (eval mode), and the file's
+    contents (``input``, ``logits``, ``arch``)."""
+    golden = torch.load(os.path.join(reference_dir, f"golden_tiny_{name}.pt"), weights_only=True)
+    opts = ["MODEL.NAME", f"golden_tiny_{name}", "MODEL.MGSSAF.LOCAL_ATTENTION", local_attention]
+    for key, value in golden["arch"].items():
+        opts += [key, str(value)]
+    model = build_model(load_config(None, opts)).eval()
+    model.load_state_dict(golden["state_dict"])
+    return model, golden
 
 
 def device_under_test() -> torch.device:

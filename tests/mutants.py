@@ -66,6 +66,20 @@ MUTANTS = [
     Mutant("depthwise-kernel-unused", "the 7x7 depthwise weight gradient runs the C kernel",
            "models/depthwise.py", "and k in _FAST_KERNELS\n", "and k in ()\n",
            ("tests/test_depthwise.py::test_float32_matches_conv2d",)),
+    Mutant("bfloat16-generic-convolutions", "under CPU bf16 autocast without oneDNN's bf16 "
+           "kernels the convolutions run through float32", "models/conv.py",
+           "and not _BFLOAT16_NATIVE\n", "and not True\n",
+           ("tests/test_conv.py::test_mg_ssaf_runs_every_convolution_through_float32",)),
+    Mutant("bfloat16-operands-unrounded", "the bf16 convolutions through float32 give a bf16 "
+           "convolution's numbers", "models/conv.py",
+           "return None if t is None else t.to(torch.bfloat16).float()",
+           "return None if t is None else t.float()",
+           ("tests/test_conv.py::test_through_float32_gives_a_bfloat16_convolutions_numbers_"
+            "and_dtypes",)),
+    Mutant("depthwise-backward-under-autocast", "compiled code keeps the bf16 convolutions' "
+           "float32 path (backward formulas traced under autocast)", "models/depthwise.py",
+           "        with autocast_off(grad_out.device.type):\n", "        if True:\n",
+           ("tests/test_conv.py::test_compiled_code_keeps_the_float32_path",)),
     Mutant("attention-scale", "the model computes the released network (golden logits)",
            "models/mg_ssaf.py", "        self.scale = self.head_dim ** -0.5",
            "        self.scale = self.head_dim ** -0.5 * 1.001",

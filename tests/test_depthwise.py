@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import ckernel, depthwise
+from models import ckernel, conv, depthwise
 from models.depthwise import DepthwiseConv2d, fast_backward_available
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
@@ -105,10 +105,12 @@ def test_other_shapes_are_exactly_conv2d(kernel, stride):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def test_bfloat16_autocast_takes_the_kernel(recording_openmp_pool):
-    """Under CPU autocast to bfloat16 the convolution runs on bfloat16 copies, as nn.Conv2d's
-    does (the same forward), and its weight gradient in the C kernel (bfloat16 loads, float32
-    sums): the gradients are the float32 path's within bfloat16 round-off."""
+def test_bfloat16_autocast_takes_the_kernel(recording_openmp_pool, monkeypatch):
+    """Under CPU autocast to bfloat16, on a CPU with bfloat16 kernels (on others, see
+    tests/test_conv.py), the convolution runs on bfloat16 copies, as nn.Conv2d's does (the same
+    forward), and its weight gradient in the C kernel (bfloat16 loads, float32 sums): the
+    gradients are the float32 path's within bfloat16 round-off."""
+    monkeypatch.setattr(conv, "_BFLOAT16_NATIVE", True)
     native, fast = _pair(32, 7)
     x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 32, 14, 14, dtype=torch.bfloat16)

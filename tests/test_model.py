@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config import load_config
-from helpers import ON_CUDA, device_under_test, ieee_float32, run_tool
+from helpers import ON_CUDA, device_under_test, golden_model, ieee_float32, run_tool
 from models import build_model
 from models.mg_ssaf import MGSSAF, MGSSAFAttention
 
@@ -17,16 +17,6 @@ TINY = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 6, 6, 2), num_class
 
 def _config(variant: str):
     return load_config(os.path.join("configs", "MG-SSAF", f"MG-SSAF-{variant}.yaml"))
-
-
-def _golden(reference_dir: str, name: str, local_attention: str = "ops"):
-    golden = torch.load(os.path.join(reference_dir, f"golden_tiny_{name}.pt"), weights_only=True)
-    opts = ["MODEL.NAME", f"golden_tiny_{name}", "MODEL.MGSSAF.LOCAL_ATTENTION", local_attention]
-    for key, value in golden["arch"].items():
-        opts += [key, str(value)]
-    model = build_model(load_config(None, opts)).eval()
-    model.load_state_dict(golden["state_dict"])
-    return model, golden
 
 
 def _keys_state_dict(reference_dir: str, variant: str) -> dict:
@@ -49,7 +39,7 @@ GOLDEN_CASES = [("global050", "ops"), ("global075", "ops")] + (
 @pytest.mark.parametrize("name,local_attention", GOLDEN_CASES)
 def test_golden_logits(reference_dir, name, local_attention):
     device = device_under_test()
-    model, golden = _golden(reference_dir, name, local_attention)
+    model, golden = golden_model(reference_dir, name, local_attention)
     model, images = model.to(device), golden["input"].to(device)
     with torch.no_grad(), ieee_float32(device):
         out64 = model.double()(images.double()).cpu()

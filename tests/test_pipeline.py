@@ -462,8 +462,9 @@ def test_a_stop_signal_after_an_epoch_saves_its_checkpoint_once_and_marks_it(tmp
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_amp_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch, caplog, native):
-    """AVX2-only CPUs run bf16 products on generic code (~5x slower than float32): the run
-    says so and how to train in float32; where oneDNN has bf16, nothing is said."""
+    """On AVX2-only CPUs bf16 autocast is no faster than float32 (the convolutions run through
+    float32, other bf16 products on generic code): the run says so and how to train in float32;
+    where oneDNN has bf16, nothing is said."""
     import engine.run
 
     monkeypatch.setattr(engine.run, "cpu_bfloat16_native", lambda: native)

@@ -1,0 +1,80 @@
+"""``Conv2d``: ``nn.Conv2d`` whose bfloat16 autocast stays fast on CPUs without bfloat16 kernels.
+
+Under CPU autocast to bfloat16, ``nn.Conv2d`` convolves bfloat16 copies of its input, weight and
+bias. oneDNN's bfloat16 kernels (AVX-512 with BW/VL/DQ, AVX512-BF16 or AMX) load bfloat16, sum
+in float32 and store bfloat16. On CPUs without them (AVX2 only: Zen 1-3, Intel before
+Skylake-SP) PyTorch falls back to its generic convolution, which runs grouped convolutions one
+channel at a time: on a Zen 3 EPYC the 7x7 depthwise convolution of MG-SSAF-T's first stage
+takes 80x its float32 time and a 1x1 convolution 12x.
+
+There ``Conv2d`` computes the same numbers through float32: it rounds the input, weight and bias
+to bfloat16 (what autocast's copies hold), convolves float32 copies of them with autocast off,
+and returns the output rounded to bfloat16, as oneDNN's bfloat16 kernels do; gradients flow back
+through the copies in the input's and the parameters' own dtypes. (Compiled by Inductor, which by
+default does not emulate precision casts, the rounded copies may keep their float32 values: the
+outputs then differ by bfloat16 round-off.) Everywhere else (no autocast, other autocast dtypes,
+CUDA, CPUs with bfloat16 kernels, graphs recorded by ``torch.export`` or ``torch.jit.trace``) it
+is ``nn.Conv2d``. Subclasses change how the convolution is computed by overriding ``convolve``;
+parameter names and shapes are ``nn.Conv2d``'s.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Conv2d", "autocast_off", "bfloat16_through_float32", "cpu_bfloat16_native"]
+
+
+def cpu_bfloat16_native() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions and matrix products on this CPU (PyTorch's own
+    check: AVX-512 with BW, VL and DQ, or AMX); on other CPUs they run on generic code."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True
+
+
+_BFLOAT16_NATIVE = cpu_bfloat16_native()  # a constant to torch.compile
+
+
+def bfloat16_through_float32(x: torch.Tensor) -> bool:
+    """Whether a convolution of ``x`` runs its bfloat16 autocast through float32: on CPU, under
+    autocast to bfloat16, on a CPU without bfloat16 kernels, outside recorded graphs."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and x.dtype in (torch.float32, torch.bfloat16) and not _BFLOAT16_NATIVE
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
+
+
+def autocast_off(device_type: str) -> ContextManager:
+    """Autocast switched off for ``device_type`` where it is on (a no-op otherwise, so that graphs
+    recorded without autocast hold no autocast region): for computations that must run in their
+    inputs' dtypes, such as a backward formula traced under the forward's autocast by
+    ``torch.compile``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _rounded(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t``'s values rounded to bfloat16, as a float32 tensor (None stays None)."""
+    return None if t is None else t.to(torch.bfloat16).float()
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` on ``(B, C, H, W)`` maps (see the module docstring for bfloat16 autocast on
+    CPUs without bfloat16 kernels)."""
+
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The convolution of ``x`` by ``weight`` and ``bias`` (this module's or their rounded
+        float32 copies); subclasses compute it their way."""
+        return self._conv_forward(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bfloat16_through_float32(x):
+            return self.convolve(x, self.weight, self.bias)
+        with autocast_off("cpu"):
+            out = self.convolve(_rounded(x), _rounded(self.weight), _rounded(self.bias))
+        return out.to(torch.bfloat16)
