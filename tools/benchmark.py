@@ -200,9 +200,8 @@ def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5)
     (MKL or OpenBLAS on CPU, cuBLAS on CUDA) and a 1024 -> 1024-channel 1x1 convolution of a
     16 x 16 x 16 channels-last batch under autocast to ``dtype``, as MG-SSAF runs it
     (``models.conv``: oneDNN on CPU, through float32 on CPUs without bfloat16 kernels; cuDNN on
-    CUDA). On AMD CPUs
-    MKL runs AVX2 code while oneDNN runs AVX-512, so the two can differ by 2x; models reach one
-    or the other."""
+    CUDA). On AMD CPUs MKL runs AVX2 code while oneDNN runs AVX-512, so the two can differ by 2x;
+    models reach one or the other."""
     from models.conv import Conv2d
 
     n = 2048
