@@ -70,11 +70,11 @@ def amp_settings(config: CN, device: torch.device, logger: logging.Logger) -> Am
                        "slower than float32 on an AVX-512 EPYC); set AMP_DTYPE bfloat16, or "
                        "--disable_amp for float32")
     if device.type == "cpu" and config.AMP_DTYPE == "bfloat16" and not cpu_bfloat16_native():
-        logger.warning(f"AMP_DTYPE bfloat16 on a CPU ({cpu_model()}) without the AVX-512 "
-                       "instructions oneDNN runs bfloat16 on: the model's convolutions run it "
-                       "through float32 and its other bf16 products on generic code, so bf16 "
-                       "gains nothing over float32 here (0.8-0.9x its speed on an AVX2-only "
-                       "EPYC); --disable_amp for float32")
+        logger.warning(f"AMP_DTYPE bfloat16 on a CPU ({cpu_model()}) without the "
+                       "instructions oneDNN runs bfloat16 on (AVX-512 or AMX on x86): the "
+                       "model's convolutions run it through float32 and its other bf16 products "
+                       "on generic code, so bf16 gains nothing over float32 here (0.7-0.95x its "
+                       "speed on an AVX2-only EPYC); --disable_amp for float32")
     return Amp(True, getattr(torch, config.AMP_DTYPE))  # float16 or bfloat16
 
 

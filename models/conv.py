@@ -2,25 +2,27 @@
 
 Under CPU autocast to bfloat16, ``nn.Conv2d`` convolves bfloat16 copies of its input, weight and
 bias. oneDNN's bfloat16 kernels (AVX-512 with BW/VL/DQ, AVX512-BF16 or AMX) load bfloat16, sum
-in float32 and store bfloat16. On CPUs without them (AVX2 only: Zen 1-3, Intel before
-Skylake-SP) PyTorch falls back to its generic convolution, which runs grouped convolutions one
-channel at a time: on a Zen 3 EPYC the 7x7 depthwise convolution of MG-SSAF-T's first stage
-takes 80x its float32 time and a 1x1 convolution 12x.
+in float32 and store bfloat16. On CPUs without them (x86 CPUs without AVX-512: Zen 1-3, Intel
+client CPUs, Intel servers before Skylake-SP; ARM CPUs without bf16) PyTorch falls back to its
+generic convolution, which runs grouped convolutions one channel at a time: on a Zen 3 EPYC the
+7x7 depthwise convolution of MG-SSAF-T's first stage takes 80x its float32 time and a 1x1
+convolution 12x.
 
 There ``Conv2d`` computes the same numbers through float32: it rounds the input, weight and bias
 to bfloat16 (what autocast's copies hold), convolves float32 copies of them with autocast off,
 and returns the output rounded to bfloat16, as oneDNN's bfloat16 kernels do; gradients flow back
-through the copies in the input's and the parameters' own dtypes. (Compiled by Inductor, which by
-default does not emulate precision casts, the rounded copies may keep their float32 values: the
-outputs then differ by bfloat16 round-off.) Everywhere else (no autocast, other autocast dtypes,
-CUDA, CPUs with bfloat16 kernels, graphs recorded by ``torch.export`` or ``torch.jit.trace``) it
-is ``nn.Conv2d``. Subclasses change how the convolution is computed by overriding ``convolve``;
+through the copies in the input's and the parameters' own dtypes. The float32 copies are what
+autograd saves for the backward: activation memory is float32 training's, not bf16's. (Compiled
+by Inductor, which by default does not emulate precision casts, the rounded copies may keep their
+float32 values: the outputs then differ by bfloat16 round-off.) Everywhere else (no autocast,
+other autocast dtypes, CUDA, CPUs with bfloat16 kernels, graphs recorded by ``torch.export`` or
+``torch.jit.trace``) it is ``nn.Conv2d``. Subclasses change how the convolution is computed by overriding ``convolve``;
 parameter names and shapes are ``nn.Conv2d``'s.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -47,12 +49,12 @@ def bfloat16_through_float32(x: torch.Tensor) -> bool:
             and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
 
-def autocast_off(device_type: str) -> ContextManager:
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast switched off for ``device_type`` where it is on (a no-op otherwise, so that graphs
-    recorded without autocast hold no autocast region): for computations that must run in their
-    inputs' dtypes, such as a backward formula traced under the forward's autocast by
-    ``torch.compile``."""
-    if torch.is_autocast_enabled(device_type):
+    recorded without autocast hold no autocast region, and on devices without autocast, such as
+    ``meta``): for computations that must run in their inputs' dtypes, such as a backward formula
+    traced under the forward's autocast by ``torch.compile``."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

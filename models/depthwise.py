@@ -24,7 +24,8 @@ bfloat16 kernels, through float32 copies: ``models.conv.Conv2d``). Everywhere el
 where cuDNN has dedicated depthwise kernels; autocast to other dtypes; stride 2; channel counts
 that are no multiple of the kernel's channel block; no C compiler; no grad; graphs recorded to
 run elsewhere, by ``torch.export`` or ``torch.jit.trace``, which keep ATen's convolution) the
-module is exactly ``nn.Conv2d``.
+module is ``models.conv.Conv2d``: ``nn.Conv2d``, but for bfloat16 autocast on CPUs without
+bfloat16 kernels.
 Parameter names and shapes are ``nn.Conv2d``'s, so checkpoints load as before, and the weight
 gradient has the weight's own strides (what DDP's buckets expect).
 """

@@ -1,8 +1,8 @@
-"""The tests' one helpers module: datasets to run on (tiny ImageFolders, photo-sized JPEGs, a CUB and
-an ADE20K folder), the tiny model's config, runners for the command lines (``python main.py ...``,
-``main_seg.py``, ``tools/*.py``, torchrun, in subprocesses on CPU, one thread), waiting for a log
-line, stop signals, and readers of what a run leaves (metrics, step lines, the PREEMPTED marker,
-checkpoint digests)."""
+"""The tests' one helpers module: the golden network (``golden_model``), datasets to run on (tiny
+ImageFolders, photo-sized JPEGs, a CUB and an ADE20K folder), the tiny model's config, runners for
+the command lines (``python main.py ...``, ``main_seg.py``, ``tools/*.py``, torchrun, in
+subprocesses on CPU, one thread), waiting for a log line, stop signals, and readers of what a run
+leaves (metrics, step lines, the PREEMPTED marker, checkpoint digests)."""
 from __future__ import annotations
 
 import contextlib

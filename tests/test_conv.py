@@ -3,12 +3,14 @@ float32 on bfloat16-rounded operands, with the numbers and dtypes of a bfloat16 
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.overrides import TorchFunctionMode
 
+import models  # noqa: F401  (registers mg_ssaf_t with timm)
 from models import conv
 from models.conv import Conv2d
 from models.depthwise import DepthwiseConv2d
@@ -171,3 +173,46 @@ def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
         assert g.dtype == e.dtype, label
         torch.testing.assert_close(g.float(), e.float(), rtol=2 ** -7,
                                    atol=2 ** -8 * e.abs().max().item(), msg=label)
+
+
+def test_float64_and_recorded_graphs_keep_the_plain_convolution(monkeypatch):
+    """Only float32 and bfloat16 inputs take the float32 path (a float64 model is left alone, as
+    autocast leaves it); torch.jit.trace and torch.export record the convolution itself."""
+    _through_float32(monkeypatch, True)
+    module = MODULES["stem 3x3 s2"][0]()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.bfloat16_through_float32(x)
+        assert not conv.bfloat16_through_float32(x.double())
+        double = copy.deepcopy(module).double()
+        torch.testing.assert_close(double(x.double()), nn.Conv2d.forward(double, x.double()),
+                                   rtol=0, atol=0)
+        with _ConvCalls() as calls:
+            torch.jit.trace(module, (x,), check_trace=False)
+        program = torch.export.export(module, (x,))
+    assert calls.calls == [(torch.float32, torch.float32, True)]  # autocast's own, as recorded
+    casts = [n for n in program.graph.nodes if "to_copy" in str(n.target)
+             or "convert_element_type" in str(n.target)]
+    assert not casts, casts
+
+
+def test_every_convolution_of_the_networks_is_conv2d():
+    """The backbone's convolutions (but AF's, which run as matrix products) and the UPerNet
+    heads' are ``Conv2d``, so all of them take the float32 path."""
+    from models.mg_ssaf import AttentionFusion
+    from models.upernet import ConvBNReLU, _classifier
+
+    model = timm.create_model("mg_ssaf_t")
+    af = {id(m) for a in model.modules() if isinstance(a, AttentionFusion) for m in a}
+    plain = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and not isinstance(m, Conv2d) and id(m) not in af]
+    assert not plain, plain
+    assert isinstance(ConvBNReLU(8, 8, 3)[0], Conv2d) and isinstance(_classifier(8, 3), Conv2d)
+
+
+def test_the_network_runs_on_the_meta_device():
+    """timm builds and runs models on ``meta`` (no autocast there): shapes only."""
+    with torch.device("meta"):
+        model = timm.create_model("mg_ssaf_t")
+        out = model.forward_features(torch.randn(1, 3, 224, 224))
+    assert out.device.type == "meta" and out.shape == (1, 768, 7, 7)

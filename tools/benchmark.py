@@ -210,9 +210,9 @@ def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5)
     batch, c, size = 16, 1024, 16
     x = torch.randn(batch, c, size, size, device=device).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    conv = Conv2d(c, c, 1, bias=False, device=device).to(memory_format=torch.channels_last)
+    layer = Conv2d(c, c, 1, bias=False, device=device).to(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        seconds = _best_seconds(lambda: conv(x), device, repeats)
+        seconds = _best_seconds(lambda: layer(x), device, repeats)
     conv = 2 * batch * size * size * c * c / seconds / 1e9
     return {"peak": max(mm, conv), "mm": mm, "conv1x1": conv}
 
