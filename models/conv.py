@@ -16,8 +16,8 @@ autograd saves for the backward: activation memory is float32 training's, not bf
 by Inductor, which by default does not emulate precision casts, the rounded copies may keep their
 float32 values: the outputs then differ by bfloat16 round-off.) Everywhere else (no autocast,
 other autocast dtypes, CUDA, CPUs with bfloat16 kernels, graphs recorded by ``torch.export`` or
-``torch.jit.trace``) it is ``nn.Conv2d``. Subclasses change how the convolution is computed by overriding ``convolve``;
-parameter names and shapes are ``nn.Conv2d``'s.
+``torch.jit.trace``) it is ``nn.Conv2d``. Subclasses change how the convolution is computed by
+overriding ``convolve``; parameter names and shapes are ``nn.Conv2d``'s.
 """
 from __future__ import annotations
 

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
+from .conv import autocast_off
 
 __all__ = ["fused_available", "pytorch_ops", "separable_attention"]
 
@@ -479,7 +480,7 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
     rows, cols = x.new_empty(heads, groups, n * window), x.new_empty(heads, groups, n * window)
     _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
          bdw=dw_bias.contiguous(), P=p, Y=y, rowA=rows, colA=cols)
-    with torch.autocast("cpu", enabled=False):  # the maps stay in x's dtype (float32 sums)
+    with autocast_off("cpu"):  # the maps stay in x's dtype (float32 sums)
         a = F.gelu(y)
         wt = torch.addmm(p.view(heads, -1), pw_weight.reshape(heads, heads), a.view(heads, -1))
     wt = wt.view(p.shape)
@@ -513,7 +514,7 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, p: torch.Tensor, y: torch
     _run(_APPLY_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), Wt=wt,
          bmix=pw_bias.contiguous(), dWt=grad_wt, dx=grad_x, part=grad_pw_bias)
     mix = pw_weight.reshape(heads, heads)
-    with torch.autocast("cpu", enabled=False):  # a backward run within autocast
+    with autocast_off("cpu"):  # a backward run within autocast
         grad_mix = grad_wt.view(heads, -1) @ a.view(heads, -1).t()
         grad_y = torch.ops.aten.gelu_backward(mix.t() @ grad_wt.view(heads, -1),
                                               y.view(heads, -1))
