@@ -384,9 +384,11 @@ class MGSSAFAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, H, W, 2*C): a view, contiguous when x is channels-last
         qkv = self.proj_qkv(x).permute(0, 2, 3, 1)
-        out = self.ss_msa(qkv[..., :self.local_channels])
-        if self.num_global:
-            out = torch.cat([out, self.mg_msa(qkv[..., self.local_channels:])], dim=3)
+        if not self.num_global:
+            out = self.ss_msa(qkv)
+        else:  # split, not slices: its backward writes the gradient once (a slice's zero-fills)
+            local, global_ = qkv.split([self.local_channels, qkv.shape[3] - self.local_channels], 3)
+            out = torch.cat([self.ss_msa(local), self.mg_msa(global_)], dim=3)
         # (B, H, W, heads, d) -> (B, C, H, W). GELU comes before heads and d merge, so that
         # torch.compile fuses it with the window reverse into vectorised loops over d.
         out = self.act(out).flatten(3).permute(0, 3, 1, 2)
