@@ -1,17 +1,55 @@
-"""1x1 convolution on channels-last maps that always runs as oneDNN's GEMM on x86 CPUs."""
+"""1x1 convolution on channels-last maps, tuned for x86 CPUs.
+
+Two things make ``nn.Conv2d``'s 1x1 convolution slower than its arithmetic needs there:
+
+* PyTorch hands single-threaded 1x1 convolutions with a batch below 16 (the training batch of a
+  process under torchrun, which sets one thread per process) to its own MKL-based kernel, which
+  runs 15-60% slower than oneDNN's forward and up to 45% slower backward, on AVX2 and AVX-512
+  alike. Below a batch of 16 ``PointwiseConv2d`` convolves the same memory viewed as a
+  channels-last batch of ``B*k`` images of ``H/k`` rows (``k`` the smallest divisor of ``H``
+  with ``B*k >= 16``), which oneDNN takes, forward and backward. (Images of one column,
+  ``(B*H, C, W, 1)``, would do as well with AVX-512, but oneDNN's AVX2 backward is ~1.4x slower
+  on them.)
+* oneDNN's AVX2 weight gradient runs at 50-80% of its forward's speed: on a Zen 3 EPYC, at
+  MG-SSAF-T's twelve 1x1 shapes (batch 8, 2 threads), 64-135 GFLOP/s against the forward's
+  116-175, while MKL's matrix product computes the same gradient at 96-169. Where PyTorch runs
+  AVX2 code, training therefore goes through ``mgssaf::pointwise_conv2d``, a PyTorch custom op
+  (``torch.library``: fake implementation, autograd formula, FLOP formula; ``torch.compile``
+  keeps it) whose forward is oneDNN's convolution and whose gradients are
+
+  - input: the 1x1 convolution of the output gradient with the transposed weight (oneDNN's
+    forward kernel);
+  - weight: ``dW = dY^T X``, one ``(out, B*H*W) x (B*H*W, in)`` matrix product of the
+    channels-last maps viewed as matrices (MKL); bias: ``dY`` summed over ``B*H*W``.
+
+  On AVX-512 CPUs oneDNN runs AVX-512 code where MKL may not (on AMD CPUs MKL runs AVX2), and
+  the weight gradient stays oneDNN's.
+
+The numbers are those of the same matrix products (to float round-off); parameter names and
+shapes are ``nn.Conv2d``'s, and the weight gradient has the weight's own strides (what DDP's
+buckets expect). Exported and traced graphs get the plain convolution (``_plain_conv``), as do
+maps that are not channels-last, autocast (under bfloat16 autocast on CPUs without bfloat16
+kernels, ``models.conv.Conv2d`` calls ``convolve`` on float32 copies with autocast off, which
+takes the paths above), and other devices.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
-from .conv import Conv2d
+from .conv import Conv2d, autocast_off
 
-__all__ = ["PointwiseConv2d"]
+__all__ = ["PointwiseConv2d", "pointwise_conv2d"]
 
 # PyTorch gives single-threaded 1x1 convolutions of smaller batches to its MKL-based kernel.
 _ONEDNN_MIN_BATCH = 16
 # oneDNN beats that kernel, forward and backward, where PyTorch runs AVX2 or AVX-512 code.
 _ONEDNN_FASTER = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# MKL's matrix product beats oneDNN's AVX2 weight gradient (measured on a Zen 3 EPYC).
+_MKL_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def _pieces(batch: int, height: int) -> int:
@@ -20,29 +58,100 @@ def _pieces(batch: int, height: int) -> int:
                  if height % k == 0 and batch * k >= _ONEDNN_MIN_BATCH), height)
 
 
+def _recording() -> bool:
+    """Whether a graph is being recorded to run elsewhere (``torch.export``,
+    ``torch.jit.trace``): it gets the plain convolution, free of the example's batch."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _plain_conv(x: torch.Tensor) -> bool:
-    """Whether ``x`` goes to ``nn.Conv2d`` as it is: off x86 CPUs, at batches of 16 or more, on
-    maps that are not channels-last, and wherever a graph is recorded (``torch.export``,
-    ``torch.jit.trace``), which must not depend on the batch the example happens to have."""
-    return (x.device.type != "cpu" or not _ONEDNN_FASTER or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or x.shape[0] >= _ONEDNN_MIN_BATCH
+    """Whether ``x`` goes to ``F.conv2d`` as it is: off x86 CPUs, at batches of 16 or more, on
+    maps that are not channels-last, and wherever a graph is recorded."""
+    return (x.device.type != "cpu" or not _ONEDNN_FASTER or _recording()
+            or x.shape[0] >= _ONEDNN_MIN_BATCH
             or not x.is_contiguous(memory_format=torch.channels_last))
 
 
-class PointwiseConv2d(Conv2d):
-    """``nn.Conv2d(in_chans, out_chans, 1)`` on ``(B, C, H, W)`` maps.
+def _onednn_conv(x: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The 1x1 convolution of ``x`` ``(B, C, H, W)`` by ``weight`` ``(out, C, 1, 1)``, below a
+    batch of 16 on channels-last maps as a batch of ``B*k`` images oneDNN takes."""
+    if _plain_conv(x):
+        return F.conv2d(x, weight, bias)
+    b, c, h, w = x.shape
+    k = _pieces(b, h)
+    # (B, H, W, C) memory as a (B*k, C, H/k, W) channels-last batch: a view
+    pieces = x.permute(0, 2, 3, 1).reshape(b * k, h // k, w, c).permute(0, 3, 1, 2)
+    out = F.conv2d(pieces, weight, bias)  # (B*k, out, H/k, W), channels-last
+    return out.permute(0, 2, 3, 1).reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
-    On a channels-last map the 1x1 convolution is one ``(B*H*W, C) x (C, out)`` matrix product.
-    PyTorch hands single-threaded 1x1 convolutions with a batch below 16 (the training batch of
-    a process under torchrun, which sets one thread per process) to its own MKL-based kernel,
-    which runs 15-60% slower than oneDNN's forward and up to 45% slower backward, on AVX2 and
-    AVX-512 alike. Below a batch of 16 this module convolves the same memory viewed as a
-    channels-last batch of ``B*k`` images of ``H/k`` rows (``k`` the smallest divisor of ``H``
-    with ``B*k >= 16``), which oneDNN takes, forward and backward. (Images of one column,
-    ``(B*H, C, W, 1)``, would do as well with AVX-512, but oneDNN's AVX2 backward is ~1.4x
-    slower on them.) The numbers are those of the same matrix product; parameter names and shapes
-    are ``nn.Conv2d``'s. Exported and traced graphs get the plain convolution (``_plain_conv``).
-    """
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A ``(B, C, H, W)`` map as the ``(B*H*W, C)`` matrix of its pixels (a view of a
+    channels-last map)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+@torch.library.custom_op("mgssaf::pointwise_conv2d", mutates_args=(), device_types="cpu")
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The 1x1 convolution of ``x`` ``(B, C, H, W)`` by ``weight`` ``(out, C, 1, 1)`` on oneDNN,
+    with the weight gradient as a matrix product as its autograd formula (see the module doc)."""
+    return _onednn_conv(x, weight, bias)
+
+
+@pointwise_conv2d.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.conv2d(x, weight, bias)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _gradients(ctx, grad_out: torch.Tensor):
+    """Input gradient by oneDNN, weight and bias gradients by ``dY^T X`` and ``sum dY`` (in the
+    saved dtypes also when traced under autocast)."""
+    x, weight = ctx.saved_tensors
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)  # e.g. expanded by sum()
+    grad_x = grad_w = grad_b = None
+    with autocast_off(grad_out.device.type):
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_conv(grad_out, weight.transpose(0, 1), None)
+        rows = _as_rows(grad_out)  # (B*H*W, out)
+        if ctx.needs_input_grad[1]:
+            product = torch.mm(rows.t(), _as_rows(x))  # (out, C)
+            grad_w = torch.empty_like(weight).copy_(product.view(weight.shape))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+pointwise_conv2d.register_autograd(_gradients, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.mgssaf.pointwise_conv2d)
+def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the forward: 2 per multiply-add, ``C`` per output value."""
+    b, c, h, w = x_shape
+    return 2 * b * c * h * w * w_shape[0]
+
+
+def _weight_grad_by_mkl(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the convolution of ``x`` by ``weight`` takes ``pointwise_conv2d`` (training on an
+    AVX2 CPU, channels-last float32/float64 maps, autocast off, no graph being recorded)."""
+    return (_MKL_WEIGHT_GRAD and torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and not torch.is_autocast_enabled("cpu") and not _recording()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+class PointwiseConv2d(Conv2d):
+    """``nn.Conv2d(in_chans, out_chans, 1)`` on ``(B, C, H, W)`` maps, through oneDNN on x86
+    CPUs below a batch of 16, with the weight gradient as MKL's matrix product on AVX2 CPUs (see
+    the module docstring)."""
 
     def __init__(self, in_chans: int, out_chans: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -51,11 +160,6 @@ class PointwiseConv2d(Conv2d):
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-        if _plain_conv(x):
-            return self._conv_forward(x, weight, bias)
-        b, c, h, w = x.shape
-        k = _pieces(b, h)
-        # (B, H, W, C) memory as a (B*k, C, H/k, W) channels-last batch: a view
-        pieces = x.permute(0, 2, 3, 1).reshape(b * k, h // k, w, c).permute(0, 3, 1, 2)
-        out = F.conv2d(pieces, weight, bias)  # (B*k, out, H/k, W), channels-last
-        return out.permute(0, 2, 3, 1).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        if _weight_grad_by_mkl(x, weight):
+            return pointwise_conv2d(x, weight, bias)
+        return _onednn_conv(x, weight, bias)

@@ -1,16 +1,26 @@
-"""models.pointwise: PointwiseConv2d computes nn.Conv2d's 1x1 convolution through oneDNN."""
+"""models.pointwise: PointwiseConv2d computes nn.Conv2d's 1x1 convolution through oneDNN, and on
+AVX2 CPUs its weight gradient as a matrix product (``mgssaf::pointwise_conv2d``)."""
 import pytest
 import torch
 from torch import nn
 from torch.profiler import profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import pointwise
 from models.pointwise import PointwiseConv2d
 
 
-def _pair(dtype=torch.float32):
+@pytest.fixture(params=[True, False], ids=["mkl-weight-grad", "onednn-weight-grad"])
+def weight_grad_by_mkl(request, monkeypatch):
+    """Both ways of computing the weight gradient, on any CPU (the module picks one by the
+    instruction set PyTorch dispatches to)."""
+    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", request.param)
+    return request.param
+
+
+def _pair(dtype=torch.float32, bias=True):
     torch.manual_seed(0)
-    native, fast = nn.Conv2d(32, 48, 1), PointwiseConv2d(32, 48)
+    native, fast = nn.Conv2d(32, 48, 1, bias=bias), PointwiseConv2d(32, 48, bias=bias)
     fast.load_state_dict(native.state_dict())
     return native.to(dtype), fast.to(dtype)
 
@@ -18,20 +28,52 @@ def _pair(dtype=torch.float32):
 def _grads(conv, x, grad):
     x = x.detach().clone().requires_grad_(True)
     out = conv(x)
-    return (out, *torch.autograd.grad(out, (x, conv.weight, conv.bias), grad))
+    params = [p for p in (conv.weight, conv.bias) if p is not None]
+    return (out, *torch.autograd.grad(out, (x, *params), grad))
+
+
+def _ops(fn) -> set[str]:
+    with profile() as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [2, 17])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_conv2d(weight_grad_by_mkl, layout, dtype, batch, bias):
+    native, fast = _pair(dtype, bias)
+    x = torch.randn(batch, 32, 6, 7, dtype=dtype).contiguous(memory_format=layout)
+    grad = torch.randn(batch, 48, 6, 7, dtype=dtype)
+    got, expected = _grads(fast, x, grad), _grads(native, x, grad)
+    assert got[0].is_contiguous(memory_format=layout)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14  # sums of up to 714 terms: relative to max
+    for name, g, e in zip(("output", "input", "weight", "bias"), got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=tol * e.abs().max().item(), msg=name)
+
+
+def test_weight_gradient_by_a_matrix_product(weight_grad_by_mkl):
+    """Training on channels-last maps: with the MKL weight gradient the backward is the custom
+    op's (a matrix product, no convolution_backward); without it, PyTorch's own."""
+    _, fast = _pair()
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    ops = _ops(lambda: fast(x).sum().backward())
+    assert ("mgssaf::pointwise_conv2d" in ops) == weight_grad_by_mkl
+    assert ("aten::convolution_backward" in ops) != weight_grad_by_mkl
+    assert ("aten::mm" in ops) == weight_grad_by_mkl
+    with torch.no_grad():  # inference is oneDNN's convolution either way
+        assert "mgssaf::pointwise_conv2d" not in _ops(lambda: fast(x))
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_conv2d(layout, dtype):
-    native, fast = _pair(dtype)
-    x = torch.randn(2, 32, 6, 7, dtype=dtype).contiguous(memory_format=layout)
-    grad = torch.randn(2, 48, 6, 7, dtype=dtype)
-    got, expected = _grads(fast, x, grad), _grads(native, x, grad)
-    assert got[0].is_contiguous(memory_format=layout)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for name, g, e in zip(("output", "input", "weight", "bias"), got, expected):
-        torch.testing.assert_close(g, e, rtol=tol, atol=tol, msg=name)
+def test_weight_gradient_keeps_the_weight_strides(weight_grad_by_mkl, layout):
+    """The weight gradient has the weight's strides (DDP's gradient buckets expect them)."""
+    _, fast = _pair()
+    fast = fast.to(memory_format=layout)
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    fast(x).square().sum().backward()
+    assert fast.weight.grad.stride() == fast.weight.stride()
 
 
 def test_bfloat16_autocast():
@@ -51,19 +93,79 @@ def test_pieces():
 
 @pytest.mark.skipif(not pointwise._ONEDNN_FASTER, reason="plain nn.Conv2d without AVX2")
 @pytest.mark.parametrize("height", [5, 8])
-def test_single_thread_small_batch_runs_on_onednn(height):
+def test_single_thread_small_batch_runs_on_onednn(weight_grad_by_mkl, height):
     """The case PyTorch would send to its slower native kernel (1 thread, batch < 16): here a
-    batch of 4 x 5 one-row images or of 4 x 4 images of two rows."""
+    batch of 4 x 5 one-row images or of 4 x 4 images of two rows, forward and backward."""
     _, fast = _pair()
     x = torch.randn(4, 32, height, 7).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with profile() as prof:
-            fast(x).sum().backward()
+        ops = _ops(lambda: fast(x).sum().backward())
     finally:
         torch.set_num_threads(threads)
-    ops = {event.key for event in prof.key_averages()}
     assert "aten::mkldnn_convolution" in ops
     assert not any(op.startswith("aten::_slow_conv2d") for op in ops), ops
+
+
+def test_custom_op_passes_opcheck():
+    """Schema, fake implementation (shapes and channels-last strides) and autograd formula."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32, 1, 1), torch.randn(48)
+    for layout, batch in ((torch.channels_last, 3), (torch.channels_last, 17),
+                          (torch.contiguous_format, 3)):
+        x = torch.randn(batch, 32, 4, 6).contiguous(memory_format=layout)
+        torch.library.opcheck(pointwise.pointwise_conv2d,
+                              (x.requires_grad_(True), weight.requires_grad_(True),
+                               bias.requires_grad_(True)))
+        torch.library.opcheck(pointwise.pointwise_conv2d, (x, weight, None))
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 8, 1, 1, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_(True) for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(pointwise.pointwise_conv2d, inputs)
+
+
+def test_torch_compile_keeps_the_custom_op(monkeypatch):
+    """Compiled training keeps the op (and its matrix-product backward) and matches eager."""
+    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
+    _, fast = _pair()
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 48, 6, 7).contiguous(memory_format=torch.channels_last)
+    expected = _grads(fast, x, grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast)
+    _grads(compiled, x, grad)  # compiles
+    ops = _ops(lambda: _grads(compiled, x, grad))
+    assert "mgssaf::pointwise_conv2d" in ops and "aten::mm" in ops
+    for name, g, e in zip(("output", "input", "weight", "bias"), _grads(compiled, x, grad),
+                          expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_flop_counter_counts_the_custom_op(monkeypatch):
+    """FLOP counts are those of nn.Conv2d: the forward's 1x1 convolution, and in training the
+    backward's input gradient (a convolution) and weight gradient (a matrix product)."""
+    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
+    native, fast = _pair()
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    counts = []
+    for conv in (native, fast):
+        with FlopCounterMode(display=False) as counter:
+            conv(x.requires_grad_(True)).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 2 * 32 * 48 * 6 * 7
+
+
+def test_recorded_graphs_hold_the_plain_convolution(monkeypatch):
+    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
+    _, fast = _pair()
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    program = torch.export.export(fast, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert targets == {"aten.conv2d.default"}, targets
