@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["Conv2d", "autocast_off", "bfloat16_through_float32", "cpu_bfloat16_native"]
+__all__ = ["Conv2d", "autocast_off", "bfloat16_through_float32", "cpu_bfloat16_native",
+           "recording"]
 
 
 def cpu_bfloat16_native() -> bool:
@@ -40,13 +41,20 @@ def cpu_bfloat16_native() -> bool:
 _BFLOAT16_NATIVE = cpu_bfloat16_native()  # a constant to torch.compile
 
 
+def recording() -> bool:
+    """Whether a graph is being recorded to run elsewhere (``torch.export``, ``torch.jit.trace``):
+    such graphs hold ATen's own convolutions and ops, free of this machine and of the example's
+    batch, in place of the CPU fast paths."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def bfloat16_through_float32(x: torch.Tensor) -> bool:
     """Whether a convolution of ``x`` runs its bfloat16 autocast through float32: on CPU, under
     autocast to bfloat16, on a CPU without bfloat16 kernels, outside recorded graphs."""
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and x.dtype in (torch.float32, torch.bfloat16) and not _BFLOAT16_NATIVE
-            and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
+            and not recording())
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
-from .conv import Conv2d, autocast_off
+from .conv import Conv2d, autocast_off, recording
 
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad"]
 
@@ -311,8 +311,7 @@ class DepthwiseConv2d(Conv2d):
     def convolve(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor]) -> torch.Tensor:
         # a recorded graph (torch.export, torch.jit.trace) is the same with and without grad
-        if (torch.is_grad_enabled() and not torch.compiler.is_exporting()
-                and not torch.jit.is_tracing()
+        if (torch.is_grad_enabled() and not recording()
                 and fast_backward_available(x, weight, self.stride[0])):
             # under autocast, on bfloat16 copies, as autocast runs nn.Conv2d (no-ops otherwise)
             dtype = _compute_dtype(x, weight)

@@ -27,10 +27,12 @@ Two things make ``nn.Conv2d``'s 1x1 convolution slower than its arithmetic needs
 
 The numbers are those of the same matrix products (to float round-off); parameter names and
 shapes are ``nn.Conv2d``'s, and the weight gradient has the weight's own strides (what DDP's
-buckets expect). Exported and traced graphs get the plain convolution (``_plain_conv``), as do
-maps that are not channels-last, autocast (under bfloat16 autocast on CPUs without bfloat16
-kernels, ``models.conv.Conv2d`` calls ``convolve`` on float32 copies with autocast off, which
-takes the paths above), and other devices.
+buckets expect). The custom op is for training on channels-last float32/float64 maps with
+autocast off (under bfloat16 autocast on CPUs without bfloat16 kernels, ``models.conv.Conv2d``
+calls ``convolve`` on float32 copies with autocast off, so those take it too); inference,
+frozen weights, other maps, dtypes and autocast get ATen's backward. Exported and traced graphs,
+batches of 16 or more, maps that are not channels-last and other devices get the plain
+convolution (``_plain_conv``).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .conv import Conv2d, autocast_off
+from .conv import Conv2d, autocast_off, recording
 
 __all__ = ["PointwiseConv2d", "pointwise_conv2d"]
 
@@ -49,7 +51,8 @@ _ONEDNN_MIN_BATCH = 16
 # oneDNN beats that kernel, forward and backward, where PyTorch runs AVX2 or AVX-512 code.
 _ONEDNN_FASTER = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 # MKL's matrix product beats oneDNN's AVX2 weight gradient (measured on a Zen 3 EPYC).
-_MKL_WEIGHT_GRAD = torch.backends.cpu.get_cpu_capability() == "AVX2"
+_MKL_WEIGHT_GRAD = (torch.backends.cpu.get_cpu_capability() == "AVX2"
+                    and torch.backends.mkl.is_available())
 
 
 def _pieces(batch: int, height: int) -> int:
@@ -58,16 +61,10 @@ def _pieces(batch: int, height: int) -> int:
                  if height % k == 0 and batch * k >= _ONEDNN_MIN_BATCH), height)
 
 
-def _recording() -> bool:
-    """Whether a graph is being recorded to run elsewhere (``torch.export``,
-    ``torch.jit.trace``): it gets the plain convolution, free of the example's batch."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
 def _plain_conv(x: torch.Tensor) -> bool:
     """Whether ``x`` goes to ``F.conv2d`` as it is: off x86 CPUs, at batches of 16 or more, on
     maps that are not channels-last, and wherever a graph is recorded."""
-    return (x.device.type != "cpu" or not _ONEDNN_FASTER or _recording()
+    return (x.device.type != "cpu" or not _ONEDNN_FASTER or recording()
             or x.shape[0] >= _ONEDNN_MIN_BATCH
             or not x.is_contiguous(memory_format=torch.channels_last))
 
@@ -95,9 +92,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("mgssaf::pointwise_conv2d", mutates_args=(), device_types="cpu")
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor,
                      bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The 1x1 convolution of ``x`` ``(B, C, H, W)`` by ``weight`` ``(out, C, 1, 1)`` on oneDNN,
-    with the weight gradient as a matrix product as its autograd formula (see the module doc)."""
-    return _onednn_conv(x, weight, bias)
+    """The 1x1 convolution of ``x`` ``(B, C, H, W)`` by ``weight`` ``(out, C, 1, 1)`` (oneDNN's on
+    x86), with the weight gradient as a matrix product as its autograd formula (see the module
+    doc)."""
+    # detached: a view of the convolution's output, handed back as a tensor of its own (autograd
+    # forbids in-place changes of a view made inside a custom op)
+    return _onednn_conv(x, weight, bias).detach()
 
 
 @pointwise_conv2d.register_fake
@@ -123,7 +123,11 @@ def _gradients(ctx, grad_out: torch.Tensor):
         rows = _as_rows(grad_out)  # (B*H*W, out)
         if ctx.needs_input_grad[1]:
             product = torch.mm(rows.t(), _as_rows(x))  # (out, C)
-            grad_w = torch.empty_like(weight).copy_(product.view(weight.shape))
+            # in the weight's strides: those of (out, C) for both layouts of an (out, C, 1, 1)
+            # weight (which differ in the size-1 dimensions only), else a copy
+            grad_w = (product.as_strided(weight.shape, weight.stride())
+                      if weight.stride()[:2] == product.stride()
+                      else torch.empty_like(weight).copy_(product.view(weight.shape)))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = rows.sum(0)
     return grad_x, grad_w, grad_b
@@ -140,11 +144,13 @@ def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 def _weight_grad_by_mkl(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the convolution of ``x`` by ``weight`` takes ``pointwise_conv2d`` (training on an
-    AVX2 CPU, channels-last float32/float64 maps, autocast off, no graph being recorded)."""
-    return (_MKL_WEIGHT_GRAD and torch.is_grad_enabled() and x.device.type == "cpu"
+    """Whether the convolution of ``x`` by ``weight`` takes ``pointwise_conv2d``: training (a
+    weight that requires grad) on an AVX2 CPU with MKL, channels-last float32/float64 maps,
+    autocast off, no graph being recorded."""
+    return (_MKL_WEIGHT_GRAD and torch.is_grad_enabled() and weight.requires_grad
+            and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
-            and not torch.is_autocast_enabled("cpu") and not _recording()
+            and not torch.is_autocast_enabled("cpu") and not recording()
             and x.is_contiguous(memory_format=torch.channels_last))
 
 

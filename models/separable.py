@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
-from .conv import autocast_off
+from .conv import autocast_off, recording
 
 __all__ = ["fused_available", "pytorch_ops", "separable_attention"]
 
@@ -420,7 +420,7 @@ def fused_available(x: torch.Tensor, window: int, heads: int, af: nn.Module) -> 
     only, and not within ``pytorch_ops()``."""
     if (_pytorch_ops_depth or heads <= 0 or x.device.type != "cpu"
             or any(p.device.type != "cpu" for p in af.parameters())
-            or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+            or recording()):
         return False
     dtype = _kernel_dtype(x, af)
     return (dtype is not None

@@ -85,6 +85,11 @@ MUTANTS = [
            "            product = torch.mm(rows.t(), _as_rows(x))  # (out, C)\n",
            "            product = torch.mm(rows.t(), _as_rows(x).flip(0))  # (out, C)\n",
            ("tests/test_pointwise.py::test_matches_conv2d",)),
+    Mutant("pointwise-weight-grad-strides", "the 1x1 weight gradient has the weight's strides "
+           "(DDP's buckets)", "models/pointwise.py",
+           "            grad_w = (product.as_strided(weight.shape, weight.stride())\n",
+           "            grad_w = (product.view(weight.shape)\n",
+           ("tests/test_pointwise.py::test_weight_gradient_keeps_the_weight_strides",)),
     Mutant("pointwise-backward-under-autocast", "compiled code keeps the bf16 convolutions' "
            "float32 path (the 1x1 weight gradient's product traced under autocast)",
            "models/pointwise.py",

@@ -76,6 +76,50 @@ def test_weight_gradient_keeps_the_weight_strides(weight_grad_by_mkl, layout):
     assert fast.weight.grad.stride() == fast.weight.stride()
 
 
+@pytest.mark.parametrize("frozen", ["input", "weight", "bias"])
+def test_gradients_of_what_requires_grad(weight_grad_by_mkl, frozen):
+    """A frozen weight or bias, or an input without grad (the stem's images), gets the same
+    gradients as nn.Conv2d for the rest."""
+    native, fast = _pair()
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 48, 6, 7).contiguous(memory_format=torch.channels_last)
+    results = []
+    for conv in (native, fast):
+        inputs = {"input": x.clone().requires_grad_(True), "weight": conv.weight,
+                  "bias": conv.bias}
+        getattr(conv, frozen, inputs[frozen]).requires_grad_(False)
+        inputs.pop(frozen)
+        out = conv(x if frozen == "input" else inputs["input"])
+        results.append(torch.autograd.grad(out, list(inputs.values()), grad))
+    for g, e in zip(*results):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-6 * e.abs().max().item())
+
+
+def test_output_may_be_changed_in_place(weight_grad_by_mkl):
+    """As nn.Conv2d's: the output is no view of the op's own (autograd forbids in-place
+    changes of those), e.g. for an in-place activation or residual sum."""
+    native, fast = _pair()
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for conv in (native, fast):
+        out = conv(x)
+        out.add_(1.0).relu_()
+        out.square().sum().backward()
+        grads.append(conv.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0,
+                               atol=1e-6 * grads[0].abs().max().item())
+
+
+def test_one_pixel_maps(weight_grad_by_mkl):
+    """(B, C, 1, 1) maps, as the classifier head's 1x1 convolution gets them."""
+    native, fast = _pair()
+    x = torch.randn(4, 32, 1, 1).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 48, 1, 1)
+    for name, g, e in zip(("output", "input", "weight", "bias"), _grads(fast, x, grad),
+                          _grads(native, x, grad)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_bfloat16_autocast():
     native, fast = _pair()
     x = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
@@ -112,13 +156,14 @@ def test_single_thread_small_batch_runs_on_onednn(weight_grad_by_mkl, height):
 def test_custom_op_passes_opcheck():
     """Schema, fake implementation (shapes and channels-last strides) and autograd formula."""
     torch.manual_seed(0)
-    weight, bias = torch.randn(48, 32, 1, 1), torch.randn(48)
+    bias = torch.randn(48)
     for layout, batch in ((torch.channels_last, 3), (torch.channels_last, 17),
                           (torch.contiguous_format, 3)):
         x = torch.randn(batch, 32, 4, 6).contiguous(memory_format=layout)
+        weight = torch.randn(48, 32, 1, 1).contiguous(memory_format=layout)
         torch.library.opcheck(pointwise.pointwise_conv2d,
-                              (x.requires_grad_(True), weight.requires_grad_(True),
-                               bias.requires_grad_(True)))
+                              (x.clone().requires_grad_(True), weight.clone().requires_grad_(True),
+                               bias.clone().requires_grad_(True)))
         torch.library.opcheck(pointwise.pointwise_conv2d, (x, weight, None))
 
 
@@ -129,6 +174,7 @@ def test_gradcheck_float64():
     bias = torch.randn(6, dtype=torch.float64)
     inputs = tuple(t.requires_grad_(True) for t in (x, weight, bias))
     assert torch.autograd.gradcheck(pointwise.pointwise_conv2d, inputs)
+    assert torch.autograd.gradgradcheck(pointwise.pointwise_conv2d, inputs)
 
 
 def test_torch_compile_keeps_the_custom_op(monkeypatch):
@@ -160,12 +206,18 @@ def test_flop_counter_counts_the_custom_op(monkeypatch):
             conv(x.requires_grad_(True)).sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] == 3 * 2 * 2 * 32 * 48 * 6 * 7
+    ops = counter.get_flop_counts()["Global"]
+    assert ops[torch.ops.mgssaf.pointwise_conv2d] == 2 * 2 * 32 * 48 * 6 * 7
+    assert ops[torch.ops.aten.mm] == 2 * 2 * 32 * 48 * 6 * 7
 
 
 def test_recorded_graphs_hold_the_plain_convolution(monkeypatch):
+    """torch.export and torch.jit.trace record ATen's convolution (with grad enabled)."""
     monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
     _, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     program = torch.export.export(fast, (x,))
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert targets == {"aten.conv2d.default"}, targets
+    traced = torch.jit.trace(fast, (x,), check_trace=False)
+    assert "pointwise_conv2d" not in str(traced.graph) and "_convolution" in str(traced.graph)
