@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .conv import Conv2d, autocast_off, recording
+from .conv import Conv2d, recording
 
 __all__ = ["PointwiseConv2d", "pointwise_conv2d"]
 
@@ -105,6 +105,36 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
     return F.conv2d(x, weight, bias)
 
 
+def _matrix_gradients(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input gradient ``(B, C, H, W)`` by oneDNN (empty without ``input_grad``), the weight
+    gradient as an ``(out, C)`` matrix ``dY^T X`` and the bias gradient ``sum dY``."""
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)  # e.g. expanded by sum()
+    rows = _as_rows(grad_out)  # (B*H*W, out)
+    grad_x = (_onednn_conv(grad_out, weight.transpose(0, 1), None) if input_grad
+              else grad_out.new_empty(0))
+    return grad_x, torch.mm(rows.t(), _as_rows(x)), rows.sum(0)
+
+
+@torch.library.custom_op("mgssaf::pointwise_conv2d_backward", mutates_args=(),
+                         device_types="cpu")
+def pointwise_conv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                              input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pointwise_conv2d``'s gradients for the output gradient ``grad_out``: the input's
+    (channels-last; empty without ``input_grad``), the weight's as an ``(out, C)`` matrix and the
+    bias's. A custom op so that compiled backward graphs run it as eager does: Inductor would
+    otherwise give ``grad_out`` a layout of its own choosing and copy it with scalar loops."""
+    return tuple(t.detach() for t in _matrix_gradients(grad_out, x, weight, input_grad))
+
+
+@pointwise_conv2d_backward.register_fake
+def _(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+      input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_x = (torch.empty_like(x, memory_format=torch.channels_last) if input_grad
+              else x.new_empty(0))
+    return grad_x, x.new_empty(weight.shape[:2]), x.new_empty(weight.shape[0])
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
@@ -112,25 +142,21 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _gradients(ctx, grad_out: torch.Tensor):
-    """Input gradient by oneDNN, weight and bias gradients by ``dY^T X`` and ``sum dY`` (in the
-    saved dtypes also when traced under autocast)."""
+    """``pointwise_conv2d_backward`` (which has no autograd formula itself: no double backward;
+    autocast leaves custom ops alone, so it runs in the saved dtypes also when traced under
+    autocast). The weight gradient takes the weight's strides: those of the ``(out, C)`` matrix
+    for both layouts of an ``(out, C, 1, 1)`` weight (they differ in the size-1 dimensions only),
+    else a copy."""
     x, weight = ctx.saved_tensors
-    grad_out = grad_out.contiguous(memory_format=torch.channels_last)  # e.g. expanded by sum()
-    grad_x = grad_w = grad_b = None
-    with autocast_off(grad_out.device.type):
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_conv(grad_out, weight.transpose(0, 1), None)
-        rows = _as_rows(grad_out)  # (B*H*W, out)
-        if ctx.needs_input_grad[1]:
-            product = torch.mm(rows.t(), _as_rows(x))  # (out, C)
-            # in the weight's strides: those of (out, C) for both layouts of an (out, C, 1, 1)
-            # weight (which differ in the size-1 dimensions only), else a copy
-            grad_w = (product.as_strided(weight.shape, weight.stride())
-                      if weight.stride()[:2] == product.stride()
-                      else torch.empty_like(weight).copy_(product.view(weight.shape)))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0)
-    return grad_x, grad_w, grad_b
+    input_grad = ctx.needs_input_grad[0]
+    grad_x, product, grad_b = pointwise_conv2d_backward(grad_out, x, weight, input_grad)
+    grad_w = None
+    if ctx.needs_input_grad[1]:
+        grad_w = (product.as_strided(weight.shape, weight.stride())
+                  if weight.stride()[:2] == product.stride()
+                  else torch.empty_like(weight).copy_(product.view(weight.shape)))
+    return (grad_x if input_grad else None, grad_w,
+            grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None)
 
 
 pointwise_conv2d.register_autograd(_gradients, setup_context=_setup_context)
@@ -141,6 +167,14 @@ def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the forward: 2 per multiply-add, ``C`` per output value."""
     b, c, h, w = x_shape
     return 2 * b * c * h * w * w_shape[0]
+
+
+@register_flop_formula(torch.ops.mgssaf.pointwise_conv2d_backward)
+def _(grad_out_shape, x_shape, w_shape, input_grad, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the weight gradient and (with ``input_grad``) of the input gradient: a forward's
+    each."""
+    b, c, h, w = x_shape
+    return (2 if input_grad else 1) * 2 * b * c * h * w * w_shape[0]
 
 
 def _weight_grad_by_mkl(x: torch.Tensor, weight: torch.Tensor) -> bool:

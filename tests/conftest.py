@@ -12,6 +12,23 @@ REFERENCE_DIR = os.environ.get("MGSSAF_REFERENCE_DIR") or os.path.join(os.path.d
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# torch.compile's on-disk caches key a compiled backward by the traced forward graph, not by the
+# Python autograd formulas of the custom ops in it: after a formula changes, a shared cache hands
+# back graphs compiled from the old one. The tests compile into a cache of their own per version
+# of models/ (unless TORCHINDUCTOR_CACHE_DIR is set; before anything imports torch's Inductor, which
+# fills the variable in).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import hashlib
+    import tempfile
+
+    _sources = hashlib.sha256()
+    for _name in sorted(os.listdir(os.path.join(ROOT, "models"))):
+        if _name.endswith(".py"):
+            with open(os.path.join(ROOT, "models", _name), "rb") as _f:
+                _sources.update(_name.encode() + b"\0" + _f.read())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"mgssaf-tests-inductor-{_sources.hexdigest()[:16]}")
+
 import helpers  # noqa: E402  (imports the project, so after the path is set)
 
 # ------------------------------------------------------------------------------------------------

@@ -144,8 +144,8 @@ def test_mg_ssaf_runs_every_convolution_through_float32(monkeypatch, reference_d
 @pytest.mark.parametrize("name", ["depthwise 7x7", "pointwise", "stem 3x3 s2"])
 def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
     """Under torch.compile AOTAutograd traces the backward formulas under the forward's autocast:
-    no convolution (nor the pointwise weight gradient's matrix product) of the compiled forward
-    or backward may take bfloat16 (PyTorch's generic code on these CPUs), and the outputs and
+    no convolution (nor the pointwise convolution's backward op) of the compiled forward or
+    backward may take bfloat16 (PyTorch's generic code on these CPUs), and the outputs and
     gradients are eager's to bfloat16 round-off."""
     _through_float32(monkeypatch, True)
     monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)  # as on AVX2 CPUs
@@ -168,10 +168,11 @@ def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
     convolutions = [node for graph in graphs for node in graph.graph.nodes
                     if node.target in (torch.ops.aten.convolution.default,
                                        torch.ops.aten.convolution_backward.default,
-                                       torch.ops.aten.mm.default)]
+                                       torch.ops.mgssaf.pointwise_conv2d_backward.default)]
     assert convolutions
     if name == "pointwise":
-        assert any(node.target == torch.ops.aten.mm.default for node in convolutions)
+        assert any(node.target == torch.ops.mgssaf.pointwise_conv2d_backward.default
+                   for node in convolutions)
     for node in convolutions:
         dtypes = {arg.meta["val"].dtype for arg in node.args if isinstance(arg, torch.fx.Node)}
         assert dtypes == {torch.float32}, (node.format_node(), dtypes)

@@ -77,7 +77,10 @@ def run_mutant(mutant: Mutant, timeout: float) -> Outcome:
         problem = apply(mutant, tree)
         if problem:
             return Outcome(mutant, "STALE", problem, time.monotonic() - start)
-        env = dict(os.environ, MGSSAF_REFERENCE_DIR=REFERENCE_DIR)
+        # an empty Inductor cache: torch.compile's caches may hand back graphs compiled from the
+        # unmutated code (the autograd-cache key does not cover custom ops' Python formulas)
+        env = dict(os.environ, MGSSAF_REFERENCE_DIR=REFERENCE_DIR,
+                   TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor-cache"))
         command = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider",
                    *mutant.tests]
         try:
