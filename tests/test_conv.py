@@ -11,7 +11,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.overrides import TorchFunctionMode
 
 import models  # noqa: F401  (registers mg_ssaf_t with timm)
-from models import conv, pointwise
+from models import conv
 from models.conv import Conv2d
 from models.depthwise import DepthwiseConv2d
 from models.pointwise import PointwiseConv2d
@@ -144,11 +144,9 @@ def test_mg_ssaf_runs_every_convolution_through_float32(monkeypatch, reference_d
 @pytest.mark.parametrize("name", ["depthwise 7x7", "pointwise", "stem 3x3 s2"])
 def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
     """Under torch.compile AOTAutograd traces the backward formulas under the forward's autocast:
-    no convolution (nor the pointwise convolution's backward op) of the compiled forward or
-    backward may take bfloat16 (PyTorch's generic code on these CPUs), and the outputs and
-    gradients are eager's to bfloat16 round-off."""
+    no convolution of the compiled forward or backward may take bfloat16 (PyTorch's generic
+    code on these CPUs), and the outputs and gradients are eager's to bfloat16 round-off."""
     _through_float32(monkeypatch, True)
-    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)  # as on AVX2 CPUs
     factory, chans = MODULES[name]
     torch.manual_seed(0)
     module = factory().to(memory_format=torch.channels_last)
@@ -167,12 +165,8 @@ def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
     assert len(graphs) == 2  # forward and backward
     convolutions = [node for graph in graphs for node in graph.graph.nodes
                     if node.target in (torch.ops.aten.convolution.default,
-                                       torch.ops.aten.convolution_backward.default,
-                                       torch.ops.mgssaf.pointwise_conv2d_backward.default)]
+                                       torch.ops.aten.convolution_backward.default)]
     assert convolutions
-    if name == "pointwise":
-        assert any(node.target == torch.ops.mgssaf.pointwise_conv2d_backward.default
-                   for node in convolutions)
     for node in convolutions:
         dtypes = {arg.meta["val"].dtype for arg in node.args if isinstance(arg, torch.fx.Node)}
         assert dtypes == {torch.float32}, (node.format_node(), dtypes)

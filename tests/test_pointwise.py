@@ -180,19 +180,20 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(pointwise.pointwise_conv2d, inputs)
 
 
-def test_torch_compile_keeps_the_custom_op(monkeypatch):
-    """Compiled training keeps the ops (the backward's matrix product included) and matches
-    eager."""
+def test_torch_compile_runs_atens_convolution(monkeypatch):
+    """Compiled training takes ATen's convolution (measured faster there than the custom ops)
+    and matches eager, which takes the custom ops."""
     monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
     _, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 48, 6, 7).contiguous(memory_format=torch.channels_last)
+    assert "mgssaf::pointwise_conv2d_backward" in _ops(lambda: _grads(fast, x, grad))
     expected = _grads(fast, x, grad)
     torch._dynamo.reset()
     compiled = torch.compile(fast)
     _grads(compiled, x, grad)  # compiles
     ops = _ops(lambda: _grads(compiled, x, grad))
-    assert {"mgssaf::pointwise_conv2d", "mgssaf::pointwise_conv2d_backward", "aten::mm"} <= ops
+    assert not any(op.startswith("mgssaf::") for op in ops), ops
     for name, g, e in zip(("output", "input", "weight", "bias"), _grads(compiled, x, grad),
                           expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)

@@ -6,11 +6,9 @@ the same machine load.
     python tools/bench_compile.py --model mg_ssaf_s --steps 7 --threads 2
     python tools/bench_compile.py --dtype float32 bfloat16 --phases train infer
 
-The compiled model keeps the fused SS-MSA + AF kernels, the depthwise weight-gradient kernel
-and (on AVX2 CPUs) the 1x1 convolution with its matrix-product weight gradient (custom ops,
-models/separable.py, models/depthwise.py and models/pointwise.py). Times are medians in seconds
-per step after the warm-up (which compiles); img/s from them. Prints one line per phase and the
-ratio.
+The compiled model keeps the fused SS-MSA + AF kernels and the depthwise weight-gradient kernel
+(custom ops, models/separable.py and models/depthwise.py). Times are medians in seconds per step
+after the warm-up (which compiles); img/s from them. Prints one line per phase and the ratio.
 """
 from __future__ import annotations
 
