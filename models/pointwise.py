@@ -17,25 +17,28 @@ Two things make ``nn.Conv2d``'s 1x1 convolution slower than its arithmetic needs
   custom op (``torch.library``: fake implementation, autograd formula, FLOP formula; graphs
   being compiled get ATen's convolution instead, see ``_weight_grad_by_mkl``) whose forward is
   oneDNN's convolution and whose backward, the custom op
-  ``mgssaf::pointwise_conv2d_backward`` (so that a graph recorded with the op runs it as eager
-  does; it has no autograd formula of its own: no double backward), computes
+  ``mgssaf::pointwise_conv2d_backward`` (opaque to graph capture, which would otherwise be
+  free to give the output gradient layouts of its own; it has no autograd formula: no double
+  backward, and neither op has forward-mode AD or a vmap rule), computes
 
   - input: the 1x1 convolution of the output gradient with the transposed weight (oneDNN's
     forward kernel);
   - weight: ``dW = dY^T X``, one ``(out, B*H*W) x (B*H*W, in)`` matrix product of the
     channels-last maps viewed as matrices (MKL); bias: ``dY`` summed over ``B*H*W``.
 
-  On AVX-512 CPUs oneDNN runs AVX-512 code where MKL may not (on AMD CPUs MKL runs AVX2), and
-  the weight gradient stays oneDNN's.
+  Where PyTorch runs AVX-512 code, oneDNN runs AVX-512 where MKL may not (on AMD CPUs MKL runs
+  AVX2), and the weight gradient stays oneDNN's.
 
 The numbers are those of the same matrix products (to float round-off); parameter names and
 shapes are ``nn.Conv2d``'s, and the weight gradient has the weight's own strides (what DDP's
-buckets expect). The custom op is for training on channels-last float32/float64 maps with
-autocast off (under bfloat16 autocast on CPUs without bfloat16 kernels, ``models.conv.Conv2d``
-calls ``convolve`` on float32 copies with autocast off, so those take it too); inference,
-frozen weights, other maps, dtypes and autocast get ATen's backward. Exported and traced graphs,
-batches of 16 or more, maps that are not channels-last and other devices get the plain
-convolution (``_plain_conv``).
+buckets expect). The custom ops are for eager training on channels-last float32/float64 maps
+with autocast off, where PyTorch runs AVX2 code and has MKL (under bfloat16 autocast on CPUs
+without bfloat16 kernels, ``models.conv.Conv2d`` calls ``convolve`` on float32 copies with
+autocast off, so those take them too); inference, frozen weights, other maps, dtypes, autocast,
+other CPUs and graphs being compiled get ATen's convolution and its backward. Within the op and
+outside it, exported and traced graphs, batches of 16 or more, maps that are not channels-last
+and other devices convolve with plain ``F.conv2d`` (``_plain_conv``), the others through the
+view above.
 """
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ def _matrix_gradients(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)  # e.g. expanded by sum()
     rows = _as_rows(grad_out)  # (B*H*W, out)
     grad_x = (_onednn_conv(grad_out, weight.transpose(0, 1), None) if input_grad
-              else grad_out.new_empty(0))
+              else x.new_empty(0))
     return grad_x, torch.mm(rows.t(), _as_rows(x)), rows.sum(0)
 
 
@@ -125,8 +128,9 @@ def pointwise_conv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: t
                               input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``pointwise_conv2d``'s gradients for the output gradient ``grad_out``: the input's
     (channels-last; empty without ``input_grad``), the weight's as an ``(out, C)`` matrix and the
-    bias's. A custom op so that compiled backward graphs run it as eager does: Inductor would
-    otherwise give ``grad_out`` a layout of its own choosing and copy it with scalar loops."""
+    bias's. A custom op of its own so that captured graphs hold it as eager runs it (traced
+    into a compiled graph, Inductor gave ``grad_out`` a layout of its own choosing and copied it
+    with scalar loops)."""
     return tuple(t.detach() for t in _matrix_gradients(grad_out, x, weight, input_grad))
 
 
@@ -195,8 +199,8 @@ def _weight_grad_by_mkl(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 class PointwiseConv2d(Conv2d):
     """``nn.Conv2d(in_chans, out_chans, 1)`` on ``(B, C, H, W)`` maps, through oneDNN on x86
-    CPUs below a batch of 16, with the weight gradient as MKL's matrix product on AVX2 CPUs (see
-    the module docstring)."""
+    CPUs below a batch of 16, with the weight gradient as MKL's matrix product in eager training
+    where PyTorch runs AVX2 code (see the module docstring)."""
 
     def __init__(self, in_chans: int, out_chans: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -14,20 +14,38 @@ if ROOT not in sys.path:
 
 # torch.compile's on-disk caches key a compiled backward by the traced forward graph, not by the
 # Python autograd formulas of the custom ops in it: after a formula changes, a shared cache hands
-# back graphs compiled from the old one. The tests compile into a cache of their own per version
-# of models/ (unless TORCHINDUCTOR_CACHE_DIR is set; before anything imports torch's Inductor, which
-# fills the variable in).
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+# back graphs compiled from the old one. Unless TORCHINDUCTOR_CACHE_DIR is set, the tests compile
+# into a folder of their own per user and version of models/ (checkouts of other versions may run
+# at the same time); such folders unused for a day are removed. This runs before anything calls
+# into Inductor, which fills the variable in.
+def _tests_inductor_cache() -> str:
+    import getpass
+    import glob
     import hashlib
+    import shutil
     import tempfile
+    import time
 
-    _sources = hashlib.sha256()
-    for _name in sorted(os.listdir(os.path.join(ROOT, "models"))):
-        if _name.endswith(".py"):
-            with open(os.path.join(ROOT, "models", _name), "rb") as _f:
-                _sources.update(_name.encode() + b"\0" + _f.read())
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-        tempfile.gettempdir(), f"mgssaf-tests-inductor-{_sources.hexdigest()[:16]}")
+    sources = hashlib.sha256()
+    for name in sorted(os.listdir(os.path.join(ROOT, "models"))):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "models", name), "rb") as f:
+                sources.update(name.encode() + b"\0" + f.read())
+    prefix = os.path.join(tempfile.gettempdir(), f"mgssaf-tests-inductor-{getpass.getuser()}-")
+    folder = prefix + sources.hexdigest()[:16]
+    for old in glob.glob(prefix + "*"):
+        try:
+            if old != folder and time.time() - os.path.getmtime(old) > 86400:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.utime(folder)
+    return folder
+
+
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _tests_inductor_cache()
 
 import helpers  # noqa: E402  (imports the project, so after the path is set)
 

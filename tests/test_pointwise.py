@@ -199,21 +199,51 @@ def test_torch_compile_runs_atens_convolution(monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_flop_counter_counts_the_custom_op(monkeypatch):
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_flop_counter_counts_the_custom_op(monkeypatch, input_grad):
     """FLOP counts are those of nn.Conv2d: the forward's 1x1 convolution, and in training the
-    backward op's input gradient (a convolution) and weight gradient (a matrix product)."""
+    backward op's weight gradient (a matrix product) and input gradient (a convolution; only
+    when the input requires grad)."""
     monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
     native, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     counts = []
     for conv in (native, fast):
         with FlopCounterMode(display=False) as counter:
-            conv(x.requires_grad_(True)).sum().backward()
+            conv(x.clone().requires_grad_(input_grad)).sum().backward()
         counts.append(counter.get_total_flops())
-    assert counts[0] == counts[1] == 3 * 2 * 2 * 32 * 48 * 6 * 7
+    forward = 2 * 2 * 32 * 48 * 6 * 7
+    assert counts[0] == counts[1] == (3 if input_grad else 2) * forward
     ops = counter.get_flop_counts()["Global"]
-    assert ops[torch.ops.mgssaf.pointwise_conv2d] == 2 * 2 * 32 * 48 * 6 * 7
-    assert ops[torch.ops.mgssaf.pointwise_conv2d_backward] == 2 * 2 * 2 * 32 * 48 * 6 * 7
+    assert ops[torch.ops.mgssaf.pointwise_conv2d] == forward
+    assert ops[torch.ops.mgssaf.pointwise_conv2d_backward] == (2 if input_grad else 1) * forward
+
+
+def test_double_backward_is_refused(monkeypatch):
+    """The backward op has no autograd formula: differentiating it raises (no silent zeros)."""
+    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
+    _, fast = _pair()
+    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(fast(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        grad_x.sum().backward()
+
+
+@pytest.mark.skipif(not pointwise._MKL_WEIGHT_GRAD,
+                    reason="PyTorch runs no AVX2 code here (or has no MKL): oneDNN's weight "
+                           "gradient")
+def test_this_cpu_takes_the_matrix_product_in_mg_ssaf_training():
+    """Unpatched, as users run it: an MG-SSAF training step on this AVX2 CPU takes the ops."""
+    import timm
+
+    import models  # noqa: F401  (registers mg_ssaf_t)
+
+    model = timm.create_model("mg_ssaf_t", img_size=64, depths=(1, 1, 1, 1))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    ops = _ops(lambda: model(x).sum().backward())
+    assert {"mgssaf::pointwise_conv2d", "mgssaf::pointwise_conv2d_backward"} <= ops
 
 
 def test_recorded_graphs_hold_the_plain_convolution(monkeypatch):
