@@ -186,10 +186,11 @@ def _(grad_out_shape, x_shape, w_shape, input_grad, *args, out_shape=None, **kwa
 
 def _weight_grad_by_mkl(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the convolution of ``x`` by ``weight`` takes ``pointwise_conv2d``: eager training
-    (a weight that requires grad) on an AVX2 CPU with MKL, channels-last float32/float64 maps,
-    autocast off. Graphs being compiled get ATen's convolution, with whose layouts Inductor is
-    free: MG-SSAF-T's compiled training step took 2.13-2.24 s with it against 2.33 s with the
-    custom ops (batch 8, Zen 3 EPYC, separate runs of ``tools/bench_compile.py``)."""
+    (a weight that requires grad) where PyTorch runs AVX2 code and has MKL, channels-last
+    float32/float64 maps, autocast off. Graphs being compiled get ATen's convolution, with whose
+    layouts Inductor is free: MG-SSAF-T's compiled training step took 2.13-2.24 s with it
+    against 2.33 s with the custom ops (batch 8, Zen 3 EPYC, separate runs of
+    ``tools/bench_compile.py``)."""
     return (_MKL_WEIGHT_GRAD and torch.is_grad_enabled() and weight.requires_grad
             and not torch.compiler.is_compiling() and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
