@@ -50,7 +50,7 @@ from timm.layers import (DropPath, register_notrace_function, register_notrace_m
 from timm.models._features import feature_take_indices
 
 from .checkpoint_io import load_pretrained
-from .conv import Conv2d, autocast_off
+from .conv import Conv2d, autocast_off, recording
 from .depthwise import DepthwiseConv2d
 from .pointwise import PointwiseConv2d
 from .separable import fused_available, separable_attention
@@ -237,8 +237,7 @@ def windowed_attention(x: torch.Tensor, heads: int, head_dim: int, window: int, 
 def _recording_a_graph() -> bool:
     """Whether a graph is being recorded around this call (``torch.compile``, ``torch.export``,
     ``torch.jit.trace``): it records ``windowed_attention``'s ops, not a compiled call."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing())
+    return torch.compiler.is_compiling() or recording()
 
 
 # Graphs of the compiled local attention a process keeps: one per stage shape (batch, map,
