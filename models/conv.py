@@ -17,7 +17,8 @@ by Inductor, which by default does not emulate precision casts, the rounded copi
 float32 values: the outputs then differ by bfloat16 round-off.) Everywhere else (no autocast,
 other autocast dtypes, CUDA, CPUs with bfloat16 kernels, graphs recorded by ``torch.export`` or
 ``torch.jit.trace``) it is ``nn.Conv2d``. Subclasses change how the convolution is computed by
-overriding ``convolve``; parameter names and shapes are ``nn.Conv2d``'s.
+overriding ``convolve`` (and ``convolve_through_float32`` where the float32 path must differ);
+parameter names and shapes are ``nn.Conv2d``'s.
 """
 from __future__ import annotations
 
@@ -82,9 +83,16 @@ class Conv2d(nn.Conv2d):
         float32 copies); subclasses compute it their way."""
         return self._conv_forward(x, weight, bias)
 
+    def convolve_through_float32(self, x: torch.Tensor, weight: torch.Tensor,
+                                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The convolution of the bfloat16-rounded float32 copies, autocast off: ``convolve``,
+        unless a subclass must compute it otherwise there."""
+        return self.convolve(x, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bfloat16_through_float32(x):
             return self.convolve(x, self.weight, self.bias)
         with autocast_off("cpu"):
-            out = self.convolve(_rounded(x), _rounded(self.weight), _rounded(self.bias))
+            out = self.convolve_through_float32(_rounded(x), _rounded(self.weight),
+                                                _rounded(self.bias))
         return out.to(torch.bfloat16)

@@ -80,16 +80,21 @@ MUTANTS = [
            "float32 path (backward formulas traced under autocast)", "models/depthwise.py",
            "        with autocast_off(grad_out.device.type):\n", "        if True:\n",
            ("tests/test_conv.py::test_compiled_code_keeps_the_float32_path",)),
-    Mutant("pointwise-weight-grad-rows", "the 1x1 convolutions' matrix-product weight gradient "
-           "is nn.Conv2d's", "models/pointwise.py",
-           "    return grad_x, torch.mm(rows.t(), _as_rows(x)), rows.sum(0)\n",
-           "    return grad_x, torch.mm(rows.t(), _as_rows(x).flip(0)), rows.sum(0)\n",
+    Mutant("pointwise-matrix-product-rows", "the 1x1 convolutions as matrix products are "
+           "nn.Conv2d's", "models/pointwise.py",
+           "    out = F.linear(x.permute(0, 2, 3, 1), _weight_matrix(weight), bias)",
+           "    out = F.linear(x.permute(0, 2, 3, 1).flip(1), _weight_matrix(weight), bias)",
            ("tests/test_pointwise.py::test_matches_conv2d",)),
     Mutant("pointwise-weight-grad-strides", "the 1x1 weight gradient has the weight's strides "
            "(DDP's buckets)", "models/pointwise.py",
-           "        grad_w = (product.as_strided(weight.shape, weight.stride())\n",
-           "        grad_w = (product.view(weight.shape)\n",
+           "    return weight.permute(0, 2, 3, 1).flatten(1)",
+           "    return weight.flatten(1)",
            ("tests/test_pointwise.py::test_weight_gradient_keeps_the_weight_strides",)),
+    Mutant("pointwise-compiled-bf16-products", "compiled code keeps the 1x1 convolutions' "
+           "float32 path under bf16 autocast (no bf16 matrix products in the backward)",
+           "models/pointwise.py", "        if torch.compiler.is_compiling():\n",
+           "        if False:\n",
+           ("tests/test_conv.py::test_compiled_code_keeps_the_float32_path",)),
     Mutant("attention-scale", "the model computes the released network (golden logits)",
            "models/mg_ssaf.py", "        self.scale = self.head_dim ** -0.5",
            "        self.scale = self.head_dim ** -0.5 * 1.001",

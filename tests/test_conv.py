@@ -11,7 +11,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.overrides import TorchFunctionMode
 
 import models  # noqa: F401  (registers mg_ssaf_t with timm)
-from models import conv
+from models import conv, pointwise
 from models.conv import Conv2d
 from models.depthwise import DepthwiseConv2d
 from models.pointwise import PointwiseConv2d
@@ -27,16 +27,17 @@ MODULES = {
 
 
 class _ConvCalls(TorchFunctionMode):
-    """Records, for every convolution (``F.conv2d`` and the depthwise and pointwise custom ops),
-    its input and weight dtypes and whether CPU autocast was on."""
+    """Records, for every convolution (``F.conv2d``, the depthwise custom op, and ``F.linear`` of
+    a 4-D map: a 1x1 convolution as a matrix product), its input and weight dtypes and whether
+    CPU autocast was on."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[torch.dtype, torch.dtype, bool]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.nn.functional.conv2d, torch.ops.mgssaf.depthwise_conv2d.default,
-                    torch.ops.mgssaf.pointwise_conv2d.default):
+        if (func in (torch.nn.functional.conv2d, torch.ops.mgssaf.depthwise_conv2d.default)
+                or (func is torch.nn.functional.linear and args[0].dim() == 4)):
             self.calls.append((args[0].dtype, args[1].dtype, torch.is_autocast_enabled("cpu")))
         return func(*args, **(kwargs or {}))
 
@@ -145,8 +146,10 @@ def test_mg_ssaf_runs_every_convolution_through_float32(monkeypatch, reference_d
 def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
     """Under torch.compile AOTAutograd traces the backward formulas under the forward's autocast:
     no convolution of the compiled forward or backward may take bfloat16 (PyTorch's generic
-    code on these CPUs), and the outputs and gradients are eager's to bfloat16 round-off."""
+    code on these CPUs), and the outputs and gradients are eager's to bfloat16 round-off. The
+    1x1 convolution takes its AVX2 path (matrix products in eager training) on any CPU."""
     _through_float32(monkeypatch, True)
+    monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", True)
     factory, chans = MODULES[name]
     torch.manual_seed(0)
     module = factory().to(memory_format=torch.channels_last)
@@ -165,7 +168,8 @@ def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
     assert len(graphs) == 2  # forward and backward
     convolutions = [node for graph in graphs for node in graph.graph.nodes
                     if node.target in (torch.ops.aten.convolution.default,
-                                       torch.ops.aten.convolution_backward.default)]
+                                       torch.ops.aten.convolution_backward.default,
+                                       torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
     assert convolutions
     for node in convolutions:
         dtypes = {arg.meta["val"].dtype for arg in node.args if isinstance(arg, torch.fx.Node)}

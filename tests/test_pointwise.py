@@ -1,8 +1,10 @@
-"""models.pointwise: PointwiseConv2d computes nn.Conv2d's 1x1 convolution through oneDNN, and on
-AVX2 CPUs its weight gradient as a matrix product (``mgssaf::pointwise_conv2d``)."""
+"""models.pointwise: PointwiseConv2d computes nn.Conv2d's 1x1 convolution, on AVX2 CPUs as a
+matrix product of the channels-last map, elsewhere through oneDNN."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -10,11 +12,11 @@ from models import pointwise
 from models.pointwise import PointwiseConv2d
 
 
-@pytest.fixture(params=[True, False], ids=["mkl-weight-grad", "onednn-weight-grad"])
-def weight_grad_by_mkl(request, monkeypatch):
-    """Both ways of computing the weight gradient, on any CPU (the module picks one by the
+@pytest.fixture(params=[True, False], ids=["matrix-product", "onednn"])
+def matrix_product(request, monkeypatch):
+    """Both ways of computing the convolution, on any CPU (the module picks one by the
     instruction set PyTorch dispatches to)."""
-    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", request.param)
+    monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", request.param)
     return request.param
 
 
@@ -42,7 +44,7 @@ def _ops(fn) -> set[str]:
 @pytest.mark.parametrize("batch", [2, 17])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_conv2d(weight_grad_by_mkl, layout, dtype, batch, bias):
+def test_matches_conv2d(matrix_product, layout, dtype, batch, bias):
     native, fast = _pair(dtype, bias)
     x = torch.randn(batch, 32, 6, 7, dtype=dtype).contiguous(memory_format=layout)
     grad = torch.randn(batch, 48, 6, 7, dtype=dtype)
@@ -53,22 +55,26 @@ def test_matches_conv2d(weight_grad_by_mkl, layout, dtype, batch, bias):
         torch.testing.assert_close(g, e, rtol=0, atol=tol * e.abs().max().item(), msg=name)
 
 
-def test_weight_gradient_by_a_matrix_product(weight_grad_by_mkl):
-    """Training on channels-last maps: with the MKL weight gradient the backward is the custom
-    op's (a matrix product, no convolution_backward); without it, PyTorch's own."""
+def test_runs_as_a_matrix_product(matrix_product):
+    """Training on channels-last maps on AVX2 CPUs: forward and backward are matrix products,
+    without a convolution; elsewhere oneDNN's convolution and its backward. Inference, a frozen
+    weight and maps that are not channels-last are convolved either way."""
     _, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     ops = _ops(lambda: fast(x).sum().backward())
-    assert ("mgssaf::pointwise_conv2d" in ops) == weight_grad_by_mkl
-    assert ("aten::convolution_backward" in ops) != weight_grad_by_mkl
-    assert ("aten::mm" in ops) == weight_grad_by_mkl
-    with torch.no_grad():  # inference is oneDNN's convolution either way
-        assert "mgssaf::pointwise_conv2d" not in _ops(lambda: fast(x))
+    assert ("aten::convolution" in ops) != matrix_product
+    assert ("aten::convolution_backward" in ops) != matrix_product
+    assert ("aten::addmm" in ops and "aten::mm" in ops) == matrix_product
+    assert "aten::addmm" not in _ops(lambda: fast(x.contiguous()).sum().backward())
+    with torch.no_grad():
+        assert "aten::addmm" not in _ops(lambda: fast(x))
+    fast.requires_grad_(False)
+    assert "aten::addmm" not in _ops(lambda: fast(x.requires_grad_(True)).sum().backward())
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_weight_gradient_keeps_the_weight_strides(weight_grad_by_mkl, layout):
-    """The matrix-product weight gradient has the weight's strides (DDP's gradient buckets
+def test_weight_gradient_keeps_the_weight_strides(matrix_product, layout):
+    """The matrix product's weight gradient has the weight's strides (DDP's gradient buckets
     expect them); oneDNN's has nn.Conv2d's (which, with 2 or more threads, are channels-last's
     whatever the weight's layout)."""
     native, fast = _pair()
@@ -76,12 +82,12 @@ def test_weight_gradient_keeps_the_weight_strides(weight_grad_by_mkl, layout):
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     for conv in (native, fast):
         conv(x).square().sum().backward()
-    expected = fast.weight.stride() if weight_grad_by_mkl else native.weight.grad.stride()
+    expected = fast.weight.stride() if matrix_product else native.weight.grad.stride()
     assert fast.weight.grad.stride() == expected
 
 
 @pytest.mark.parametrize("frozen", ["input", "weight", "bias"])
-def test_gradients_of_what_requires_grad(weight_grad_by_mkl, frozen):
+def test_gradients_of_what_requires_grad(matrix_product, frozen):
     """A frozen weight or bias, or an input without grad (the stem's images), gets the same
     gradients as nn.Conv2d for the rest."""
     native, fast = _pair()
@@ -99,9 +105,8 @@ def test_gradients_of_what_requires_grad(weight_grad_by_mkl, frozen):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-6 * e.abs().max().item())
 
 
-def test_output_may_be_changed_in_place(weight_grad_by_mkl):
-    """As nn.Conv2d's: the output is no view of the op's own (autograd forbids in-place
-    changes of those), e.g. for an in-place activation or residual sum."""
+def test_output_may_be_changed_in_place(matrix_product):
+    """As nn.Conv2d's, e.g. by an in-place activation or residual sum."""
     native, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     grads = []
@@ -114,7 +119,7 @@ def test_output_may_be_changed_in_place(weight_grad_by_mkl):
                                atol=1e-6 * grads[0].abs().max().item())
 
 
-def test_one_pixel_maps(weight_grad_by_mkl):
+def test_one_pixel_maps(matrix_product):
     """(B, C, 1, 1) maps, as the classifier head's 1x1 convolution gets them."""
     native, fast = _pair()
     x = torch.randn(4, 32, 1, 1).contiguous(memory_format=torch.channels_last)
@@ -141,9 +146,11 @@ def test_pieces():
 
 @pytest.mark.skipif(not pointwise._ONEDNN_FASTER, reason="plain nn.Conv2d without AVX2")
 @pytest.mark.parametrize("height", [5, 8])
-def test_single_thread_small_batch_runs_on_onednn(weight_grad_by_mkl, height):
-    """The case PyTorch would send to its slower native kernel (1 thread, batch < 16): here a
-    batch of 4 x 5 one-row images or of 4 x 4 images of two rows, forward and backward."""
+def test_single_thread_small_batch_runs_on_onednn(monkeypatch, height):
+    """Where the convolution is oneDNN's (AVX-512), the case PyTorch would send to its slower
+    native kernel (1 thread, batch < 16): here a batch of 4 x 5 one-row images or of 4 x 4
+    images of two rows, forward and backward."""
+    monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", False)
     _, fast = _pair()
     x = torch.randn(4, 32, height, 7).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -157,58 +164,41 @@ def test_single_thread_small_batch_runs_on_onednn(weight_grad_by_mkl, height):
     assert not any(op.startswith("aten::_slow_conv2d") for op in ops), ops
 
 
-def test_custom_op_passes_opcheck():
-    """Schemas, fake implementations (shapes and channels-last strides) and autograd formula."""
-    torch.manual_seed(0)
-    bias = torch.randn(48)
-    for layout, batch in ((torch.channels_last, 3), (torch.channels_last, 17),
-                          (torch.contiguous_format, 3)):
-        x = torch.randn(batch, 32, 4, 6).contiguous(memory_format=layout)
-        weight = torch.randn(48, 32, 1, 1).contiguous(memory_format=layout)
-        torch.library.opcheck(pointwise.pointwise_conv2d,
-                              (x.clone().requires_grad_(True), weight.clone().requires_grad_(True),
-                               bias.clone().requires_grad_(True)))
-        torch.library.opcheck(pointwise.pointwise_conv2d, (x, weight, None))
-        grad = torch.randn(batch, 48, 4, 6).contiguous(memory_format=layout)
-        for input_grad in (True, False):
-            torch.library.opcheck(pointwise.pointwise_conv2d_backward,
-                                  (grad, x, weight, input_grad))
-
-
-def test_gradcheck_float64():
+def test_gradcheck_and_gradgradcheck_float64(monkeypatch):
+    """Plain ATen ops: first and second derivatives (e.g. a gradient penalty) are exact."""
+    monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", True)
     torch.manual_seed(0)
     x = torch.randn(3, 8, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(6, 8, 1, 1, dtype=torch.float64)
+    weight = torch.randn(6, 8, 1, 1, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
     bias = torch.randn(6, dtype=torch.float64)
     inputs = tuple(t.requires_grad_(True) for t in (x, weight, bias))
-    assert torch.autograd.gradcheck(pointwise.pointwise_conv2d, inputs)
+    assert pointwise._as_matrix_product(x, weight)
+    assert torch.autograd.gradcheck(pointwise._matrix_product, inputs)
+    assert torch.autograd.gradgradcheck(pointwise._matrix_product, inputs)
 
 
-def test_torch_compile_runs_atens_convolution(monkeypatch):
-    """Compiled training takes ATen's convolution (measured faster there than the custom ops)
-    and matches eager, which takes the custom ops."""
-    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
+def test_torch_compile_keeps_the_matrix_product(monkeypatch):
+    """Compiled training runs the matrix products (no convolution) and matches eager."""
+    monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", True)
     _, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 48, 6, 7).contiguous(memory_format=torch.channels_last)
-    assert "mgssaf::pointwise_conv2d_backward" in _ops(lambda: _grads(fast, x, grad))
     expected = _grads(fast, x, grad)
     torch._dynamo.reset()
     compiled = torch.compile(fast)
     _grads(compiled, x, grad)  # compiles
     ops = _ops(lambda: _grads(compiled, x, grad))
-    assert not any(op.startswith("mgssaf::") for op in ops), ops
+    assert "aten::mm" in ops and not any("convolution" in op for op in ops), ops
     for name, g, e in zip(("output", "input", "weight", "bias"), _grads(compiled, x, grad),
                           expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_flop_counter_counts_the_custom_op(monkeypatch, input_grad):
-    """FLOP counts are those of nn.Conv2d: the forward's 1x1 convolution, and in training the
-    backward op's weight gradient (a matrix product) and input gradient (a convolution; only
-    when the input requires grad)."""
-    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
+def test_flop_counter_counts_a_convolutions_flops(matrix_product, input_grad):
+    """FLOP counts are those of nn.Conv2d: the forward, and in training the weight gradient and
+    (only when the input requires grad) the input gradient, a forward's each."""
     native, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     counts = []
@@ -216,47 +206,46 @@ def test_flop_counter_counts_the_custom_op(monkeypatch, input_grad):
         with FlopCounterMode(display=False) as counter:
             conv(x.clone().requires_grad_(input_grad)).sum().backward()
         counts.append(counter.get_total_flops())
-    forward = 2 * 2 * 32 * 48 * 6 * 7
-    assert counts[0] == counts[1] == (3 if input_grad else 2) * forward
-    ops = counter.get_flop_counts()["Global"]
-    assert ops[torch.ops.mgssaf.pointwise_conv2d] == forward
-    assert ops[torch.ops.mgssaf.pointwise_conv2d_backward] == (2 if input_grad else 1) * forward
+    assert counts[0] == counts[1] == (3 if input_grad else 2) * 2 * 2 * 32 * 48 * 6 * 7
 
 
-def test_double_backward_is_refused(monkeypatch):
-    """The backward op has no autograd formula: differentiating it raises (no silent zeros)."""
-    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
-    _, fast = _pair()
-    x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    (grad_x,) = torch.autograd.grad(fast(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="autograd"):
-        grad_x.sum().backward()
+class _PointwiseCalls(TorchFunctionMode):
+    """Counts the 1x1 convolutions computed as matrix products (``F.linear`` of 4-D maps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args[0].dim() == 4:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.skipif(not pointwise._MKL_WEIGHT_GRAD,
-                    reason="PyTorch runs no AVX2 code here (or has no MKL): oneDNN's weight "
-                           "gradient")
-def test_this_cpu_takes_the_matrix_product_in_mg_ssaf_training():
-    """Unpatched, as users run it: an MG-SSAF training step on this AVX2 CPU takes the ops."""
+@pytest.mark.skipif(not pointwise._MATRIX_PRODUCT,
+                    reason="PyTorch runs no AVX2 code here (or has no MKL): oneDNN's convolution")
+def test_this_cpu_takes_the_matrix_product_in_mg_ssaf():
+    """Unpatched, as users run it: every 1x1 convolution of an MG-SSAF training step on this AVX2
+    CPU is a matrix product."""
     import timm
 
     import models  # noqa: F401  (registers mg_ssaf_t)
 
     model = timm.create_model("mg_ssaf_t", img_size=64, depths=(1, 1, 1, 1))
     model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 64, 64)
-    ops = _ops(lambda: model(x).sum().backward())
-    assert {"mgssaf::pointwise_conv2d", "mgssaf::pointwise_conv2d_backward"} <= ops
+    pointwise_convs = sum(isinstance(m, PointwiseConv2d) for m in model.modules())
+    with _PointwiseCalls() as calls:
+        model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert calls.count == pointwise_convs
 
 
 def test_recorded_graphs_hold_the_plain_convolution(monkeypatch):
     """torch.export and torch.jit.trace record ATen's convolution (with grad enabled)."""
-    monkeypatch.setattr(pointwise, "_MKL_WEIGHT_GRAD", True)
+    monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", True)
     _, fast = _pair()
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     program = torch.export.export(fast, (x,))
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert targets == {"aten.conv2d.default"}, targets
     traced = torch.jit.trace(fast, (x,), check_trace=False)
-    assert "pointwise_conv2d" not in str(traced.graph) and "_convolution" in str(traced.graph)
+    assert "linear" not in str(traced.graph) and "_convolution" in str(traced.graph)
