@@ -471,12 +471,14 @@ Maps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: torch.Tensor,
              dw_bias: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor) -> Maps:
     """SS-MSA + AF on ``(B, H, W, 2*heads*d)`` -> ``(B, H, W, heads, d)`` (see the module doc),
-    with what the backward needs: the maps P, Y, GELU(Y) and Wt ``(heads, G, N, NQ)``, the row
+    with what the backward needs: the maps P, Y, GELU(Y) and Wt ``(heads, G, N*NQ)``, the row
     and column attention ``(heads, G, N*w)``."""
     x = _pixels(x)
     b, h, w, _ = x.shape
     groups, n, nq, d = _sizes(x.shape, window, heads)
-    p, y = x.new_empty(heads, groups, n, nq), x.new_empty(heads, groups, n, nq)  # [key][query]
+    # [key][query] maps, 3-D: Inductor gives 4-D tensors of graphs with convolutions a
+    # channels-last order, and would copy the maps into it and back around the ops
+    p, y = x.new_empty(heads, groups, n * nq), x.new_empty(heads, groups, n * nq)
     rows, cols = x.new_empty(heads, groups, n * window), x.new_empty(heads, groups, n * window)
     _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
          bdw=dw_bias.contiguous(), P=p, Y=y, rowA=rows, colA=cols)
@@ -493,7 +495,7 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
 def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
     b, h, w, _ = x.shape
     groups, n, nq, d = _sizes(x.shape, window, heads)
-    maps = [x.new_empty(heads, groups, n, nq) for _ in range(4)]
+    maps = [x.new_empty(heads, groups, n * nq) for _ in range(4)]
     rows, cols = (x.new_empty(heads, groups, n * window) for _ in range(2))
     return x.new_empty(b, h, w, heads, d), *maps, rows, cols
 

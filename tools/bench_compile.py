@@ -7,8 +7,10 @@ the same machine load.
     python tools/bench_compile.py --dtype float32 bfloat16 --phases train infer
 
 The compiled model keeps the fused SS-MSA + AF kernels and the depthwise weight-gradient kernel
-(custom ops, models/separable.py and models/depthwise.py). Times are medians in seconds per step
-after the warm-up (which compiles); img/s from them. Prints one line per phase and the ratio.
+(custom ops, models/separable.py and models/depthwise.py). As in main.py on CPU, freed memory stays
+mapped for reuse (``--no-keep-freed-memory``: glibc's default, which faults every step's memory
+back in). Times are medians in seconds per step after the warm-up (which compiles); img/s from
+them. Prints one line per phase and the ratio.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers mg_ssaf_*)
-from utils import cpu_model  # noqa: E402
+from utils import cpu_model, keep_freed_memory  # noqa: E402
 
 
 def steps(model: nn.Module, phase: str, batch: int, img_size: int, dtype: str):
@@ -67,11 +69,16 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32"],
                         choices=["float32", "bfloat16"],
                         help="float32, and/or bfloat16 autocast (slow on CPUs without AVX-512)")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep freed memory mapped for reuse, as main.py does on CPU "
+                             "(glibc's malloc only; default: on)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory and keep_freed_memory()
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"freed memory kept: {kept}")
     for dtype in args.dtype:
         for phase in args.phases:
             compare(args, phase, dtype)
