@@ -11,29 +11,33 @@ product needs:
   ``(B, H, W, C)`` view of the map (forward ``Y = X W^T + b``; backward ``dX = dY W`` and
   ``dW = dY^T X``, all MKL's), and returns the ``(B, H, W, out)`` result viewed as a
   channels-last ``(B, out, H, W)`` map. These are plain ATen ops: ``torch.compile`` fuses
-  around them (Inductor calls MKL for the products), and they have every autograd mode (double
-  backward, forward-mode AD, vmap). Inference stays oneDNN's convolution: at batch 16 MKL's
-  forward measured 0.94x oneDNN's over MG-SSAF-B's shapes (parity over T's).
+  around them (Inductor calls MKL for the products), and they take double backward and
+  forward-mode AD. Inference stays oneDNN's convolution: at batch 16 MKL's forward measured
+  0.94x oneDNN's over MG-SSAF-B's shapes (parity over T's).
 * PyTorch hands single-threaded 1x1 convolutions with a batch below 16 (the training batch of a
   process under torchrun, which sets one thread per process) to its own MKL-based kernel, which
-  runs 15-60% slower than oneDNN's forward and up to 45% slower backward. Where PyTorch runs
-  AVX-512 code (oneDNN runs AVX-512 there, where MKL may not: on AMD CPUs MKL runs AVX2) the
-  convolution stays oneDNN's, and below a batch of 16 ``PointwiseConv2d`` convolves the same
-  memory viewed as a channels-last batch of ``B*k`` images of ``H/k`` rows (``k`` the smallest
-  divisor of ``H`` with ``B*k >= 16``), which oneDNN takes, forward and backward. (Images of one
+  runs 15-60% slower than oneDNN's forward and up to 45% slower backward, on AVX2 and AVX-512
+  alike. Where the convolution is oneDNN's (AVX-512 CPUs, where oneDNN runs AVX-512 and MKL
+  may not: on AMD CPUs MKL runs AVX2; and AVX2 CPUs outside the matrix product's cases),
+  ``PointwiseConv2d`` convolves a channels-last map with a batch below 16 as the same memory
+  viewed as a channels-last batch of ``B*k`` images of ``H/k`` rows (``k`` the smallest divisor
+  of ``H`` with ``B*k >= 16``), which oneDNN takes, forward and backward. (Images of one
   column, ``(B*H, C, W, 1)``, would do as well with AVX-512, but oneDNN's AVX2 backward is
   ~1.4x slower on them.)
 
 The numbers are those of the same products (to float round-off); parameter names and shapes are
-``nn.Conv2d``'s, and the weight gradient has the weight's strides (what DDP's buckets expect).
-The matrix product is for weights that require grad, with grad enabled, on channels-last
-float32/float64 maps with autocast off. Under bfloat16
-autocast on CPUs without bfloat16 kernels, ``models.conv.Conv2d`` calls ``convolve`` on float32
-copies with autocast off, so those take it too, but for graphs being compiled: AOTAutograd traces
-their backward under the forward's autocast, which would make the products' backward bfloat16
-products (generic code there), while a convolution's backward stays float32. Exported and
-traced graphs, batches of 16 or more on AVX-512, maps that are not channels-last, other dtypes
-and other devices convolve with plain ``F.conv2d``.
+``nn.Conv2d``'s, and the weight gradient of a contiguous or channels-last weight has the
+weight's strides (what DDP's buckets expect). The matrix product is for weights that require
+grad, with grad enabled, on channels-last float32/float64 maps with autocast off. Under
+bfloat16 autocast on CPUs without bfloat16 kernels, ``models.conv.Conv2d`` convolves float32
+copies with autocast off (``convolve_through_float32``), so those take it too, but for graphs
+being compiled: AOTAutograd traces their backward under the forward's autocast, which would
+make the products' backward bfloat16 products (generic code there), while a convolution's
+backward stays float32. For the same reason a backward run inside an autocast region (rather
+than after it, as ``main.py`` runs it) computes the products' gradients in bfloat16, as it
+does for any ``nn.Linear``. Outside the matrix product's cases, exported and traced graphs,
+batches of 16 or more, maps that are not channels-last, CPUs other than x86 ones and other
+devices convolve with plain ``F.conv2d`` (``_plain_conv``).
 """
 from __future__ import annotations
 
@@ -130,9 +134,11 @@ class PointwiseConv2d(Conv2d):
 
     def convolve_through_float32(self, x: torch.Tensor, weight: torch.Tensor,
                                  bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution of the bfloat16-rounded float32 copies ``(B, C, H, W)``, autocast off:
+        ``convolve``, but oneDNN's convolution in graphs being compiled. AOTAutograd traces
+        their backward under the forward's autocast, which would make the matrix product's
+        backward bfloat16 products (generic code on CPUs without bfloat16 kernels); autocast
+        leaves the convolution's backward alone."""
         if torch.compiler.is_compiling():
-            # AOTAutograd traces the backward under the forward's autocast, which would make the
-            # matrix product's backward bfloat16 products (generic code on CPUs without bfloat16
-            # kernels); autocast leaves the convolution's backward alone.
             return _onednn_conv(x, weight, bias)
         return self.convolve(x, weight, bias)

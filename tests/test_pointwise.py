@@ -65,11 +65,11 @@ def test_runs_as_a_matrix_product(matrix_product):
     assert ("aten::convolution" in ops) != matrix_product
     assert ("aten::convolution_backward" in ops) != matrix_product
     assert ("aten::addmm" in ops and "aten::mm" in ops) == matrix_product
-    assert "aten::addmm" not in _ops(lambda: fast(x.contiguous()).sum().backward())
+    assert "aten::convolution" in _ops(lambda: fast(x.contiguous()).sum().backward())
     with torch.no_grad():
-        assert "aten::addmm" not in _ops(lambda: fast(x))
+        assert "aten::convolution" in _ops(lambda: fast(x))
     fast.requires_grad_(False)
-    assert "aten::addmm" not in _ops(lambda: fast(x.requires_grad_(True)).sum().backward())
+    assert "aten::convolution" in _ops(lambda: fast(x.requires_grad_(True)).sum().backward())
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -147,7 +147,8 @@ def test_pieces():
 @pytest.mark.skipif(not pointwise._ONEDNN_FASTER, reason="plain nn.Conv2d without AVX2")
 @pytest.mark.parametrize("height", [5, 8])
 def test_single_thread_small_batch_runs_on_onednn(monkeypatch, height):
-    """Where the convolution is oneDNN's (AVX-512), the case PyTorch would send to its slower
+    """Where the convolution is oneDNN's (not a matrix product), the case PyTorch would send to
+    its slower
     native kernel (1 thread, batch < 16): here a batch of 4 x 5 one-row images or of 4 x 4
     images of two rows, forward and backward."""
     monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", False)
@@ -168,20 +169,23 @@ def test_gradcheck_and_gradgradcheck_float64(monkeypatch):
     """Plain ATen ops: first and second derivatives (e.g. a gradient penalty) are exact."""
     monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", True)
     torch.manual_seed(0)
+    conv = PointwiseConv2d(8, 6).double()
     x = torch.randn(3, 8, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(6, 8, 1, 1, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last)
     bias = torch.randn(6, dtype=torch.float64)
     inputs = tuple(t.requires_grad_(True) for t in (x, weight, bias))
-    assert pointwise._as_matrix_product(x, weight)
-    assert torch.autograd.gradcheck(pointwise._matrix_product, inputs)
-    assert torch.autograd.gradgradcheck(pointwise._matrix_product, inputs)
+    assert "aten::addmm" in _ops(lambda: conv.convolve(*inputs))
+    assert torch.autograd.gradcheck(conv.convolve, inputs)
+    assert torch.autograd.gradgradcheck(conv.convolve, inputs)
 
 
 def test_torch_compile_keeps_the_matrix_product(monkeypatch):
-    """Compiled training runs the matrix products (no convolution) and matches eager."""
+    """Compiled training runs the matrix products (no convolution) and matches eager, the
+    weight gradient in the channels-last weight's strides."""
     monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", True)
     _, fast = _pair()
+    fast = fast.to(memory_format=torch.channels_last)
     x = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 48, 6, 7).contiguous(memory_format=torch.channels_last)
     expected = _grads(fast, x, grad)
@@ -193,6 +197,9 @@ def test_torch_compile_keeps_the_matrix_product(monkeypatch):
     for name, g, e in zip(("output", "input", "weight", "bias"), _grads(compiled, x, grad),
                           expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+    fast.weight.grad = None
+    compiled(x).square().sum().backward()
+    assert fast.weight.grad.stride() == fast.weight.stride() == (32, 1, 32, 32)
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
