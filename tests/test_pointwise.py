@@ -148,9 +148,8 @@ def test_pieces():
 @pytest.mark.parametrize("height", [5, 8])
 def test_single_thread_small_batch_runs_on_onednn(monkeypatch, height):
     """Where the convolution is oneDNN's (not a matrix product), the case PyTorch would send to
-    its slower
-    native kernel (1 thread, batch < 16): here a batch of 4 x 5 one-row images or of 4 x 4
-    images of two rows, forward and backward."""
+    its slower native kernel (1 thread, batch < 16): here a batch of 4 x 5 one-row images or of
+    4 x 4 images of two rows, forward and backward."""
     monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", False)
     _, fast = _pair()
     x = torch.randn(4, 32, height, 7).contiguous(memory_format=torch.channels_last)
