@@ -1,6 +1,7 @@
 """The tools' command lines: plot_metrics.py, benchmark.py and the micro-benchmarks."""
 import json
 import os
+import re
 
 import pytest
 
@@ -121,6 +122,39 @@ def test_benchmark_names_an_input_size_the_model_refuses():
                       "--peers", *TINY_BENCH, "--img-size", "100")
     assert result.returncode == 1
     assert "benchmark: error: DATA.IMG_SIZE 100 must be a multiple of 32" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_compile_trains_the_compiled_model(tmp_path):
+    """A whole MG-SSAF training step (forward, backward, AdamW) through torch.compile, timed
+    against eager by tools/bench_compile.py: compiles and runs (minutes with an empty Inductor
+    cache on 2 cores), and the tool prints both runners' times and their ratio."""
+    cfg = tmp_path / "MG-SSAF-pico.yaml"
+    cfg.write_text(TINY_MGSSAF.format(base=os.path.join(ROOT, "configs", "MG-SSAF",
+                                                        "MG-SSAF-T.yaml")))
+    result = run_tool(os.path.join(ROOT, "tools", "bench_compile.py"), "--cfg", str(cfg),
+                      "--opts", "MODEL.NUM_CLASSES", "10", "--img-size", "64", "--steps", "1",
+                      "--warmup", "1", "--train-batch-size", "2", "--threads", "2",
+                      timeout=None)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].endswith(f"freed memory kept: {uses_glibc_malloc()}")
+    assert lines[-1].startswith("MG-SSAF-pico train float32 batch 2: eager ")
+    assert re.search(r"compiled [\d.]+ s/step \([\d.]+ img/s\); compiled/eager speed [\d.]+x$",
+                     lines[-1]), lines[-1]
+
+
+def test_bench_compile_rejects_unknown_model_config_and_keys(tmp_path):
+    tool = os.path.join(ROOT, "tools", "bench_compile.py")
+    result = run_tool(tool, "--model", "no_such_net")
+    assert result.returncode == 2 and "no_such_net" in result.stderr
+    missing = str(tmp_path / "missing.yaml")
+    result = run_tool(tool, "--cfg", missing)
+    assert result.returncode == 2 and missing in result.stderr
+    result = run_tool(tool, "--cfg", "configs/MG-SSAF/MG-SSAF-T.yaml", "--opts",
+                      "MODEL.NO_SUCH_KEY", "1")
+    assert result.returncode == 2 and "MODEL.NO_SUCH_KEY" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -5,6 +5,7 @@ the same machine load.
     python tools/bench_compile.py                        # mg_ssaf_t, train batch 8, infer 16
     python tools/bench_compile.py --model mg_ssaf_s --steps 7 --threads 2
     python tools/bench_compile.py --dtype float32 bfloat16 --phases train infer
+    python tools/bench_compile.py --cfg configs/MG-SSAF/MG-SSAF-B.yaml --opts MODEL.DROP_PATH_RATE 0
 
 The compiled model keeps the fused SS-MSA + AF kernels and the depthwise weight-gradient kernel
 (custom ops, models/separable.py and models/depthwise.py). As in main.py on CPU, freed memory stays
@@ -25,9 +26,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import timm  # noqa: E402
-
 import models  # noqa: E402,F401  (registers mg_ssaf_*)
+from tools.benchmark import (BenchmarkError, add_keep_freed_memory_flag,  # noqa: E402
+                             build_benchmark_model, model_specs, spec_name)
 from utils import cpu_model, keep_freed_memory  # noqa: E402
 
 
@@ -56,9 +57,13 @@ def steps(model: nn.Module, phase: str, batch: int, img_size: int, dtype: str):
     return step
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="mg_ssaf_t")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default="mg_ssaf_t", help="a timm model name")
+    source.add_argument("--cfg", metavar="YAML", help="an MG-SSAF config file, instead of --model")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides applied to --cfg")
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
     parser.add_argument("--img-size", type=int, default=224)
@@ -69,10 +74,27 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32"],
                         choices=["float32", "bfloat16"],
                         help="float32, and/or bfloat16 autocast (slow on CPUs without AVX-512)")
-    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep freed memory mapped for reuse, as main.py does on CPU "
-                             "(glibc's malloc only; default: on)")
+    add_keep_freed_memory_flag(parser)
     args = parser.parse_args(argv)
+    for name, least in (("steps", 1), ("warmup", 1), ("img_size", 1), ("batch_size", 1),
+                        ("train_batch_size", 1), ("threads", 0)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, "
+                         f"got {getattr(args, name)}")
+    if args.opts and not args.cfg:
+        parser.error("--opts applies to --cfg only")
+    if len(args.opts) % 2:
+        parser.error(f"--opts expects KEY VALUE pairs, got {args.opts}")
+    try:
+        (args.spec,) = model_specs([args.cfg] if args.cfg else [],
+                                   [] if args.cfg else [args.model], args.opts)
+    except (BenchmarkError, ValueError, OSError) as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = args.keep_freed_memory and keep_freed_memory()
@@ -90,7 +112,8 @@ def compare(args: argparse.Namespace, phase: str, dtype: str) -> None:
     runners = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
-        model = timm.create_model(args.model).to(memory_format=torch.channels_last)
+        model = build_benchmark_model(args.spec, args.img_size, args.opts)
+        model = model.to(memory_format=torch.channels_last)
         model.train(phase == "train")
         runner = torch.compile(model) if name == "compiled" else model
         runners[name] = steps(runner, phase, batch, args.img_size, dtype)
@@ -107,7 +130,7 @@ def compare(args: argparse.Namespace, phase: str, dtype: str) -> None:
             step()
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    print(f"{args.model} {phase} {dtype} batch {batch}: "
+    print(f"{spec_name(args.spec)} {phase} {dtype} batch {batch}: "
           + ", ".join(f"{name} {medians[name]:.3f} s/step ({batch / medians[name]:.2f} img/s)"
                       for name in runners)
           + f"; compiled/eager speed {medians['eager'] / medians['compiled']:.3f}x", flush=True)

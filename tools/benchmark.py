@@ -360,6 +360,14 @@ def markdown_table(rows: list[dict], reference: Optional[str]) -> str:
     return "\n".join(lines)
 
 
+def add_keep_freed_memory_flag(parser: argparse.ArgumentParser) -> None:
+    """``--keep-freed-memory`` / ``--no-keep-freed-memory`` (default on), for the benchmarks that
+    time CPU steps as ``main.py`` runs them (``utils.keep_freed_memory``)."""
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
+                        default=True, help="on CPU, let glibc malloc keep freed memory for reuse, "
+                                           "as main.py does (no per-step page faults)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -391,9 +399,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="torch CPU threads (0: torch's default)")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                         help="count multiply-adds of one image (one extra batch-1 forward)")
-    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
-                        default=True, help="on CPU, let glibc malloc keep freed memory for reuse, "
-                                           "as main.py does (no per-step page faults)")
+    add_keep_freed_memory_flag(parser)
     parser.add_argument("--models-in-subprocess", action=argparse.BooleanOptionalAction,
                         default=True, help="run each model and phase in a fresh process "
                                            "(clean peak-memory figures)")
