@@ -20,7 +20,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from config import load_config
 from models import build_model
@@ -441,3 +443,22 @@ def copy_run(src: str, dst_output: str, tag: str) -> str:
     dst = run_dir(dst_output, tag)
     shutil.copytree(src, dst)
     return dst
+
+
+class ConvCalls(TorchFunctionMode):
+    """Records every convolution run under it: ``F.conv2d``, the depthwise custom op, and
+    ``F.linear`` of a 4-D map (a 1x1 convolution as a matrix product, ``models/pointwise.py``).
+    ``calls`` holds each one's (input dtype, weight dtype, whether CPU autocast was on);
+    ``matrix_products`` counts the ``F.linear`` ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.dtype, torch.dtype, bool]] = []
+        self.matrix_products = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        matrix_product = func is F.linear and args[0].dim() == 4
+        if matrix_product or func in (F.conv2d, torch.ops.mgssaf.depthwise_conv2d.default):
+            self.calls.append((args[0].dtype, args[1].dtype, torch.is_autocast_enabled("cpu")))
+            self.matrix_products += matrix_product
+        return func(*args, **(kwargs or {}))

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
-from torch.overrides import TorchFunctionMode
 
 import models  # noqa: F401  (registers mg_ssaf_t with timm)
 from models import conv, pointwise
@@ -16,7 +15,7 @@ from models.conv import Conv2d
 from models.depthwise import DepthwiseConv2d
 from models.pointwise import PointwiseConv2d
 
-from helpers import golden_model
+from helpers import ConvCalls, golden_model
 
 MODULES = {
     "stem 3x3 s2": (lambda: Conv2d(16, 24, 3, stride=2, padding=1), 16),
@@ -24,22 +23,6 @@ MODULES = {
     "depthwise 7x7": (lambda: DepthwiseConv2d(32, 7), 32),
     "depthwise 3x3 s2": (lambda: DepthwiseConv2d(32, 3, stride=2), 32),
 }
-
-
-class _ConvCalls(TorchFunctionMode):
-    """Records, for every convolution (``F.conv2d``, the depthwise custom op, and ``F.linear`` of
-    a 4-D map: a 1x1 convolution as a matrix product), its input and weight dtypes and whether
-    CPU autocast was on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[torch.dtype, torch.dtype, bool]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (func in (torch.nn.functional.conv2d, torch.ops.mgssaf.depthwise_conv2d.default)
-                or (func is torch.nn.functional.linear and args[0].dim() == 4)):
-            self.calls.append((args[0].dtype, args[1].dtype, torch.is_autocast_enabled("cpu")))
-        return func(*args, **(kwargs or {}))
 
 
 def _through_float32(monkeypatch, on: bool) -> None:
@@ -73,7 +56,7 @@ def test_through_float32_gives_a_bfloat16_convolutions_numbers_and_dtypes(
     _through_float32(monkeypatch, False)
     native = _run(module, x, grad)
     _through_float32(monkeypatch, True)
-    with _ConvCalls() as calls:
+    with ConvCalls() as calls:
         got = _run(module, x, grad)
     exact = _run_float32(copy.deepcopy(module).bfloat16().float(), x, grad)
 
@@ -103,14 +86,14 @@ def test_where_the_cpu_has_bfloat16_kernels_autocast_runs_them(monkeypatch):
     _through_float32(monkeypatch, False)
     x = torch.randn(1, 16, 8, 8)
     module = MODULES["stem 3x3 s2"][0]()
-    with torch.autocast("cpu", dtype=torch.bfloat16), _ConvCalls() as calls:
+    with torch.autocast("cpu", dtype=torch.bfloat16), ConvCalls() as calls:
         out = module(x)
     assert out.dtype == torch.bfloat16 and calls.calls == [(torch.float32, torch.float32, True)]
     _through_float32(monkeypatch, True)
-    with _ConvCalls() as calls:
+    with ConvCalls() as calls:
         assert module(x).dtype == torch.float32
     assert calls.calls == [(torch.float32, torch.float32, False)]
-    with torch.autocast("cpu", dtype=torch.float16), _ConvCalls() as calls:
+    with torch.autocast("cpu", dtype=torch.float16), ConvCalls() as calls:
         assert module(x).dtype == torch.float16  # other autocast dtypes: autocast's own
     assert calls.calls == [(torch.float32, torch.float32, True)]
 
@@ -128,7 +111,7 @@ def test_mg_ssaf_runs_every_convolution_through_float32(monkeypatch, reference_d
         with torch.autocast("cpu", dtype=torch.bfloat16):
             native = model(x)
     _through_float32(monkeypatch, True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), _ConvCalls() as calls:
+    with torch.autocast("cpu", dtype=torch.bfloat16), ConvCalls() as calls:
         got = model(x)
     assert len(calls.calls) > 20
     assert all(c == (torch.float32, torch.float32, False) for c in calls.calls)
@@ -192,7 +175,7 @@ def test_float64_and_recorded_graphs_keep_the_plain_convolution(monkeypatch):
         double = copy.deepcopy(module).double()
         torch.testing.assert_close(double(x.double()), nn.Conv2d.forward(double, x.double()),
                                    rtol=0, atol=0)
-        with _ConvCalls() as calls:
+        with ConvCalls() as calls:
             torch.jit.trace(module, (x,), check_trace=False)
         program = torch.export.export(module, (x,))
     assert calls.calls == [(torch.float32, torch.float32, True)]  # autocast's own, as recorded

@@ -2,14 +2,14 @@
 matrix product of the channels-last map, elsewhere through oneDNN."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import pointwise
 from models.pointwise import PointwiseConv2d
+
+from helpers import ConvCalls
 
 
 @pytest.fixture(params=[True, False], ids=["matrix-product", "onednn"])
@@ -215,19 +215,6 @@ def test_flop_counter_counts_a_convolutions_flops(matrix_product, input_grad):
     assert counts[0] == counts[1] == (3 if input_grad else 2) * 2 * 2 * 32 * 48 * 6 * 7
 
 
-class _PointwiseCalls(TorchFunctionMode):
-    """Counts the 1x1 convolutions computed as matrix products (``F.linear`` of 4-D maps)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.linear and args[0].dim() == 4:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not pointwise._MATRIX_PRODUCT,
                     reason="PyTorch runs no AVX2 code here (or has no MKL): oneDNN's convolution")
 def test_this_cpu_takes_the_matrix_product_in_mg_ssaf():
@@ -240,9 +227,9 @@ def test_this_cpu_takes_the_matrix_product_in_mg_ssaf():
     model = timm.create_model("mg_ssaf_t", img_size=64, depths=(1, 1, 1, 1))
     model = model.to(memory_format=torch.channels_last)
     pointwise_convs = sum(isinstance(m, PointwiseConv2d) for m in model.modules())
-    with _PointwiseCalls() as calls:
+    with ConvCalls() as calls:
         model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert calls.count == pointwise_convs
+    assert calls.matrix_products == pointwise_convs
 
 
 def test_recorded_graphs_hold_the_plain_convolution(monkeypatch):
