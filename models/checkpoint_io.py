@@ -169,16 +169,27 @@ _WIDTH = "embedding width (MODEL.MGSSAF.EMBED_DIM)"
 _CLASSES = "classes (MODEL.NUM_CLASSES)"
 
 
+_NETWORK = "network"
+_SEGMENTER = "a segmentation model (UPerNet, main_seg.py)"
+_CLASSIFIER = "a classifier (main.py)"
+
+
 def _architecture(weights: dict[str, Any]) -> dict[str, Any]:
-    """What the shapes of a state dict say about its network (embedding width, blocks per stage,
-    number of classes), each under the phrase that names it in messages."""
+    """What the keys and shapes of a state dict say about its network (classifier or UPerNet
+    segmentation model, embedding width, blocks per stage, number of classes), each under the
+    phrase that names it in messages."""
+    segmenter = any(key.startswith("decode_head.") for key in weights)
+    if segmenter:  # the backbone's keys, as a classifier's
+        weights = {k[len("backbone."):]: v for k, v in weights.items()
+                   if k.startswith("backbone.")}
     depths: dict[int, int] = {}
     for key in weights:
         match = _BLOCK_KEY.match(key)
         if match:
             stage, block = int(match.group(1)), int(match.group(2))
             depths[stage] = max(depths.get(stage, 0), block + 1)
-    arch: dict[str, Any] = {"stages": len(depths)}
+    arch: dict[str, Any] = {_NETWORK: _SEGMENTER if segmenter else _CLASSIFIER,
+                            "stages": len(depths)}
     if "patch_embed.norm.weight" in weights:
         arch[_WIDTH] = weights["patch_embed.norm.weight"].shape[0]
     for stage, depth in sorted(depths.items()):
@@ -199,6 +210,8 @@ def weight_differences(weights: dict[str, Any], own: dict[str, Any], limit: int 
     """At most ``limit`` (+1) short phrases saying how the checkpoint's ``weights`` differ from the
     model's state dict ``own``: network dimensions first, else the first differing entries."""
     theirs, ours = _architecture(weights), _architecture(own)
+    if theirs[_NETWORK] != ours[_NETWORK]:
+        return [f"it holds {theirs[_NETWORK]}, this model is {ours[_NETWORK]}"]
     found = [f"{what}: {theirs.get(what)} in the checkpoint, {ours.get(what)} in this model"
              for what in dict.fromkeys([*ours, *theirs]) if theirs.get(what) != ours.get(what)]
     if found:

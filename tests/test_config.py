@@ -1,4 +1,5 @@
 """Config files, BASE inheritance and overrides; errors name the key and where it came from."""
+import glob
 import os
 import re
 
@@ -102,6 +103,18 @@ def test_missing_file():
 
 RELEASED = {"T": ([2, 2, 6, 2], 96, 0.2), "S": ([2, 2, 18, 2], 96, 0.2),
             "B": ([2, 2, 18, 2], 128, 0.3)}
+
+
+def test_every_shipped_config_has_a_run_folder_of_its_own():
+    """No two shipped configs share output/<MODEL.NAME>/<tag> (auto-resume would take up the
+    other run's checkpoints); the ADE20K configs build their ImageNet config's backbone."""
+    paths = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+    names = {path: load_config(path).MODEL.NAME for path in paths}
+    assert len(paths) == 11 and len(set(names.values())) == len(paths), names
+    for variant, size in (("T", "t"), ("S", "s"), ("B", "b")):
+        seg = load_config(f"configs/seg/upernet_mg_ssaf_{size}_512x512_160k_ade20k.yaml")
+        imagenet = load_config(f"configs/MG-SSAF/MG-SSAF-{variant}.yaml")
+        assert seg.MODEL.MGSSAF == imagenet.MODEL.MGSSAF, variant
 
 
 @pytest.mark.parametrize("variant", list(RELEASED))

@@ -216,6 +216,25 @@ def test_released_s_weights_into_t_are_refused_naming_the_depths_not_listing_key
         "blocks in stage 2 (layers.2): 18 in the checkpoint, 6 in this model"]
 
 
+def test_segmentation_weights_into_a_classifier_are_refused_naming_both_networks(reference_dir):
+    """A UPerNet checkpoint (main_seg.py: backbone.*, decode_head.*) where a classifier is built,
+    and the other way round (e.g. a run folder both entry points wrote to)."""
+    t = released_keys(reference_dir, "T")
+    seg = {f"backbone.{k}": v for k, v in t.items() if not k.startswith("head.")}
+    seg["decode_head.conv_seg.weight"] = torch.empty(150, 512, 1, 1, device="meta")
+    assert weight_differences(seg, t) == [
+        "it holds a segmentation model (UPerNet, main_seg.py), this model is a classifier "
+        "(main.py)"]
+    assert weight_differences(t, seg) == [
+        "it holds a classifier (main.py), this model is a segmentation model (UPerNet, "
+        "main_seg.py)"]
+    s = released_keys(reference_dir, "S")  # segmentation models compare by their backbones
+    seg_s = {f"backbone.{k}": v for k, v in s.items() if not k.startswith("head.")}
+    assert weight_differences({**seg_s, "decode_head.conv_seg.weight": None}, seg) == [
+        "blocks in stage 2 (layers.2): 18 in the checkpoint, 6 in this model",
+        "an MG-SSAF-S checkpoint into an MG-SSAF-T model?"]
+
+
 @pytest.mark.cli
 def test_released_layout_checkpoint_with_a_yacs_config_loads(reference, data, tmp_path):
     weights = dict(load_checkpoint_file(os.path.join(reference, "ckpt_epoch_3.pth"))["model"])

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
 from models import build_model, checkpoint_filter_fn  # noqa: E402
-from models.checkpoint_io import CheckpointError, load_checkpoint_file  # noqa: E402
+from models.checkpoint_io import (CheckpointError, load_checkpoint_file,  # noqa: E402
+                                  load_weights)
 
 
 def config_json(config: Any) -> str:
@@ -61,9 +62,11 @@ def load_exported_config(path: str) -> Any:
     return load_config(None, flags=dict(_dotted(values)))
 
 
-def load_weights(model: nn.Module, checkpoint: str) -> None:
-    """The checkpoint's weights into ``model``, every key (strict)."""
-    model.load_state_dict(checkpoint_filter_fn(load_checkpoint_file(checkpoint), model))
+def load_checkpoint_weights(model: nn.Module, checkpoint: str) -> None:
+    """The checkpoint's weights into ``model``, every key (strict); a checkpoint that does not
+    fit is refused with a message naming what differs."""
+    ckpt = load_checkpoint_file(checkpoint)
+    load_weights(model, {**ckpt, "model": checkpoint_filter_fn(ckpt, model)}, checkpoint)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.cfg, args.opts)
         model = build_model(config).eval()
         if args.checkpoint:
-            load_weights(model, args.checkpoint)
+            load_checkpoint_weights(model, args.checkpoint)
     except (CheckpointError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
         parser.exit(1, f"export.py: error: {(str(e).splitlines() or [''])[0]}\n")
     os.makedirs(args.output, exist_ok=True)
