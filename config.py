@@ -740,8 +740,8 @@ _MAIN_FLAGS: tuple[tuple[tuple[str, ...], str, Any, dict, str], ...] = (
      "writes to <output>/<MODEL.NAME>/<tag>"),
     (("--tag",), "TAG", None, {}, "name of the run's folder under <output>/<MODEL.NAME>"),
     (("--eval",), "EVAL_MODE", True, {}, "only evaluate the weights of --resume (or "
-     "--pretrained; with neither, the run folder's newest checkpoint) on the validation set: loss, Acc@1, Acc@5 (main.py); aAcc, mAcc, mIoU "
-     "(main_seg.py)"),
+     "--pretrained; with neither, the run folder's newest checkpoint) on the validation set: "
+     "loss, Acc@1, Acc@5 (main.py); aAcc, mAcc, mIoU (main_seg.py)"),
     (("--throughput",), "THROUGHPUT_MODE", True, {},
      "only measure the model's images/s on a validation batch"),
     (("--device",), "DEVICE", None, dict(choices=("auto", "cuda", "cpu")),

@@ -21,13 +21,14 @@ import struct
 from typing import IO, Any
 
 import torch
+from timm.models import clean_state_dict
 from yacs.config import CfgNode as CN
 
 from .variants import VARIANTS
 
 __all__ = ["CHECKSUM_TAG", "CheckpointError", "TORCH_SAVE_MAGIC", "append_checksum",
-           "load_checkpoint_file", "load_pretrained", "load_weights", "verify_checksum",
-           "weight_differences"]
+           "load_checkpoint_file", "load_model_weights", "load_pretrained", "load_weights",
+           "model_state_dict", "verify_checksum", "weight_differences"]
 
 TORCH_SAVE_MAGIC = (b"PK", b"\x80")  # torch.save's zip format; its legacy format (a pickle)
 # The SHA-256 of a checkpoint, inside the file: the comment of its zip archive (the last bytes of
@@ -165,13 +166,11 @@ def _describe(ckpt: dict) -> str:
 RELEASED_VARIANTS = {(arch["EMBED_DIM"], tuple(arch["DEPTHS"])): title
                      for title, arch, _ in VARIANTS.values()}
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
-_WIDTH = "embedding width (MODEL.MGSSAF.EMBED_DIM)"
-_CLASSES = "classes (MODEL.NUM_CLASSES)"
-
-
 _NETWORK = "network"
 _SEGMENTER = "a segmentation model (UPerNet, main_seg.py)"
 _CLASSIFIER = "a classifier (main.py)"
+_WIDTH = "embedding width (MODEL.MGSSAF.EMBED_DIM)"
+_CLASSES = "classes (MODEL.NUM_CLASSES)"
 
 
 def _architecture(weights: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +207,8 @@ def _variant(arch: dict[str, Any]) -> str | None:
 
 def weight_differences(weights: dict[str, Any], own: dict[str, Any], limit: int = 3) -> list[str]:
     """At most ``limit`` (+1) short phrases saying how the checkpoint's ``weights`` differ from the
-    model's state dict ``own``: network dimensions first, else the first differing entries."""
+    model's state dict ``own``: the kind of network where it differs (classifier or UPerNet),
+    else network dimensions, else the first differing entries."""
     theirs, ours = _architecture(weights), _architecture(own)
     if theirs[_NETWORK] != ours[_NETWORK]:
         return [f"it holds {theirs[_NETWORK]}, this model is {ours[_NETWORK]}"]
@@ -247,6 +247,22 @@ def load_weights(model: torch.nn.Module, ckpt: dict, path: str) -> None:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError:
         raise _misfit(path, ckpt, model.state_dict()) from None
+
+
+def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a released or project checkpoint (``{"model": weights, ...}``) or of a
+    bare state dict, without ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile)."""
+    weights = ckpt.get("model", ckpt)
+    return clean_state_dict({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> dict:
+    """Every weight of the checkpoint at ``path`` into ``model`` (strict, prefixes removed; the
+    model drops the released checkpoints' unused ``attn.norm`` entries), for inference and
+    export; returns the checkpoint. One that does not fit is refused naming what differs."""
+    ckpt = load_checkpoint_file(path)
+    load_weights(model, {**ckpt, "model": model_state_dict(ckpt)}, path)
+    return ckpt
 
 
 # Released checkpoints carry an ``attn.norm`` LayerNorm per block that the network never applies

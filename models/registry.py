@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import (build_model_with_cfg, clean_state_dict, generate_default_cfgs,
+from timm.models import (build_model_with_cfg, generate_default_cfgs,
                          register_model)
 from torch import nn
 
+from .checkpoint_io import model_state_dict
 from .mg_ssaf import MGSSAF
 from .variants import variant_kwargs
 
@@ -22,8 +23,7 @@ __all__ = ["checkpoint_filter_fn"]
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     """A released or project checkpoint (``{"model": weights, "config": ..., ...}``) or a bare
     state dict -> the model's state dict (``module.`` / ``_orig_mod.`` prefixes removed)."""
-    weights = state_dict.get("model", state_dict)
-    return clean_state_dict({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
+    return model_state_dict(state_dict)
 
 
 # timm names -> MODEL.NAME of the released variants (models/variants.py holds their architectures)

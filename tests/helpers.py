@@ -2,7 +2,8 @@
 ImageFolders, photo-sized JPEGs, a CUB and an ADE20K folder), the tiny model's config, runners for
 the command lines (``python main.py ...``, ``main_seg.py``, ``tools/*.py``, torchrun, in
 subprocesses on CPU, one thread), waiting for a log line, stop signals, and readers of what a run
-leaves (metrics, step lines, the PREEMPTED marker, checkpoint digests)."""
+leaves (metrics, step lines, the PREEMPTED marker, checkpoint digests), and a recorder of the
+convolutions a forward runs (``ConvCalls``)."""
 from __future__ import annotations
 
 import contextlib

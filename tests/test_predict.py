@@ -65,14 +65,17 @@ def test_imagenet_names_for_a_1000_class_head(tmp_path, data):
     assert len(printed) == 3 and set(printed) <= descriptions
 
 
-def test_a_checkpoint_of_another_network_is_refused_naming_what_differs(reference, data):
-    """predict.py (and export.py, which loads the same way) says which dimension differs, as
-    main.py does, instead of PyTorch's first line."""
-    done = run_cli(["tools/predict.py", "--cfg", CFG, "--checkpoint",
-                    os.path.join(reference, "ckpt_epoch_3.pth"),
-                    os.path.join(data, "val", "class0", "0.png"),
-                    "--opts", *OPTS, "MODEL.MGSSAF.EMBED_DIM", "48"], prefix=())
-    assert done.returncode == 1, done.stdout
-    assert "ckpt_epoch_3.pth: its weights do not fit this model" in done.stdout
-    assert ("embedding width (MODEL.MGSSAF.EMBED_DIM): 24 in the checkpoint, 48 in this model"
-            in done.stdout)
+def test_a_checkpoint_of_another_network_is_refused_naming_what_differs(reference, data,
+                                                                        tmp_path):
+    """predict.py and export.py say which dimension differs, as main.py does, instead of
+    PyTorch's first line."""
+    checkpoint = os.path.join(reference, "ckpt_epoch_3.pth")
+    image = os.path.join(data, "val", "class0", "0.png")
+    for argv in (["tools/predict.py", image], ["tools/export.py", "--output", str(tmp_path)]):
+        done = run_cli([*argv, "--cfg", CFG, "--checkpoint", checkpoint,
+                        "--opts", *OPTS, "MODEL.MGSSAF.EMBED_DIM", "48"], prefix=())
+        assert done.returncode == 1, done.stdout
+        assert f"{checkpoint}: its weights do not fit this model" in done.stdout
+        assert ("embedding width (MODEL.MGSSAF.EMBED_DIM): 24 in the checkpoint, 48 in this "
+                "model" in done.stdout), done.stdout
+    assert os.listdir(tmp_path) == []  # export wrote nothing

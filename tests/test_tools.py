@@ -148,7 +148,7 @@ def test_bench_compile_trains_the_compiled_model(tmp_path):
 def test_bench_compile_rejects_unknown_model_config_and_keys(tmp_path):
     tool = os.path.join(ROOT, "tools", "bench_compile.py")
     result = run_tool(tool, "--model", "no_such_net")
-    assert result.returncode == 2 and "no_such_net" in result.stderr
+    assert result.returncode == 2 and "--model: timm has no model 'no_such_net'" in result.stderr
     missing = str(tmp_path / "missing.yaml")
     result = run_tool(tool, "--cfg", missing)
     assert result.returncode == 2 and missing in result.stderr
@@ -156,6 +156,9 @@ def test_bench_compile_rejects_unknown_model_config_and_keys(tmp_path):
                       "MODEL.NO_SUCH_KEY", "1")
     assert result.returncode == 2 and "MODEL.NO_SUCH_KEY" in result.stderr
     assert "Traceback" not in result.stderr
+    result = run_tool(tool, "--img-size", "100", "--steps", "1")  # before anything compiles
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "bench_compile.py: error: DATA.IMG_SIZE 100 must be a multiple of 32" in result.stderr
 
 
 def test_bench_attention_times_both_paths_at_every_stage():

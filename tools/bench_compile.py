@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -57,8 +58,9 @@ def steps(model: nn.Module, phase: str, batch: int, img_size: int, dtype: str):
     return step
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default="mg_ssaf_t", help="a timm model name")
     source.add_argument("--cfg", metavar="YAML", help="an MG-SSAF config file, instead of --model")
@@ -66,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="config overrides applied to --cfg")
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--img-size", type=int, default=224,
+                        help="input resolution (a --cfg's DATA.IMG_SIZE becomes it)")
     parser.add_argument("--phases", nargs="+", default=["train"], choices=["train", "infer"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per runner")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
@@ -87,13 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--opts expects KEY VALUE pairs, got {args.opts}")
     try:
         (args.spec,) = model_specs([args.cfg] if args.cfg else [],
-                                   [] if args.cfg else [args.model], args.opts)
+                                   [] if args.cfg else [args.model], args.opts, "--model")
     except (BenchmarkError, ValueError, OSError) as err:
         parser.error(str(err))
     return args
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +115,10 @@ def compare(args: argparse.Namespace, phase: str, dtype: str) -> None:
     runners = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
-        model = build_benchmark_model(args.spec, args.img_size, args.opts)
+        try:
+            model = build_benchmark_model(args.spec, args.img_size, args.opts)
+        except ValueError as e:  # a config or input size the model refuses
+            sys.exit(f"bench_compile.py: error: {e}")
         model = model.to(memory_format=torch.channels_last)
         model.train(phase == "train")
         runner = torch.compile(model) if name == "compiled" else model

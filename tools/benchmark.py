@@ -75,8 +75,10 @@ def device_description(device: torch.device) -> str:
     return f"{cpu_model()}, {os.cpu_count()} logical cores"
 
 
-def model_specs(cfgs: Sequence[str], peers: Sequence[str], opts: Sequence[str]) -> list[str]:
-    """``cfg:<yaml>`` and ``timm:<name>`` specs, checked before anything runs."""
+def model_specs(cfgs: Sequence[str], peers: Sequence[str], opts: Sequence[str],
+                peers_flag: str = "--peers") -> list[str]:
+    """``cfg:<yaml>`` and ``timm:<name>`` specs, checked before anything runs (an unknown timm
+    name is an error naming ``peers_flag``, the flag that gave it)."""
     import timm
 
     from config import load_config
@@ -86,7 +88,7 @@ def model_specs(cfgs: Sequence[str], peers: Sequence[str], opts: Sequence[str]) 
     for name in peers:
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-            raise BenchmarkError(f"--peers: timm has no model {name!r}"
+            raise BenchmarkError(f"{peers_flag}: timm has no model {name!r}"
                                  + (f" (similar: {', '.join(close)})" if close else ""))
     return [f"cfg:{p}" for p in cfgs] + [f"timm:{n}" for n in peers]
 

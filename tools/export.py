@@ -31,9 +31,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
-from models import build_model, checkpoint_filter_fn  # noqa: E402
-from models.checkpoint_io import (CheckpointError, load_checkpoint_file,  # noqa: E402
-                                  load_weights)
+from models import build_model  # noqa: E402
+from models.checkpoint_io import CheckpointError, load_model_weights  # noqa: E402
 
 
 def config_json(config: Any) -> str:
@@ -60,13 +59,6 @@ def load_exported_config(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
     return load_config(None, flags=dict(_dotted(values)))
-
-
-def load_checkpoint_weights(model: nn.Module, checkpoint: str) -> None:
-    """The checkpoint's weights into ``model``, every key (strict); a checkpoint that does not
-    fit is refused with a message naming what differs."""
-    ckpt = load_checkpoint_file(checkpoint)
-    load_weights(model, {**ckpt, "model": checkpoint_filter_fn(ckpt, model)}, checkpoint)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.cfg, args.opts)
         model = build_model(config).eval()
         if args.checkpoint:
-            load_checkpoint_weights(model, args.checkpoint)
+            load_model_weights(model, args.checkpoint)
     except (CheckpointError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
         parser.exit(1, f"export.py: error: {(str(e).splitlines() or [''])[0]}\n")
     os.makedirs(args.output, exist_ok=True)

@@ -291,7 +291,7 @@ def markdown_report(results: list[dict], settings: dict) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults (CUDA / --device cpu): " + "; ".join(
             f"{key.replace('_', '-')} {DEFAULTS['cuda'][key]} / {DEFAULTS['cpu'][key]}"

@@ -31,9 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
 from data.build import build_transform  # noqa: E402
-from models import build_model, checkpoint_filter_fn  # noqa: E402
-from models.checkpoint_io import (CheckpointError, load_checkpoint_file,  # noqa: E402
-                                  load_weights)
+from models import build_model  # noqa: E402
+from models.checkpoint_io import CheckpointError, load_model_weights  # noqa: E402
 
 
 def image_paths(inputs: Sequence[str]) -> list[str]:
@@ -99,10 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.cfg, args.opts)
         paths = image_paths(args.images)
-        checkpoint = load_checkpoint_file(args.checkpoint)
         model = build_model(config)
-        load_weights(model, {**checkpoint, "model": checkpoint_filter_fn(checkpoint, model)},
-                     args.checkpoint)
+        checkpoint = load_model_weights(model, args.checkpoint)
     except (CheckpointError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
         parser.exit(1, f"predict.py: error: {(str(e).splitlines() or [''])[0]}\n")
     model.to(args.device).eval()
