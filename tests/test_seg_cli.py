@@ -70,6 +70,27 @@ def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)  # exact resume
 
 
+@pytest.mark.cli
+def test_shipped_ade20k_config_trains_under_torchrun_in_a_folder_of_its_own(ade, tmp_path):
+    """configs/seg/upernet_mg_ssaf_t_512x512_160k_ade20k.yaml as shipped (MG-SSAF-T backbone
+    from its BASE, UPerNet at 512 channels, 2 images per process, 4 loader workers, fp32) under
+    torchrun x2, with only the iterations and image sizes shrunk: 3 optimizer steps into
+    output/upernet_mg_ssaf_tiny_ade20k/<tag>, apart from an ImageNet run's mg_ssaf_tiny."""
+    cfg = os.path.join(h.ROOT, "configs", "seg", "upernet_mg_ssaf_t_512x512_160k_ade20k.yaml")
+    result = run_seg(["--cfg", cfg, "--data-path", ade, "--output", str(tmp_path), "--tag", "run",
+                      "--opts", "SEG.ITERS", "3", "SEG.EVAL_INTERVAL", "3", "SEG.WARMUP_ITERS",
+                      "1", "SEG.CROP_SIZE", "[64, 64]", "SEG.SCALE", "[96, 64]", "PRINT_FREQ",
+                      "1"], h.torchrun(2, "main_seg.py"))
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "rank 0 of 2" in result.stdout and "Train: [0/1][2/3]" in result.stdout
+    assert os.listdir(tmp_path) == ["upernet_mg_ssaf_tiny_ade20k"]
+    folder = os.path.join(str(tmp_path), "upernet_mg_ssaf_tiny_ade20k", "run")
+    assert h.read_metrics(folder)[0]["num_updates"] == 3
+    config = torch.load(os.path.join(folder, "ckpt_epoch_0.pth"), weights_only=False)["config"]
+    assert (config.MODEL.MGSSAF.EMBED_DIM, config.MODEL.MGSSAF.DEPTHS) == (96, [2, 2, 6, 2])
+    assert (config.DATA.NUM_WORKERS, config.DATA.BATCH_SIZE, config.AMP_ENABLE) == (4, 2, False)
+
+
 def per_class_tables(output: str) -> list[str]:
     """The per-class IoU / Acc tables an output holds (one per evaluation), as logged."""
     return re.findall(r"per-class results:\n(.*?\naAcc [^\n]*)", output, re.DOTALL)
