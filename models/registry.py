@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import (build_model_with_cfg, generate_default_cfgs,
-                         register_model)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from .checkpoint_io import model_state_dict
