@@ -542,11 +542,15 @@ def _setup_context(ctx, inputs, output) -> None:
     _, p, y, a, wt, rows, cols = output
     ctx.save_for_backward(x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias)
     ctx.window, ctx.heads, ctx.scale = window, heads, scale
+    # The maps are the backward's, not results: no gradient flows into them, and autograd is
+    # not to fill zero gradients for them (four map-sized fills per block and step otherwise)
+    ctx.mark_non_differentiable(p, y, a, wt, rows, cols)
+    ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx, grad_out, *unused):
     """Autograd formula of ``mgssaf::separable_attention`` (the maps it returns for the backward
-    are not differentiated through: once differentiable)."""
+    are not differentiable; once differentiable)."""
     grads = _backward(grad_out, *ctx.saved_tensors, ctx.window, ctx.heads, ctx.scale)
     grad_x, grad_dw_weight, grad_dw_bias, grad_pw_weight, grad_pw_bias = grads
     return (grad_x, None, None, None, grad_dw_weight, grad_dw_bias, grad_pw_weight,
