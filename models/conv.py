@@ -17,8 +17,9 @@ by Inductor, which by default does not emulate precision casts, the rounded copi
 float32 values: the outputs then differ by bfloat16 round-off.) Everywhere else (no autocast,
 other autocast dtypes, CUDA, CPUs with bfloat16 kernels, graphs recorded by ``torch.export`` or
 ``torch.jit.trace``) it is ``nn.Conv2d``. Subclasses change how the convolution is computed by
-overriding ``convolve`` (and ``convolve_through_float32`` where the float32 path must differ);
-parameter names and shapes are ``nn.Conv2d``'s.
+overriding ``convolve`` (and ``convolve_through_float32`` where the float32 path must differ),
+and add cases for the float32 path by overriding ``through_float32``
+(``DepthwiseConv2d``: strided ones in training); parameter names and shapes are ``nn.Conv2d``'s.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["Conv2d", "autocast_off", "bfloat16_through_float32", "cpu_bfloat16_native",
-           "recording"]
+__all__ = ["Conv2d", "autocast_off", "bfloat16_through_float32", "cpu_bfloat16_autocast",
+           "cpu_bfloat16_native", "recording"]
 
 
 def cpu_bfloat16_native() -> bool:
@@ -49,13 +50,18 @@ def recording() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def cpu_bfloat16_autocast(x: torch.Tensor) -> bool:
+    """Whether a convolution of ``x`` (float32 or bfloat16) runs under CPU autocast to
+    bfloat16, outside recorded graphs."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and x.dtype in (torch.float32, torch.bfloat16) and not recording())
+
+
 def bfloat16_through_float32(x: torch.Tensor) -> bool:
     """Whether a convolution of ``x`` runs its bfloat16 autocast through float32: on CPU, under
     autocast to bfloat16, on a CPU without bfloat16 kernels, outside recorded graphs."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and x.dtype in (torch.float32, torch.bfloat16) and not _BFLOAT16_NATIVE
-            and not recording())
+    return not _BFLOAT16_NATIVE and cpu_bfloat16_autocast(x)
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -89,8 +95,13 @@ class Conv2d(nn.Conv2d):
         unless a subclass must compute it otherwise there."""
         return self.convolve(x, weight, bias)
 
+    def through_float32(self, x: torch.Tensor) -> bool:
+        """Whether this convolution of ``x`` runs its bfloat16 autocast through float32:
+        ``bfloat16_through_float32``, and the cases a subclass adds."""
+        return bfloat16_through_float32(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bfloat16_through_float32(x):
+        if not self.through_float32(x):
             return self.convolve(x, self.weight, self.bias)
         with autocast_off("cpu"):
             out = self.convolve_through_float32(_rounded(x), _rounded(self.weight),

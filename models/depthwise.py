@@ -25,7 +25,9 @@ where cuDNN has dedicated depthwise kernels; autocast to other dtypes; stride 2;
 that are no multiple of the kernel's channel block; no C compiler; no grad; graphs recorded to
 run elsewhere, by ``torch.export`` or ``torch.jit.trace``, which keep ATen's convolution) the
 module is ``models.conv.Conv2d``: ``nn.Conv2d``, but for bfloat16 autocast on CPUs without
-bfloat16 kernels.
+bfloat16 kernels, and for strided ones in training under CPU autocast to bfloat16 on any CPU,
+which run through float32 as there: oneDNN computes a strided depthwise convolution's bfloat16
+backward with its generic grouped kernel, 4-8x slower than the float32 path.
 Parameter names and shapes are ``nn.Conv2d``'s, so checkpoints load as before, and the weight
 gradient has the weight's own strides (what DDP's buckets expect).
 """
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
-from .conv import Conv2d, autocast_off, recording
+from .conv import Conv2d, autocast_off, cpu_bfloat16_autocast, recording
 
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad"]
 
@@ -307,6 +309,13 @@ class DepthwiseConv2d(Conv2d):
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim,
                          device=device, dtype=dtype)
+
+    def through_float32(self, x: torch.Tensor) -> bool:
+        # With grad, strided ones too: oneDNN's bfloat16 backward of a strided depthwise
+        # convolution is its generic grouped kernel, 4-8x the float32 forward and backward
+        # (MG-SSAF-T's 3x3 stride-2 downsampling shapes, batch 8, a Zen 4 EPYC)
+        return super().through_float32(x) or (
+            self.stride != (1, 1) and torch.is_grad_enabled() and cpu_bfloat16_autocast(x))
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor]) -> torch.Tensor:

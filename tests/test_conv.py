@@ -163,6 +163,29 @@ def test_compiled_code_keeps_the_float32_path(monkeypatch, name):
                                    atol=2 ** -8 * e.abs().max().item(), msg=label)
 
 
+def test_strided_depthwise_training_runs_through_float32_on_any_cpu(monkeypatch):
+    """oneDNN's bfloat16 backward of a strided depthwise convolution is its generic grouped
+    kernel (4-8x the float32 path at MG-SSAF-T's downsampling shapes): with grad, under bfloat16
+    autocast, the downsampling's depthwise convolution runs through float32 also where the CPU
+    has bfloat16 kernels; without grad, and stride 1, it stays autocast's bfloat16 convolution."""
+    _through_float32(monkeypatch, False)
+    strided, plain = MODULES["depthwise 3x3 s2"][0](), DepthwiseConv2d(32, 3)
+    x = torch.randn(1, 32, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with ConvCalls() as calls:
+            out = strided(x)
+        assert out.dtype == torch.bfloat16
+        assert calls.calls == [(torch.float32, torch.float32, False)]
+        with torch.no_grad(), ConvCalls() as calls:
+            strided(x)
+        with ConvCalls() as more:
+            plain(x)
+    assert calls.calls == more.calls == [(torch.float32, torch.float32, True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        program = torch.export.export(strided, (x,))
+    assert not [n for n in program.graph.nodes if "to_copy" in str(n.target)]
+
+
 def test_float64_and_recorded_graphs_keep_the_plain_convolution(monkeypatch):
     """Only float32 and bfloat16 inputs take the float32 path (a float64 model is left alone, as
     autocast leaves it); torch.jit.trace and torch.export record the convolution itself."""
