@@ -54,6 +54,9 @@ def test_fused_matches_pytorch_ops_float64(dim, heads, ratio, shape):
                           got, expected):
         assert g.shape == e.shape, name
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12 * e.abs().max().item(), msg=name)
+    with torch.no_grad():  # the inference kernel
+        torch.testing.assert_close(attn.ss_msa(x), expected[0], rtol=1e-12,
+                                   atol=1e-12 * expected[0].abs().max().item())
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -92,8 +95,48 @@ def test_float32_and_inference():
     got, expected = _run(attn, x, grad), _reference(attn, x, grad)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
-    with torch.no_grad():
-        torch.testing.assert_close(attn.ss_msa(x), got[0], rtol=0, atol=0)
+    with torch.no_grad():  # the inference kernel: its own GELU, within float32 round-off
+        torch.testing.assert_close(attn.ss_msa(x), expected[0], rtol=1e-5,
+                                   atol=1e-5 * expected[0].abs().max().item())
+
+
+def test_inference_kernel_matches_the_pytorch_ops_and_is_a_custom_op():
+    """Without grad, one kernel pass per window (``mgssaf::separable_attention_inference``):
+    the PyTorch ops' numbers in float64 (24 heads: the largest scratch, MG-SSAF-T's last stage),
+    bf16 autocast's within its round-off, and the custom op's transforms (opcheck, make_fx,
+    vmap, the FLOP counter, torch.compile)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attn = _attention(768, 24, 0.0).requires_grad_(False)
+    x = _local(attn, (2, 7, 14, 768))
+    with separable.pytorch_ops():
+        expected = attn.ss_msa(x)
+    torch.testing.assert_close(attn.ss_msa(x), expected, rtol=1e-12,
+                               atol=1e-12 * expected.abs().max().item())
+    params = list(attn.attn_local_win.parameters())
+    torch.library.opcheck(torch.ops.mgssaf.separable_attention_inference.default,
+                          (x.contiguous(), 7, 24, attn.scale, *params))
+    traced = make_fx(lambda t: attn.ss_msa(t))(x)
+    assert _kernel_calls(traced.graph) == ["mgssaf.separable_attention_inference.default"]
+    batch = torch.stack([x, 2 * x])
+    torch.testing.assert_close(torch.func.vmap(attn.ss_msa)(batch),
+                               torch.stack([expected, attn.ss_msa(2 * x)]), rtol=1e-12,
+                               atol=1e-12)
+    with FlopCounterMode(display=False) as counter:
+        attn.ss_msa(x)
+    assert counter.get_total_flops() > 0
+    attn32 = _attention(192, 6, 0.5, torch.float32)
+    x32 = _local(attn32, (2, 14, 21, 192), torch.float32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = attn32.ss_msa(x32)  # the training forward: the parameters require grad
+        with torch.no_grad():
+            got = attn32.ss_msa(x32)
+            compiled = torch.compile(attn32.ss_msa)(x32)
+    assert got.dtype == compiled.dtype == torch.bfloat16
+    for result in (got, compiled):
+        torch.testing.assert_close(result.float(), trained.float(), rtol=2 ** -7,
+                                   atol=2 ** -8 * trained.abs().max().item())
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
