@@ -610,8 +610,8 @@ def _inference(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight
     """``mgssaf::separable_attention``'s output alone, for inference: one kernel pass per window
     that keeps every map in cache (GELU included), no maps for a backward."""
     x = _pixels(x)
-    b, h, w, _ = x.shape
-    out = x.new_empty(b, h, w, heads, d := x.shape[3] // (2 * heads))
+    b, h, w, channels = x.shape
+    out = x.new_empty(b, h, w, heads, channels // (2 * heads))
     _run(_INFER, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
          bdw=dw_bias.contiguous(), mix=pw_weight.reshape(heads, heads).contiguous(),
          bmix=pw_bias.contiguous(), out=out)
