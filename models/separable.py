@@ -50,12 +50,11 @@ import threading
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
-from .conv import autocast_off, recording
+from .conv import recording
 
 __all__ = ["fused_available", "pytorch_ops", "separable_attention"]
 
@@ -79,13 +78,12 @@ struct Job {
     const REAL *x;                        /* (B, H, W, ps): q of head h at h*D, k at (heads+h)*D */
     const REAL *wdw, *bdw, *bmix;         /* AF: (heads, 9) 3x3 weights; biases (heads) */
     const REAL *mix;                      /* AF: (heads, heads) 1x1 weights */
-    REAL *P, *Y, *Wt, *dWt, *dY;          /* (heads, G, N, NQ), [key][query] */
     REAL *rowA, *colA;                    /* (heads, G, WS, N): R[j'][(i,j)]; C[j'][i][i'] */
     REAL *out, *dout;                     /* (B, H, W, heads, D) */
     REAL *dx;                             /* (B, H, W, 2*heads*D) */
-    REAL *part;                           /* per-unit parameter gradients */
+    REAL *part, *bpart, *mpart;           /* per-unit parameter gradients (see backward) */
     REAL *scratch;                        /* SCRATCH values per thread */
-    long B, H, W, ps, heads, G, threads, unit_heads, scratch_size;
+    long B, H, W, ps, heads, G, threads;
     double scale;
     int (*thread_num)(void), (*num_threads)(void);
     void (*unit)(const Job *, long, long, REAL *);
@@ -171,9 +169,8 @@ static void scatter(const Job *t, REAL *dst, long stride, long channel, long g, 
     }
 }
 
-/* Head h of window g: row and column attention (ra, ca: N*WS each), P and Y (N*NQ each). */
-static void scores_into(const Job *t, long h, long g, REAL *s, REAL *ra, REAL *ca, REAL *P,
-                        REAL *Y) {
+/* Head h of window g: row and column attention (ra, ca: N*WS each). */
+static void attention(const Job *t, long h, long g, REAL *s, REAL *ra, REAL *ca) {
     REAL *q = s, *k = s + N * D, mx[N], sum[N];
     gather(t, t->x, t->ps, h * D, g, (REAL)t->scale, q);
     gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, k);
@@ -194,6 +191,10 @@ static void scores_into(const Job *t, long h, long g, REAL *s, REAL *ra, REAL *c
             for (long ii = 0; ii < WS; ii++) c[ii] = dot(q + (i * WS + jj) * D, k + (ii * WS + jj) * D, D);
             softmax(c, WS);
         }
+}
+
+/* Head h: the separable map P from ra and ca, and Y, AF's 3x3 convolution of it (N*NQ each). */
+static void maps(const Job *t, long h, const REAL *ra, const REAL *ca, REAL *P, REAL *Y) {
     /* P[(i', j')][(i, j)] = ra[j'][(i, j)] * ca[j'][i][i'] */
     for (long ii = 0; ii < WS; ii++)
         for (long jj = 0; jj < WS; jj++) {
@@ -221,14 +222,8 @@ static void scores_into(const Job *t, long h, long g, REAL *s, REAL *ra, REAL *c
         }
 }
 
-static void scores(const Job *t, long h, long g, REAL *s) {
-    const long u = h * t->G + g;
-    scores_into(t, h, g, s, t->rowA + u * N * WS, t->colA + u * N * WS, t->P + u * N * NQ,
-                t->Y + u * N * NQ);
-}
-
 /* out[n] = b_mix * sum_m v[m] + sum_m Wt[m][n] v[m], for head h of window g */
-static void apply_from(const Job *t, long h, long g, REAL *s, const REAL *Wt) {
+static void apply(const Job *t, long h, long g, REAL *s, const REAL *Wt) {
     REAL *v = s, *o = s + N * D, vsum[D] = {0};
     gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, v);
     for (long m = 0; m < N; m++)
@@ -238,118 +233,37 @@ static void apply_from(const Job *t, long h, long g, REAL *s, const REAL *Wt) {
     scatter(t, t->out, t->heads * D, h * D, g, 1, o, 0);
 }
 
-static void apply(const Job *t, long h, long g, REAL *s) {
-    apply_from(t, h, g, s, t->Wt + (h * t->G + g) * N * NQ);
-}
-
-#if REAL_IS_FLOAT
-typedef int ivec __attribute__((vector_size(VL * sizeof(int))));
-/* Lanewise "m ? a : b" for a comparison's mask m (C has no ?: on vectors). */
-INLINE vec select(ivec m, vec a, vec b) { return (vec)(((ivec)a & m) | ((ivec)b & ~m)); }
-
-/* exp(x) for x in [-86, 88], about 1 ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
- * polynomial of degree 7 (error below 6e-9), times 2^n through the exponent bits. */
-INLINE vec vexp(vec x) {
-    const vec lo = (vec){0} - 86.0f, hi = (vec){0} + 88.0f, half = (vec){0} + 0.5f;
-    x = select(x < lo, lo, x);
-    x = select(x > hi, hi, x);
-    const vec t = x * 1.44269504f;
-    const ivec n = __builtin_convertvector(t + select(t < 0, -half, half), ivec);
-    const vec nf = __builtin_convertvector(n, vec);
-    const vec r = (x - nf * 0.693145752f) - nf * 1.42860677e-06f;
-    vec p = (vec){0} + 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return (vec)((ivec)p + (n << 23));
-}
-
-/* GELU(y) = y/2 (1 + erf(y/sqrt 2)) = y/2 erfc(-y/sqrt 2), with erfc(z) for z = |y|/sqrt 2 by
- * the Chebyshev fit of Numerical Recipes (relative error below 1.2e-7 for all z), so that
- * 1 + erf is computed without cancellation also for negative y. */
-INLINE vec vgelu(vec y) {
-    const ivec negative = y < 0;
-    const vec z = select(negative, -y, y) * 0.707106781f, t = 1.0f / (1.0f + 0.5f * z);
-    vec p = (vec){0} + 0.17087277f;
-    p = p * t - 0.82215223f;
-    p = p * t + 1.48851587f;
-    p = p * t - 1.13520398f;
-    p = p * t + 0.27886807f;
-    p = p * t - 0.18628806f;
-    p = p * t + 0.09678418f;
-    p = p * t + 0.37409196f;
-    p = p * t + 1.00002368f;
-    p = p * t - 1.26551223f;
-    const vec erfc = t * vexp(p - z * z);
-    return 0.5f * y * select(negative, erfc, 2.0f - erfc);
-}
-#else
-INLINE vec vgelu(vec y) {
-    vec out;
-    for (int e = 0; e < VL; e++) out[e] = 0.5 * y[e] * erfc(-y[e] * 0.70710678118654752440);
-    return out;
-}
-#endif
-
-/* Inference in one pass per window g: every head's P and Y in scratch; then, a block of MIXB
- * values at a time (every head's block of GELU(Y) stays in L1), Wt = P[h] + sum_k mix[h][k]
- * GELU(Y[k]) (the AF's 1x1 over heads) in place of P; then out = apply(Wt) for each head. No
- * map leaves the cache. */
-#define MIXB 256
-static void infer(const Job *t, long unused, long g, REAL *s) {
-    const long heads = t->heads, M = N * NQ;
-    REAL *P = s + 2 * N * D, *A = P + heads * M, *ra = A + heads * M, *ca = ra + N * WS;
-    for (long h = 0; h < heads; h++) scores_into(t, h, g, s, ra, ca, P + h * M, A + h * M);
-    for (long e0 = 0; e0 < M; e0 += MIXB) {
-        const long e1 = e0 + MIXB < M ? e0 + MIXB : M;
-        for (long k = 0; k < heads; k++)
-            for (long e = e0; e < e1; e += VL) V(A + k * M + e) = vgelu(V(A + k * M + e));
-        for (long h = 0; h < heads; h++)
-            for (long e = e0; e < e1; e += VL) {
-                vec acc = V(P + h * M + e);
-                for (long k = 0; k < heads; k++) acc += t->mix[h * heads + k] * V(A + k * M + e);
-                V(P + h * M + e) = acc;
-            }
-    }
-    for (long h = 0; h < heads; h++) apply_from(t, h, g, s, P + h * M);
-}
-
 /* dWt[m][n] = go[n] . v[m]; dv[m] = b_mix * sum_n go[n] + sum_n Wt[m][n] go[n] (into dx's k);
- * part[u] = d b_mix = sum_n go[n] . sum_m v[m] */
-static void apply_backward(const Job *t, long h, long g, REAL *s) {
+ * *dbmix = d b_mix = sum_n go[n] . sum_m v[m] (head h of window g) */
+static void apply_backward(const Job *t, long h, long g, REAL *s, const REAL *Wt, REAL *dWt,
+                           REAL *dbmix) {
     REAL *v = s, *go = s + N * D, *dv = go + N * D, *goT = dv + N * D, vsum[D] = {0}, gsum[D] = {0};
     gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, v);
     gather(t, t->dout, t->heads * D, h * D, g, 1, go);
-    const long u = h * t->G + g;
     for (long m = 0; m < N; m++)
         for (long e = 0; e < D; e++) vsum[e] += v[m * D + e], gsum[e] += go[m * D + e];
-    t->part[u] = dot(gsum, vsum, D);
+    *dbmix = dot(gsum, vsum, D);
     for (long e = 0; e < D; e++) {
         for (long n = 0; n < N; n++) goT[e * NQ + n] = go[n * D + e];
         for (long n = N; n < NQ; n++) goT[e * NQ + n] = 0;
     }
-    gemm(t->dWt + u * N * NQ, NQ, 0, 0, v, D, 1, goT, NQ, N, D, NQ / VL);
+    gemm(dWt, NQ, 0, 0, v, D, 1, goT, NQ, N, D, NQ / VL);
     for (long e = 0; e < D; e++) gsum[e] *= t->bmix[h];
-    gemm(dv, D, gsum, 0, t->Wt + u * N * NQ, NQ, 1, go, D, N, N, D / VL);
+    gemm(dv, D, gsum, 0, Wt, NQ, 1, go, D, N, N, D / VL);
     scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dv, 0);
 }
 
-/* From dY (through the GELU) and dWt: the AF convolution's gradients (part[u*10 + tap], bias at
- * tap 9), then dP = dWt + conv^T(dY), back through P = R * C and both softmaxes to q and k. */
-static void scores_backward(const Job *t, long h, long g, REAL *s) {
+/* From dY (through the GELU) and dWt of head h: the AF convolution's gradients (part[tap], bias
+ * at tap 9), then dP = dWt + conv^T(dY), back through P = R * C and both softmaxes to q and k. */
+static void scores_backward(const Job *t, long h, long g, REAL *s, const REAL *P,
+                            const REAL *dy, const REAL *dWt, const REAL *ra, const REAL *ca,
+                            REAL *part) {
     REAL *q = s, *k = q + N * D, *dq = k + N * D, *dk = dq + N * D;
     REAL *dP = dk + N * D, *dra = dP + N * NQ, *dca = dra + N * WS, sum[N];
     gather(t, t->x, t->ps, h * D, g, (REAL)t->scale, q);
     gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, k);
-    const long u = h * t->G + g;
-    const REAL *P = t->P + u * N * NQ, *dy = t->dY + u * N * NQ, *w3 = t->wdw + h * 9;
-    const REAL *ra = t->rowA + u * N * WS, *ca = t->colA + u * N * WS;
-    REAL *part = t->part + u * 10;
-    memcpy(dP, t->dWt + u * N * NQ, N * NQ * sizeof(REAL));
+    const REAL *w3 = t->wdw + h * 9;
+    memcpy(dP, dWt, N * NQ * sizeof(REAL));
     vec bias = {0};
     for (long mn = 0; mn < N * NQ; mn += VL) bias += V(dy + mn);
     part[9] = hsum(bias);
@@ -404,35 +318,168 @@ static void scores_backward(const Job *t, long h, long g, REAL *s) {
     scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dk, 1);
 }
 
+#if REAL_IS_FLOAT
+typedef int ivec __attribute__((vector_size(VL * sizeof(int))));
+/* Lanewise "m ? a : b" for a comparison's mask m (C has no ?: on vectors). */
+INLINE vec select(ivec m, vec a, vec b) { return (vec)(((ivec)a & m) | ((ivec)b & ~m)); }
+
+/* exp(x) for x in [-86, 88], about 1 ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
+ * polynomial of degree 7 (error below 6e-9), times 2^n through the exponent bits. */
+INLINE vec vexp(vec x) {
+    const vec lo = (vec){0} - 86.0f, hi = (vec){0} + 88.0f, half = (vec){0} + 0.5f;
+    x = select(x < lo, lo, x);
+    x = select(x > hi, hi, x);
+    const vec t = x * 1.44269504f;
+    const ivec n = __builtin_convertvector(t + select(t < 0, -half, half), ivec);
+    const vec nf = __builtin_convertvector(n, vec);
+    const vec r = (x - nf * 0.693145752f) - nf * 1.42860677e-06f;
+    vec p = (vec){0} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return (vec)((ivec)p + (n << 23));
+}
+
+/* Phi(y) = (1 + erf(y/sqrt 2)) / 2 = erfc(-y/sqrt 2) / 2, the standard normal CDF, with erfc(z)
+ * for z = |y|/sqrt 2 by the Chebyshev fit of Numerical Recipes (relative error below 1.2e-7 for
+ * all z), so that it is computed without cancellation also for negative y. */
+INLINE vec vphi(vec y) {
+    const ivec negative = y < 0;
+    const vec z = select(negative, -y, y) * 0.707106781f, t = 1.0f / (1.0f + 0.5f * z);
+    vec p = (vec){0} + 0.17087277f;
+    p = p * t - 0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t - 0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t - 1.26551223f;
+    const vec erfc = t * vexp(p - z * z);
+    return 0.5f * select(negative, erfc, 2.0f - erfc);
+}
+
+/* GELU(y) = y Phi(y); its derivative Phi(y) + y phi(y), phi the standard normal density */
+INLINE vec vgelu(vec y) { return y * vphi(y); }
+INLINE vec vgelu_grad(vec y) { return vphi(y) + y * 0.398942280f * vexp(-0.5f * y * y); }
+#else
+INLINE vec vgelu(vec y) {
+    vec out;
+    for (int e = 0; e < VL; e++) out[e] = 0.5 * y[e] * erfc(-y[e] * 0.70710678118654752440);
+    return out;
+}
+INLINE vec vgelu_grad(vec y) {
+    vec out;
+    for (int e = 0; e < VL; e++)
+        out[e] = 0.5 * erfc(-y[e] * 0.70710678118654752440)
+                 + y[e] * 0.39894228040143267794 * exp(-0.5 * y[e] * y[e]);
+    return out;
+}
+#endif
+
+/* Wt = P[h] + sum_k mix[h][k] A[k] for every head h, in place of P, a block of MIXB values at a
+ * time (every head's block of A stays in L1); A = GELU(Y) is first computed in place of Y. */
+#define MIXB 256
+static void mix_heads(const Job *t, REAL *P, REAL *A) {
+    const long heads = t->heads, M = N * NQ;
+    for (long e0 = 0; e0 < M; e0 += MIXB) {
+        const long e1 = e0 + MIXB < M ? e0 + MIXB : M;
+        for (long k = 0; k < heads; k++)
+            for (long e = e0; e < e1; e += VL) V(A + k * M + e) = vgelu(V(A + k * M + e));
+        for (long h = 0; h < heads; h++)
+            for (long e = e0; e < e1; e += VL) {
+                vec acc = V(P + h * M + e);
+                for (long k = 0; k < heads; k++) acc += t->mix[h * heads + k] * V(A + k * M + e);
+                V(P + h * M + e) = acc;
+            }
+    }
+}
+
+/* The forward of window g, every head in one pass: R and C (into t->rowA and t->colA for the
+ * backward, if given), P and Y in scratch, Wt = P + mix GELU(Y) in place of P, out = apply(Wt).
+ * No map leaves the cache. */
+static void forward(const Job *t, long unused, long g, REAL *s) {
+    const long heads = t->heads, M = N * NQ;
+    REAL *P = s + SCRATCH, *A = P + heads * M, *ra = A + heads * M, *ca = ra + N * WS;
+    for (long h = 0; h < heads; h++) {
+        const long u = h * t->G + g;
+        REAL *r = t->rowA ? t->rowA + u * N * WS : ra, *c = t->colA ? t->colA + u * N * WS : ca;
+        attention(t, h, g, s, r, c);
+        maps(t, h, r, c, P + h * M, A + h * M);
+    }
+    mix_heads(t, P, A);
+    for (long h = 0; h < heads; h++) apply(t, h, g, s, P + h * M);
+}
+
+/* The backward of window g, every head in one pass, from the saved R and C: P, Y, A = GELU(Y)
+ * and each head's Wt recomputed in scratch; dWt (apply_backward); the gradient of AF's 1x1,
+ * mpart[g][h][k] = dWt[h] . A[k]; dY[k] = (sum_h mix[h][k] dWt[h]) GELU'(Y[k]), in place of Y;
+ * then scores_backward for each head. Per-window parameter gradients: bpart (heads, G),
+ * part (heads, G, 10), mpart (G, heads, heads). */
+static void backward(const Job *t, long unused, long g, REAL *s) {
+    const long heads = t->heads, M = N * NQ;
+    REAL *P = s + SCRATCH, *Y = P + heads * M, *A = Y + heads * M, *dWt = A + heads * M;
+    REAL *Wt = dWt + heads * M;
+    for (long h = 0; h < heads; h++) {
+        const long u = h * t->G + g;
+        maps(t, h, t->rowA + u * N * WS, t->colA + u * N * WS, P + h * M, Y + h * M);
+        for (long e = 0; e < M; e += VL) V(A + h * M + e) = vgelu(V(Y + h * M + e));
+    }
+    for (long h = 0; h < heads; h++) {
+        memcpy(Wt, P + h * M, M * sizeof(REAL));
+        for (long k = 0; k < heads; k++) {
+            const REAL w = t->mix[h * heads + k], *a = A + k * M;
+            for (long e = 0; e < M; e += VL) V(Wt + e) += w * V(a + e);
+        }
+        apply_backward(t, h, g, s, Wt, dWt + h * M, t->bpart + h * t->G + g);
+    }
+    for (long h = 0; h < heads; h++)
+        for (long k = 0; k < heads; k++) {
+            vec acc = {0};
+            for (long e = 0; e < M; e += VL) acc += V(dWt + h * M + e) * V(A + k * M + e);
+            t->mpart[(g * heads + h) * heads + k] = hsum(acc);
+        }
+    for (long k = 0; k < heads; k++)
+        for (long e = 0; e < M; e += VL) {
+            vec acc = {0};
+            for (long h = 0; h < heads; h++) acc += t->mix[h * heads + k] * V(dWt + h * M + e);
+            V(Y + k * M + e) = acc * vgelu_grad(V(Y + k * M + e));
+        }
+    for (long h = 0; h < heads; h++) {
+        const long u = h * t->G + g;
+        scores_backward(t, h, g, s, P + h * M, Y + h * M, dWt + h * M, t->rowA + u * N * WS,
+                        t->colA + u * N * WS, t->part + u * 10);
+    }
+}
+
+/* Scratch values per thread for `heads` heads: the per-head functions' SCRATCH, then the
+ * window's maps: P, Y, A and dWt of every head, one Wt (backward; the forward's P, GELU(Y), R
+ * and C take less). */
+long ssmsa_scratch(long heads) { return SCRATCH + (4 * heads + 1) * N * NQ; }
+
 static void run(void *arg) {
     const Job *t = (const Job *)arg;
-    const long n = t->thread_num ? t->thread_num() : 0, units = t->unit_heads * t->G;
+    const long n = t->thread_num ? t->thread_num() : 0, units = t->G;
     const long threads = t->num_threads ? t->num_threads() : 1; /* the team actually started */
-    REAL *s = t->scratch + n * t->scratch_size;
-    for (long u = n * units / threads; u < (n + 1) * units / threads; u++)
-        t->unit(t, u / t->G, u % t->G, s);
+    REAL *s = t->scratch + n * ssmsa_scratch(t->heads);
+    for (long g = n * units / threads; g < (n + 1) * units / threads; g++) t->unit(t, 0, g, s);
 }
 
-/* Scratch values per thread for `heads` heads: the per-(head, window) kernels' SCRATCH, or
- * infer's (q and k, then v and out; every head's P and GELU(Y); ra and ca). */
-long ssmsa_scratch(long heads) {
-    const long fused = 2 * N * D + 2 * heads * N * NQ + 2 * N * WS;
-    return fused > SCRATCH ? fused : SCRATCH;
-}
 long ssmsa_query_stride(void) { return NQ; }
 
-/* Runs kernel 0 (scores), 1 (apply), 2 (apply_backward) or 3 (scores_backward) over every
- * (head, window), or 4 (infer) over every window; t->scratch holds ssmsa_scratch(heads) values
- * for each of t->threads threads. */
+/* Runs kernel 0 (forward) or 1 (backward) over every window; t->scratch holds
+ * ssmsa_scratch(heads) values for each of t->threads threads. */
 int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned)) {
-    static void (*const units[])(const Job *, long, long, REAL *) = {
-        scores, apply, apply_backward, scores_backward, infer};
-    if (kernel < 0 || kernel > 4) return -1;
+    static void (*const units[])(const Job *, long, long, REAL *) = {forward, backward};
+    if (kernel < 0 || kernel > 1) return -1;
     t->unit = units[kernel];
-    t->unit_heads = kernel == 4 ? 1 : t->heads;
-    t->scratch_size = ssmsa_scratch(t->heads);
     if (!gomp_parallel || !t->thread_num || !t->num_threads || t->threads < 1) t->threads = 1;
-    if (t->threads > t->unit_heads * t->G) t->threads = t->unit_heads * t->G;
+    if (t->threads > t->G) t->threads = t->G;
     if (t->threads > 1) gomp_parallel(run, t, (unsigned)t->threads, 0);
     else t->thread_num = 0, t->num_threads = 0, run(t);
     return 0;
@@ -442,17 +489,16 @@ int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, un
 # Let the compiler reorder sums (vectorised dot products): round-off-level changes only. Unlike
 # -ffast-math, these do not switch the process's floating-point mode.
 _FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
-_SCORES, _APPLY, _APPLY_BACKWARD, _SCORES_BACKWARD, _INFER = range(5)
+_FORWARD, _BACKWARD = range(2)
 _VL = 8  # the kernels' vector length (VL): the maps' query axis is padded to a multiple
-_POINTERS = ("x", "wdw", "bdw", "bmix", "mix", "P", "Y", "Wt", "dWt", "dY", "rowA", "colA", "out",
-             "dout", "dx", "part", "scratch")
+_POINTERS = ("x", "wdw", "bdw", "bmix", "mix", "rowA", "colA", "out", "dout", "dx", "part",
+             "bpart", "mpart", "scratch")
 _pytorch_ops_depth = 0  # open pytorch_ops() contexts, in any thread
 
 
 class _Job(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_void_p) for name in _POINTERS]
-                + [(name, ctypes.c_long) for name in ("B", "H", "W", "ps", "heads", "G", "threads",
-                                                      "unit_heads", "scratch_size")]
+                + [(name, ctypes.c_long) for name in ("B", "H", "W", "ps", "heads", "G", "threads")]
                 + [("scale", ctypes.c_double), ("thread_num", ctypes.c_void_p),
                    ("num_threads", ctypes.c_void_p), ("unit", ctypes.c_void_p)])
 
@@ -565,41 +611,38 @@ def _sizes(shape, window: int, heads: int) -> tuple[int, int, int, int]:
     return b * (h // window) * (w // window), n, -(-n // _VL) * _VL, channels // (2 * heads)
 
 
-Maps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-             torch.Tensor, torch.Tensor]
+def _parameters(heads: int, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
+                pw_weight: torch.Tensor, pw_bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The AF parameters as the kernels read them: 3x3 weights ``(heads, 9)``, the 1x1's
+    ``(heads, heads)``, biases."""
+    return dict(wdw=dw_weight.reshape(heads, 9).contiguous(), bdw=dw_bias.contiguous(),
+                mix=pw_weight.reshape(heads, heads).contiguous(), bmix=pw_bias.contiguous())
 
 
 @torch.library.custom_op("mgssaf::separable_attention", mutates_args=(), device_types="cpu")
 def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: torch.Tensor,
-             dw_bias: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor) -> Maps:
+             dw_bias: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SS-MSA + AF on ``(B, H, W, 2*heads*d)`` -> ``(B, H, W, heads, d)`` (see the module doc),
-    with what the backward needs: the maps P, Y, GELU(Y) and Wt ``(heads, G, N*NQ)``, the row
-    and column attention ``(heads, G, N*w)``."""
+    with what the backward recomputes the maps from: the row and column attention
+    ``(heads, G, N*w)`` (3-D: Inductor gives 4-D tensors of graphs with convolutions a
+    channels-last order, and would copy them into it and back around the ops)."""
     x = _pixels(x)
     b, h, w, _ = x.shape
-    groups, n, nq, d = _sizes(x.shape, window, heads)
-    # [key][query] maps, 3-D: Inductor gives 4-D tensors of graphs with convolutions a
-    # channels-last order, and would copy the maps into it and back around the ops
-    p, y = x.new_empty(heads, groups, n * nq), x.new_empty(heads, groups, n * nq)
+    groups, n, _, d = _sizes(x.shape, window, heads)
     rows, cols = x.new_empty(heads, groups, n * window), x.new_empty(heads, groups, n * window)
-    _run(_SCORES, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
-         bdw=dw_bias.contiguous(), P=p, Y=y, rowA=rows, colA=cols)
-    with autocast_off("cpu"):  # the maps stay in x's dtype (float32 sums)
-        a = F.gelu(y)
-        wt = torch.addmm(p.view(heads, -1), pw_weight.reshape(heads, heads), a.view(heads, -1))
-    wt = wt.view(p.shape)
     out = x.new_empty(b, h, w, heads, d)
-    _run(_APPLY, x, window, heads, scale, Wt=wt, bmix=pw_bias.contiguous(), out=out)
-    return out, p, y, a, wt, rows, cols
+    _run(_FORWARD, x, window, heads, scale, rowA=rows, colA=cols, out=out,
+         **_parameters(heads, dw_weight, dw_bias, pw_weight, pw_bias))
+    return out, rows, cols
 
 
 @_forward.register_fake
 def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
     b, h, w, _ = x.shape
-    groups, n, nq, d = _sizes(x.shape, window, heads)
-    maps = [x.new_empty(heads, groups, n * nq) for _ in range(4)]
+    groups, n, _, d = _sizes(x.shape, window, heads)
     rows, cols = (x.new_empty(heads, groups, n * window) for _ in range(2))
-    return x.new_empty(b, h, w, heads, d), *maps, rows, cols
+    return x.new_empty(b, h, w, heads, d), rows, cols
 
 
 @torch.library.custom_op("mgssaf::separable_attention_inference", mutates_args=(),
@@ -607,14 +650,13 @@ def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
 def _inference(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: torch.Tensor,
                dw_bias: torch.Tensor, pw_weight: torch.Tensor,
                pw_bias: torch.Tensor) -> torch.Tensor:
-    """``mgssaf::separable_attention``'s output alone, for inference: one kernel pass per window
-    that keeps every map in cache (GELU included), no maps for a backward."""
+    """``mgssaf::separable_attention``'s output alone, for inference (the same kernel, which
+    then keeps the row and column attention in cache too)."""
     x = _pixels(x)
     b, h, w, channels = x.shape
     out = x.new_empty(b, h, w, heads, channels // (2 * heads))
-    _run(_INFER, x, window, heads, scale, wdw=dw_weight.reshape(heads, 9).contiguous(),
-         bdw=dw_bias.contiguous(), mix=pw_weight.reshape(heads, heads).contiguous(),
-         bmix=pw_bias.contiguous(), out=out)
+    _run(_FORWARD, x, window, heads, scale, out=out,
+         **_parameters(heads, dw_weight, dw_bias, pw_weight, pw_bias))
     return out
 
 
@@ -626,55 +668,49 @@ def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
 
 @torch.library.custom_op("mgssaf::separable_attention_backward", mutates_args=(),
                          device_types="cpu")
-def _backward(grad_out: torch.Tensor, x: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
-              a: torch.Tensor, wt: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-              dw_weight: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor,
-              window: int, heads: int, scale: float
+def _backward(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              dw_weight: torch.Tensor, dw_bias: torch.Tensor, pw_weight: torch.Tensor,
+              pw_bias: torch.Tensor, window: int, heads: int, scale: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``mgssaf::separable_attention``'s output with respect to x and the AF
     parameters (dw weight and bias, pw weight and bias), each in its parameter's strides (as
-    DDP's gradient buckets expect)."""
+    DDP's gradient buckets expect); the kernel recomputes the maps from ``rows`` and ``cols``."""
     x = _pixels(x)
-    grad_x, grad_wt = x.new_empty(x.shape), torch.empty_like(p)
-    grad_pw_bias = x.new_empty(heads, p.shape[1])  # per window
-    _run(_APPLY_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), Wt=wt,
-         bmix=pw_bias.contiguous(), dWt=grad_wt, dx=grad_x, part=grad_pw_bias)
-    mix = pw_weight.reshape(heads, heads)
-    with autocast_off("cpu"):  # a backward run within autocast
-        grad_mix = grad_wt.view(heads, -1) @ a.view(heads, -1).t()
-        grad_y = torch.ops.aten.gelu_backward(mix.t() @ grad_wt.view(heads, -1),
-                                              y.view(heads, -1))
-    grad_dw = x.new_empty(heads, p.shape[1], 10)  # 9 weights and the bias, per window
-    _run(_SCORES_BACKWARD, x, window, heads, scale, dY=grad_y, dWt=grad_wt, P=p,
-         rowA=rows, colA=cols, wdw=dw_weight.reshape(heads, 9).contiguous(), dx=grad_x,
-         part=grad_dw)
+    groups = _sizes(x.shape, window, heads)[0]
+    grad_x = x.new_empty(x.shape)
+    grad_dw = x.new_empty(heads, groups, 10)  # per window: 9 weights and the bias
+    grad_pw_bias = x.new_empty(heads, groups)  # per window
+    grad_mix = x.new_empty(groups, heads, heads)  # per window
+    _run(_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), rowA=rows, colA=cols,
+         dx=grad_x, part=grad_dw, bpart=grad_pw_bias, mpart=grad_mix,
+         **_parameters(heads, dw_weight, dw_bias, pw_weight, pw_bias))
     grad_dw = grad_dw.sum(1)
     return (grad_x, torch.empty_like(dw_weight).copy_(grad_dw[:, :9].reshape(dw_weight.shape)),
             grad_dw[:, 9].contiguous(),
-            torch.empty_like(pw_weight).copy_(grad_mix.view(pw_weight.shape)),
+            torch.empty_like(pw_weight).copy_(grad_mix.sum(0).view(pw_weight.shape)),
             grad_pw_bias.sum(1))
 
 
 @_backward.register_fake
-def _(grad_out, x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias, window, heads, scale):
+def _(grad_out, x, rows, cols, dw_weight, dw_bias, pw_weight, pw_bias, window, heads, scale):
     return (x.new_empty(x.shape), torch.empty_like(dw_weight), dw_weight.new_empty(heads),
             torch.empty_like(pw_weight), pw_weight.new_empty(heads))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, window, heads, scale, dw_weight, _, pw_weight, pw_bias = inputs
-    _, p, y, a, wt, rows, cols = output
-    ctx.save_for_backward(x, p, y, a, wt, rows, cols, dw_weight, pw_weight, pw_bias)
+    x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias = inputs
+    _, rows, cols = output
+    ctx.save_for_backward(x, rows, cols, dw_weight, dw_bias, pw_weight, pw_bias)
     ctx.window, ctx.heads, ctx.scale = window, heads, scale
-    # The maps are the backward's, not results: no gradient flows into them, and autograd is
-    # not to fill zero gradients for them (four map-sized fills per block and step otherwise)
-    ctx.mark_non_differentiable(p, y, a, wt, rows, cols)
+    # The attention maps are the backward's, not results: no gradient flows into them, and
+    # autograd is not to fill zero gradients for them
+    ctx.mark_non_differentiable(rows, cols)
     ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx, grad_out, *unused):
-    """Autograd formula of ``mgssaf::separable_attention`` (the maps it returns for the backward
-    are not differentiable; once differentiable)."""
+    """Autograd formula of ``mgssaf::separable_attention`` (the attention maps it returns for
+    the backward are not differentiable; once differentiable)."""
     grads = _backward(grad_out, *ctx.saved_tensors, ctx.window, ctx.heads, ctx.scale)
     grad_x, grad_dw_weight, grad_dw_bias, grad_pw_weight, grad_pw_bias = grads
     return (grad_x, None, None, None, grad_dw_weight, grad_dw_bias, grad_pw_weight,
@@ -689,7 +725,8 @@ def _vmap_rule(op, outputs: int):
     parameters is one call on the batch of all their images; otherwise one call per entry."""
 
     def rule(info, in_dims, x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
-        x_dim, params, param_dims = in_dims[0], (dw_weight, dw_bias, pw_weight, pw_bias), in_dims[4:]
+        x_dim, param_dims = in_dims[0], in_dims[4:]
+        params = (dw_weight, dw_bias, pw_weight, pw_bias)
         if x_dim is not None and all(dim is None for dim in param_dims):
             xs = x.movedim(x_dim, 0)
             v, b = xs.shape[:2]
@@ -713,7 +750,7 @@ def _vmap_rule(op, outputs: int):
     return rule
 
 
-torch.library.register_vmap("mgssaf::separable_attention", _vmap_rule(_forward, 7))
+torch.library.register_vmap("mgssaf::separable_attention", _vmap_rule(_forward, 3))
 torch.library.register_vmap("mgssaf::separable_attention_inference", _vmap_rule(_inference, 1))
 
 
