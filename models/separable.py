@@ -1,35 +1,38 @@
-"""SS-MSA with the AF module as fused CPU kernels: one pass over each (head, window) in cache.
+"""SS-MSA with the AF module as fused CPU kernels: one pass over each window in cache.
 
 In PyTorch ops (``MGSSAFAttention.ss_msa``, the reference path) the local branch is some thirty
 small ops per block: 7x7 batched products, softmaxes over 7 elements, broadcast products and
 their reductions, each sweeping its tensor through memory. This module computes the same
-numbers with five C kernels, each of which loads one head's (or, ``infer``, every head's) q and
-k of one window from the ``(B, H, W, C)`` projection into cache and does all of its work there;
-the units run on PyTorch's OpenMP threads (``models/ckernel.py``). Per window (``N = w*w``
-positions; row attention ``R``, column attention ``C``, separable map ``P``, AF module
-``dw3x3 -> GELU -> 1x1``):
+numbers with two C kernels, a forward and a backward, each of which loads every head's q and k
+of one window from the ``(B, H, W, C)`` projection into cache and does all of its work there,
+the AF module included: no map leaves the cache. The units (windows) run on PyTorch's OpenMP
+threads (``models/ckernel.py``). Per window (``N = w*w`` positions; row attention ``R``, column
+attention ``C``, separable map ``P``, AF module ``dw3x3 -> GELU -> 1x1``):
 
-* ``scores``: ``R[j'][(i,j)]`` = softmax over ``j'`` of ``q(i,j).k(i,j')``,
+* ``forward``: for each head, ``R[j'][(i,j)]`` = softmax over ``j'`` of ``q(i,j).k(i,j')``,
   ``C[j'][i][i']`` = softmax over ``i'`` of ``q(i,j').k(i',j')``,
   ``P[(i',j')][(i,j)] = R[j'][(i,j)] * C[j'][i][i']`` and ``Y`` = the 3x3 depthwise
-  convolution of ``P`` over key positions;
-* in PyTorch: ``A = GELU(Y)`` and ``Wt = P + mix @ A`` (the 1x1 over heads: a ``(heads, heads)``
-  matrix times a ``(heads, G*N*N)`` one);
-* ``apply``: ``out = Wt^T @ V + b_mix * sum(V)`` (the keys are the values);
-* ``apply_backward`` and ``scores_backward``: the gradients of the above, in reverse;
-* ``infer``, for inference (no gradient wanted): all of the above for every head of one window
-  in one pass, GELU (a vectorised erfc in float32, libm's in float64) and the 1x1 over heads
-  included, so that no map leaves the cache (MG-SSAF-T's SS-MSA + AF at batch 16: 134 -> 105 ms
-  a forward, the whole forward 4-5% faster, float32 and bf16 autocast, a Zen 4 EPYC).
+  convolution of ``P`` over key positions; then ``Wt = P + mix @ GELU(Y)`` (the 1x1 over
+  heads) and ``out = Wt^T @ V + b_mix * sum(V)`` (the keys are the values). In training it
+  stores ``R`` and ``C`` (7 values per query) for the backward, nothing else.
+* ``backward``: ``P``, ``Y``, ``GELU(Y)`` and ``Wt`` recomputed from ``R`` and ``C``, then the
+  gradients of the above in reverse (GELU's derivative included).
+
+GELU is computed in the kernels: in float32 with a vectorised erfc (a Chebyshev fit, relative
+error below 1.2e-7, and exp by its Taylor polynomial), in float64 with libm's. Against the maps
+kept in memory between kernels and PyTorch ops (GELU and the 1x1 as ``addmm``), MG-SSAF-T's
+SS-MSA + AF took 158 -> 129 ms of a training step at batch 8 and 134 -> 105 ms of a forward at
+batch 16 (a Zen 4 EPYC, 2 threads); the maps its backward saved were four tensors of 17 MB per
+stage-0 block.
 
 Maps are stored key-major (``[key][query]``), so that the 3x3 convolution and its transpose are
-sweeps over 49 contiguous queries. Parameter gradients are summed per (head, window) unit and
-then over the windows in PyTorch, so no two threads write the same memory.
+sweeps over 49 contiguous queries. Parameter gradients are summed per window and then over the
+windows in PyTorch, so no two threads write the same memory.
 
 The kernels are PyTorch custom ops (``torch.library``): ``mgssaf::separable_attention`` (the
-forward, which also returns the maps its backward reads; they are not differentiable),
-``mgssaf::separable_attention_inference`` (``infer``: where grad is off, or neither the input nor
-the AF parameters require it) and ``mgssaf::separable_attention_backward``, each with a fake
+forward, which also returns ``R`` and ``C`` for its backward; they are not differentiable),
+``mgssaf::separable_attention_inference`` (the same kernel, output only: where grad is off, or
+neither the input nor the AF parameters require it) and ``mgssaf::separable_attention_backward``, each with a fake
 implementation (shapes, for fake tensors and tracing) and a FLOP formula (``FlopCounterMode``);
 the forward has an autograd formula (the backward op: once differentiable), the two forwards
 vmap rules. So ``torch.compile``, ``make_fx``, ``torch.func.vmap`` and dispatch modes keep them
