@@ -23,7 +23,11 @@ product needs:
   viewed as a channels-last batch of ``B*k`` images of ``H/k`` rows (``k`` the smallest divisor
   of ``H`` with ``B*k >= 16``), which oneDNN takes, forward and backward. (Images of one
   column, ``(B*H, C, W, 1)``, would do as well with AVX-512, but oneDNN's AVX2 backward is
-  ~1.4x slower on them.)
+  ~1.4x slower on them.) Only there: with more threads, and for bfloat16 convolutions, PyTorch
+  calls oneDNN itself, and the view cost time (training steps at MG-SSAF-T's shapes, batch 8,
+  a Zen 4 EPYC: bf16 1x1 convolutions, forward and backward, 311 ms with plain convolutions
+  against 349 ms through the view on 2 threads, 533 against 555 ms on one; float32 on 2
+  threads 565 against 580 ms).
 
 The numbers are those of the same products (to float round-off); parameter names and shapes are
 ``nn.Conv2d``'s, and the weight gradient of a contiguous or channels-last weight has the
@@ -65,11 +69,28 @@ def _pieces(batch: int, height: int) -> int:
                  if height % k == 0 and batch * k >= _ONEDNN_MIN_BATCH), height)
 
 
+@torch.compiler.assume_constant_result
+def _one_thread() -> bool:
+    """Whether PyTorch runs on one thread; a constant to ``torch.compile`` (a compiled graph keeps
+    the convolution it chose at compile time: the same numbers either way)."""
+    return torch.get_num_threads() == 1
+
+
+def _native_kernel_case(x: torch.Tensor) -> bool:
+    """Whether PyTorch would give a 1x1 convolution of ``x`` with a batch below 16 to its own
+    kernel: a float32 convolution (not under CPU autocast to bfloat16, whose convolutions are
+    always oneDNN's) on one thread."""
+    bfloat16 = (torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return x.dtype == torch.float32 and not bfloat16 and _one_thread()
+
+
 def _plain_conv(x: torch.Tensor) -> bool:
-    """Whether ``x`` goes to ``F.conv2d`` as it is: off x86 CPUs, at batches of 16 or more, on
-    maps that are not channels-last, and wherever a graph is recorded."""
+    """Whether ``x`` goes to ``F.conv2d`` as it is: off x86 CPUs, at batches of 16 or more,
+    where PyTorch would not use its own kernel (more than one thread, bfloat16), on maps that
+    are not channels-last, and wherever a graph is recorded."""
     return (x.device.type != "cpu" or not _ONEDNN_FASTER or recording()
-            or x.shape[0] >= _ONEDNN_MIN_BATCH
+            or x.shape[0] >= _ONEDNN_MIN_BATCH or not _native_kernel_case(x)
             or not x.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -119,7 +140,8 @@ def _matrix_product(x: torch.Tensor, weight: torch.Tensor,
 class PointwiseConv2d(Conv2d):
     """``nn.Conv2d(in_chans, out_chans, 1)`` on ``(B, C, H, W)`` maps: in training where PyTorch
     runs AVX2 code, MKL's matrix product on channels-last maps; otherwise on x86 CPUs oneDNN's
-    convolution, below a batch of 16 through the batch view (see the module docstring)."""
+    convolution, below a batch of 16 in float32 on one thread through the batch view (see the
+    module docstring)."""
 
     def __init__(self, in_chans: int, out_chans: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -164,6 +164,41 @@ def test_single_thread_small_batch_runs_on_onednn(monkeypatch, height):
     assert not any(op.startswith("aten::_slow_conv2d") for op in ops), ops
 
 
+@pytest.mark.skipif(not pointwise._ONEDNN_FASTER, reason="plain nn.Conv2d without AVX2")
+def test_the_batch_view_only_where_pytorch_would_use_its_own_kernel(monkeypatch):
+    """The batch view is for float32 on one thread: with more threads, and for bfloat16
+    convolutions, PyTorch calls oneDNN itself, and the plain convolution is the faster one."""
+    from torch.overrides import TorchFunctionMode
+
+    class Batches(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.conv2d:
+                self.seen.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", False)
+    _, fast = _pair()
+    x = torch.randn(4, 32, 8, 7).contiguous(memory_format=torch.channels_last)
+
+    def batches(threads: int, bfloat16: bool) -> list[int]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with Batches() as mode, torch.autocast("cpu", dtype=torch.bfloat16,
+                                                   enabled=bfloat16):
+                fast(x)
+        finally:
+            torch.set_num_threads(previous)
+        return mode.seen
+
+    assert batches(1, False) == [16]  # 4 images as 16 of 2 rows
+    assert batches(2, False) == batches(1, True) == [4]
+
+
 def test_gradcheck_and_gradgradcheck_float64(monkeypatch):
     """Plain ATen ops: first and second derivatives (e.g. a gradient penalty) are exact."""
     monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", True)
