@@ -40,8 +40,9 @@ make the products' backward bfloat16 products (generic code there), while a conv
 backward stays float32. For the same reason a backward run inside an autocast region (rather
 than after it, as ``main.py`` runs it) computes the products' gradients in bfloat16, as it
 does for any ``nn.Linear``. Outside the matrix product's cases, exported and traced graphs,
-batches of 16 or more, maps that are not channels-last, CPUs other than x86 ones and other
-devices convolve with plain ``F.conv2d`` (``_plain_conv``).
+batches of 16 or more, convolutions that are not float32 or run on more than one thread, maps
+that are not channels-last, CPUs other than x86 ones and other devices convolve with plain
+``F.conv2d`` (``_plain_conv``).
 """
 from __future__ import annotations
 
@@ -78,11 +79,9 @@ def _one_thread() -> bool:
 
 def _native_kernel_case(x: torch.Tensor) -> bool:
     """Whether PyTorch would give a 1x1 convolution of ``x`` with a batch below 16 to its own
-    kernel: a float32 convolution (not under CPU autocast to bfloat16, whose convolutions are
+    kernel: a float32 convolution (not under CPU autocast, whose bfloat16 convolutions are
     always oneDNN's) on one thread."""
-    bfloat16 = (torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return x.dtype == torch.float32 and not bfloat16 and _one_thread()
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _one_thread()
 
 
 def _plain_conv(x: torch.Tensor) -> bool:

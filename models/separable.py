@@ -14,7 +14,7 @@ attention ``C``, separable map ``P``, AF module ``dw3x3 -> GELU -> 1x1``):
   ``P[(i',j')][(i,j)] = R[j'][(i,j)] * C[j'][i][i']`` and ``Y`` = the 3x3 depthwise
   convolution of ``P`` over key positions; then ``Wt = P + mix @ GELU(Y)`` (the 1x1 over
   heads) and ``out = Wt^T @ V + b_mix * sum(V)`` (the keys are the values). In training it
-  stores ``R`` and ``C`` (7 values per query) for the backward, nothing else.
+  stores ``R`` and ``C`` (7 + 7 values per query and head) for the backward, nothing else.
 * ``backward``: ``P``, ``Y``, ``GELU(Y)`` and ``Wt`` recomputed from ``R`` and ``C``, then the
   gradients of the above in reverse (GELU's derivative included).
 
@@ -32,8 +32,9 @@ windows in PyTorch, so no two threads write the same memory.
 The kernels are PyTorch custom ops (``torch.library``): ``mgssaf::separable_attention`` (the
 forward, which also returns ``R`` and ``C`` for its backward; they are not differentiable),
 ``mgssaf::separable_attention_inference`` (the same kernel, output only: where grad is off, or
-neither the input nor the AF parameters require it) and ``mgssaf::separable_attention_backward``, each with a fake
-implementation (shapes, for fake tensors and tracing) and a FLOP formula (``FlopCounterMode``);
+neither the input nor the AF parameters require it) and
+``mgssaf::separable_attention_backward``, each with a fake implementation (shapes, for fake
+tensors and tracing) and a FLOP formula (``FlopCounterMode``);
 the forward has an autograd formula (the backward op: once differentiable), the two forwards
 vmap rules. So ``torch.compile``, ``make_fx``, ``torch.func.vmap`` and dispatch modes keep them
 as single ops. They apply on CPU, in float32/float64 outside autocast and under autocast to
@@ -323,11 +324,14 @@ static void scores_backward(const Job *t, long h, long g, REAL *s, const REAL *P
 
 #if REAL_IS_FLOAT
 typedef int ivec __attribute__((vector_size(VL * sizeof(int))));
+typedef unsigned int uvec __attribute__((vector_size(VL * sizeof(int))));
 /* Lanewise "m ? a : b" for a comparison's mask m (C has no ?: on vectors). */
 INLINE vec select(ivec m, vec a, vec b) { return (vec)(((ivec)a & m) | ((ivec)b & ~m)); }
 
-/* exp(x) for x in [-86, 88], about 1 ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
- * polynomial of degree 7 (error below 6e-9), times 2^n through the exponent bits. */
+/* exp(x) for x in [-86, 88]: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial of
+ * degree 7 (error below 6e-9), times 2^n through the exponent bits. ln 2 is split in two parts
+ * for r; where the compiler merges them (-fassociative-math) the relative error grows to a few
+ * 1e-6 at |x| near 88, far out in GELU's tails. */
 INLINE vec vexp(vec x) {
     const vec lo = (vec){0} - 86.0f, hi = (vec){0} + 88.0f, half = (vec){0} + 0.5f;
     x = select(x < lo, lo, x);
@@ -344,7 +348,7 @@ INLINE vec vexp(vec x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    return (vec)((ivec)p + (n << 23));
+    return (vec)((ivec)p + (ivec)((uvec)n << 23));
 }
 
 /* Phi(y) = (1 + erf(y/sqrt 2)) / 2 = erfc(-y/sqrt 2) / 2, the standard normal CDF, with erfc(z)
@@ -768,10 +772,12 @@ def _(x_shape, window, heads, *args, out_shape=None, **kwargs) -> int:
 
 @register_flop_formula(torch.ops.mgssaf.separable_attention_backward)
 def _(grad_out_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of the backward: twice each product of the forward."""
+    """FLOPs of the backward: twice each product of the forward, and the maps' recomputation
+    (AF's 3x3 convolution and 1x1 over heads)."""
     window, heads = args[-3], args[-2]
     groups, n, _, d = _sizes(x_shape, window, heads)
-    return 4 * heads * groups * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
+    return (4 * heads * groups * (2 * n * window * d + 9 * n * n + heads * n * n + n * n * d)
+            + 2 * heads * groups * (9 * n * n + heads * n * n))
 
 
 def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,

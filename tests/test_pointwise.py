@@ -181,6 +181,7 @@ def test_the_batch_view_only_where_pytorch_would_use_its_own_kernel(monkeypatch)
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(pointwise, "_MATRIX_PRODUCT", False)
+    monkeypatch.setattr("models.conv._BFLOAT16_NATIVE", True)  # else bf16 runs through float32
     _, fast = _pair()
     x = torch.randn(4, 32, 8, 7).contiguous(memory_format=torch.channels_last)
 
