@@ -68,7 +68,8 @@ MUTANTS = [
            ("tests/test_depthwise.py::test_float32_matches_conv2d",)),
     Mutant("bfloat16-generic-convolutions", "under CPU bf16 autocast without oneDNN's bf16 "
            "kernels the convolutions run through float32", "models/conv.py",
-           "and not _BFLOAT16_NATIVE\n", "and not True\n",
+           "    return not _BFLOAT16_NATIVE and cpu_bfloat16_autocast(x)\n",
+           "    return not True and cpu_bfloat16_autocast(x)\n",
            ("tests/test_conv.py::test_mg_ssaf_runs_every_convolution_through_float32",)),
     Mutant("bfloat16-operands-unrounded", "the bf16 convolutions through float32 give a bf16 "
            "convolution's numbers", "models/conv.py",
@@ -95,11 +96,29 @@ MUTANTS = [
            "models/pointwise.py", "        if torch.compiler.is_compiling():\n",
            "        if False:\n",
            ("tests/test_conv.py::test_compiled_code_keeps_the_float32_path",)),
-    Mutant("separable-maps-4d", "compiled training copies no attention maps (3-D maps)",
-           "models/separable.py",
-           "    maps = [x.new_empty(heads, groups, n * nq) for _ in range(4)]",
-           "    maps = [x.new_empty(heads, groups, n, nq) for _ in range(4)]",
-           ("tests/test_separable.py::test_maps_for_the_backward_are_three_dimensional",)),
+    Mutant("separable-attention-4d", "compiled training copies no attention maps (the row and "
+           "column attention kept for the backward are 3-D)", "models/separable.py",
+           "    rows, cols = (x.new_empty(heads, groups, n * window) for _ in range(2))",
+           "    rows, cols = (x.new_empty(heads, groups, n, window) for _ in range(2))",
+           ("tests/test_separable.py::"
+            "test_the_forward_keeps_only_the_attention_for_the_backward",)),
+    Mutant("separable-zero-filled-gradients", "autograd fills no zero gradients for the maps the "
+           "SS-MSA forward hands its backward", "models/separable.py",
+           "    ctx.set_materialize_grads(False)", "    ctx.set_materialize_grads(True)",
+           ("tests/test_separable.py::test_the_backward_fills_no_gradient_for_the_maps",)),
+    Mutant("strided-depthwise-bf16", "strided depthwise convolutions train through float32 under "
+           "bf16 autocast", "models/depthwise.py",
+           "            self.stride != (1, 1) and training and cpu_bfloat16_autocast(x))",
+           "            False and training and cpu_bfloat16_autocast(x))",
+           ("tests/test_conv.py::"
+            "test_strided_depthwise_training_runs_through_float32_on_any_cpu",)),
+    Mutant("pointwise-batch-view-everywhere", "1x1 convolutions take the batch view only where "
+           "PyTorch would use its own kernel (float32, one thread)", "models/pointwise.py",
+           "    return x.dtype == torch.float32 and not torch.is_autocast_enabled(\"cpu\")"
+           " and _one_thread()",
+           "    return True",
+           ("tests/test_pointwise.py::"
+            "test_the_batch_view_only_where_pytorch_would_use_its_own_kernel",)),
     Mutant("attention-scale", "the model computes the released network (golden logits)",
            "models/mg_ssaf.py", "        self.scale = self.head_dim ** -0.5",
            "        self.scale = self.head_dim ** -0.5 * 1.001",
