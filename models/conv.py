@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["Conv2d", "autocast_off", "bfloat16_through_float32", "cpu_bfloat16_autocast",
-           "cpu_bfloat16_native", "recording"]
+           "cpu_bfloat16_native", "recording", "wants_grad"]
 
 
 def cpu_bfloat16_native() -> bool:
@@ -48,6 +48,12 @@ def recording() -> bool:
     such graphs hold ATen's own convolutions and ops, free of this machine and of the example's
     batch, in place of the CPU fast paths."""
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def wants_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will ask for gradients of a computation on ``tensors``: grad mode is on
+    and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def cpu_bfloat16_autocast(x: torch.Tensor) -> bool:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
-from .conv import Conv2d, autocast_off, cpu_bfloat16_autocast, recording
+from .conv import Conv2d, autocast_off, cpu_bfloat16_autocast, recording, wants_grad
 
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad"]
 
@@ -314,10 +314,9 @@ class DepthwiseConv2d(Conv2d):
         # With grad, strided ones too: oneDNN's bfloat16 backward of a strided depthwise
         # convolution is its generic grouped kernel, 4-8x the float32 forward and backward
         # (MG-SSAF-T's 3x3 stride-2 downsampling shapes, batch 8, a Zen 4 EPYC)
-        training = torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for p in self.parameters()))
         return super().through_float32(x) or (
-            self.stride != (1, 1) and training and cpu_bfloat16_autocast(x))
+            self.stride != (1, 1) and wants_grad(x, *self.parameters())
+            and cpu_bfloat16_autocast(x))
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor]) -> torch.Tensor:

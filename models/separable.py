@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ckernel
-from .conv import recording
+from .conv import recording, wants_grad
 
 __all__ = ["fused_available", "pytorch_ops", "separable_attention"]
 
@@ -791,7 +791,7 @@ def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
                          "(see fused_available)")
     dw, _, pw = af
     params = (dw.weight, dw.bias, pw.weight, pw.bias)
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    training = wants_grad(x, *params)
     if torch.is_autocast_enabled("cpu"):
         # Autocast to bfloat16: the kernels read float32 copies of the activations and
         # parameters (one pass over x, small beside the kernels' work), sum in float32, and the

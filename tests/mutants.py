@@ -108,8 +108,8 @@ MUTANTS = [
            ("tests/test_separable.py::test_the_backward_fills_no_gradient_for_the_maps",)),
     Mutant("strided-depthwise-bf16", "strided depthwise convolutions train through float32 under "
            "bf16 autocast", "models/depthwise.py",
-           "            self.stride != (1, 1) and training and cpu_bfloat16_autocast(x))",
-           "            False and training and cpu_bfloat16_autocast(x))",
+           "            self.stride != (1, 1) and wants_grad(x, *self.parameters())",
+           "            False and wants_grad(x, *self.parameters())",
            ("tests/test_conv.py::"
             "test_strided_depthwise_training_runs_through_float32_on_any_cpu",)),
     Mutant("pointwise-batch-view-everywhere", "1x1 convolutions take the batch view only where "
