@@ -90,7 +90,7 @@ struct Job {
     long B, H, W, ps, heads, G, threads;
     double scale;
     int (*thread_num)(void), (*num_threads)(void);
-    void (*unit)(const Job *, long, long, REAL *);
+    void (*unit)(const Job *, long, REAL *);
 };
 
 /* Pixel index (b*H + y)*W + x of position n of window g. */
@@ -410,7 +410,7 @@ static void mix_heads(const Job *t, REAL *P, REAL *A) {
 /* The forward of window g, every head in one pass: R and C (into t->rowA and t->colA for the
  * backward, if given), P and Y in scratch, Wt = P + mix GELU(Y) in place of P, out = apply(Wt).
  * No map leaves the cache. */
-static void forward(const Job *t, long unused, long g, REAL *s) {
+static void forward(const Job *t, long g, REAL *s) {
     const long heads = t->heads, M = N * NQ;
     REAL *P = s + SCRATCH, *A = P + heads * M, *ra = A + heads * M, *ca = ra + N * WS;
     for (long h = 0; h < heads; h++) {
@@ -428,7 +428,7 @@ static void forward(const Job *t, long unused, long g, REAL *s) {
  * mpart[g][h][k] = dWt[h] . A[k]; dY[k] = (sum_h mix[h][k] dWt[h]) GELU'(Y[k]), in place of Y;
  * then scores_backward for each head. Per-window parameter gradients: bpart (heads, G),
  * part (heads, G, 10), mpart (G, heads, heads). */
-static void backward(const Job *t, long unused, long g, REAL *s) {
+static void backward(const Job *t, long g, REAL *s) {
     const long heads = t->heads, M = N * NQ;
     REAL *P = s + SCRATCH, *Y = P + heads * M, *A = Y + heads * M, *dWt = A + heads * M;
     REAL *Wt = dWt + heads * M;
@@ -474,7 +474,7 @@ static void run(void *arg) {
     const long n = t->thread_num ? t->thread_num() : 0, units = t->G;
     const long threads = t->num_threads ? t->num_threads() : 1; /* the team actually started */
     REAL *s = t->scratch + n * ssmsa_scratch(t->heads);
-    for (long g = n * units / threads; g < (n + 1) * units / threads; g++) t->unit(t, 0, g, s);
+    for (long g = n * units / threads; g < (n + 1) * units / threads; g++) t->unit(t, g, s);
 }
 
 long ssmsa_query_stride(void) { return NQ; }
@@ -482,7 +482,7 @@ long ssmsa_query_stride(void) { return NQ; }
 /* Runs kernel 0 (forward) or 1 (backward) over every window; t->scratch holds
  * ssmsa_scratch(heads) values for each of t->threads threads. */
 int ssmsa(int kernel, Job *t, void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned)) {
-    static void (*const units[])(const Job *, long, long, REAL *) = {forward, backward};
+    static void (*const units[])(const Job *, long, REAL *) = {forward, backward};
     if (kernel < 0 || kernel > 1) return -1;
     t->unit = units[kernel];
     if (!gomp_parallel || !t->thread_num || !t->num_threads || t->threads < 1) t->threads = 1;
