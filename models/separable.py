@@ -38,8 +38,8 @@ tensors and tracing) and a FLOP formula (``FlopCounterMode``);
 the forward has an autograd formula (the backward op: once differentiable), the two forwards
 vmap rules. So ``torch.compile``, ``make_fx``, ``torch.func.vmap`` and dispatch modes keep them
 as single ops. They apply on CPU, in float32/float64 outside autocast and under autocast to
-bfloat16 (they read float32 copies of the bf16 activations, sum in float32 and return bf16, as
-the PyTorch ops do under autocast), to stage maps that need no window padding (every stage of
+bfloat16 (they read the bf16 activations into float32, compute in float32 and write the output
+and the input's gradient in bf16, as the PyTorch ops give them under autocast), to stage maps that need no window padding (every stage of
 the released models at 224, and at 448); everywhere else ``ss_msa`` runs its PyTorch ops: CUDA,
 bf16 weights outside autocast, autocast to float16, padded maps, no C compiler, within
 ``pytorch_ops()``, and in graphs recorded to run elsewhere (``torch.export``, whose programs,
@@ -66,7 +66,9 @@ _SOURCE = r"""
 #include <math.h>
 #include <string.h>
 
-/* WS: window side, D: head dimension (a multiple of VL), REAL: float or double. */
+/* WS: window side, D: head dimension (a multiple of VL), REAL: float or double, the type the
+ * kernels compute in and of the maps and parameters; IO_IS_BF16: the activations (x, out and
+ * their gradients) are bfloat16, read into REAL = float and rounded back to nearest even. */
 #define N (WS * WS)
 #define VL 8
 #define NQ ((N + VL - 1) / VL * VL) /* query axis of the maps, zero-padded to whole vectors */
@@ -77,14 +79,32 @@ _SOURCE = r"""
 typedef REAL vec __attribute__((vector_size(VL * sizeof(REAL)), aligned(sizeof(REAL)), may_alias));
 #define V(p) (*(vec *)(p))
 
+#if IO_IS_BF16
+typedef unsigned short IO;
+INLINE float ld(IO v) {
+    union { unsigned int u; float f; } c = {.u = (unsigned int)v << 16};
+    return c.f;
+}
+INLINE IO st(float f) {
+    union { float f; unsigned int u; } c = {.f = f};
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (IO)((c.u >> 16) | 0x40); /* NaN stays NaN */
+    return (IO)((c.u + 0x7fffu + ((c.u >> 16) & 1)) >> 16);
+}
+#else
+typedef REAL IO;
+#define ld(v) (v)
+#define st(v) (v)
+#endif
+
 typedef struct Job Job;
 struct Job {
-    const REAL *x;                        /* (B, H, W, ps): q of head h at h*D, k at (heads+h)*D */
+    const IO *x;                          /* (B, H, W, ps): q of head h at h*D, k at (heads+h)*D */
     const REAL *wdw, *bdw, *bmix;         /* AF: (heads, 9) 3x3 weights; biases (heads) */
     const REAL *mix;                      /* AF: (heads, heads) 1x1 weights */
     REAL *rowA, *colA;                    /* (heads, G, WS, N): R[j'][(i,j)]; C[j'][i][i'] */
-    REAL *out, *dout;                     /* (B, H, W, heads, D) */
-    REAL *dx;                             /* (B, H, W, 2*heads*D) */
+    IO *out;                              /* (B, H, W, heads, D) */
+    const IO *dout;                       /* (B, H, W, heads, D) */
+    IO *dx;                               /* (B, H, W, 2*heads*D) */
     REAL *part, *bpart, *mpart;           /* per-unit parameter gradients (see backward) */
     REAL *scratch;                        /* SCRATCH values per thread */
     long B, H, W, ps, heads, G, threads;
@@ -156,20 +176,20 @@ INLINE REAL hsum(vec v) {
 }
 
 /* Rows of head h in window g, from (B, H, W, stride) maps at channel offset `channel`, times
- * scale, to (N, D); and back (add: accumulate). */
-static void gather(const Job *t, const REAL *src, long stride, long channel, long g,
+ * scale, to (N, D); and back. */
+static void gather(const Job *t, const IO *src, long stride, long channel, long g,
                    REAL scale, REAL *rows) {
     for (long n = 0; n < N; n++) {
-        const REAL *p = src + pixel(t, g, n) * stride + channel;
-        for (long e = 0; e < D; e++) rows[n * D + e] = p[e] * scale;
+        const IO *p = src + pixel(t, g, n) * stride + channel;
+        for (long e = 0; e < D; e++) rows[n * D + e] = ld(p[e]) * scale;
     }
 }
 
-static void scatter(const Job *t, REAL *dst, long stride, long channel, long g, REAL scale,
-                    const REAL *rows, int add) {
+static void scatter(const Job *t, IO *dst, long stride, long channel, long g, REAL scale,
+                    const REAL *rows) {
     for (long n = 0; n < N; n++) {
-        REAL *p = dst + pixel(t, g, n) * stride + channel;
-        for (long e = 0; e < D; e++) p[e] = rows[n * D + e] * scale + (add ? p[e] : 0);
+        IO *p = dst + pixel(t, g, n) * stride + channel;
+        for (long e = 0; e < D; e++) p[e] = st(rows[n * D + e] * scale);
     }
 }
 
@@ -234,14 +254,14 @@ static void apply(const Job *t, long h, long g, REAL *s, const REAL *Wt) {
         for (long e = 0; e < D; e++) vsum[e] += v[m * D + e];
     for (long e = 0; e < D; e++) vsum[e] *= t->bmix[h];
     gemm(o, D, vsum, 0, Wt, 1, NQ, v, D, N, N, D / VL);
-    scatter(t, t->out, t->heads * D, h * D, g, 1, o, 0);
+    scatter(t, t->out, t->heads * D, h * D, g, 1, o);
 }
 
-/* dWt[m][n] = go[n] . v[m]; dv[m] = b_mix * sum_n go[n] + sum_n Wt[m][n] go[n] (into dx's k);
- * *dbmix = d b_mix = sum_n go[n] . sum_m v[m] (head h of window g) */
+/* dWt[m][n] = go[n] . v[m]; dv[m] = b_mix * sum_n go[n] + sum_n Wt[m][n] go[n] (N*D, the
+ * values' part of k's gradient); *dbmix = d b_mix = sum_n go[n] . sum_m v[m] (head h of window g) */
 static void apply_backward(const Job *t, long h, long g, REAL *s, const REAL *Wt, REAL *dWt,
-                           REAL *dbmix) {
-    REAL *v = s, *go = s + N * D, *dv = go + N * D, *goT = dv + N * D, vsum[D] = {0}, gsum[D] = {0};
+                           REAL *dv, REAL *dbmix) {
+    REAL *v = s, *go = s + N * D, *goT = go + N * D, vsum[D] = {0}, gsum[D] = {0};
     gather(t, t->x, t->ps, (t->heads + h) * D, g, 1, v);
     gather(t, t->dout, t->heads * D, h * D, g, 1, go);
     for (long m = 0; m < N; m++)
@@ -254,14 +274,14 @@ static void apply_backward(const Job *t, long h, long g, REAL *s, const REAL *Wt
     gemm(dWt, NQ, 0, 0, v, D, 1, goT, NQ, N, D, NQ / VL);
     for (long e = 0; e < D; e++) gsum[e] *= t->bmix[h];
     gemm(dv, D, gsum, 0, Wt, NQ, 1, go, D, N, N, D / VL);
-    scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dv, 0);
 }
 
 /* From dY (through the GELU) and dWt of head h: the AF convolution's gradients (part[tap], bias
- * at tap 9), then dP = dWt + conv^T(dY), back through P = R * C and both softmaxes to q and k. */
+ * at tap 9), then dP = dWt + conv^T(dY), back through P = R * C and both softmaxes to q and k;
+ * k's gradient is that plus dv, its gradient as the values (apply_backward), stored once. */
 static void scores_backward(const Job *t, long h, long g, REAL *s, const REAL *P,
-                            const REAL *dy, const REAL *dWt, const REAL *ra, const REAL *ca,
-                            REAL *part) {
+                            const REAL *dy, const REAL *dWt, const REAL *dv, const REAL *ra,
+                            const REAL *ca, REAL *part) {
     REAL *q = s, *k = q + N * D, *dq = k + N * D, *dk = dq + N * D;
     REAL *dP = dk + N * D, *dra = dP + N * NQ, *dca = dra + N * WS, sum[N];
     gather(t, t->x, t->ps, h * D, g, (REAL)t->scale, q);
@@ -310,7 +330,7 @@ static void scores_backward(const Job *t, long h, long g, REAL *s, const REAL *P
     for (long i = 0; i < WS; i++) {
         const long row = i * WS;
         gemm(dq + row * D, D, 0, 0, dra + row, 1, N, k + row * D, D, WS, WS, D / VL);
-        gemm(dk + row * D, D, 0, 0, dra + row, N, 1, q + row * D, D, WS, WS, D / VL);
+        gemm(dk + row * D, D, dv + row * D, D, dra + row, N, 1, q + row * D, D, WS, WS, D / VL);
     }
     /* ... and the column scores (i, j').(i', j') of each window column j' */
     for (long jj = 0; jj < WS; jj++) {
@@ -318,8 +338,8 @@ static void scores_backward(const Job *t, long h, long g, REAL *s, const REAL *P
         gemm(dq + jj * D, WS * D, dq + jj * D, WS * D, dc, WS, 1, k + jj * D, WS * D, WS, WS, D / VL);
         gemm(dk + jj * D, WS * D, dk + jj * D, WS * D, dc, 1, WS, q + jj * D, WS * D, WS, WS, D / VL);
     }
-    scatter(t, t->dx, 2 * t->heads * D, h * D, g, (REAL)t->scale, dq, 0);
-    scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dk, 1);
+    scatter(t, t->dx, 2 * t->heads * D, h * D, g, (REAL)t->scale, dq);
+    scatter(t, t->dx, 2 * t->heads * D, (t->heads + h) * D, g, 1, dk);
 }
 
 #if REAL_IS_FLOAT
@@ -424,14 +444,14 @@ static void forward(const Job *t, long g, REAL *s) {
 }
 
 /* The backward of window g, every head in one pass, from the saved R and C: P, Y, A = GELU(Y)
- * and each head's Wt recomputed in scratch; dWt (apply_backward); the gradient of AF's 1x1,
+ * and each head's Wt recomputed in scratch; dWt and dv (apply_backward); the gradient of AF's 1x1,
  * mpart[g][h][k] = dWt[h] . A[k]; dY[k] = (sum_h mix[h][k] dWt[h]) GELU'(Y[k]), in place of Y;
  * then scores_backward for each head. Per-window parameter gradients: bpart (heads, G),
  * part (heads, G, 10), mpart (G, heads, heads). */
 static void backward(const Job *t, long g, REAL *s) {
     const long heads = t->heads, M = N * NQ;
     REAL *P = s + SCRATCH, *Y = P + heads * M, *A = Y + heads * M, *dWt = A + heads * M;
-    REAL *Wt = dWt + heads * M;
+    REAL *Wt = dWt + heads * M, *dv = Wt + M;
     for (long h = 0; h < heads; h++) {
         const long u = h * t->G + g;
         maps(t, h, t->rowA + u * N * WS, t->colA + u * N * WS, P + h * M, Y + h * M);
@@ -443,7 +463,7 @@ static void backward(const Job *t, long g, REAL *s) {
             const REAL w = t->mix[h * heads + k], *a = A + k * M;
             for (long e = 0; e < M; e += VL) V(Wt + e) += w * V(a + e);
         }
-        apply_backward(t, h, g, s, Wt, dWt + h * M, t->bpart + h * t->G + g);
+        apply_backward(t, h, g, s, Wt, dWt + h * M, dv + h * N * D, t->bpart + h * t->G + g);
     }
     for (long h = 0; h < heads; h++)
         for (long k = 0; k < heads; k++) {
@@ -459,15 +479,15 @@ static void backward(const Job *t, long g, REAL *s) {
         }
     for (long h = 0; h < heads; h++) {
         const long u = h * t->G + g;
-        scores_backward(t, h, g, s, P + h * M, Y + h * M, dWt + h * M, t->rowA + u * N * WS,
-                        t->colA + u * N * WS, t->part + u * 10);
+        scores_backward(t, h, g, s, P + h * M, Y + h * M, dWt + h * M, dv + h * N * D,
+                        t->rowA + u * N * WS, t->colA + u * N * WS, t->part + u * 10);
     }
 }
 
 /* Scratch values per thread for `heads` heads: the per-head functions' SCRATCH, then the
- * window's maps: P, Y, A and dWt of every head, one Wt (backward; the forward's P, GELU(Y), R
- * and C take less). */
-long ssmsa_scratch(long heads) { return SCRATCH + (4 * heads + 1) * N * NQ; }
+ * window's maps: P, Y, A and dWt of every head, one Wt, dv of every head (backward; the
+ * forward's P, GELU(Y), R and C take less). */
+long ssmsa_scratch(long heads) { return SCRATCH + (4 * heads + 1) * N * NQ + heads * N * D; }
 
 static void run(void *arg) {
     const Job *t = (const Job *)arg;
@@ -518,12 +538,19 @@ def _setup(library: ctypes.CDLL) -> None:
     library.ssmsa_query_stride.restype, library.ssmsa_query_stride.argtypes = ctypes.c_long, []
 
 
+# The dtype the kernels compute in (and of the maps and parameters they read), for each dtype of
+# the activations they take: bfloat16 activations are read into float32 and rounded back.
+_COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64,
+            torch.bfloat16: torch.float32}
+
+
 def _library(dtype: torch.dtype, window: int, head_dim: int) -> Optional[ctypes.CDLL]:
-    """The kernels for ``dtype``, window side and head dimension (compiled on first use; the
-    two sizes are compile-time constants), or None without a C compiler."""
-    real = {torch.float32: "float", torch.float64: "double"}[dtype]
-    defines = {"REAL": real, "REAL_IS_FLOAT": int(dtype == torch.float32), "WS": window,
-               "D": head_dim}
+    """The kernels for activations of ``dtype``, window side and head dimension (compiled on
+    first use; the two sizes are compile-time constants), or None without a C compiler."""
+    compute = _COMPUTE[dtype]
+    defines = {"REAL": {torch.float32: "float", torch.float64: "double"}[compute],
+               "REAL_IS_FLOAT": int(compute == torch.float32),
+               "IO_IS_BF16": int(dtype == torch.bfloat16), "WS": window, "D": head_dim}
     return ckernel.load("ssmsa", _SOURCE, defines, _setup, _FLAGS)
 
 
@@ -554,15 +581,16 @@ _depth_lock = threading.Lock()
 
 
 def _kernel_dtype(x: torch.Tensor, af: nn.Module) -> Optional[torch.dtype]:
-    """The dtype the kernels compute in for ``x`` and the AF module's parameters: under CPU
-    autocast to bfloat16, float32 (float32 or bfloat16 activations and parameters, read as
-    float32 copies); outside autocast, ``x``'s if float32/float64 and the parameters have it;
-    None otherwise (autocast to another dtype, other dtypes)."""
+    """The dtype of the activations the kernels take for ``x`` and the AF module's parameters:
+    under CPU autocast to bfloat16, bfloat16 (float32 or bfloat16 activations and parameters;
+    float32 activations are cast, as autocast casts them for the PyTorch ops' products);
+    outside autocast, ``x``'s if float32/float64 and the parameters have it; None otherwise
+    (autocast to another dtype, other dtypes)."""
     params = [p.dtype for p in af.parameters()]
     if torch.is_autocast_enabled("cpu"):
         usable = (torch.get_autocast_dtype("cpu") == torch.bfloat16
                   and all(t in (torch.float32, torch.bfloat16) for t in (x.dtype, *params)))
-        return torch.float32 if usable else None
+        return torch.bfloat16 if usable else None
     usable = x.dtype in (torch.float32, torch.float64) and all(t == x.dtype for t in params)
     return x.dtype if usable else None
 
@@ -587,12 +615,19 @@ def fused_available(x: torch.Tensor, window: int, heads: int, af: nn.Module) -> 
 def _run(kernel: int, x: torch.Tensor, window: int, heads: int, scale: float,
          **buffers: torch.Tensor) -> None:
     """Runs one of the kernels on ``x`` ``(B, H, W, 2*heads*d)`` (pixels at any stride) with the
-    named tensors (contiguous) as its other arguments."""
+    named tensors (contiguous) as its other arguments: ``out``, ``dout`` and ``dx`` in ``x``'s
+    dtype, the others in the dtype the kernels compute in."""
     b, h, w, channels = x.shape
+    compute = _COMPUTE[x.dtype]
+    for name, tensor in buffers.items():
+        expected = x.dtype if name in ("out", "dout", "dx") else compute
+        if tensor.dtype != expected:  # the kernels would misread it
+            raise TypeError(f"ssmsa: {name} is {tensor.dtype}, expected {expected} for "
+                            f"{x.dtype} activations")
     library = _library(x.dtype, window, channels // (2 * heads))
     gomp_parallel, thread_num, num_threads = ckernel.openmp_pool()
     threads = torch.get_num_threads()
-    scratch = x.new_empty(threads, library.ssmsa_scratch(heads))
+    scratch = x.new_empty(threads, library.ssmsa_scratch(heads), dtype=compute)
     job = _Job(x=x.data_ptr(), scratch=scratch.data_ptr(), B=b, H=h, W=w, ps=x.stride(2),
                heads=heads, G=b * (h // window) * (w // window), threads=threads, scale=scale,
                thread_num=thread_num, num_threads=num_threads,
@@ -637,7 +672,8 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
     x = _pixels(x)
     b, h, w, _ = x.shape
     groups, n, _, d = _sizes(x.shape, window, heads)
-    rows, cols = x.new_empty(heads, groups, n * window), x.new_empty(heads, groups, n * window)
+    rows, cols = (x.new_empty(heads, groups, n * window, dtype=_COMPUTE[x.dtype])
+                  for _ in range(2))
     out = x.new_empty(b, h, w, heads, d)
     _run(_FORWARD, x, window, heads, scale, rowA=rows, colA=cols, out=out,
          **_parameters(heads, dw_weight, dw_bias, pw_weight, pw_bias))
@@ -648,7 +684,8 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
 def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
     b, h, w, _ = x.shape
     groups, n, _, d = _sizes(x.shape, window, heads)
-    rows, cols = (x.new_empty(heads, groups, n * window) for _ in range(2))
+    rows, cols = (x.new_empty(heads, groups, n * window, dtype=_COMPUTE[x.dtype])
+                  for _ in range(2))
     return x.new_empty(b, h, w, heads, d), rows, cols
 
 
@@ -683,11 +720,11 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols:
     parameters (dw weight and bias, pw weight and bias), each in its parameter's strides (as
     DDP's gradient buckets expect); the kernel recomputes the maps from ``rows`` and ``cols``."""
     x = _pixels(x)
-    groups = _sizes(x.shape, window, heads)[0]
+    groups, compute = _sizes(x.shape, window, heads)[0], _COMPUTE[x.dtype]
     grad_x = x.new_empty(x.shape)
-    grad_dw = x.new_empty(heads, groups, 10)  # per window: 9 weights and the bias
-    grad_pw_bias = x.new_empty(heads, groups)  # per window
-    grad_mix = x.new_empty(groups, heads, heads)  # per window
+    grad_dw = x.new_empty(heads, groups, 10, dtype=compute)  # per window: 9 weights, the bias
+    grad_pw_bias = x.new_empty(heads, groups, dtype=compute)  # per window
+    grad_mix = x.new_empty(groups, heads, heads, dtype=compute)  # per window
     _run(_BACKWARD, x, window, heads, scale, dout=grad_out.contiguous(), rowA=rows, colA=cols,
          dx=grad_x, part=grad_dw, bpart=grad_pw_bias, mpart=grad_mix,
          **_parameters(heads, dw_weight, dw_bias, pw_weight, pw_bias))
@@ -793,13 +830,11 @@ def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
     params = (dw.weight, dw.bias, pw.weight, pw.bias)
     training = wants_grad(x, *params)
     if torch.is_autocast_enabled("cpu"):
-        # Autocast to bfloat16: the kernels read float32 copies of the activations and
-        # parameters (one pass over x, small beside the kernels' work), sum in float32, and the
-        # output is bfloat16, as the PyTorch ops give it under autocast. Their gradients come
-        # back through the copies in the inputs' dtypes.
-        x, params = x.float(), tuple(p.float() for p in params)
+        # Autocast to bfloat16: the kernels read the bfloat16 activations (float32 ones are
+        # cast, as autocast casts them for the PyTorch ops' products) into float32, compute in
+        # float32 with float32 copies of the AF parameters, and write the output and the
+        # input's gradient in bfloat16, as the PyTorch ops give them under autocast.
+        x, params = x.to(torch.bfloat16), tuple(p.float() for p in params)
     if training:
-        out = _forward(x, window, heads, scale, *params)[0]
-    else:
-        out = _inference(x, window, heads, scale, *params)
-    return out.to(torch.bfloat16) if torch.is_autocast_enabled("cpu") else out
+        return _forward(x, window, heads, scale, *params)[0]
+    return _inference(x, window, heads, scale, *params)
