@@ -661,6 +661,13 @@ def _parameters(heads: int, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
                 mix=pw_weight.reshape(heads, heads).contiguous(), bmix=pw_bias.contiguous())
 
 
+def _attention_maps(x: torch.Tensor, groups: int, size: int, heads: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Room for the row and column attention the training forward keeps for its backward:
+    ``(heads, groups, size)`` each, in the dtype the kernels compute in for ``x``."""
+    return tuple(x.new_empty(heads, groups, size, dtype=_COMPUTE[x.dtype]) for _ in range(2))
+
+
 @torch.library.custom_op("mgssaf::separable_attention", mutates_args=(), device_types="cpu")
 def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: torch.Tensor,
              dw_bias: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor
@@ -672,8 +679,7 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
     x = _pixels(x)
     b, h, w, _ = x.shape
     groups, n, _, d = _sizes(x.shape, window, heads)
-    rows, cols = (x.new_empty(heads, groups, n * window, dtype=_COMPUTE[x.dtype])
-                  for _ in range(2))
+    rows, cols = _attention_maps(x, groups, n * window, heads)
     out = x.new_empty(b, h, w, heads, d)
     _run(_FORWARD, x, window, heads, scale, rowA=rows, colA=cols, out=out,
          **_parameters(heads, dw_weight, dw_bias, pw_weight, pw_bias))
@@ -684,8 +690,7 @@ def _forward(x: torch.Tensor, window: int, heads: int, scale: float, dw_weight: 
 def _(x, window, heads, scale, dw_weight, dw_bias, pw_weight, pw_bias):
     b, h, w, _ = x.shape
     groups, n, _, d = _sizes(x.shape, window, heads)
-    rows, cols = (x.new_empty(heads, groups, n * window, dtype=_COMPUTE[x.dtype])
-                  for _ in range(2))
+    rows, cols = _attention_maps(x, groups, n * window, heads)
     return x.new_empty(b, h, w, heads, d), rows, cols
 
 

@@ -98,8 +98,8 @@ MUTANTS = [
            ("tests/test_conv.py::test_compiled_code_keeps_the_float32_path",)),
     Mutant("separable-attention-4d", "compiled training copies no attention maps (the row and "
            "column attention kept for the backward are 3-D)", "models/separable.py",
-           "    rows, cols = (x.new_empty(heads, groups, n * window) for _ in range(2))",
-           "    rows, cols = (x.new_empty(heads, groups, n, window) for _ in range(2))",
+           "    return tuple(x.new_empty(heads, groups, size, dtype=_COMPUTE[x.dtype]) for",
+           "    return tuple(x.new_empty(heads, groups, size // 7, 7, dtype=_COMPUTE[x.dtype]) for",
            ("tests/test_separable.py::"
             "test_the_forward_keeps_only_the_attention_for_the_backward",)),
     Mutant("separable-zero-filled-gradients", "autograd fills no zero gradients for the maps the "
@@ -112,6 +112,12 @@ MUTANTS = [
            "            False and wants_grad(x, *self.parameters())",
            ("tests/test_conv.py::"
             "test_strided_depthwise_training_runs_through_float32_on_any_cpu",)),
+    Mutant("bf16-truncated", "the kernels for bf16 activations round to nearest even, as torch "
+           "does", "models/separable.py",
+           "    return (IO)((c.u + 0x7fffu + ((c.u >> 16) & 1)) >> 16);",
+           "    return (IO)(c.u >> 16);",
+           ("tests/test_separable.py::"
+            "test_bfloat16_activations_are_the_float32_kernels_numbers_rounded_once",)),
     Mutant("pointwise-batch-view-everywhere", "1x1 convolutions take the batch view only where "
            "PyTorch would use its own kernel (float32, one thread)", "models/pointwise.py",
            "    return x.dtype == torch.float32 and not torch.is_autocast_enabled(\"cpu\")"
