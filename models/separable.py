@@ -38,9 +38,10 @@ tensors and tracing) and a FLOP formula (``FlopCounterMode``);
 the forward has an autograd formula (the backward op: once differentiable), the two forwards
 vmap rules. So ``torch.compile``, ``make_fx``, ``torch.func.vmap`` and dispatch modes keep them
 as single ops. They apply on CPU, in float32/float64 outside autocast and under autocast to
-bfloat16 (they read the bf16 activations into float32, compute in float32 and write the output
-and the input's gradient in bf16, as the PyTorch ops give them under autocast), to stage maps that need no window padding (every stage of
-the released models at 224, and at 448); everywhere else ``ss_msa`` runs its PyTorch ops: CUDA,
+bfloat16 (they read the bf16 activations into float32, compute in float32 and write the output,
+and the gradient of the bf16 input, in bf16, as the PyTorch ops give them under autocast), to
+stage maps that need no window padding (every stage of the released models at 224, and at
+448); everywhere else ``ss_msa`` runs its PyTorch ops: CUDA,
 bf16 weights outside autocast, autocast to float16, padded maps, no C compiler, within
 ``pytorch_ops()``, and in graphs recorded to run elsewhere (``torch.export``, whose programs,
 like their ONNX files, hold standard ATen ops only, and ``torch.jit.trace``). Results agree with
@@ -72,7 +73,7 @@ _SOURCE = r"""
 #define N (WS * WS)
 #define VL 8
 #define NQ ((N + VL - 1) / VL * VL) /* query axis of the maps, zero-padded to whole vectors */
-#define SCRATCH (5 * N * D + D * NQ + N * NQ + 2 * N * WS)
+#define SCRATCH (4 * N * D + D * NQ + N * NQ + 2 * N * WS)
 #define EXP(v) (sizeof(REAL) == sizeof(float) ? expf(v) : exp(v))
 #define INLINE static inline __attribute__((always_inline))
 
@@ -80,6 +81,9 @@ typedef REAL vec __attribute__((vector_size(VL * sizeof(REAL)), aligned(sizeof(R
 #define V(p) (*(vec *)(p))
 
 #if IO_IS_BF16
+#if !REAL_IS_FLOAT
+#error "bfloat16 activations are read into float"
+#endif
 typedef unsigned short IO;
 INLINE float ld(IO v) {
     union { unsigned int u; float f; } c = {.u = (unsigned int)v << 16};
@@ -106,7 +110,7 @@ struct Job {
     const IO *dout;                       /* (B, H, W, heads, D) */
     IO *dx;                               /* (B, H, W, 2*heads*D) */
     REAL *part, *bpart, *mpart;           /* per-unit parameter gradients (see backward) */
-    REAL *scratch;                        /* SCRATCH values per thread */
+    REAL *scratch;                        /* ssmsa_scratch(heads) values per thread */
     long B, H, W, ps, heads, G, threads;
     double scale;
     int (*thread_num)(void), (*num_threads)(void);
@@ -257,8 +261,8 @@ static void apply(const Job *t, long h, long g, REAL *s, const REAL *Wt) {
     scatter(t, t->out, t->heads * D, h * D, g, 1, o);
 }
 
-/* dWt[m][n] = go[n] . v[m]; dv[m] = b_mix * sum_n go[n] + sum_n Wt[m][n] go[n] (N*D, the
- * values' part of k's gradient); *dbmix = d b_mix = sum_n go[n] . sum_m v[m] (head h of window g) */
+/* dWt[m][n] = go[n] . v[m]; dv[m] = b_mix * sum_n go[n] + sum_n Wt[m][n] go[n] (N*D: the
+ * values' part of k's gradient); *dbmix = d b_mix = sum_n go[n] . sum_m v[m] (head h, window g) */
 static void apply_backward(const Job *t, long h, long g, REAL *s, const REAL *Wt, REAL *dWt,
                            REAL *dv, REAL *dbmix) {
     REAL *v = s, *go = s + N * D, *goT = go + N * D, vsum[D] = {0}, gsum[D] = {0};
@@ -544,10 +548,18 @@ _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64,
             torch.bfloat16: torch.float32}
 
 
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for activations of ``dtype``."""
+    if dtype not in _COMPUTE:
+        raise TypeError(f"ssmsa: no kernels for {dtype} activations (float32, float64 or "
+                        "bfloat16)")
+    return _COMPUTE[dtype]
+
+
 def _library(dtype: torch.dtype, window: int, head_dim: int) -> Optional[ctypes.CDLL]:
     """The kernels for activations of ``dtype``, window side and head dimension (compiled on
     first use; the two sizes are compile-time constants), or None without a C compiler."""
-    compute = _COMPUTE[dtype]
+    compute = _compute(dtype)
     defines = {"REAL": {torch.float32: "float", torch.float64: "double"}[compute],
                "REAL_IS_FLOAT": int(compute == torch.float32),
                "IO_IS_BF16": int(dtype == torch.bfloat16), "WS": window, "D": head_dim}
@@ -618,7 +630,7 @@ def _run(kernel: int, x: torch.Tensor, window: int, heads: int, scale: float,
     named tensors (contiguous) as its other arguments: ``out``, ``dout`` and ``dx`` in ``x``'s
     dtype, the others in the dtype the kernels compute in."""
     b, h, w, channels = x.shape
-    compute = _COMPUTE[x.dtype]
+    compute = _compute(x.dtype)
     for name, tensor in buffers.items():
         expected = x.dtype if name in ("out", "dout", "dx") else compute
         if tensor.dtype != expected:  # the kernels would misread it
@@ -665,7 +677,7 @@ def _attention_maps(x: torch.Tensor, groups: int, size: int, heads: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Room for the row and column attention the training forward keeps for its backward:
     ``(heads, groups, size)`` each, in the dtype the kernels compute in for ``x``."""
-    return tuple(x.new_empty(heads, groups, size, dtype=_COMPUTE[x.dtype]) for _ in range(2))
+    return tuple(x.new_empty(heads, groups, size, dtype=_compute(x.dtype)) for _ in range(2))
 
 
 @torch.library.custom_op("mgssaf::separable_attention", mutates_args=(), device_types="cpu")
@@ -725,7 +737,7 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols:
     parameters (dw weight and bias, pw weight and bias), each in its parameter's strides (as
     DDP's gradient buckets expect); the kernel recomputes the maps from ``rows`` and ``cols``."""
     x = _pixels(x)
-    groups, compute = _sizes(x.shape, window, heads)[0], _COMPUTE[x.dtype]
+    groups, compute = _sizes(x.shape, window, heads)[0], _compute(x.dtype)
     grad_x = x.new_empty(x.shape)
     grad_dw = x.new_empty(heads, groups, 10, dtype=compute)  # per window: 9 weights, the bias
     grad_pw_bias = x.new_empty(heads, groups, dtype=compute)  # per window
@@ -837,8 +849,8 @@ def separable_attention(x: torch.Tensor, window: int, heads: int, scale: float,
     if torch.is_autocast_enabled("cpu"):
         # Autocast to bfloat16: the kernels read the bfloat16 activations (float32 ones are
         # cast, as autocast casts them for the PyTorch ops' products) into float32, compute in
-        # float32 with float32 copies of the AF parameters, and write the output and the
-        # input's gradient in bfloat16, as the PyTorch ops give them under autocast.
+        # float32 with the AF parameters in float32, and write the output and the activations'
+        # gradient in bfloat16, as the PyTorch ops give them under autocast.
         x, params = x.to(torch.bfloat16), tuple(p.float() for p in params)
     if training:
         return _forward(x, window, heads, scale, *params)[0]

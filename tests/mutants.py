@@ -98,8 +98,8 @@ MUTANTS = [
            ("tests/test_conv.py::test_compiled_code_keeps_the_float32_path",)),
     Mutant("separable-attention-4d", "compiled training copies no attention maps (the row and "
            "column attention kept for the backward are 3-D)", "models/separable.py",
-           "    return tuple(x.new_empty(heads, groups, size, dtype=_COMPUTE[x.dtype]) for",
-           "    return tuple(x.new_empty(heads, groups, size // 7, 7, dtype=_COMPUTE[x.dtype]) for",
+           "    return tuple(x.new_empty(heads, groups, size, dtype=_compute(x.dtype)) for",
+           "    return tuple(x.new_empty(heads, groups, size // 7, 7, dtype=_compute(x.dtype)) for",
            ("tests/test_separable.py::"
             "test_the_forward_keeps_only_the_attention_for_the_backward",)),
     Mutant("separable-zero-filled-gradients", "autograd fills no zero gradients for the maps the "
