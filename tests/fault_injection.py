@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
 import random
 import shutil
@@ -113,7 +112,7 @@ def trigger(case: Case) -> str:
         return f"Train: [{case.epoch}/{EPOCHS}][{case.step}/{steps}]"
     if case.phase == "validation":
         return f"EPOCH {case.epoch} training takes"  # then validation batch case.step
-    return f"Max accuracy"  # the saves of the epoch follow (the count says which epoch)
+    return "Max accuracy"  # the saves of the epoch follow (the count says which epoch)
 
 
 def deliver(case: Case, process: subprocess.Popen) -> None:
