@@ -41,11 +41,11 @@ as single ops. They apply on CPU, in float32/float64 outside autocast and under 
 bfloat16 (they read the bf16 activations into float32, compute in float32 and write the output,
 and the gradient of the bf16 input, in bf16, as the PyTorch ops give them under autocast), to
 stage maps that need no window padding (every stage of the released models at 224, and at
-448); everywhere else ``ss_msa`` runs its PyTorch ops: CUDA,
-bf16 weights outside autocast, autocast to float16, padded maps, no C compiler, within
-``pytorch_ops()``, and in graphs recorded to run elsewhere (``torch.export``, whose programs,
-like their ONNX files, hold standard ATen ops only, and ``torch.jit.trace``). Results agree with
-the PyTorch ops to float round-off (tested).
+448); everywhere else ``ss_msa`` runs its PyTorch ops: CUDA, bf16 weights outside autocast,
+autocast to float16, padded maps, no C compiler, within ``pytorch_ops()``, and in graphs
+recorded to run elsewhere (``torch.export``, whose programs, like their ONNX files, hold
+standard ATen ops only, and ``torch.jit.trace``). Results agree with the PyTorch ops to float
+round-off (tested).
 """
 from __future__ import annotations
 
@@ -413,8 +413,20 @@ INLINE vec vgelu_grad(vec y) {
 }
 #endif
 
-/* Wt = P[h] + sum_k mix[h][k] A[k] for every head h, in place of P, a block of MIXB values at a
- * time (every head's block of A stays in L1); A = GELU(Y) is first computed in place of Y. */
+/* Head h's AF weights Wt = P[h] + sum_k mix[h][k] A[k] (A = GELU(Y) of every head), values
+ * e0 to e1 of each map, into wt[e] (which may be P[h] itself). */
+INLINE void mix_head(const Job *t, long h, const REAL *P, const REAL *A, REAL *wt, long e0,
+                     long e1) {
+    const long heads = t->heads, M = N * NQ;
+    for (long e = e0; e < e1; e += VL) {
+        vec acc = V(P + h * M + e);
+        for (long k = 0; k < heads; k++) acc += t->mix[h * heads + k] * V(A + k * M + e);
+        V(wt + e) = acc;
+    }
+}
+
+/* Wt of every head in place of P, a block of MIXB values at a time (every head's block of A
+ * stays in L1); A = GELU(Y) is first computed in place of Y. */
 #define MIXB 256
 static void mix_heads(const Job *t, REAL *P, REAL *A) {
     const long heads = t->heads, M = N * NQ;
@@ -422,12 +434,7 @@ static void mix_heads(const Job *t, REAL *P, REAL *A) {
         const long e1 = e0 + MIXB < M ? e0 + MIXB : M;
         for (long k = 0; k < heads; k++)
             for (long e = e0; e < e1; e += VL) V(A + k * M + e) = vgelu(V(A + k * M + e));
-        for (long h = 0; h < heads; h++)
-            for (long e = e0; e < e1; e += VL) {
-                vec acc = V(P + h * M + e);
-                for (long k = 0; k < heads; k++) acc += t->mix[h * heads + k] * V(A + k * M + e);
-                V(P + h * M + e) = acc;
-            }
+        for (long h = 0; h < heads; h++) mix_head(t, h, P, A, P + h * M, e0, e1);
     }
 }
 
@@ -448,8 +455,8 @@ static void forward(const Job *t, long g, REAL *s) {
 }
 
 /* The backward of window g, every head in one pass, from the saved R and C: P, Y, A = GELU(Y)
- * and each head's Wt recomputed in scratch; dWt and dv (apply_backward); the gradient of AF's 1x1,
- * mpart[g][h][k] = dWt[h] . A[k]; dY[k] = (sum_h mix[h][k] dWt[h]) GELU'(Y[k]), in place of Y;
+ * and each head's Wt (mix_head) recomputed in scratch; dWt and dv (apply_backward); the
+ * gradient of AF's 1x1, mpart[g][h][k] = dWt[h] . A[k]; dY[k] = (sum_h mix[h][k] dWt[h]) GELU'(Y[k]), in place of Y;
  * then scores_backward for each head. Per-window parameter gradients: bpart (heads, G),
  * part (heads, G, 10), mpart (G, heads, heads). */
 static void backward(const Job *t, long g, REAL *s) {
@@ -462,11 +469,7 @@ static void backward(const Job *t, long g, REAL *s) {
         for (long e = 0; e < M; e += VL) V(A + h * M + e) = vgelu(V(Y + h * M + e));
     }
     for (long h = 0; h < heads; h++) {
-        memcpy(Wt, P + h * M, M * sizeof(REAL));
-        for (long k = 0; k < heads; k++) {
-            const REAL w = t->mix[h * heads + k], *a = A + k * M;
-            for (long e = 0; e < M; e += VL) V(Wt + e) += w * V(a + e);
-        }
+        mix_head(t, h, P, A, Wt, 0, M);
         apply_backward(t, h, g, s, Wt, dWt + h * M, dv + h * N * D, t->bpart + h * t->G + g);
     }
     for (long h = 0; h < heads; h++)
