@@ -69,12 +69,16 @@ def test_posterize_keeps_the_behaviour_before_pillow_13(photos):
 def test_shipped_recipe_trains_through_the_cli_on_photos(photos, tmp_path, amp_dtype):
     """configs/MG-SSAF/MG-SSAF-T.yaml as shipped (224 crops of the photos, RandAugment,
     Mixup/CutMix, random erasing, 8 loader workers, AMP float16 with a GradScaler), with only the
-    model, the epochs and the batch shrunk; bfloat16 is the other AMP setting."""
+    model, the epochs and the batch shrunk; bfloat16 is the other AMP setting, trained by two
+    processes under torchrun (3 optimizer steps an epoch)."""
     opts = [*h.TINY_MODEL, "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1"]
+    prefix, batch, steps = ("main.py",), "8", 3  # 24 training photos
     if amp_dtype != "float16":
         opts += ["AMP_DTYPE", amp_dtype]
+        prefix, batch = h.torchrun(), "4"
     result = h.run_cli(["--cfg", h.CFG, "--data-path", photos, "--output", str(tmp_path),
-                        "--tag", amp_dtype, "--batch-size", "8", "--opts", *opts], timeout=900)
+                        "--tag", amp_dtype, "--batch-size", batch, "--opts", *opts],
+                       prefix=prefix, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
     folder = h.run_dir(str(tmp_path), amp_dtype)
     with open(os.path.join(folder, "log_rank0.txt"), encoding="utf-8") as f:
@@ -85,6 +89,9 @@ def test_shipped_recipe_trains_through_the_cli_on_photos(photos, tmp_path, amp_d
         assert shipped in log, shipped
     metrics = h.read_metrics(folder)
     assert sorted(metrics) == [0, 1]
+    assert metrics[1]["num_updates"] == 2 * steps, metrics
+    if prefix != ("main.py",):  # both ranks trained the second epoch
+        assert all("Train: [1/2]" in rank_log for rank_log in h.rank_logs(folder))
     assert all(math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
                for row in metrics.values())
     if amp_dtype == "float16":  # a GradScaler scales the loss (65536 to start with)
