@@ -55,9 +55,12 @@ _KERNEL_SOURCE = r"""
  * g, x: (B, H, W, C); out: K*K*C + C values, zeroed by the caller.
  * Each thread owns a contiguous range of CB-channel blocks and walks the maps row by row; for
  * one output row h and kernel row i it sweeps every block of its range along the row, with the
- * K sums of (i, block) in registers. Consecutive blocks share the cache lines the sweep before
- * brought in, and rows h..h+K-1 of x stay in cache while h advances, so each map is read from
- * memory about once. Rows and columns outside the map are skipped instead of padded.
+ * K sums of (i, block) and the K values of g that meet the current column of x in registers,
+ * so that each value is loaded (and, from bfloat16, widened) once per sweep. Consecutive blocks
+ * share the cache lines the sweep before brought in, and rows h..h+K-1 of x stay in cache while
+ * h advances, so each map is read from memory about once. Rows outside the map are skipped;
+ * output columns outside it enter the register window as zeros (so an infinite x makes NaN
+ * there, where the taps it meets inside the map are infinite already).
  * The threads are those of PyTorch's OpenMP pool when the caller passes libgomp's
  * GOMP_parallel, omp_get_thread_num and omp_get_num_threads (threads of another pool would
  * compete with PyTorch's spinning workers), else the work runs on the calling thread. The
@@ -88,21 +91,23 @@ static inline __attribute__((always_inline)) vec LOADV(const IN *p) {
 #define LOADV(p) (*(const vec *)(p))
 #endif
 
-/* One output column w near the left or right edge: only the kernel columns inside the map. */
-#define EDGE_STEP(K)                                                                    \
+/* One step of a row sweep, at input column u: the window gw[j] = g[u + P - j] moves one column
+ * on (g[u + P] comes in as gw[0], or zero past the map's right edge), and x[u] is loaded once
+ * for all K products. Each sum s[j] still takes its terms in increasing output column. */
+#define ROLL_STEP(K, incoming)                                                          \
     {                                                                                   \
-        const vec gv = LOADV(grow + w * C + c0);                                        \
-        bias += gv;                                                                     \
         _Pragma("GCC unroll 8")                                                         \
-        for (long j = 0; j < K; j++) {                                                  \
-            const long wj = w + j - P;                                                  \
-            if (wj >= 0 && wj < W) s[j] += gv * LOADV(xrow + wj * C + c0);              \
-        }                                                                               \
+        for (long j = K - 1; j > 0; j--) gw[j] = gw[j - 1];                             \
+        gw[0] = incoming;                                                               \
+        const vec xv = LOADV(xrow + u * C + c0);                                        \
+        _Pragma("GCC unroll 8")                                                         \
+        for (long j = 0; j < K; j++) s[j] += gw[j] * xv;                                \
     }
 
 #define SWEEP(K)                                                                        \
     static void sweep##K(const Job *t, long first, long last) {                         \
         const long C = t->C, H = t->H, W = t->W, P = K / 2;                             \
+        const vec zero = {0};                                                           \
         for (long b = 0; b < t->B; b++)                                                 \
             for (long h = 0; h < H; h++)                                                \
                 for (long i = 0; i < K; i++) {                                          \
@@ -113,20 +118,22 @@ static inline __attribute__((always_inline)) vec LOADV(const IN *p) {
                     const IN *xrow = t->x + ((b * H + hi) * W) * C;                     \
                     for (long c0 = first * CB; c0 < last * CB; c0 += CB) {              \
                         REAL *o = t->out + i * K * C + c0;                              \
-                        vec s[K], bias = {0};                                           \
+                        vec s[K], gw[K], bias = {0};                                    \
                         _Pragma("GCC unroll 8")                                         \
-                        for (long j = 0; j < K; j++) s[j] = *(vec *)(o + j * C);        \
-                        long w = 0;                                                     \
-                        for (; w < W && (w < P || w + P >= W); w++) EDGE_STEP(K)        \
-                        for (; w + P < W; w++) {                                        \
-                            const vec gv = LOADV(grow + w * C + c0);                    \
-                            const IN *xv = xrow + (w - P) * C + c0;                     \
-                            bias += gv;                                                 \
-                            _Pragma("GCC unroll 8")                                     \
-                            for (long j = 0; j < K; j++)                                \
-                                s[j] += gv * LOADV(xv + j * C);                         \
+                        for (long j = K - 1; j >= 0; j--) {                             \
+                            s[j] = *(vec *)(o + j * C);                                 \
+                            /* the window before column 0: gw[j] = g[P - 1 - j] */      \
+                            const long w = P - 1 - j;                                   \
+                            gw[j] = w >= 0 && w < W ? LOADV(grow + w * C + c0) : zero;  \
+                            bias += gw[j];                                              \
                         }                                                               \
-                        for (; w < W; w++) EDGE_STEP(K)                                 \
+                        long u = 0;                                                     \
+                        for (; u + P < W; u++) {                                        \
+                            const vec gv = LOADV(grow + (u + P) * C + c0);              \
+                            bias += gv;                                                 \
+                            ROLL_STEP(K, gv)                                            \
+                        }                                                               \
+                        for (; u < W; u++) ROLL_STEP(K, zero)                           \
                         _Pragma("GCC unroll 8")                                         \
                         for (long j = 0; j < K; j++) *(vec *)(o + j * C) = s[j];        \
                         if (centre) *(vec *)(t->out + K * K * C + c0) += bias;          \

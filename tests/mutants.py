@@ -63,6 +63,10 @@ MUTANTS = [
            "        torch.get_num_threads(), *ckernel.openmp_pool())",
            "        1, *ckernel.openmp_pool())",
            ("tests/test_depthwise.py::test_weight_gradient_with_any_thread_count_on_any_pool",)),
+    Mutant("depthwise-window-edge", "the depthwise weight-gradient kernel's register window "
+           "holds zeros for output columns right of a map narrower than the kernel",
+           "models/depthwise.py", "gw[j] = w >= 0 && w < W ? LOADV", "gw[j] = w >= 0 ? LOADV",
+           ("tests/test_depthwise.py::test_float32_matches_conv2d",)),
     Mutant("depthwise-kernel-unused", "the 7x7 depthwise weight gradient runs the C kernel",
            "models/depthwise.py", "and k in _FAST_KERNELS\n", "and k in ()\n",
            ("tests/test_depthwise.py::test_float32_matches_conv2d",)),

@@ -45,7 +45,10 @@ def test_gradcheck_float64(layout, kernel):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(3, 48, 28, 28), (2, 96, 7, 7), (1, 16, 5, 11)])
+# maps narrower than the kernel too: only some of its columns, or none of its centre's
+# neighbours, fall inside them
+@pytest.mark.parametrize("shape", [(3, 48, 28, 28), (2, 96, 7, 7), (1, 16, 5, 11),
+                                   (2, 16, 6, 3), (2, 16, 5, 2), (1, 16, 4, 1)])
 def test_float32_matches_conv2d(recording_openmp_pool, layout, shape):
     native, fast = _pair(shape[1], 7)
     x = torch.randn(shape).contiguous(memory_format=layout)

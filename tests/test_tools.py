@@ -174,10 +174,12 @@ def test_bench_attention_times_both_paths_at_every_stage():
         assert row.count("x |") == 2, row
 
 
-def test_bench_depthwise_times_both_implementations_at_every_shape():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_depthwise_times_both_implementations_at_every_shape(dtype):
     result = run_tool(os.path.join(ROOT, "tools", "bench_depthwise.py"), "--batch-size", "1",
-                      "--repeats", "1", "--threads", "1")
+                      "--repeats", "1", "--threads", "1", "--dtype", dtype)
     assert result.returncode == 0, result.stderr
+    assert ("bfloat16 autocast" in result.stderr) == (dtype == "bfloat16"), result.stderr
     rows = result.stdout.strip().splitlines()
     assert rows[0].startswith("| shape (C x H x W, kernel) | fwd | bwd nn.Conv2d |")
     # MG-SSAF-T's ConvMlp: a 3x3 on C and a 7x7 on 2C channels per stage; only 7x7 is fast

@@ -4,14 +4,17 @@ in one process so that both see the same machine load.
 
     python tools/bench_depthwise.py                      # MG-SSAF-T's shapes, batch 8, 2 threads
     python tools/bench_depthwise.py --threads 1 --batch-size 8 --repeats 20
+    python tools/bench_depthwise.py --dtype bfloat16     # under CPU autocast to bfloat16
 
 Each row: the ConvMlp depthwise convolutions of one stage (3x3 on C channels, 7x7 on 2C), on
-channels-last float32 maps. Times are medians in ms; the backward computes the input, weight and
-bias gradients (``torch.autograd.grad`` of a retained graph).
+channels-last float32 maps (with ``--dtype bfloat16`` the forward runs under CPU autocast, as in
+AMP training: bfloat16 copies of the map and parameters). Times are medians in ms; the backward
+computes the input, weight and bias gradients (``torch.autograd.grad`` of a retained graph).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -24,8 +27,13 @@ from models.depthwise import DepthwiseConv2d, fast_backward_available  # noqa: E
 from tools.microbench import add_arguments, alternate, set_threads  # noqa: E402
 
 
-def bench_shape(channels: int, size: int, kernel: int, batch: int, repeats: int) -> dict:
-    """Median forward and backward ms of both implementations, alternating call by call."""
+def bench_shape(channels: int, size: int, kernel: int, batch: int, repeats: int,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """Median forward and backward ms of both implementations, alternating call by call; the
+    forward under CPU autocast to ``dtype`` unless it is float32."""
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
     x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     native = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
@@ -33,15 +41,22 @@ def bench_shape(channels: int, size: int, kernel: int, batch: int, repeats: int)
     fast.load_state_dict(native.state_dict())
     calls = {}
     for name, conv in (("native", native), ("fast", fast)):
-        y = conv(x)
+        with autocast():
+            y = conv(x)
         grad = torch.randn_like(y)
         inputs = (x, conv.weight, conv.bias)
-        calls[name, "fwd"] = lambda c=conv: c(x)
+
+        def forward(c: nn.Module = conv) -> torch.Tensor:
+            with autocast():
+                return c(x)
+
+        calls[name, "fwd"] = forward
         calls[name, "bwd"] = lambda y=y, g=grad, i=inputs: torch.autograd.grad(y, i, g,
                                                                               retain_graph=True)
     times = alternate(calls, repeats)
-    row = {"shape": f"{channels}x{size}x{size} {kernel}x{kernel}",
-           "fast": fast_backward_available(x, fast.weight, 1)}
+    with autocast():
+        fast_path = fast_backward_available(x, fast.weight, 1)
+    row = {"shape": f"{channels}x{size}x{size} {kernel}x{kernel}", "fast": fast_path}
     for (name, part), ms in times.items():
         row[f"{name}_{part}"] = ms
     return row
@@ -51,10 +66,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--embed-dim", type=int, default=96, help="stage-0 channels (T, S: 96)")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: the forward under CPU autocast to bfloat16")
     add_arguments(parser)
     args = parser.parse_args()
     set_threads(args)
-    print(f"# {torch.get_num_threads()} threads, batch {args.batch_size}, float32, "
+    dtype = getattr(torch, args.dtype)
+    precision = "float32" if dtype == torch.float32 else "bfloat16 autocast"
+    print(f"# {torch.get_num_threads()} threads, batch {args.batch_size}, {precision}, "
           f"channels-last, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
           "median ms", file=sys.stderr)
     print("| shape (C x H x W, kernel) | fwd | bwd nn.Conv2d | bwd / fwd | bwd DepthwiseConv2d "
@@ -64,7 +83,7 @@ def main() -> None:
     for stage in range(4):
         channels, size = args.embed_dim * 2 ** stage, args.img_size // 2 ** (stage + 2)
         for c, kernel in ((channels, 3), (2 * channels, 7)):
-            r = bench_shape(c, size, kernel, args.batch_size, args.repeats)
+            r = bench_shape(c, size, kernel, args.batch_size, args.repeats, dtype)
             fwd = min(r["native_fwd"], r["fast_fwd"])  # the same F.conv2d call
             print(f"| {r['shape']}{'' if r['fast'] else ' (no fast path)'} | {fwd:.2f} "
                   f"| {r['native_bwd']:.2f} | {r['native_bwd'] / fwd:.1f} | {r['fast_bwd']:.2f} "
