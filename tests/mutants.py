@@ -106,6 +106,12 @@ MUTANTS = [
            "    return tuple(x.new_empty(heads, groups, size // 7, 7, dtype=_compute(x.dtype)) for",
            ("tests/test_separable.py::"
             "test_the_forward_keeps_only_the_attention_for_the_backward",)),
+    Mutant("gelu-series-range", "the SS-MSA kernels' GELU series serves only |Y| <= 1",
+           "models/separable.py", "#define SERIES_BOUND 1.0f", "#define SERIES_BOUND 3.0f",
+           ("tests/test_separable.py::test_float32_gelu_is_as_close_to_float64_as_pytorchs",)),
+    Mutant("gelu-series-coefficient", "the SS-MSA kernels' GELU series has Phi's coefficients",
+           "models/separable.py", "    p = p * u - 6.649038007e-02f;", "    p = p * u - 6.6e-02f;",
+           ("tests/test_separable.py::test_float32_gelu_is_as_close_to_float64_as_pytorchs",)),
     Mutant("separable-zero-filled-gradients", "autograd fills no zero gradients for the maps the "
            "SS-MSA forward hands its backward", "models/separable.py",
            "    ctx.set_materialize_grads(False)", "    ctx.set_materialize_grads(True)",

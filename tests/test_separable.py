@@ -141,18 +141,10 @@ def test_inference_kernel_matches_the_pytorch_ops_and_is_a_custom_op():
                                    atol=2 ** -8 * trained.abs().max().item())
 
 
-@pytest.mark.parametrize("bias", [-9.0, -3.0, -0.7, 0.0, 0.3, 2.5, 8.0])
-def test_float32_gelu_is_as_close_to_float64_as_pytorchs(bias):
-    """The kernels' float32 GELU (a vectorised erfc) and its derivative: with AF's 3x3 weights
-    zero, Y is its bias everywhere, so the output and the bias's gradient go through GELU and
-    GELU' at that value; float32 kernels against float64 ops are no further off than float32
-    ops are (or within 1e-6 of the largest value; 5e-6 for the 3x3's gradients, sums over every
-    map entry in another order)."""
-    attn = _attention(96, 3, 0.0)
-    dw = attn.attn_local_win[0]
-    with torch.no_grad():
-        dw.weight.zero_()
-        dw.bias.fill_(bias)
+def _assert_float32_as_close_as_pytorchs(attn: MGSSAFAttention) -> None:
+    """Float32 kernels against float64 ops are no further off than float32 ops are (or within
+    1e-6 of the largest value; 5e-6 for the 3x3's gradients, sums over every map entry in
+    another order)."""
     x = _local(attn, (1, 14, 14, 96))
     grad = torch.randn(1, 14, 14, 3, 32, dtype=torch.float64)
     exact = _reference(attn, x, grad)
@@ -164,6 +156,34 @@ def test_float32_gelu_is_as_close_to_float64_as_pytorchs(bias):
         error, ops_error = ((t.double() - e).abs().max() / scale for t in (f, o))
         floor = 5e-6 if name.startswith("dw") else 1e-6  # sums over every map entry
         assert error <= max(2 * ops_error, floor), (name, error.item(), ops_error.item())
+
+
+# |Y| <= 1 takes the series, the rest the erfc; -1 is the series' worst case
+@pytest.mark.parametrize("bias", [-9.0, -3.0, -1.01, -1.0, -0.7, 0.0, 0.3, 1.0, 1.01, 2.5, 8.0])
+def test_float32_gelu_is_as_close_to_float64_as_pytorchs(bias):
+    """The kernels' float32 GELU (series or vectorised erfc) and its derivative: with AF's 3x3
+    weights zero, Y is its bias everywhere, so the output and the bias's gradient go through
+    GELU and GELU' at that value."""
+    attn = _attention(96, 3, 0.0)
+    dw = attn.attn_local_win[0]
+    with torch.no_grad():
+        dw.weight.zero_()
+        dw.bias.fill_(bias)
+    _assert_float32_as_close_as_pytorchs(attn)
+
+
+def test_float32_gelu_mixes_series_and_erfc_within_a_map():
+    """Large 3x3 weights spread Y over [-10, 10] within each map, so that runs of it take the
+    series and others the erfc."""
+    attn = _attention(96, 3, 0.0)
+    with torch.no_grad():
+        attn.attn_local_win[0].weight.mul_(60.0)
+    seen = []
+    attn.attn_local_win[1].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    _assert_float32_as_close_as_pytorchs(attn)
+    y = seen[0].flatten(0, -2)  # (maps, M): the GELU input of the PyTorch ops, one map a row
+    inside = (y.abs() <= 1).float().mean(dim=1)
+    assert ((inside > 0.2) & (inside < 0.8)).float().mean() > 0.5, inside
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
