@@ -78,7 +78,6 @@ _SOURCE = r"""
 #define VL 8
 #define NQ ((N + VL - 1) / VL * VL) /* query axis of the maps, zero-padded to whole vectors */
 #define SCRATCH (4 * N * D + D * NQ + N * NQ + 2 * N * WS)
-#define EXP(v) (sizeof(REAL) == sizeof(float) ? expf(v) : exp(v))
 #define INLINE static inline __attribute__((always_inline))
 
 typedef REAL vec __attribute__((vector_size(VL * sizeof(REAL)), aligned(sizeof(REAL)), may_alias));
@@ -133,11 +132,52 @@ INLINE REAL dot(const REAL *a, const REAL *b, long len) {
     return s;
 }
 
-static void softmax(REAL *v, long len) {
-    REAL mx = v[0], s = 0;
-    for (long e = 1; e < len; e++) mx = v[e] > mx ? v[e] : mx;
-    for (long e = 0; e < len; e++) s += v[e] = EXP(v[e] - mx);
-    for (long e = 0; e < len; e++) v[e] /= s;
+#if REAL_IS_FLOAT
+typedef int ivec __attribute__((vector_size(VL * sizeof(int))));
+typedef unsigned int uvec __attribute__((vector_size(VL * sizeof(int))));
+/* Lanewise "m ? a : b" for a comparison's mask m (C has no ?: on vectors). */
+INLINE vec select(ivec m, vec a, vec b) { return (vec)(((ivec)a & m) | ((ivec)b & ~m)); }
+
+/* exp(x) for x in [-86, 88] (e^-86 below): x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
+ * polynomial of degree 7 (error below 6e-9), times 2^n through the exponent bits. ln 2 is split
+ * in two parts for r; where the compiler merges them (-fassociative-math) the relative error
+ * grows to a few 1e-6 at |x| near 88, far out in GELU's tails and where a softmax's terms are
+ * below 1e-37 of its largest. */
+INLINE vec vexp(vec x) {
+    const vec lo = (vec){0} - 86.0f, hi = (vec){0} + 88.0f, half = (vec){0} + 0.5f;
+    x = select(x < lo, lo, x);
+    x = select(x > hi, hi, x);
+    const vec t = x * 1.44269504f;
+    const ivec n = __builtin_convertvector(t + select(t < 0, -half, half), ivec);
+    const vec nf = __builtin_convertvector(n, vec);
+    const vec r = (x - nf * 0.693145752f) - nf * 1.42860677e-06f;
+    vec p = (vec){0} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return (vec)((ivec)p + (ivec)((uvec)n << 23));
+}
+#endif
+
+/* v[e] = exp(v[e]) for the n values at v: vexp in float32 (a whole vector at a time, the last
+ * partial one through a copy), libm's exp in float64. */
+static void exp_values(REAL *v, long n) {
+#if REAL_IS_FLOAT
+    long e = 0;
+    for (; e + VL <= n; e += VL) V(v + e) = vexp(V(v + e));
+    if (e < n) {
+        vec tail = {0};
+        memcpy(&tail, v + e, (n - e) * sizeof(REAL));
+        tail = vexp(tail);
+        memcpy(v + e, &tail, (n - e) * sizeof(REAL));
+    }
+#else
+    for (long e = 0; e < n; e++) v[e] = exp(v[e]);
+#endif
 }
 
 /* A register tile of a small matrix product: for r < RB <= 3 rows and WV <= 4 vectors of VL
@@ -213,16 +253,27 @@ static void attention(const Job *t, long h, long g, REAL *s, REAL *ra, REAL *ca)
     for (long jj = 1; jj < WS; jj++)
         for (long n = 0; n < N; n++) mx[n] = ra[jj * N + n] > mx[n] ? ra[jj * N + n] : mx[n];
     for (long jj = 0; jj < WS; jj++)
-        for (long n = 0; n < N; n++) sum[n] += ra[jj * N + n] = EXP(ra[jj * N + n] - mx[n]);
+        for (long n = 0; n < N; n++) ra[jj * N + n] -= mx[n];
+    exp_values(ra, N * WS);
+    for (long jj = 0; jj < WS; jj++)
+        for (long n = 0; n < N; n++) sum[n] += ra[jj * N + n];
     for (long jj = 0; jj < WS; jj++)
         for (long n = 0; n < N; n++) ra[jj * N + n] /= sum[n];
     /* column attention ca[j'][i][i']: query (i, j') over the keys (i', j') of its column */
     for (long jj = 0; jj < WS; jj++)
         for (long i = 0; i < WS; i++) {
-            REAL *c = ca + (jj * WS + i) * WS;
+            REAL *c = ca + (jj * WS + i) * WS, m;
             for (long ii = 0; ii < WS; ii++) c[ii] = dot(q + (i * WS + jj) * D, k + (ii * WS + jj) * D, D);
-            softmax(c, WS);
+            m = c[0];
+            for (long ii = 1; ii < WS; ii++) m = c[ii] > m ? c[ii] : m;
+            for (long ii = 0; ii < WS; ii++) c[ii] -= m;
         }
+    exp_values(ca, N * WS);
+    for (long row = 0; row < N; row++) {
+        REAL *c = ca + row * WS, total = 0;
+        for (long ii = 0; ii < WS; ii++) total += c[ii];
+        for (long ii = 0; ii < WS; ii++) c[ii] /= total;
+    }
 }
 
 /* Head h: the separable map P from ra and ca, and Y, AF's 3x3 convolution of it (N*NQ each). */
@@ -351,34 +402,6 @@ static void scores_backward(const Job *t, long h, long g, REAL *s, const REAL *P
 }
 
 #if REAL_IS_FLOAT
-typedef int ivec __attribute__((vector_size(VL * sizeof(int))));
-typedef unsigned int uvec __attribute__((vector_size(VL * sizeof(int))));
-/* Lanewise "m ? a : b" for a comparison's mask m (C has no ?: on vectors). */
-INLINE vec select(ivec m, vec a, vec b) { return (vec)(((ivec)a & m) | ((ivec)b & ~m)); }
-
-/* exp(x) for x in [-86, 88]: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial of
- * degree 7 (error below 6e-9), times 2^n through the exponent bits. ln 2 is split in two parts
- * for r; where the compiler merges them (-fassociative-math) the relative error grows to a few
- * 1e-6 at |x| near 88, far out in GELU's tails. */
-INLINE vec vexp(vec x) {
-    const vec lo = (vec){0} - 86.0f, hi = (vec){0} + 88.0f, half = (vec){0} + 0.5f;
-    x = select(x < lo, lo, x);
-    x = select(x > hi, hi, x);
-    const vec t = x * 1.44269504f;
-    const ivec n = __builtin_convertvector(t + select(t < 0, -half, half), ivec);
-    const vec nf = __builtin_convertvector(n, vec);
-    const vec r = (x - nf * 0.693145752f) - nf * 1.42860677e-06f;
-    vec p = (vec){0} + 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return (vec)((ivec)p + (ivec)((uvec)n << 23));
-}
-
 /* Phi(y) = (1 + erf(y/sqrt 2)) / 2 = erfc(-y/sqrt 2) / 2, the standard normal CDF, with erfc(z)
  * for z = |y|/sqrt 2 by the Chebyshev fit of Numerical Recipes (relative error below 1.2e-7 for
  * all z), so that it is computed without cancellation also for negative y. */
