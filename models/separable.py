@@ -432,32 +432,24 @@ INLINE vec vgelu_grad(vec y) { return vphi(y) + y * 0.398942280f * vexp(-0.5f * 
  * Horner's rule is stable; the truncation is below 1e-9, and GELU's relative error below 3e-7
  * (at y = -1, where 1/2 + y S(u) cancels to Phi(-1) = 0.16). */
 #define SERIES_BOUND 1.0f
-INLINE vec series_s(vec u) {
-    vec p = (vec){0} + 2.273529824e-09f;
-    p = p * u - 4.122667415e-08f;
-    p = p * u + 6.659693516e-07f;
-    p = p * u - 9.444656260e-06f;
-    p = p * u + 1.154346876e-04f;
-    p = p * u - 1.187328215e-03f;
-    p = p * u + 9.973557010e-03f;
-    p = p * u - 6.649038007e-02f;
-    p = p * u + 3.989422804e-01f;
+static const float SERIES_S[9] = {
+    2.273529824e-09f, -4.122667415e-08f, 6.659693516e-07f,
+    -9.444656260e-06f, 1.154346876e-04f, -1.187328215e-03f,
+    9.973557010e-03f, -6.649038007e-02f, 3.989422804e-01f
+};
+static const float SERIES_T[9] = {
+    4.092353684e-08f, -6.596267864e-07f, 9.323570923e-06f,
+    -1.133358751e-04f, 1.154346876e-03f, -9.498625724e-03f,
+    5.984134206e-02f, -2.659615203e-01f, 7.978845608e-01f
+};
+/* The series' value at u by Horner's rule, its coefficients c highest first */
+INLINE vec series(const float *c, vec u) {
+    vec p = (vec){0} + c[0];
+    for (int k = 1; k < 9; k++) p = p * u + c[k];
     return p;
 }
-INLINE vec series_t(vec u) {
-    vec p = (vec){0} + 4.092353684e-08f;
-    p = p * u - 6.596267864e-07f;
-    p = p * u + 9.323570923e-06f;
-    p = p * u - 1.133358751e-04f;
-    p = p * u + 1.154346876e-03f;
-    p = p * u - 9.498625724e-03f;
-    p = p * u + 5.984134206e-02f;
-    p = p * u - 2.659615203e-01f;
-    p = p * u + 7.978845608e-01f;
-    return p;
-}
-INLINE vec vgelu_series(vec y) { return y * (0.5f + y * series_s(y * y)); }
-INLINE vec vgelu_grad_series(vec y) { return 0.5f + y * series_t(y * y); }
+INLINE vec vgelu_series(vec y) { return y * (0.5f + y * series(SERIES_S, y * y)); }
+INLINE vec vgelu_grad_series(vec y) { return 0.5f + y * series(SERIES_T, y * y); }
 
 /* Whether every one of the n values (a multiple of VL) at y lies in [-1, 1] (NaN does too:
  * the series give NaN for it, as the erfc path does). */
