@@ -49,8 +49,9 @@ def test_gradcheck_float64(layout, kernel):
 # neighbours, fall inside them
 @pytest.mark.parametrize("shape", [(3, 48, 28, 28), (2, 96, 7, 7), (1, 16, 5, 11),
                                    (2, 16, 6, 3), (2, 16, 5, 2), (1, 16, 4, 1)])
-def test_float32_matches_conv2d(recording_openmp_pool, layout, shape):
-    native, fast = _pair(shape[1], 7)
+@pytest.mark.parametrize("kernel", [5, 7])
+def test_float32_matches_conv2d(recording_openmp_pool, layout, shape, kernel):
+    native, fast = _pair(shape[1], kernel)
     x = torch.randn(shape).contiguous(memory_format=layout)
     grad = torch.randn(shape).contiguous(memory_format=layout)
     expected, got = _grads(native, x, grad), _grads(fast, x, grad)
