@@ -21,7 +21,7 @@ from config import mixup_enabled
 from startup import STOP_SIGNALS
 from utils import get_rank, get_world_size
 
-from .common import DataError, ImageFolderDataset
+from .common import WORKER_CONTEXT, DataError, ImageFolderDataset
 from .samplers import ResumableSampler, SeededSamples, ShardSampler
 
 # DATA.DATASET values of segmentation runs (main_seg.py, configs/seg/).
@@ -161,10 +161,13 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class Loader(DataLoader):
-    """A DataLoader whose worker processes survive a stop signal sent to the process group: the
-    workers start (at each ``iter``) with the stop signals blocked and ignore them from their
-    ``worker_init_fn`` on, so no signal reaches them in between. The main process receives a
-    signal that arrives meanwhile as soon as the workers have started.
+    """A DataLoader whose worker processes start from :data:`~data.common.WORKER_CONTEXT` (a fork
+    server, not a fork of this multi-threaded process) and survive a stop signal sent to the
+    process group: the workers start (at each ``iter``) with the stop signals blocked and ignore
+    them from their ``worker_init_fn`` on, so no signal reaches them in between. (The fork server
+    is started by the first such ``iter``, so it too keeps them blocked, and passes the mask on to
+    every worker it forks.) The main process receives a signal that arrives meanwhile as soon as
+    the workers have started.
 
     Since the workers ignore SIGTERM, which is how torch's iterator shutdown and
     multiprocessing's exit handler end workers that do not stop by themselves (followed by a join
@@ -174,6 +177,8 @@ class Loader(DataLoader):
     :func:`stop_loader_workers`)."""
 
     def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["multiprocessing_context"] = WORKER_CONTEXT
         super().__init__(dataset, worker_init_fn=ignore_stop_signals, **kwargs)
 
     def __iter__(self) -> Iterator:

@@ -9,6 +9,20 @@ from typing import Any, Callable
 from PIL import Image
 from torchvision import datasets
 
+# How loader workers start: forked from a single-threaded server process ("forkserver", Python
+# 3.14's default on Linux), never from the training process itself. That process runs threads
+# (gloo's and NCCL's, which take Python's interpreter lock to free tensors when a collective ends;
+# the pin-memory thread), and a fork at such a moment leaves the worker deadlocked before its first
+# line on Python <= 3.11 (cpython#112275): the run hangs. Spawn where there is no forkserver. The
+# server imports torch, torchvision and timm once (not this repository's modules: it runs in the
+# caller's working directory, whose data/ may be another package); each worker forked from it
+# imports ours and runs the entry script again (as __mp_main__, as multiprocessing does), and
+# gets its dataset pickled.
+WORKER_CONTEXT = multiprocessing.get_context(
+    "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+if WORKER_CONTEXT.get_start_method() == "forkserver":
+    WORKER_CONTEXT.set_forkserver_preload(["torch", "torchvision", "timm"])
+
 
 class DataError(ValueError):
     """A data folder, image or data setting that cannot be used."""
@@ -38,7 +52,7 @@ class ImageFolderDataset(datasets.ImageFolder):
         except FileNotFoundError as e:
             raise DataError(f"{root}: {e}") from None
         self.skip_bad_images = skip_bad_images
-        self._skipped = multiprocessing.Value("i", 0)  # shared with the loader's workers
+        self._skipped = WORKER_CONTEXT.Value("i", 0)  # shared with the loader's workers
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self.samples)):

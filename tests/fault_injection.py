@@ -58,7 +58,8 @@ def slow_save(*args, **kwargs):
     save(*args, **kwargs)
     time.sleep(0.3)
 utils.torch.save = slow_save
-sys.exit(main.main(sys.argv[1:]))
+if __name__ == "__main__":  # the loader workers' fork server imports this file too
+    sys.exit(main.main(sys.argv[1:]))
 """
 
 

@@ -329,19 +329,23 @@ def run_cli(argv: list[str], prefix: tuple[str, ...] = ("main.py",), timeout: fl
             env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
     """Runs ``python *prefix *argv`` in the repository (``prefix`` may hold a launcher before
     main.py) in the environment ``env`` (default: :func:`child_env`); ``stdout`` holds stdout
-    and stderr together."""
-    return subprocess.run([sys.executable, *prefix, *argv], cwd=ROOT,
-                          env=child_env() if env is None else env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout, **popen)
+    and stderr together. One still running after ``timeout`` seconds fails the test with the end
+    of its output, after it is killed with every process it started."""
+    code, output = run_cli_or_kill(argv, prefix, timeout, env, **popen)
+    if code is None:
+        raise AssertionError(f"{' '.join(prefix)[:200]} did not finish within {timeout} s (killed with "
+                             f"every process it started); its output ends:\n{output[-4000:]}")
+    return subprocess.CompletedProcess([sys.executable, *prefix, *argv], code, output)
 
 
-def run_cli_or_kill(argv: list[str], prefix: tuple[str, ...], timeout: float = 180
-                    ) -> tuple[int | None, str]:
-    """Runs a CLI command; one still running after ``timeout`` seconds is killed with every
-    process it started (loader workers, torchrun's ranks, which have sessions of their own) and
-    gives None as exit code."""
-    process = subprocess.Popen([sys.executable, *prefix, *argv], cwd=ROOT, env=child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_cli_or_kill(argv: list[str], prefix: tuple[str, ...], timeout: float = 180,
+                    env: dict[str, str] | None = None, **popen) -> tuple[int | None, str]:
+    """Runs a CLI command as :func:`run_cli` does; one still running after ``timeout`` seconds is
+    killed with every process it started (loader workers, torchrun's ranks, which have sessions
+    of their own) and gives None as exit code."""
+    process = subprocess.Popen([sys.executable, *prefix, *argv], cwd=ROOT,
+                               env=child_env() if env is None else env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, **popen)
     try:
         output, _ = process.communicate(timeout=timeout)
         return process.returncode, output

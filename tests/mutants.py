@@ -179,4 +179,10 @@ MUTANTS = [
            "engine/trainer.py", "enabled=amp.enabled and amp.dtype == torch.float16)",
            "enabled=False)",
            ("tests/test_defaults.py::test_shipped_recipe_trains_through_the_cli_on_photos",)),
+    Mutant("loader-workers-forked", "loader workers are not forks of the multi-threaded "
+           "training process", "data/common.py",
+           '    "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else',
+           '    "fork" if "forkserver" in multiprocessing.get_all_start_methods() else',
+           ("tests/test_pipeline.py::"
+            "test_loader_workers_start_from_a_fork_server_with_the_same_batches",)),
 ]

@@ -28,6 +28,7 @@ from lr_scheduler import build_scheduler, scale_lrs
 from models import build_model
 from models.checkpoint_io import load_checkpoint_file
 from optimizer import build_optimizer
+from startup import STOP_SIGNALS
 from utils import uses_glibc_malloc
 
 ACC_LINE = re.compile(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images: (\d+) top-1 "
@@ -291,6 +292,41 @@ def test_dataset_dispatch_on_data_dataset(data):
     dataset_train, dataset_val, _, _, mixup_fn = build_loader(tiny_config("DATA.DATA_PATH", data,
                                                                           "DATA.BATCH_SIZE", "4"))
     assert (len(dataset_train), len(dataset_val)) == (15, 9) and mixup_fn is not None
+
+
+def test_loader_workers_start_from_a_fork_server_with_the_same_batches(data):
+    # A fork of the training process while one of its threads (gloo's, NCCL's) takes Python's
+    # interpreter lock left a worker deadlocked before its first line (cpython#112275): the run
+    # hung. Workers come from a fork server, which gets the datasets pickled. The server, in the
+    # process group too, must block the stop signals as the workers do until their init.
+    def blocked_signals(pid: int) -> set[int]:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+        return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+    def batches(workers: int, split: int) -> tuple[list, list[int]]:
+        """The batches of one epoch of loader ``split``; the number of its workers, then the
+        pids of those that are children of this process."""
+        loaders = build_loader(tiny_config("DATA.DATA_PATH", data, "DATA.BATCH_SIZE", "4",
+                                           "DATA.NUM_WORKERS", str(workers), "AUG.MIXUP", "0",
+                                           "AUG.CUTMIX", "0"))
+        loaders[2].sampler.set_epoch(1)
+        iterator = iter(loaders[split])
+        got = [next(iterator)]
+        workers = getattr(getattr(iterator, "iterator", None), "_workers", [])
+        forked = {w.pid for w in workers} & set(h.children(os.getpid()))
+        return got + list(iterator), [len(workers), *forked]
+
+    for split in (2, 3):  # training (seeded augmentation), validation
+        plain, _ = batches(0, split)
+        with_workers, (started, *forked) = batches(2, split)
+        assert started == 2 and not forked
+        servers = [pid for pid in h.children(os.getpid())
+                   if "forkserver" in h.read(f"/proc/{pid}/cmdline", "")]
+        assert len(servers) == 1 and set(STOP_SIGNALS) <= blocked_signals(servers[0])
+        assert len(with_workers) == len(plain) > 0
+        for (x, y), (x_workers, y_workers) in zip(plain, with_workers):
+            assert torch.equal(x, x_workers) and torch.equal(y, y_workers)
 
 
 def test_transforms_follow_the_aug_and_test_keys():

@@ -120,7 +120,7 @@ def test_sigterm_to_torchrun_with_workers_saves_a_step_and_the_rerun_equals_an_u
 # handler: they die of it), as under a start method that does not inherit the signal mask.
 UNGUARDED_WORKERS = """
 import sys, torch.utils.data, data.build, main
-data.build.ignore_stop_signals = lambda worker_id: None
+data.build.ignore_stop_signals = int  # a worker_init_fn that does nothing (and pickles)
 data.build.Loader.__iter__ = torch.utils.data.DataLoader.__iter__
 sys.exit(main.main(sys.argv[1:]))
 """
@@ -136,7 +136,9 @@ def test_a_worker_that_dies_of_the_signal_is_part_of_the_preemption(data48, tmp_
                        to_group=True, step=17)
     output = h.read(log)
     assert code == 75, output[-3000:]
-    assert "RuntimeError while stopping on SIGTERM: DataLoader worker" in output
+    # torch's worker check, or the pipe of a worker killed while it handed a batch over
+    assert re.search(r"(RuntimeError|ConnectionResetError|EOFError) while stopping on SIGTERM",
+                     output), output[-3000:]
     assert "stopped at epoch 0 step 16/24" in output  # the state of the last optimizer step
     assert h.read_marker(folder)["checkpoint"] == os.path.join(folder, "ckpt_epoch_0_step_16.pth")
 
