@@ -163,9 +163,9 @@ def ignore_stop_signals(worker_id: int) -> None:
 class Loader(DataLoader):
     """A DataLoader whose worker processes start from :data:`~data.common.WORKER_CONTEXT` (a fork
     server, not a fork of this multi-threaded process) and survive a stop signal sent to the
-    process group: the workers start (at each ``iter``) with the stop signals blocked and ignore
-    them from their ``worker_init_fn`` on, so no signal reaches them in between. (The fork server
-    is started by the first such ``iter``, so it too keeps them blocked, and passes the mask on to
+    process group: the workers start (in ``iter``) with the stop signals blocked and ignore them
+    from their ``worker_init_fn`` on, so no signal reaches them in between. (The fork server is
+    started by the first such ``iter``, so it too keeps them blocked, and passes the mask on to
     every worker it forks.) The main process receives a signal that arrives meanwhile as soon as
     the workers have started.
 
@@ -173,12 +173,15 @@ class Loader(DataLoader):
     multiprocessing's exit handler end workers that do not stop by themselves (followed by a join
     without timeout), the main process ends them itself: when a batch cannot be produced (an
     exception from a worker, e.g. an unreadable image), the iterator's workers are killed before
-    the exception goes on, and any still running at exit are killed then (see
-    :func:`stop_loader_workers`)."""
+    the exception goes on (the loader is not iterated again: the run ends), and any still running
+    at exit are killed then (see :func:`stop_loader_workers`)."""
 
-    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, persistent: bool = False, **kwargs: Any) -> None:
+        """``persistent``: the workers live from one ``iter`` to the next (a training loader's
+        start once per run, not at every epoch, each with the dataset pickled). Other arguments
+        as DataLoader's."""
         if kwargs.get("num_workers", 0) > 0:
-            kwargs["multiprocessing_context"] = WORKER_CONTEXT
+            kwargs.update(multiprocessing_context=WORKER_CONTEXT, persistent_workers=persistent)
         super().__init__(dataset, worker_init_fn=ignore_stop_signals, **kwargs)
 
     def __iter__(self) -> Iterator:
@@ -291,7 +294,7 @@ def build_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | None
                         f"{world_size} rank(s) {len(sampler)} images, less than one batch of "
                         f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
     data_loader_train = Loader(
-        SeededSamples(dataset_train, config.SEED), sampler=sampler,
+        SeededSamples(dataset_train, config.SEED), persistent=True, sampler=sampler,
         batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
         pin_memory=pin_memory, drop_last=True)
     return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)

@@ -59,8 +59,9 @@ def build_seg_loader(config: CN) -> tuple[Dataset | None, Dataset, DataLoader | 
     dataset_train = build_seg_dataset(config, is_train=True)
     per_rank = config.SEG.EVAL_INTERVAL * config.TRAIN.ACCUMULATION_STEPS * config.DATA.BATCH_SIZE
     sampler = ResumableSampler(dataset_train, per_rank, world_size, rank, config.SEED)
-    loader_train = Loader(SeededSamples(dataset_train, config.SEED), sampler=sampler,
-                          batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+    loader_train = Loader(SeededSamples(dataset_train, config.SEED), persistent=True,
+                          sampler=sampler, batch_size=config.DATA.BATCH_SIZE,
+                          num_workers=config.DATA.NUM_WORKERS,
                           pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
                           drop_last=True)
     return dataset_train, dataset_val, loader_train, loader_val

@@ -185,4 +185,9 @@ MUTANTS = [
            '    "fork" if "forkserver" in multiprocessing.get_all_start_methods() else',
            ("tests/test_pipeline.py::"
             "test_loader_workers_start_from_a_fork_server_with_the_same_batches",)),
+    Mutant("training-workers-per-epoch", "the training loader's workers start once per run",
+           "data/build.py", "SeededSamples(dataset_train, config.SEED), persistent=True,",
+           "SeededSamples(dataset_train, config.SEED), persistent=False,",
+           ("tests/test_pipeline.py::"
+            "test_loader_workers_start_from_a_fork_server_with_the_same_batches",)),
 ]

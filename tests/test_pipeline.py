@@ -297,36 +297,41 @@ def test_dataset_dispatch_on_data_dataset(data):
 def test_loader_workers_start_from_a_fork_server_with_the_same_batches(data):
     # A fork of the training process while one of its threads (gloo's, NCCL's) takes Python's
     # interpreter lock left a worker deadlocked before its first line (cpython#112275): the run
-    # hung. Workers come from a fork server, which gets the datasets pickled. The server, in the
-    # process group too, must block the stop signals as the workers do until their init.
+    # hung. Workers come from a fork server, which gets the datasets pickled; the server, in the
+    # process group too, blocks the stop signals as the workers do until their init. The
+    # training loader's workers start once and serve every epoch.
     def blocked_signals(pid: int) -> set[int]:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
         return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
 
-    def batches(workers: int, split: int) -> tuple[list, list[int]]:
-        """The batches of one epoch of loader ``split``; the number of its workers, then the
-        pids of those that are children of this process."""
+    def epochs(workers: int, split: int) -> tuple[list, list[list[int]]]:
+        """The batches of epochs 1 and 2 of loader ``split`` and, per epoch, its workers' pids."""
         loaders = build_loader(tiny_config("DATA.DATA_PATH", data, "DATA.BATCH_SIZE", "4",
                                            "DATA.NUM_WORKERS", str(workers), "AUG.MIXUP", "0",
                                            "AUG.CUTMIX", "0"))
-        loaders[2].sampler.set_epoch(1)
-        iterator = iter(loaders[split])
-        got = [next(iterator)]
-        workers = getattr(getattr(iterator, "iterator", None), "_workers", [])
-        forked = {w.pid for w in workers} & set(h.children(os.getpid()))
-        return got + list(iterator), [len(workers), *forked]
+        got, pids = [], []
+        for epoch in (1, 2):
+            loaders[2].sampler.set_epoch(epoch)
+            iterator = iter(loaders[split])
+            got.append(next(iterator))
+            pids.append([w.pid for w in getattr(getattr(iterator, "iterator", None),
+                                                "_workers", [])])
+            if workers:
+                assert not set(pids[-1]) & set(h.children(os.getpid()))  # not forks of this one
+            got += list(iterator)
+        return got, pids
 
     for split in (2, 3):  # training (seeded augmentation), validation
-        plain, _ = batches(0, split)
-        with_workers, (started, *forked) = batches(2, split)
-        assert started == 2 and not forked
-        servers = [pid for pid in h.children(os.getpid())
-                   if "forkserver" in h.read(f"/proc/{pid}/cmdline", "")]
-        assert len(servers) == 1 and set(STOP_SIGNALS) <= blocked_signals(servers[0])
+        plain, _ = epochs(0, split)
+        with_workers, pids = epochs(2, split)
         assert len(with_workers) == len(plain) > 0
         for (x, y), (x_workers, y_workers) in zip(plain, with_workers):
             assert torch.equal(x, x_workers) and torch.equal(y, y_workers)
+        assert len(pids[0]) == 2 and (pids[0] == pids[1]) == (split == 2)
+        servers = [pid for pid in h.children(os.getpid())
+                   if "forkserver" in h.read(f"/proc/{pid}/cmdline", "")]
+        assert len(servers) == 1 and set(STOP_SIGNALS) <= blocked_signals(servers[0])
 
 
 def test_transforms_follow_the_aug_and_test_keys():
