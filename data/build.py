@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
+import select
 import signal
+import threading
+import time
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -151,23 +155,46 @@ def _missing_classes(dataset: Dataset, is_train: bool) -> str:
     return f": missing {missing}, which {other} has" if missing else ""
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of the loaders: a worker ignores the stop signals, which a launcher or
-    Slurm sends to the whole process group; the main process decides when to stop and ends its
-    workers itself. (They start with the signals blocked, see :class:`Loader`.)"""
+def init_worker(training_pid: int, worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders (with the training process's pid bound): a worker
+    ignores the stop signals, which a launcher or Slurm sends to the whole process group (the
+    training process decides when to stop and ends its workers itself; they start with the
+    signals blocked, see :class:`Loader`), and ends as soon as the training process has ended,
+    however it ended. torch's own check, a change of the worker's parent, does not see that
+    under the fork server: the parent is the server, which lives as long as any worker does."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    threading.Thread(target=_exit_with, args=(training_pid,), name="exit-with-training",
+                     daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """Ends this process once process ``pid`` has ended (a pidfd where Linux has them, else a
+    check every second)."""
+    try:
+        select.select([os.pidfd_open(pid)], [], [])  # readable once pid has ended
+    except (AttributeError, OSError):  # no pidfd_open (macOS, Linux < 5.3), or pid already gone
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(0)
 
 
 class Loader(DataLoader):
     """A DataLoader whose worker processes start from :data:`~data.common.WORKER_CONTEXT` (a fork
     server, not a fork of this multi-threaded process) and survive a stop signal sent to the
     process group: the workers start (in ``iter``) with the stop signals blocked and ignore them
-    from their ``worker_init_fn`` on, so no signal reaches them in between. (The fork server is
-    started by the first such ``iter``, so it too keeps them blocked, and passes the mask on to
-    every worker it forks.) The main process receives a signal that arrives meanwhile as soon as
-    the workers have started.
+    from their ``worker_init_fn`` (:func:`init_worker`) on, so no signal reaches them in between.
+    (The fork server is started by the first such ``iter``, so it too keeps them blocked, and
+    passes the mask on to every worker it forks.) The main process receives a signal that arrives
+    meanwhile as soon as the workers have started. Workers end with the main process, however it
+    ends (a kill -9 included).
 
     Since the workers ignore SIGTERM, which is how torch's iterator shutdown and
     multiprocessing's exit handler end workers that do not stop by themselves (followed by a join
@@ -182,7 +209,8 @@ class Loader(DataLoader):
         as DataLoader's."""
         if kwargs.get("num_workers", 0) > 0:
             kwargs.update(multiprocessing_context=WORKER_CONTEXT, persistent_workers=persistent)
-        super().__init__(dataset, worker_init_fn=ignore_stop_signals, **kwargs)
+        super().__init__(dataset, worker_init_fn=functools.partial(init_worker, os.getpid()),
+                         **kwargs)
 
     def __iter__(self) -> Iterator:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

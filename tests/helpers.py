@@ -288,20 +288,44 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL to ``pid`` and every process below it at once (loader workers; torchrun starts each
-    rank in a session of its own: killing torchrun's process group would leave the ranks
-    running)."""
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc)."""
     tree, todo = [], [pid]
     while todo:
         current = todo.pop()
         tree.append(current)
         todo += children(current)
-    for member in tree:
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` and every process below it at once (loader workers; torchrun starts each
+    rank in a session of its own: killing torchrun's process group would leave the ranks
+    running)."""
+    for member in descendants(pid):
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that still run (zombies count as ended)."""
+    def runs(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    return [pid for pid in pids if runs(pid)]
+
+
+def still_running_after(pids: list[int], timeout: float) -> list[int]:
+    """Those of ``pids`` that still run after up to ``timeout`` seconds of waiting for them."""
+    deadline = time.time() + timeout
+    while running(pids) and time.time() < deadline:
+        time.sleep(0.2)
+    return running(pids)
 
 
 def free_port() -> int:
@@ -333,8 +357,9 @@ def run_cli(argv: list[str], prefix: tuple[str, ...] = ("main.py",), timeout: fl
     of its output, after it is killed with every process it started."""
     code, output = run_cli_or_kill(argv, prefix, timeout, env, **popen)
     if code is None:
-        raise AssertionError(f"{' '.join(prefix)[:200]} did not finish within {timeout} s (killed with "
-                             f"every process it started); its output ends:\n{output[-4000:]}")
+        raise AssertionError(f"{' '.join(prefix)[:200]} did not finish within {timeout} s "
+                             "(killed with every process it started); its output ends:\n"
+                             f"{output[-4000:]}")
     return subprocess.CompletedProcess([sys.executable, *prefix, *argv], code, output)
 
 

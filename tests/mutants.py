@@ -185,6 +185,12 @@ MUTANTS = [
            '    "fork" if "forkserver" in multiprocessing.get_all_start_methods() else',
            ("tests/test_pipeline.py::"
             "test_loader_workers_start_from_a_fork_server_with_the_same_batches",)),
+    Mutant("workers-outlive-a-killed-training-process", "loader workers end with the training "
+           "process, a kill -9 included", "data/build.py",
+           '    threading.Thread(target=_exit_with, args=(training_pid,), '
+           'name="exit-with-training",\n                     daemon=True).start()\n', "",
+           ("tests/test_pipeline.py::"
+            "test_loader_workers_end_with_a_training_process_killed_with_9",)),
     Mutant("training-workers-per-epoch", "the training loader's workers start once per run",
            "data/build.py", "SeededSamples(dataset_train, config.SEED), persistent=True,",
            "SeededSamples(dataset_train, config.SEED), persistent=False,",

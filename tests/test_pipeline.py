@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -332,6 +333,37 @@ def test_loader_workers_start_from_a_fork_server_with_the_same_batches(data):
         servers = [pid for pid in h.children(os.getpid())
                    if "forkserver" in h.read(f"/proc/{pid}/cmdline", "")]
         assert len(servers) == 1 and set(STOP_SIGNALS) <= blocked_signals(servers[0])
+
+
+# Builds the training loader with 2 workers, takes a batch, prints "ready" and waits.
+LOADER_THEN_WAIT = """
+import sys, time
+from config import load_config
+from data.build import build_loader
+loader = build_loader(load_config(sys.argv[1], sys.argv[2:]))[2]
+next(iter(loader))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_loader_workers_end_with_a_training_process_killed_with_9(data):
+    # Under the fork server a worker's parent is the server, which lives as long as any worker
+    # does: torch's check (the parent changed) would keep them running for ever.
+    opts = [*h.TINY, "DATA.DATA_PATH", data, "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "2"]
+    process = subprocess.Popen([sys.executable, "-c", LOADER_THEN_WAIT, h.CFG, *opts], cwd=h.ROOT,
+                               env=h.child_env(), stdout=subprocess.PIPE, text=True)
+    tree = [process.pid]
+    try:
+        assert process.stdout.readline() == "ready\n"
+        tree = h.descendants(process.pid)
+        assert len(tree) >= 4  # itself, the fork server, two workers (and a resource tracker)
+        process.kill()
+        process.wait()
+        assert not h.still_running_after(tree, 20)
+    finally:
+        for pid in h.running(tree):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_transforms_follow_the_aug_and_test_keys():

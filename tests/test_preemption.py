@@ -120,7 +120,7 @@ def test_sigterm_to_torchrun_with_workers_saves_a_step_and_the_rerun_equals_an_u
 # handler: they die of it), as under a start method that does not inherit the signal mask.
 UNGUARDED_WORKERS = """
 import sys, torch.utils.data, data.build, main
-data.build.ignore_stop_signals = int  # a worker_init_fn that does nothing (and pickles)
+data.build.init_worker = max  # a worker_init_fn that does nothing (and pickles)
 data.build.Loader.__iter__ = torch.utils.data.DataLoader.__iter__
 sys.exit(main.main(sys.argv[1:]))
 """
@@ -236,15 +236,20 @@ def test_kill_9_of_one_rank_under_torchrun_is_a_failure_not_a_preemption(data48,
     log = str(tmp_path / "torchrun.log")
     process = h.start(args, log, h.torchrun(), new_session=True)
     rank0 = os.path.join(folder, "log_rank0.txt")
+    left: list[int] = []
     try:
         h.wait_for_line(rank0, "Train: [0/2][3/", process, log=log)
         rank1 = children_with_rank(process.pid, 1)
         assert len(rank1) == 1, rank1
+        left = h.descendants(rank1[0])  # with its fork server and loader workers
         os.kill(rank1[0], signal.SIGKILL)
         code = process.wait(timeout=120)
+        assert not h.still_running_after(left, 30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+        for pid in h.running(left):
+            os.kill(pid, signal.SIGKILL)
     assert code != 0, h.read(log)[-3000:]
     assert not os.path.exists(os.path.join(folder, "PREEMPTED")), h.read(log)[-3000:]
     output = h.read(rank0)
