@@ -4,6 +4,8 @@ from __future__ import annotations
 import atexit
 import functools
 import itertools
+import logging
+import logging.handlers
 import os
 import select
 import signal
@@ -155,16 +157,25 @@ def _missing_classes(dataset: Dataset, is_train: bool) -> str:
     return f": missing {missing}, which {other} has" if missing else ""
 
 
-def init_worker(training_pid: int, worker_id: int) -> None:
-    """``worker_init_fn`` of the loaders (with the training process's pid bound): a worker
-    ignores the stop signals, which a launcher or Slurm sends to the whole process group (the
-    training process decides when to stop and ends its workers itself; they start with the
-    signals blocked, see :class:`Loader`), and ends as soon as the training process has ended,
-    however it ended. torch's own check, a change of the worker's parent, does not see that
-    under the fork server: the parent is the server, which lives as long as any worker does."""
+def init_worker(training_pid: int, logs: Any, worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders (the training process's pid and :func:`_worker_logs`
+    bound). A worker ignores the stop signals, which a launcher or Slurm sends to the whole
+    process group (the training process decides when to stop and ends its workers itself; they
+    start with the signals blocked, see :class:`Loader`); sends its "mg_ssaf" log records to the
+    training process, which logs them as its own; and ends as soon as the training process has
+    ended, however it ended. torch's own check, a change of the worker's parent, does not see
+    that under the fork server: the parent is the server, which lives as long as any worker
+    does."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    logs.cancel_join_thread()  # exiting does not wait for records nobody may read
+    logger = logging.getLogger("mg_ssaf")
+    for handler in list(logger.handlers):  # the training process's, where it was forked
+        logger.removeHandler(handler)
+    logger.addHandler(logging.handlers.QueueHandler(logs))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     threading.Thread(target=_exit_with, args=(training_pid,), name="exit-with-training",
                      daemon=True).start()
 
@@ -173,7 +184,9 @@ def _exit_with(pid: int) -> None:
     """Ends this process once process ``pid`` has ended (a pidfd where Linux has them, else a
     check every second)."""
     try:
-        select.select([os.pidfd_open(pid)], [], [])  # readable once pid has ended
+        poller = select.poll()
+        poller.register(os.pidfd_open(pid), select.POLLIN)  # readable once pid has ended
+        poller.poll()
     except (AttributeError, OSError):  # no pidfd_open (macOS, Linux < 5.3), or pid already gone
         while True:
             try:
@@ -184,6 +197,29 @@ def _exit_with(pid: int) -> None:
                 pass
             time.sleep(1.0)
     os._exit(0)
+
+
+class _Relay(logging.Handler):
+    """Hands each record to this process's logger of the record's name (console, log file)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+@functools.lru_cache(maxsize=None)
+def _worker_logs() -> Any:
+    """The queue that brings the log records of this process's loader workers to its loggers,
+    with the thread that empties it (stopped at exit, after the records sent by then). Made at
+    the first :meth:`Loader.__iter__` with workers, with the stop signals blocked: its semaphores
+    start multiprocessing's resource tracker, which then keeps SIGUSR1 blocked (and ignores the
+    others), but unblocks SIGINT and SIGTERM here as it starts: they are blocked again before the
+    fork server starts."""
+    logs = WORKER_CONTEXT.Queue()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    listener = logging.handlers.QueueListener(logs, _Relay())
+    listener.start()
+    atexit.register(listener.stop)
+    return logs
 
 
 class Loader(DataLoader):
@@ -209,12 +245,13 @@ class Loader(DataLoader):
         as DataLoader's."""
         if kwargs.get("num_workers", 0) > 0:
             kwargs.update(multiprocessing_context=WORKER_CONTEXT, persistent_workers=persistent)
-        super().__init__(dataset, worker_init_fn=functools.partial(init_worker, os.getpid()),
-                         **kwargs)
+        super().__init__(dataset, **kwargs)
 
     def __iter__(self) -> Iterator:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            if self.num_workers > 0:
+                self.worker_init_fn = functools.partial(init_worker, os.getpid(), _worker_logs())
             iterator = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -246,6 +283,10 @@ class _StopWorkersOnError:
         except BaseException:
             _stop_workers(self.iterator)
             raise
+
+    def shutdown(self) -> None:
+        """Kills the workers now (after a failure elsewhere: the run ends)."""
+        _stop_workers(self.iterator)
 
 
 # Iterators of Loaders whose worker processes may still run.

@@ -6,6 +6,8 @@ import logging
 import multiprocessing
 from typing import Any, Callable
 
+import torch
+import torch.utils.data
 from PIL import Image
 from torchvision import datasets
 
@@ -14,14 +16,15 @@ from torchvision import datasets
 # (gloo's and NCCL's, which take Python's interpreter lock to free tensors when a collective ends;
 # the pin-memory thread), and a fork at such a moment leaves the worker deadlocked before its first
 # line on Python <= 3.11 (cpython#112275): the run hangs. Spawn where there is no forkserver. The
-# server imports torch, torchvision and timm once (not this repository's modules: it runs in the
-# caller's working directory, whose data/ may be another package); each worker forked from it
-# imports ours and runs the entry script again (as __mp_main__, as multiprocessing does), and
-# gets its dataset pickled.
+# server imports torch, torchvision and timm once (not this repository's modules: its sys.path
+# starts with the caller's working directory, whose data/ may be another package); each worker
+# forked from it imports ours and runs the entry script again (as __mp_main__, as
+# multiprocessing does), and gets its dataset pickled.
 WORKER_CONTEXT = multiprocessing.get_context(
     "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
 if WORKER_CONTEXT.get_start_method() == "forkserver":
     WORKER_CONTEXT.set_forkserver_preload(["torch", "torchvision", "timm"])
+SKIP_SLOTS = 257  # the training process and up to 256 loader workers count skipped images apart
 
 
 class DataError(ValueError):
@@ -52,7 +55,10 @@ class ImageFolderDataset(datasets.ImageFolder):
         except FileNotFoundError as e:
             raise DataError(f"{root}: {e}") from None
         self.skip_bad_images = skip_bad_images
-        self._skipped = WORKER_CONTEXT.Value("i", 0)  # shared with the loader's workers
+        # Skips counted in shared memory, a slot per process (this one, then each loader worker),
+        # so that no lock is needed (and no semaphore, whose cleanup process the stop signals
+        # would reach, see data.build.Loader).
+        self._skipped = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self.samples)):
@@ -62,12 +68,12 @@ class ImageFolderDataset(datasets.ImageFolder):
                 if not self.skip_bad_images:
                     raise
                 logging.getLogger("mg_ssaf").warning(f"{e}: skipped (DATA.SKIP_BAD_IMAGES)")
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
+                worker = torch.utils.data.get_worker_info()
+                self._skipped[0 if worker is None else 1 + worker.id % (SKIP_SLOTS - 1)] += 1
         raise DataError(f"{self.root}: none of its images can be read")
 
     def pop_skipped(self) -> int:
-        """Images skipped since the last call."""
-        with self._skipped.get_lock():
-            count, self._skipped.value = self._skipped.value, 0
+        """Images skipped since the last call (made between epochs, while no worker loads)."""
+        count = int(self._skipped.sum())
+        self._skipped.zero_()
         return count

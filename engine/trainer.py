@@ -63,14 +63,15 @@ class LoaderBatches:
         return self.idx, batch
 
     def shutdown(self) -> None:
-        """Stops the loader's workers now: after a failure, so that workers dying of a stop
-        signal do not raise again (torch's SIGCHLD handler) while the checkpoint is saved."""
-        getattr(self.iterator, "_shutdown_workers", lambda: None)()
+        """Stops the loader's workers now, after a failure (persistent workers would otherwise
+        live until the process exits)."""
+        getattr(self.iterator, "shutdown", lambda: None)()
 
 
 def is_loader_failure(error: BaseException) -> bool:
     """Whether ``error`` comes from the training loader (a worker that died, or its pipe), not
-    from a collective: torch's SIGCHLD handler raises a worker's death anywhere (backward, ...)."""
+    from a collective: where workers are this process's children (spawn), torch's SIGCHLD
+    handler raises a worker's death anywhere (backward, ...)."""
     return (isinstance(error, (LoaderDied, ConnectionError, EOFError))
             or (isinstance(error, RuntimeError) and "DataLoader worker" in str(error)))
 

@@ -376,7 +376,11 @@ def run_cli_or_kill(argv: list[str], prefix: tuple[str, ...], timeout: float = 1
         return process.returncode, output
     except subprocess.TimeoutExpired:
         kill_tree(process.pid)
-        return None, process.communicate()[0]
+        try:
+            return None, process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired as e:  # the pipe held by a process outside the tree
+            output = e.output or ""
+            return None, output.decode(errors="replace") if isinstance(output, bytes) else output
 
 
 def run_tool(*args: str, timeout: float | None = 300) -> subprocess.CompletedProcess:

@@ -191,6 +191,15 @@ MUTANTS = [
            'name="exit-with-training",\n                     daemon=True).start()\n', "",
            ("tests/test_pipeline.py::"
             "test_loader_workers_end_with_a_training_process_killed_with_9",)),
+    Mutant("fork-server-takes-stop-signals", "the fork server does not die of a stop signal sent "
+           "to the process group", "data/build.py",
+           "    logs = WORKER_CONTEXT.Queue()\n    signal.pthread_sigmask(signal.SIG_BLOCK, "
+           "STOP_SIGNALS)\n", "    logs = WORKER_CONTEXT.Queue()\n",
+           ("tests/test_pipeline.py::"
+            "test_loader_workers_start_from_a_fork_server_with_the_same_batches",)),
+    Mutant("worker-logs-lost", "a loader worker's warnings reach the run's console and log",
+           "data/build.py", "    logger.addHandler(logging.handlers.QueueHandler(logs))\n", "",
+           ("tests/test_robustness.py::test_skip_bad_images_warns_and_counts",)),
     Mutant("training-workers-per-epoch", "the training loader's workers start once per run",
            "data/build.py", "SeededSamples(dataset_train, config.SEED), persistent=True,",
            "SeededSamples(dataset_train, config.SEED), persistent=False,",

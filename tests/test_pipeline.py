@@ -298,9 +298,10 @@ def test_dataset_dispatch_on_data_dataset(data):
 def test_loader_workers_start_from_a_fork_server_with_the_same_batches(data):
     # A fork of the training process while one of its threads (gloo's, NCCL's) takes Python's
     # interpreter lock left a worker deadlocked before its first line (cpython#112275): the run
-    # hung. Workers come from a fork server, which gets the datasets pickled; the server, in the
-    # process group too, blocks the stop signals as the workers do until their init. The
-    # training loader's workers start once and serve every epoch.
+    # hung. Workers come from a fork server, which gets the datasets pickled; the server and
+    # multiprocessing's resource tracker, in the process group too, block the stop signals as the
+    # workers do until their init. The training loader's workers start once and serve every
+    # epoch.
     def blocked_signals(pid: int) -> set[int]:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
@@ -330,9 +331,12 @@ def test_loader_workers_start_from_a_fork_server_with_the_same_batches(data):
         for (x, y), (x_workers, y_workers) in zip(plain, with_workers):
             assert torch.equal(x, x_workers) and torch.equal(y, y_workers)
         assert len(pids[0]) == 2 and (pids[0] == pids[1]) == (split == 2)
-        servers = [pid for pid in h.children(os.getpid())
-                   if "forkserver" in h.read(f"/proc/{pid}/cmdline", "")]
-        assert len(servers) == 1 and set(STOP_SIGNALS) <= blocked_signals(servers[0])
+        helpers = {name: [pid for pid in h.children(os.getpid())
+                          if name in h.read(f"/proc/{pid}/cmdline", "")]
+                   for name in ("forkserver", "resource_tracker")}
+        assert len(helpers["forkserver"]) == 1 and len(helpers["resource_tracker"]) == 1
+        assert set(STOP_SIGNALS) <= blocked_signals(helpers["forkserver"][0])
+        assert signal.SIGUSR1 in blocked_signals(helpers["resource_tracker"][0])  # ignores others
 
 
 # Builds the training loader with 2 workers, takes a batch, prints "ready" and waits.
