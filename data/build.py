@@ -209,17 +209,24 @@ class _Relay(logging.Handler):
 @functools.lru_cache(maxsize=None)
 def _worker_logs() -> Any:
     """The queue that brings the log records of this process's loader workers to its loggers,
-    with the thread that empties it (stopped at exit, after the records sent by then). Made at
-    the first :meth:`Loader.__iter__` with workers, with the stop signals blocked: its semaphores
-    start multiprocessing's resource tracker, which then keeps SIGUSR1 blocked (and ignores the
-    others), but unblocks SIGINT and SIGTERM here as it starts: they are blocked again before the
-    fork server starts."""
+    with the (daemon) thread that empties it; at exit the thread gets up to a second to log what
+    was sent. (It is not stopped through the queue: a worker killed while it wrote to the queue
+    leaves the queue's write lock held.) Made at the first :meth:`Loader.__iter__` with workers,
+    with the stop signals blocked: its semaphores start multiprocessing's resource tracker, which
+    then keeps SIGUSR1 blocked (and ignores the others), but unblocks SIGINT and SIGTERM here as
+    it starts: they are blocked again before the fork server starts."""
     logs = WORKER_CONTEXT.Queue()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    listener = logging.handlers.QueueListener(logs, _Relay())
-    listener.start()
-    atexit.register(listener.stop)
+    logging.handlers.QueueListener(logs, _Relay()).start()
+    atexit.register(_drain, logs)
     return logs
+
+
+def _drain(logs: Any, timeout: float = 1.0) -> None:
+    """Waits up to ``timeout`` seconds for the queue ``logs`` to be empty."""
+    deadline = time.monotonic() + timeout
+    while not logs.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 class Loader(DataLoader):
