@@ -274,18 +274,20 @@ def interrupt(argv: list[str], folder: str, log: str, prefix: tuple[str, ...], s
     return process.wait(timeout=120)
 
 
+def stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent pid, ...); []
+    for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and stat_fields(int(entry))[1:2] == [str(pid)]]
 
 
 def descendants(pid: int) -> list[int]:
@@ -311,13 +313,7 @@ def kill_tree(pid: int) -> None:
 
 def running(pids: list[int]) -> list[int]:
     """Those of ``pids`` that still run (zombies count as ended)."""
-    def runs(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-    return [pid for pid in pids if runs(pid)]
+    return [pid for pid in pids if stat_fields(pid)[:1] not in ([], ["Z"])]
 
 
 def still_running_after(pids: list[int], timeout: float) -> list[int]:
