@@ -370,6 +370,36 @@ def test_loader_workers_end_with_a_training_process_killed_with_9(data):
             os.kill(pid, signal.SIGKILL)
 
 
+WATCH_THEN_WAIT = """
+import os, sys, threading
+from data.build import _exit_with
+if sys.argv[1] == "polling":  # as where os has no pidfd_open (macOS, Linux < 5.3)
+    del os.pidfd_open
+threading.Thread(target=_exit_with, args=(int(sys.argv[2]),), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("how", ["pidfd", "polling"])
+def test_a_worker_ends_once_the_process_it_watches_has_ended(how):
+    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    watcher = subprocess.Popen([sys.executable, "-c", WATCH_THEN_WAIT, how, str(target.pid)],
+                               cwd=h.ROOT, env=h.child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline() == "ready\n"
+        time.sleep(1.5)
+        assert watcher.poll() is None  # watching while the target runs
+        target.kill()
+        target.wait()  # reaped, as the training process's parent (torchrun, a shell) reaps it
+        assert watcher.wait(timeout=15) == 0
+    finally:
+        for process in (target, watcher):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_transforms_follow_the_aug_and_test_keys():
     train = build_transform(True, tiny_config()).transforms
     assert train[0].scale == (0.08, 1.0) and any("Flip" in type(t).__name__ for t in train)
