@@ -743,7 +743,8 @@ _MAIN_FLAGS: tuple[tuple[tuple[str, ...], str, Any, dict, str], ...] = (
      "--pretrained; with neither, the run folder's newest checkpoint) on the validation set: "
      "loss, Acc@1, Acc@5 (main.py); aAcc, mAcc, mIoU (main_seg.py)"),
     (("--throughput",), "THROUGHPUT_MODE", True, {},
-     "only measure the model's images/s on a validation batch"),
+     "only measure images/s on the first validation batch: of the model's forward pass "
+     "(main.py), of --eval's inference by SEG.TEST_MODE (main_seg.py)"),
     (("--device",), "DEVICE", None, dict(choices=("auto", "cuda", "cpu")),
      "device; auto picks CUDA when available"),
 )

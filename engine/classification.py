@@ -109,5 +109,10 @@ class ClassificationTask(Task):
                  device: torch.device, amp: Amp, logger: logging.Logger) -> dict:
         return validate(config, data_loader, model, device, amp, logger)
 
+    def timed_forward(self, config: CN, model: nn.Module, batch, device: torch.device):
+        """The model's forward pass on the batch's images."""
+        images = batch[0].to(device, non_blocking=True)
+        return (lambda: model(images)), images.size(0)
+
     def metrics_row(self, stats: dict) -> dict:
         return {"val_loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"]}

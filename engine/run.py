@@ -97,21 +97,23 @@ def log_batch(config: CN, updates_per_epoch: int, logger: logging.Logger) -> Non
 
 
 @torch.no_grad()
-def throughput(data_loader: DataLoader, model: nn.Module, device: torch.device, amp: Amp,
-               logger: logging.Logger, warmup: int = 50, repeats: int = 30) -> float:
-    """Images per second of the model's forward pass on the loader's first batch (data loading
-    excluded), timed between device synchronisations; summed over ranks."""
+def throughput(task: Task, config: CN, data_loader: DataLoader, model: nn.Module,
+               device: torch.device, amp: Amp, logger: logging.Logger, warmup: int = 50,
+               repeats: int = 30) -> float:
+    """Images per second of the task's timed forward (``Task.timed_forward``) on the loader's
+    first batch (data loading excluded), timed between device synchronisations; summed over
+    ranks."""
     model.eval()
-    images = next(iter(data_loader))[0].to(device, non_blocking=True)
-    batch_size = images.size(0)
+    forward, batch_size = task.timed_forward(config, model, next(iter(data_loader)), device)
+    logger.info(f"throughput: {warmup} warm-up passes, then {repeats} timed passes of batch "
+                f"size {batch_size}")
     with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
         for _ in range(warmup):
-            model(images)
+            forward()
         synchronize(device)
-        logger.info(f"throughput averaged over {repeats} forward passes of batch size {batch_size}")
         start = time.perf_counter()
         for _ in range(repeats):
-            model(images)
+            forward()
         synchronize(device)
     rate = repeats * batch_size / (time.perf_counter() - start)
     total = all_reduce_sum([rate], device)[0]
@@ -215,7 +217,7 @@ class Run:
         config, logger = self.config, self.logger
         if config.THROUGHPUT_MODE and not config.EVAL_MODE:
             open_log_file(logger, config.OUTPUT, get_rank())
-            throughput(loaders.val, model, self.device, amp, logger)
+            throughput(self.task, config, loaders.val, model, self.device, amp, logger)
             return
         resume = CheckpointSaver(config, logger).to_resume()
         if resume:

@@ -162,6 +162,16 @@ class SegmentationTask(Task):
                  device: torch.device, amp: Amp, logger: logging.Logger) -> dict:
         return validate(config, data_loader, model, device, amp, logger)
 
+    def timed_forward(self, config: CN, model: nn.Module, batch, device: torch.device):
+        """--eval's inference of the batch's image(s) by SEG.TEST_MODE (padding to a multiple of
+        32, windows, scales and flips included), at the size the validation pipeline gives
+        them."""
+        image, label = batch
+        image = ([x.to(device) for x in image] if isinstance(image, (list, tuple))
+                 else image.to(device))
+        size = label.shape[-2:]
+        return (lambda: inference(model, image, size, config.SEG)), label.size(0)
+
     def metrics_row(self, stats: dict) -> dict:
         return {"val_loss": stats["loss"], "aAcc": stats["aAcc"], "mAcc": stats["mAcc"],
                 "mIoU": stats["mIoU"]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -75,6 +75,12 @@ class Task:
                  device: torch.device, amp: Amp, logger: logging.Logger) -> dict[str, float]:
         """Statistics over the whole validation set (all ranks); ``loss`` and
         ``best_metric`` among them."""
+        raise NotImplementedError
+
+    def timed_forward(self, config: CN, model: nn.Module, batch: Any,
+                      device: torch.device) -> tuple[Callable[[], Any], int]:
+        """What --throughput times (a function of no arguments) on the validation loader's
+        first ``batch``, and the number of images it covers."""
         raise NotImplementedError
 
     def metrics_row(self, stats: dict[str, float]) -> dict[str, float]:

@@ -230,7 +230,7 @@ def test_throughput_mode_times_30_forward_passes_and_trains_nothing(data, tmp_pa
                                    flags=("--throughput", "--disable_amp")))
     wall = time.monotonic() - start
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "throughput averaged over 30 forward passes of batch size 4" in result.stdout
+    assert "throughput: 50 warm-up passes, then 30 timed passes of batch size 4" in result.stdout
     match = re.search(r"batch_size 4 throughput ([\d.]+) images/s", result.stdout)
     timed = 30 * 4 / float(match.group(1))  # seconds the 30 timed passes took, by its figure
     assert 0 < timed < wall

@@ -150,6 +150,19 @@ def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_p
 
 
 @pytest.mark.cli
+@pytest.mark.parametrize("mode", ["whole", "ms_flip"])
+def test_throughput_times_the_eval_inference_of_a_validation_image(ade, tmp_path, mode):
+    # validation images of 80x53: sides the inference pads to multiples of 32
+    result = run_seg(seg_args(ade, str(tmp_path), "speed", "SEG.TEST_MODE", mode, "SEG.SCALE",
+                              "[80, 53]", flags=("--throughput",)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "throughput: 50 warm-up passes, then 30 timed passes of batch size 1" in result.stdout
+    assert re.search(r"batch_size 1 throughput [\d.]+ images/s", result.stdout)
+    assert not [f for f in os.listdir(os.path.join(str(tmp_path), NAME, "speed"))
+                if f.endswith(".pth")]
+
+
+@pytest.mark.cli
 def test_iters_must_be_a_multiple_of_the_eval_interval(ade, tmp_path):
     result = run_seg(seg_args(ade, str(tmp_path), "c", "SEG.ITERS", "5", "SEG.EVAL_INTERVAL",
                               "2"))
