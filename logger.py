@@ -10,6 +10,8 @@ from termcolor import colored
 
 _FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
 _DATEFMT = "%Y-%m-%d %H:%M:%S"
+# ``extra`` of a record for the log file alone (a traceback the console line summarises)
+LOG_FILE_ONLY = {"log_file_only": True}
 
 
 class _Pending(logging.handlers.BufferingHandler):
@@ -39,6 +41,7 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = "",
             colored("[%(asctime)s %(name)s]", "green")
             + colored("(%(filename)s %(lineno)d)", "yellow") + ": %(levelname)s %(message)s",
             datefmt=_DATEFMT))
+        console.addFilter(lambda record: not getattr(record, "log_file_only", False))
         logger.addHandler(console)
 
     if defer:

@@ -111,17 +111,22 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, 0)
 
 
+def _store_keys(tag: str) -> tuple[Any, str]:
+    """The process group's key-value store (torchrun's agent holds it, else rank 0) and the key
+    prefix of ``tag`` in this launch (a torchrun restart starts afresh)."""
+    prefix = f"mg_ssaf/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{tag}/"
+    return dist.distributed_c10d._get_default_store(), prefix
+
+
 def check_in(tag: str, timeout: float, wait: bool = True) -> list[int] | None:
-    """Records in the process group's key-value store (torchrun's agent holds it, else rank 0)
-    that this rank reached the point ``tag``, then (``wait``) waits up to ``timeout`` s for the
-    other ranks to reach it too; returns the ranks that did not (dead or stuck), [] when all did
-    (or without ``wait``), or None when the store cannot be reached. No collective: it works
-    while collectives fail."""
+    """Records in the process group's store that this rank reached the point ``tag``, then
+    (``wait``) waits up to ``timeout`` s for the other ranks to reach it too; returns the ranks
+    that did not (dead or stuck), [] when all did (or without ``wait``), or None when the store
+    cannot be reached. No collective: it works while collectives fail."""
     if get_world_size() == 1:
         return []
-    prefix = f"mg_ssaf/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{tag}/"
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store, prefix = _store_keys(tag)
         store.set(prefix + str(get_rank()), "1")
         if not wait:
             return []
@@ -133,6 +138,30 @@ def check_in(tag: str, timeout: float, wait: bool = True) -> list[int] | None:
             time.sleep(0.05)
     except Exception:  # the store's host is gone too, or the store was torn down
         return None
+
+
+def record_failure(message: str) -> None:
+    """Records in the process group's store why this rank fails, so that the other ranks, whose
+    collectives fail once it is gone, can say so (:func:`recorded_failures`); a no-op with one
+    process or without a store."""
+    if get_world_size() == 1:
+        return
+    try:
+        store, prefix = _store_keys("cause")
+        store.set(prefix + str(get_rank()), message)
+    except Exception:  # the store's host is gone
+        pass
+
+
+def recorded_failures() -> dict[int, str]:
+    """The other ranks' :func:`record_failure` messages by rank ({} when none, or no store)."""
+    try:
+        store, prefix = _store_keys("cause")
+        return {r: store.get(prefix + str(r)).decode("utf-8", "replace")
+                for r in range(get_world_size())
+                if r != get_rank() and store.check([prefix + str(r)])}
+    except Exception:  # the store's host is gone
+        return {}
 
 
 def synchronize(device: torch.device) -> None:

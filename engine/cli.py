@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import torch.distributed as dist
@@ -17,8 +18,10 @@ from yacs.config import CfgNode as CN
 import startup
 from config import ConfigError, check_config, get_config, parse_option
 from data import DataError
+from logger import LOG_FILE_ONLY
 from models.checkpoint_io import CheckpointError
-from utils import RunError, check_in, get_rank, get_world_size, prepare_output_dir, release_run_locks
+from utils import (RunError, check_in, get_rank, get_world_size, prepare_output_dir, record_failure,
+                   recorded_failures, release_run_locks)
 
 from .checkpoint import CheckpointSaver
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
@@ -61,23 +64,47 @@ def configure(argv: list[str] | None, task: Task) -> CN:
     return config
 
 
+# What a collective raises when a peer is gone or silent: DistError (NCCL), a RuntimeError from
+# gloo ("Connection closed by peer", "Timed out waiting ...").
+_BROKEN_COLLECTIVE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.I)
+
+
+def collective_broke(error: Exception) -> bool:
+    """Whether ``error`` is a collective's failure rather than this rank's own."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and bool(_BROKEN_COLLECTIVE.search(str(error))))
+
+
 def fail_collectively(error: Exception, config: CN | None) -> None:
-    """With several processes a failure is most often a collective that broke because a peer
-    died or hung: says so, keeps the traceback in the log, and exits without waiting for the
-    process group's threads (which could hang or abort the interpreter at exit)."""
-    logging.getLogger(LOGGER_NAME).exception("traceback")
+    """An unexpected error of a multi-process run. This rank's own error is logged with its
+    traceback and recorded for the peers (``utils.record_failure``). A broken collective most
+    often means that a peer failed or hung: the line says which (the failure a peer recorded,
+    else the ranks that do not check in), the traceback goes to the log file only. Then the
+    process exits without waiting for the process group's threads (which could hang or abort the
+    interpreter at exit)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    line = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    timeout = config.DIST_TIMEOUT if config is not None else "?"
+    if not collective_broke(error):
+        logger.exception("traceback")
+        record_failure(line)
+        report(f"{line}\nThis rank failed; the others stop at their next collective (at the "
+               f"latest after DIST_TIMEOUT, {timeout} s); a failure, not a preemption (no "
+               "PREEMPTED marker)")
+        exit_now(1)
+    logger.error("traceback", exc_info=error, extra=LOG_FILE_ONLY)
     # Every rank still alive checks in (through the store, not a collective): those that do not
     # are named. Never a preemption, even after a signal: no PREEMPTED marker.
     missing = check_in("failed", 5.0)
-    who = (f"rank(s) {', '.join(map(str, missing))} died or hung (no answer from it within "
+    causes = recorded_failures()
+    who = ("; ".join(f"rank {r} failed: {m}" for r, m in sorted(causes.items())) if causes else
+           f"rank(s) {', '.join(map(str, missing))} died or hung (no answer from it within "
            "5 s of the failure)" if missing else
            "every rank is alive: one of them failed (see its log)" if missing == [] else
            "could not tell which rank failed (the process group's store is gone too: "
            "rank 0 holds it without torchrun)")
-    timeout = config.DIST_TIMEOUT if config is not None else "?"
-    report(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}\nWith "
-           f"{get_world_size()} processes this usually means another rank failed or did not "
-           f"answer within DIST_TIMEOUT ({timeout} s): {who}; a failure, not a "
+    report(f"{line}\nWith {get_world_size()} processes this usually means another rank failed "
+           f"or did not answer within DIST_TIMEOUT ({timeout} s): {who}; a failure, not a "
            "preemption (no PREEMPTED marker)")
     exit_now(1)
 
@@ -112,12 +139,14 @@ def main(task: Task, argv: list[str] | None = None) -> int:
         code = PREEMPTED_EXIT_CODE
     except NonFiniteLossError as e:
         report(f"{e}; the checkpoints already in the output folder are untouched")
+        record_failure(str(e))
         code = 1
     except (ConfigError, DataError, RunError, CheckpointError) as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a loader worker: keep the message itself
             message = message.strip().splitlines()[-1]
         report(message)
+        record_failure(message)
         code = 1
     except Exception as e:
         if get_world_size() == 1:

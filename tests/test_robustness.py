@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import shutil
 import signal
 import time
@@ -41,6 +42,17 @@ train = Trainer.train_one_epoch
 def train_one_epoch(*args, **kwargs):
     if os.environ["RANK"] == "1":
         time.sleep(600)
+    return train(*args, **kwargs)
+Trainer.train_one_epoch = train_one_epoch
+sys.exit(main.main(sys.argv[1:]))
+"""
+RANK_1_RAISES = """
+import os, sys, main
+from engine.trainer import Trainer
+train = Trainer.train_one_epoch
+def train_one_epoch(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise ValueError("injected on rank 1")
     return train(*args, **kwargs)
 Trainer.train_one_epoch = train_one_epoch
 sys.exit(main.main(sys.argv[1:]))
@@ -433,6 +445,42 @@ def test_an_unreadable_image_in_a_loader_worker_ends_the_run_at_once(
     assert h.digests(folder) == before
     assert h.read(os.path.join(folder, "metrics.jsonl")) == metrics
     assert not os.path.exists(os.path.join(folder, "PREEMPTED"))
+
+
+@pytest.mark.cli
+def test_a_rank_that_fails_on_its_own_is_named_by_its_peer(bad_image_data, tmp_path):
+    # One rank reads the bad image and fails; its peer, whose collective breaks, names that
+    # rank and its error rather than blaming a rank that "died or hung", and keeps gloo's
+    # traceback in its log file.
+    argv = h.main_args(bad_image_data, str(tmp_path), "one_fails", "DATA.NUM_WORKERS", "1",
+                       *h.NO_AUG, batch_size=2)
+    result = h.run_cli(argv, prefix=h.torchrun())
+    assert result.returncode != 0, result.stdout[-3000:]
+    logs = h.rank_logs(h.run_dir(str(tmp_path), "one_fails"))
+    failed = [r for r, log in enumerate(logs) if "train/class0/0.png" in log
+              and f"rank {1 - r} failed" not in log]
+    assert len(failed) == 1, result.stdout[-4000:]
+    peer = 1 - failed[0]
+    assert re.search(rf"rank {failed[0]} failed: (\S+: )?cannot read image \S+train/class0/0\.png",
+                     logs[peer]), logs[peer][-3000:]
+    assert "died or hung" not in result.stdout + logs[peer]
+    assert "a failure, not a preemption (no PREEMPTED marker)" in logs[peer]
+    if peer == 0:  # the broken collective's traceback is in the log file, not on the console
+        assert "engine/trainer.py" in logs[0], logs[0][-3000:]
+        assert "engine/trainer.py" not in result.stdout, result.stdout[-4000:]
+
+
+@pytest.mark.cli
+def test_an_unexpected_error_of_one_rank_is_named_by_its_peer(data, tmp_path):
+    argv = h.main_args(data, str(tmp_path), "raises", "TRAIN.EPOCHS", "1", *h.NO_AUG,
+                       batch_size=2)
+    result = h.run_cli(argv, prefix=(*h.torchrun()[:-1], "--no-python", sys.executable,
+                                          "-c", RANK_1_RAISES))
+    assert result.returncode != 0, result.stdout[-3000:]
+    rank0, rank1 = h.rank_logs(h.run_dir(str(tmp_path), "raises"))
+    assert "rank 1 failed: ValueError: injected on rank 1" in rank0, rank0[-3000:]
+    assert "Traceback" in rank1 and "This rank failed; the others stop" in rank1, rank1[-3000:]
+    assert "[rank 1] error: ValueError: injected on rank 1" in result.stdout  # its stderr
 
 
 @pytest.mark.cli
