@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DataError
+from .common import DECODE_ERRORS, BadImageError, DataError, load_rgb_image
 from .seg_pipeline import item_rng
 
 NUM_CLASSES = 150
@@ -27,6 +27,18 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     reduced = label.astype(np.int16) - 1
     reduced[(label == 0) | (label == 255)] = 255
     return reduced.astype(np.uint8)
+
+
+def load_label_map(path: str) -> np.ndarray:
+    """The raw labels of annotation ``path`` as an array; a file that cannot be decoded raises
+    BadImageError naming it."""
+    try:
+        with open(path, "rb") as f:
+            label = Image.open(f)
+            label.load()
+            return np.asarray(label)
+    except DECODE_ERRORS as e:
+        raise BadImageError(f"ADE20K: cannot read annotation {path}: {e}") from None
 
 
 class ADE20K(Dataset):
@@ -61,8 +73,8 @@ class ADE20K(Dataset):
         path, ann = self.images[index], self.annotation_path(index)
         if not os.path.isfile(ann):
             raise DataError(f"ADE20K: image {path} has no annotation {ann}")
-        image = Image.open(path).convert("RGB")
-        label = np.asarray(Image.open(ann))
+        image = load_rgb_image(path)
+        label = load_label_map(ann)
         if label.ndim != 2:
             raise DataError(f"ADE20K: annotation {ann} is not a single-channel label map")
         if label.shape[::-1] != image.size:

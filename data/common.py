@@ -35,12 +35,17 @@ class BadImageError(DataError):
     """An image file that cannot be read or decoded."""
 
 
+# What opening or decoding an image file may raise: a missing or truncated file, one PIL cannot
+# identify, a corrupt stream, an image too large to be safe.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_rgb_image(path: str) -> Image.Image:
     """Opens an image file as RGB; a file that cannot be decoded raises BadImageError naming it."""
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise BadImageError(f"cannot read image {path}: {e}") from None
 
 

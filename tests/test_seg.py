@@ -2,6 +2,7 @@
 helpers, metrics, the digits scenes."""
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from config import load_config
 from data.ade20k import ADE20K, reduce_zero_label
 from data.build import DataError
+from data.common import BadImageError
 from data.digits_seg import NUM_CLASSES as DIGITS_CLASSES, DigitsSegDataset
 from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, rescale_size
 from models.mg_ssaf import MGSSAF
@@ -158,6 +160,27 @@ def test_ade20k_names_the_file_of_a_missing_or_mismatched_annotation(tmp_path):
     os.remove(ann)
     with pytest.raises(DataError, match="has no annotation .*ADE_training_00000001.png"):
         data[1]
+
+
+def _truncate(path):
+    """Keeps the first half of the bytes of ``path`` (a download cut short)."""
+    with open(path, "rb") as f:
+        head = f.read()
+    with open(path, "wb") as f:
+        f.write(head[:len(head) // 2])
+
+
+def test_ade20k_names_an_unreadable_image_or_annotation(tmp_path):
+    root = _ade_folder(tmp_path)
+    data = ADE20K(root, "validation", SegTestTransform((128, 32)))
+    image = os.path.join(root, "images", "validation", "ADE_validation_00000001.jpg")
+    _truncate(image)
+    with pytest.raises(BadImageError, match=f"cannot read image {re.escape(image)}: .*truncated"):
+        data[1]
+    ann = os.path.join(root, "annotations", "validation", "ADE_validation_00000000.png")
+    _truncate(ann)
+    with pytest.raises(BadImageError, match=f"cannot read annotation {re.escape(ann)}: "):
+        data[0]
 
 
 def test_random_crop_respects_cat_max_ratio_and_pads_with_ignore():
