@@ -3,7 +3,8 @@
 Layout: ``<root>/images/{training,validation}/<name>.jpg`` with
 ``<root>/annotations/{training,validation}/<name>.png`` (0 = other, 1..150 = classes). Labels are
 read with reduce_zero_label as mmseg's: 0 becomes the ignore index 255, every other label minus
-1, and a raw 255 (what some tools write for "unlabelled") stays 255, ignored.
+1, and a raw 255 (what some tools write for "unlabelled") stays 255, ignored. Any other raw value
+(151..254) is refused, its annotation named.
 """
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ def load_label_map(path: str) -> np.ndarray:
         raise BadImageError(f"ADE20K: cannot read annotation {path}: {e}") from None
 
 
+def check_label_values(label: np.ndarray, path: str) -> None:
+    """Refuses raw labels other than 0..NUM_CLASSES and IGNORE_INDEX (a value the loss would
+    take for a class the model does not have), naming ``path`` and the values."""
+    wrong = ((label < 0) | (label > NUM_CLASSES)) & (label != IGNORE_INDEX)
+    if wrong.any():
+        values = np.unique(label[wrong])
+        shown = ", ".join(str(v) for v in values[:10])
+        if len(values) > 10:
+            shown += f" and {len(values) - 10} more"
+        raise DataError(f"ADE20K: annotation {path} has {int(wrong.sum())} pixel(s) of value(s) "
+                        f"{shown}: expected 0..{NUM_CLASSES} (0 = other) or {IGNORE_INDEX} "
+                        f"(unlabelled)")
+
+
 class ADE20K(Dataset):
     """One split ('training' or 'validation') of ADEChallengeData2016. Items are
     ``transform(image, label, rng)`` where ``rng`` is seeded from (seed, epoch, index); call
@@ -69,7 +84,8 @@ class ADE20K(Dataset):
         return os.path.join(self.ann_dir, name + ".png")
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image]:
-        """The RGB image and its reduced label (a PIL 'L' image), checked to match in size."""
+        """The RGB image and its reduced label (a PIL 'L' image), checked to match in size and
+        to hold only 0..NUM_CLASSES and IGNORE_INDEX."""
         path, ann = self.images[index], self.annotation_path(index)
         if not os.path.isfile(ann):
             raise DataError(f"ADE20K: image {path} has no annotation {ann}")
@@ -80,6 +96,7 @@ class ADE20K(Dataset):
         if label.shape[::-1] != image.size:
             raise DataError(f"ADE20K: annotation {ann} is {label.shape[1]}x{label.shape[0]} but "
                             f"image {path} is {image.size[0]}x{image.size[1]}")
+        check_label_values(label, ann)
         return image, Image.fromarray(reduce_zero_label(label))
 
     def __getitem__(self, index: int):

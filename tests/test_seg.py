@@ -162,6 +162,22 @@ def test_ade20k_names_the_file_of_a_missing_or_mismatched_annotation(tmp_path):
         data[1]
 
 
+def test_ade20k_names_the_annotation_and_values_of_labels_out_of_range(tmp_path):
+    """Raw labels 151..254 would reach the loss as classes 150..253 of a 150-class model."""
+    root = _ade_folder(tmp_path)
+    ann = os.path.join(root, "annotations", "validation", "ADE_validation_00000001.png")
+    label = np.full((48, 64), 150, np.uint8)
+    label[0, :3], label[1, :2], label[2, 0] = 199, 151, 255  # 255: unlabelled, allowed
+    Image.fromarray(label).save(ann)
+    data = ADE20K(root, "validation", SegTestTransform((128, 32)))
+    with pytest.raises(DataError, match=rf"{re.escape(ann)} has 5 pixel\(s\) of value\(s\) "
+                                        r"151, 199: expected 0\.\.150 \(0 = other\) or 255"):
+        data[1]
+    label[label != 255] = 0
+    Image.fromarray(label).save(ann)
+    assert set(data[1][1].unique().tolist()) == {255}
+
+
 def _truncate(path):
     """Keeps the first half of the bytes of ``path`` (a download cut short)."""
     with open(path, "rb") as f:
