@@ -4,10 +4,12 @@ Layout: ``<root>/images/{training,validation}/<name>.jpg`` with
 ``<root>/annotations/{training,validation}/<name>.png`` (0 = other, 1..150 = classes). Labels are
 read with reduce_zero_label as mmseg's: 0 becomes the ignore index 255, every other label minus
 1, and a raw 255 (what some tools write for "unlabelled") stays 255, ignored. Any other raw value
-(151..254) is refused, its annotation named.
+(151..254) is refused, its annotation named. The classes' names come from the folder's
+``objectInfo150.txt`` where it has one (:func:`read_class_names`).
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -20,6 +22,8 @@ from .seg_pipeline import item_rng
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
+CLASS_INFO = "objectInfo150.txt"  # the class table the ADEChallengeData2016 folder ships
+CLASS_INFO_HEADER = ["Idx", "Ratio", "Train", "Val", "Name"]  # its tab-separated columns
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -54,6 +58,46 @@ def check_label_values(label: np.ndarray, path: str) -> None:
         raise DataError(f"ADE20K: annotation {path} has {int(wrong.sum())} pixel(s) of value(s) "
                         f"{shown}: expected 0..{NUM_CLASSES} (0 = other) or {IGNORE_INDEX} "
                         f"(unlabelled)")
+
+
+def parse_class_info(lines: list[str]) -> list[str]:
+    """The first name of each class ('building' of 'building, edifice') from the lines of an
+    objectInfo150.txt: the header, then rows 1..NUM_CLASSES (fields and names may end with
+    spaces, as the official file's do). ValueError saying what is wrong where they are not."""
+    lines = [line for line in lines if line.strip()]
+    rows = [[field.strip() for field in line.split("\t")] for line in lines]
+    if not rows or rows[0] != CLASS_INFO_HEADER:
+        got = repr(lines[0]) if lines else "an empty file"
+        raise ValueError(f"expected the header line {' '.join(CLASS_INFO_HEADER)} "
+                         f"(tab-separated), got {got}")
+    if len(rows) != NUM_CLASSES + 1:
+        raise ValueError(f"{len(rows) - 1} class rows, expected {NUM_CLASSES}")
+    names = []
+    for k, (line, row) in enumerate(zip(lines[1:], rows[1:]), start=1):
+        if len(row) != len(CLASS_INFO_HEADER) or row[0] != str(k):
+            raise ValueError(f"row {k} is {line!r}: expected {len(CLASS_INFO_HEADER)} "
+                             f"tab-separated fields starting with Idx {k}")
+        name = row[-1].split(",")[0].strip()
+        if not name:
+            raise ValueError(f"row {k} has no name")
+        names.append(name)
+    return names
+
+
+def read_class_names(root: str) -> list[str] | None:
+    """The classes' names in label order (0..NUM_CLASSES - 1) from ``<root>/objectInfo150.txt``;
+    None where there is no such file, or, with a warning naming it, where it cannot be read or is
+    not the table :func:`parse_class_info` expects (the caller then numbers the classes)."""
+    path = os.path.join(root, CLASS_INFO)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is dropped
+            return parse_class_info(f.read().splitlines())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        logging.getLogger("mg_ssaf").warning(f"ADE20K: class names not read from {path} ({e}): "
+                                             f"classes are numbered 0..{NUM_CLASSES - 1}")
+        return None
 
 
 class ADE20K(Dataset):

@@ -13,10 +13,16 @@ from .seg_pipeline import SegTestTransform, SegTrainTransform, multi_scale_ratio
 
 
 def seg_class_names(config: CN) -> list[str]:
-    """Names of the classes of DATA.DATASET, for the per-class table."""
+    """Names of the classes of DATA.DATASET, for the per-class table: ADE20K's from the data
+    folder's objectInfo150.txt where it has a readable one; numbers where there are none."""
     if config.DATA.DATASET == "digits_seg":
         from .digits_seg import CLASS_NAMES
         return CLASS_NAMES
+    if config.DATA.DATASET == "ade20k" and config.DATA.DATA_PATH:
+        from .ade20k import read_class_names
+        names = read_class_names(config.DATA.DATA_PATH)
+        if names is not None:
+            return names
     return [str(k) for k in range(config.MODEL.NUM_CLASSES)]
 
 

@@ -1,5 +1,6 @@
 """Segmentation components: UPerNet heads, ADE20K reader and pipelines, inference
 helpers, metrics, the digits scenes."""
+import logging
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from data.ade20k import ADE20K, reduce_zero_label
 from data.build import DataError
 from data.common import BadImageError
 from data.digits_seg import NUM_CLASSES as DIGITS_CLASSES, DigitsSegDataset
+from data.segmentation import seg_class_names
 from data.seg_pipeline import SegTestTransform, SegTrainTransform, item_rng, rescale_size
 from models.mg_ssaf import MGSSAF
 from models.seg_inference import ms_flip_inference, slide_inference, whole_inference
@@ -197,6 +199,47 @@ def test_ade20k_names_an_unreadable_image_or_annotation(tmp_path):
     _truncate(ann)
     with pytest.raises(BadImageError, match=f"cannot read annotation {re.escape(ann)}: "):
         data[0]
+
+
+def _write_class_info(root, rows):
+    """``<root>/objectInfo150.txt``: the official header, then ``rows`` (Idx, Name) with made-up
+    ratios and counts, tab-separated."""
+    lines = ["Idx\tRatio\tTrain\tVal\tName"]
+    lines += [f"{idx}\t0.0100\t{100 + k}\t{10 + k}\t{name}" for k, (idx, name) in enumerate(rows)]
+    with open(os.path.join(root, "objectInfo150.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_ade20k_class_names_come_from_object_info_or_are_numbered(tmp_path, caplog, monkeypatch):
+    """The per-class table names ADE20K's classes by the folder's objectInfo150.txt (first name
+    of each row), and numbers them where it is absent or malformed."""
+    root = _ade_folder(tmp_path)
+    cfg = load_config(None, ["DATA.DATASET", "ade20k", "DATA.DATA_PATH", root,
+                             "MODEL.NUM_CLASSES", "150"])
+    numbered = [str(k) for k in range(150)]
+    assert seg_class_names(cfg) == numbered  # no objectInfo150.txt
+    # As the official file: names with aliases after commas, an Idx and names ending in spaces.
+    rows = [(k, f"thing {k}, alias {k}") for k in range(1, 151)]
+    rows[0], rows[1], rows[7], rows[21] = (1, "wall"), (2, "building, edifice"), (8, "bed "), \
+        ("22 ", "water")
+    _write_class_info(root, rows)
+    names = seg_class_names(cfg)
+    assert names[:3] == ["wall", "building", "thing 3"] and names[7] == "bed"
+    assert names[21] == "water" and names[149] == "thing 150" and len(names) == 150
+    table = format_table(summarize(torch.ones(4, 150)), names).splitlines()
+    assert table[1].startswith("wall ") and table[2].startswith("building ")
+    monkeypatch.setattr(logging.getLogger("mg_ssaf"), "propagate", True)  # off in runs' logger
+    for broken, why in [(rows[:149], "149 class rows, expected 150"),
+                        (rows[:5] + [(7, "x")] + rows[6:], "row 6 is '7\\t"),
+                        (rows[:9] + [(10, " , y")] + rows[10:], "row 10 has no name")]:
+        _write_class_info(root, broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mg_ssaf"):
+            assert seg_class_names(cfg) == numbered
+        assert f"class names not read from {root}/objectInfo150.txt ({why}" in caplog.text
+    with open(os.path.join(root, "objectInfo150.txt"), "wb") as f:
+        f.write(b"Idx Ratio Train Val Name\n\xff")  # not UTF-8 (nor tab-separated)
+    assert seg_class_names(cfg) == numbered
 
 
 def test_random_crop_respects_cat_max_ratio_and_pads_with_ignore():
