@@ -93,6 +93,12 @@ def append_metrics(folder: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _last_and_mean(meter: AverageMeter) -> str:
+    """``last (mean)`` of a meter of optimizer steps; ``- (-)`` before the first step of the
+    epoch (micro-batches of gradient accumulation)."""
+    return f"{meter.val:.4f} ({meter.avg:.4f})" if meter.count else "- (-)"
+
+
 class _StepMeters:
     """Running averages of the step log line."""
 
@@ -381,6 +387,6 @@ class Trainer:
             f"eta {eta} lr {group['lr']:.6f}\t wd {group['weight_decay']:.4f}\t"
             f"time {meters.batch_time.val:.4f} ({meters.batch_time.avg:.4f})\t"
             f"loss {meters.loss.val:.4f} ({meters.loss.avg:.4f})\t"
-            f"grad_norm {meters.norm.val:.4f} ({meters.norm.avg:.4f})\t"
-            f"loss_scale {meters.scale.val:.4f} ({meters.scale.avg:.4f})\t"
+            f"grad_norm {_last_and_mean(meters.norm)}\t"
+            f"loss_scale {_last_and_mean(meters.scale)}\t"
             f"mem {memory_mb(self.device):.0f}MB")

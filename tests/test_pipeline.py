@@ -163,6 +163,10 @@ def test_torchrun_two_processes_train_and_evaluate_as_users_run_them(data, tmp_p
                 "0.003125, 4 optimizer steps (2 epochs of 2)") in log
         # 15 images over 2 ranks (padded to 8 each), batch 2: 4 loader steps a rank and epoch
         assert "Train: [1/2][3/4]" in log and "Train: [1/2][4/" not in log
+        # PRINT_FREQ 1: the first micro-batch of an epoch comes before its first update
+        assert re.search(r"Train: \[1/2\]\[0/4\].*grad_norm - \(-\)\tloss_scale - \(-\)", log)
+        assert re.search(r"Train: \[1/2\]\[1/4\].*grad_norm [\d.]+ \([\d.]+\)\tloss_scale "
+                         r"[\d.]+ \(", log)
     # parameters laid out as their gradients: DDP copies no gradient into its buckets
     assert "Grad strides do not match bucket view strides" not in result.stdout
     metrics = h.read_metrics(folder)
