@@ -173,14 +173,30 @@ def synchronize(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 # Output folder
 # ---------------------------------------------------------------------------------------------
-def prepare_output_dir(path: str) -> None:
-    """Creates ``path`` if needed and checks that files can be written there."""
+def prepare_output_dir(path: str) -> list[str]:
+    """Creates ``path`` if needed and checks that files can be written there; returns the
+    folders it created, outermost first (for :func:`remove_empty_folders`)."""
+    created, parent = [], os.path.abspath(path)
+    while not os.path.exists(parent):
+        created.insert(0, parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         raise RunError(f"output folder {path} cannot be written: {e.strerror or e}") from None
+    return created
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    """Removes those of ``folders`` (outermost first) that are empty, innermost first: what
+    :func:`prepare_output_dir` created for a run that failed before writing anything."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)  # only an empty folder
+        except OSError:
+            return
 
 
 LOCK_FILE = "RUNNING"          # in the run folder while a training run holds it

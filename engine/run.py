@@ -20,7 +20,8 @@ from logger import create_logger, open_log_file
 from models.checkpoint_io import load_weights
 from models.conv import cpu_bfloat16_native
 from utils import (RunError, RunLock, all_reduce_sum, any_rank, cpu_model, get_rank,
-                   get_world_size, keep_freed_memory, prepare_output_dir, seed_all, synchronize)
+                   get_world_size, keep_freed_memory, prepare_output_dir, remove_empty_folders,
+                   seed_all, synchronize)
 
 from .checkpoint import CheckpointSaver
 from .preemption import Preemption
@@ -134,9 +135,18 @@ class Run:
 
     def execute(self) -> None:
         """Sets up the process (device, process group, logger, threads, seeds) and runs;
-        training holds the run folder's lock (utils.RunLock) throughout."""
+        training holds the run folder's lock (utils.RunLock) throughout. A run that fails
+        before writing anything leaves no folder of its own behind."""
+        created = prepare_output_dir(self.config.OUTPUT)
+        try:
+            self.set_up_and_run()
+        except BaseException:
+            remove_empty_folders(created)
+            raise
+
+    def set_up_and_run(self) -> None:
+        """:meth:`execute` in the output folder it prepared."""
         config = self.config
-        prepare_output_dir(config.OUTPUT)
         self.device = init_device(config)
         # The log file opens once the checks have passed (open_log_file): a run that fails before
         # leaves an existing run folder as it was.

@@ -471,6 +471,19 @@ def test_a_rank_that_fails_on_its_own_is_named_by_its_peer(bad_image_data, tmp_p
 
 
 @pytest.mark.cli
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(data, tmp_path):
+    only_val = tmp_path / "only_val"
+    shutil.copytree(os.path.join(data, "val"), only_val / "val")
+    output = tmp_path / "output"
+    result = h.run_cli(h.main_args(str(only_val), str(output), "nothing"))
+    assert result.returncode == 1 and "only_val/train not found" in result.stdout
+    assert not output.exists(), list(output.rglob("*"))
+    os.makedirs(output / "kept")  # folders that were there stay
+    result = h.run_cli(h.main_args(str(only_val), str(output / "kept"), "nothing"))
+    assert result.returncode == 1 and os.listdir(output / "kept") == []
+
+
+@pytest.mark.cli
 def test_an_unexpected_error_of_one_rank_is_named_by_its_peer(data, tmp_path):
     argv = h.main_args(data, str(tmp_path), "raises", "TRAIN.EPOCHS", "1", *h.NO_AUG,
                        batch_size=2)
