@@ -20,7 +20,7 @@ from models.upernet import (HEAD_INITS, build_segmentor, convert_sync_batchnorm,
                             load_backbone_weights)
 from optimizer import build_optimizer, keyword_decay_groups
 from seg_metrics import SegMetrics, format_table, summarize
-from models.checkpoint_io import CheckpointError, load_checkpoint_file
+from models.checkpoint_io import CheckpointError, holds_segmenter, load_checkpoint_file
 from utils import get_world_size
 
 from .task import Amp, Loaders, Task
@@ -128,8 +128,14 @@ class SegmentationTask(Task):
         used, the backbone's output norms (norm0..norm3) and the heads start from their
         initialisation."""
         path = config.MODEL.PRETRAINED
+        weights = load_checkpoint_file(path)["model"]
+        if holds_segmenter(weights):
+            raise CheckpointError(f"--pretrained {path}: it holds a whole segmentation model "
+                                  "(UPerNet, main_seg.py), where --pretrained takes an ImageNet "
+                                  "MG-SSAF checkpoint (main.py) for the backbone: to continue "
+                                  "that run give it to --resume, or --eval --resume to evaluate it")
         try:
-            new, unused = load_backbone_weights(model, load_checkpoint_file(path)["model"])
+            new, unused = load_backbone_weights(model, weights)
         except RuntimeError as e:
             raise CheckpointError(f"--pretrained {path}: {e}") from None
         logger.info(f"loaded the backbone from {path}; new in the backbone (initialised here): "

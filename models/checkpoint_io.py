@@ -173,11 +173,16 @@ _WIDTH = "embedding width (MODEL.MGSSAF.EMBED_DIM)"
 _CLASSES = "classes (MODEL.NUM_CLASSES)"
 
 
+def holds_segmenter(weights: dict[str, Any]) -> bool:
+    """Whether a state dict is a whole UPerNet segmentation model's (``main_seg.py``)."""
+    return any(key.startswith("decode_head.") for key in weights)
+
+
 def _architecture(weights: dict[str, Any]) -> dict[str, Any]:
     """What the keys and shapes of a state dict say about its network (classifier or UPerNet
     segmentation model, embedding width, blocks per stage, number of classes), each under the
     phrase that names it in messages."""
-    segmenter = any(key.startswith("decode_head.") for key in weights)
+    segmenter = holds_segmenter(weights)
     if segmenter:  # the backbone's keys, as a classifier's
         weights = {k[len("backbone."):]: v for k, v in weights.items()
                    if k.startswith("backbone.")}

@@ -214,6 +214,22 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     assert "not used: norm.weight, norm.bias, " in result.stdout
     assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
 
+    # a whole segmentation model, and another width: one short line each
+    torch.save({"model": {"decode_head.conv_seg.weight": torch.zeros(2, 2, 1, 1)}},
+               str(tmp_path / "seg.pth"))
+    wider = MGSSAF(img_size=64, num_classes=10, embed_dim=32, depths=[1, 1, 1, 1],
+                   num_heads=[1, 4, 4, 4], global_ratio=[0.0, 0.75, 0.75, 0.0],
+                   strip_width=[0, 2, 2, 0], window_size=7, mlp_ratio=2.0, head_hidden_dim=128)
+    torch.save({"model": wider.state_dict()}, str(tmp_path / "wider.pth"))
+    for name, message in (("seg.pth", "it holds a whole segmentation model (UPerNet, "
+                                      "main_seg.py), where --pretrained takes an ImageNet"),
+                          ("wider.pth", "the checkpoint does not fit the MG-SSAF backbone")):
+        result = run_seg(seg_args(ade, str(tmp_path), "p", flags=(
+            "--eval", "--pretrained", str(tmp_path / name))))
+        assert result.returncode == 1 and message in result.stdout, result.stdout[-3000:]
+        line = next(x for x in result.stdout.splitlines() if message in x)
+        assert len(line) < 700, line
+
 
 @pytest.mark.cli
 def test_preempted_run_resumes_mid_epoch_exactly(ade, tmp_path):
