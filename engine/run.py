@@ -238,5 +238,7 @@ class Run:
         elif config.MODEL.PRETRAINED:
             logger.info(f"evaluating the weights of {config.MODEL.PRETRAINED} (--pretrained)")
         else:
-            logger.warning("evaluating a randomly initialised model: no --resume or --pretrained")
+            searched = f", no checkpoint in {config.OUTPUT}" if config.TRAIN.AUTO_RESUME else ""
+            logger.warning("evaluating a randomly initialised model: no --resume, no --pretrained"
+                           f"{searched} (check --output and --tag)")
         self.task.validate(config, loaders.val, model, self.device, amp, logger)

@@ -130,6 +130,8 @@ def test_torchrun_two_processes_train_with_workers_and_evaluate(ade, tmp_path):
     untrained = run_seg(seg_args(ade, str(tmp_path), "untrained", flags=("--eval",)))
     assert untrained.returncode == 0, untrained.stdout[-4000:]
     assert per_class_tables(untrained.stdout) != [trained]
+    assert ("evaluating a randomly initialised model: no --resume, no --pretrained, no "
+            "checkpoint in ") in untrained.stdout
 
 
 @pytest.mark.cli
