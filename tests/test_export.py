@@ -123,3 +123,20 @@ def test_export_tool_onnx_and_safetensors(tmp_path):
         for model in (rebuilt, through_timm):
             torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     assert os.path.getsize(f"{stem}.onnx") > 0
+
+
+@pytest.mark.cli
+def test_export_tool_refuses_a_segmentation_config(tmp_path):
+    """A segmentation config would build an MG-SSAF classifier with its 150 classes, not the
+    UPerNet segmentor: export.py refuses it before building anything, in one line that says what
+    the tool exports and which config to give instead, and writes nothing."""
+    cfg = os.path.join("configs", "seg", "upernet_mg_ssaf_t_512x512_160k_ade20k.yaml")
+    done = run_cli(["tools/export.py", "--cfg", cfg, "--output", str(tmp_path / "out"),
+                    "--no-onnx"], prefix=())
+    assert done.returncode == 1, done.stdout
+    assert done.stdout.splitlines() == [
+        f"export.py: error: {cfg} is a segmentation config (DATA.DATASET 'ade20k', main_seg.py): "
+        "export.py exports the classification network (main.py's MG-SSAF classifier) only, not "
+        "the UPerNet segmentor; to export the backbone, give its classification config "
+        "(configs/MG-SSAF/, the file an ADE20K config's BASE names) with an ImageNet checkpoint"]
+    assert not (tmp_path / "out").exists()

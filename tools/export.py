@@ -13,6 +13,10 @@ writes into ``--output``, named after MODEL.NAME:
   (``"config"``);
 * ``<name>.json``: the same config as JSON.
 
+Segmentation configs (``configs/seg/``, main_seg.py's UPerNet) are refused: the tool exports
+the classification network only; a backbone is exported through its classification config
+(``configs/MG-SSAF/``, the file an ADE20K config's ``BASE`` names) with an ImageNet checkpoint.
+
 Loading them back: ``load_exported_config(json_path)`` gives the config for ``build_model``,
 and timm reads the safetensors file itself:
 ``timm.create_model("mg_ssaf_t", pretrained=True, pretrained_cfg_overlay=dict(file=path))``.
@@ -30,7 +34,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
+from data.build import is_seg_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint_io import CheckpointError, load_model_weights  # noqa: E402
 
@@ -59,6 +64,19 @@ def load_exported_config(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
     return load_config(None, flags=dict(_dotted(values)))
+
+
+def check_classification_config(config: Any, path: str) -> None:
+    """Raises ConfigError for a segmentation config (``path``, its DATA.DATASET one of
+    main_seg.py's): build_model would give an MG-SSAF classifier with the segmentation classes,
+    not the UPerNet segmentor."""
+    if is_seg_config(config):
+        raise ConfigError(
+            f"{path} is a segmentation config (DATA.DATASET {config.DATA.DATASET!r}, "
+            "main_seg.py): export.py exports the classification network (main.py's MG-SSAF "
+            "classifier) only, not the UPerNet segmentor; to export the backbone, give its "
+            "classification config (configs/MG-SSAF/, the file an ADE20K config's BASE names) "
+            "with an ImageNet checkpoint")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
@@ -95,7 +113,8 @@ def save_safetensors(model: nn.Module, config: Any, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg", required=True, help="the model's config (YAML)")
+    parser.add_argument("--cfg", required=True, help="the classification model's config (YAML); "
+                        "segmentation configs (configs/seg/) are refused")
     parser.add_argument("--checkpoint", help="weights (a training or released checkpoint); "
                         "without it the freshly initialised network is exported")
     parser.add_argument("--output", default="export", help="folder for the files (created)")
@@ -107,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         config = load_config(args.cfg, args.opts)
+        check_classification_config(config, args.cfg)
         model = build_model(config).eval()
         if args.checkpoint:
             load_model_weights(model, args.checkpoint)
