@@ -161,6 +161,20 @@ def test_bench_compile_rejects_unknown_model_config_and_keys(tmp_path):
     assert "bench_compile.py: error: DATA.IMG_SIZE 100 must be a multiple of 32" in result.stderr
 
 
+def test_bench_compile_help_says_the_default_phase_and_every_default():
+    """--help says that by default only the training step is timed (inference takes --phases
+    infer), and every option has a help text with its default."""
+    result = run_tool(os.path.join(ROOT, "tools", "bench_compile.py"), "--help")
+    assert result.returncode == 0, result.stderr
+    description = " ".join(result.stdout.split("options:")[0].split())
+    assert ("training step (AdamW; the default, ``--phases train``) and inference "
+            "(``--phases infer``, or ``--phases train infer`` for both)") in description
+    options = re.split(r"\n(?=  -)", result.stdout.split("options:\n")[1])
+    assert len(options) > 10 and options[0].startswith("  -h, --help")
+    for option in (" ".join(option.split()) for option in options[1:]):
+        assert "(default: " in option, f"no help text with the default: {option}"
+
+
 def test_bench_attention_times_both_paths_at_every_stage():
     result = run_tool(os.path.join(ROOT, "tools", "bench_attention.py"), "--batch-size", "1",
                       "--repeats", "1", "--threads", "1")

@@ -1,8 +1,9 @@
-"""Eager against ``torch.compile`` in one process: MG-SSAF's training step (AdamW) and inference,
-in float32 or under CPU autocast to bfloat16, the two runners' steps interleaved so that both see
+"""Eager against ``torch.compile`` in one process: MG-SSAF's training step (AdamW; the default,
+``--phases train``) and inference (``--phases infer``, or ``--phases train infer`` for both), in
+float32 or under CPU autocast to bfloat16, the two runners' steps interleaved so that both see
 the same machine load.
 
-    python tools/bench_compile.py                        # mg_ssaf_t, train batch 8, infer 16
+    python tools/bench_compile.py                        # mg_ssaf_t, training steps, batch 8
     python tools/bench_compile.py --model mg_ssaf_s --steps 7 --threads 2
     python tools/bench_compile.py --dtype float32 bfloat16 --phases train infer
     python tools/bench_compile.py --cfg configs/MG-SSAF/MG-SSAF-B.yaml --opts MODEL.DROP_PATH_RATE 0
@@ -66,11 +67,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     source.add_argument("--cfg", metavar="YAML", help="an MG-SSAF config file, instead of --model")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                         help="config overrides applied to --cfg")
-    parser.add_argument("--train-batch-size", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
+    parser.add_argument("--train-batch-size", type=int, default=8,
+                        help="training batch (--phases train)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="inference batch (--phases infer)")
     parser.add_argument("--img-size", type=int, default=224,
                         help="input resolution (a --cfg's DATA.IMG_SIZE becomes it)")
-    parser.add_argument("--phases", nargs="+", default=["train"], choices=["train", "infer"])
+    parser.add_argument("--phases", nargs="+", default=["train"], choices=["train", "infer"],
+                        help="what to time: the training step (forward, loss, backward, AdamW) "
+                        "and/or inference")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per runner")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
     parser.add_argument("--threads", type=int, default=0, help="0: PyTorch's default")
