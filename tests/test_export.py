@@ -81,9 +81,9 @@ def test_jit_trace_is_the_same_with_and_without_grad():
 @pytest.mark.cli
 @pytest.mark.slow
 def test_export_tool_onnx_and_safetensors(tmp_path):
-    """tools/export.py writes the ONNX file (onnxruntime gives eager's logits at batch 1 and 3)
-    and the safetensors + JSON config that build_model and timm's pretrained file overlay read
-    back to the same network."""
+    """tools/export.py writes the ONNX file with its weights beside it in ``.onnx.data``, and
+    says so (onnxruntime gives eager's logits at batch 1 and 3), and the safetensors + JSON
+    config that build_model and timm's pretrained file overlay read back to the same network."""
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from tools.export import load_exported_config
@@ -98,6 +98,9 @@ def test_export_tool_onnx_and_safetensors(tmp_path):
     assert done.returncode == 0, done.stdout
     stem = tmp_path / "out" / "mg_ssaf_test"
     assert "onnxruntime, batch 3: max |logit difference| from PyTorch" in done.stdout
+    assert (f"wrote {stem}.onnx (input 'images' (batch, 3, 64, 64), dynamic batch) and its "
+            f"weights {stem}.onnx.data (keep the two files together)") in done.stdout
+    assert os.path.getsize(f"{stem}.onnx") > 0 and os.path.getsize(f"{stem}.onnx.data") > 0
 
     session = onnxruntime.InferenceSession(f"{stem}.onnx", providers=["CPUExecutionProvider"])
     for batch in (1, 3):
@@ -122,7 +125,6 @@ def test_export_tool_onnx_and_safetensors(tmp_path):
     with torch.no_grad():
         for model in (rebuilt, through_timm):
             torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-    assert os.path.getsize(f"{stem}.onnx") > 0
 
 
 @pytest.mark.cli

@@ -9,6 +9,8 @@ writes into ``--output``, named after MODEL.NAME:
   DATA.IMG_SIZE by torch's dynamo exporter (``torch.onnx.export(dynamo=True)``) with a dynamic
   batch; with onnxruntime installed, the tool runs it at batch 1 and 3 and prints the largest
   difference from the PyTorch logits (``--no-onnx`` skips the ONNX file);
+* ``<name>.onnx.data``: the ONNX file's weights (ONNX external data, which the ``.onnx`` file
+  names; keep the two files together in one folder);
 * ``<name>.safetensors``: the weights, with the config as JSON in the file's metadata
   (``"config"``);
 * ``<name>.json``: the same config as JSON.
@@ -80,9 +82,10 @@ def check_classification_config(config: Any, path: str) -> None:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
-    """``model`` as ONNX through the dynamo exporter, the batch dimension dynamic."""
-    torch.onnx.export(model, (example,), path, dynamo=True, input_names=["images"],
-                      output_names=["logits"],
+    """``model`` as ONNX through the dynamo exporter, the batch dimension dynamic; the weights go
+    to ``path + ".data"`` (ONNX external data), which ``path`` names."""
+    torch.onnx.export(model, (example,), path, dynamo=True, external_data=True,
+                      input_names=["images"], output_names=["logits"],
                       dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
                       verbose=False)
 
@@ -117,10 +120,14 @@ def main(argv: list[str] | None = None) -> None:
                         "segmentation configs (configs/seg/) are refused")
     parser.add_argument("--checkpoint", help="weights (a training or released checkpoint); "
                         "without it the freshly initialised network is exported")
-    parser.add_argument("--output", default="export", help="folder for the files (created)")
+    parser.add_argument("--output", default="export",
+                        help="folder for the files (created), named after MODEL.NAME: "
+                        "<name>.safetensors, <name>.json, <name>.onnx and its weights "
+                        "<name>.onnx.data (keep these two together)")
     parser.add_argument("--batch-size", type=int, default=2,
                         help="batch of the example input the graph is traced with (>= 2)")
-    parser.add_argument("--no-onnx", action="store_true", help="safetensors and JSON only")
+    parser.add_argument("--no-onnx", action="store_true",
+                        help="safetensors and JSON only (no .onnx and .onnx.data)")
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
 
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     example = torch.randn(max(args.batch_size, 2), *shape)  # batch 1 would be specialised
     export_onnx(model, example, stem + ".onnx")
     print(f"wrote {stem}.onnx (input 'images' (batch, {', '.join(map(str, shape))}), "
-          "dynamic batch)")
+          f"dynamic batch) and its weights {stem}.onnx.data (keep the two files together)")
     try:
         diffs = check_onnx(model, stem + ".onnx", shape)
     except ImportError:
