@@ -175,6 +175,38 @@ def test_bench_compile_help_says_the_default_phase_and_every_default():
         assert "(default: " in option, f"no help text with the default: {option}"
 
 
+LOADER_SPEED = os.path.join(ROOT, "tools", "loader_speed.py")
+
+
+def test_loader_speed_times_batches_after_the_warmup_of_a_whole_epoch():
+    """--warmup untimed batches, then --batches timed ones: an epoch of 3 batches (the digits'
+    1,437 training images in batches of 479) holds --warmup 1 --batches 2, and not 1 + 3."""
+    from data.digits import digits_split
+    assert len(digits_split()[0]) == 3 * 479
+    cfg = os.path.join(ROOT, "configs", "demo", "MG-SSAF-nano-digits.yaml")
+    args = [LOADER_SPEED, "--cfg", cfg, "--epochs", "1", "--warmup", "1", "--opts", "DATA.BATCH_SIZE", "479",
+            "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0"]
+    result = run_tool(*args, "--batches", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("0 workers, batch 479, 32px: "), result.stdout
+    result = run_tool(*args, "--batches", "3")
+    assert result.returncode == 1 and result.stderr == (
+        "loader_speed.py: error: --warmup + --batches is 4, more than the 3 batches of an epoch "
+        "(DATA.BATCH_SIZE 479)\n")
+    result = run_tool(*args, "--batches", "2", "--warmup", "0")
+    assert result.returncode == 2 and "--warmup must be at least 1, got 0" in result.stderr
+
+
+def test_loader_speed_refuses_a_segmentation_config():
+    """It measures the classification loaders only, and says so for a segmentation config."""
+    cfg = os.path.join(ROOT, "configs", "seg", "upernet_mg_ssaf_t_512x512_160k_ade20k.yaml")
+    result = run_tool(LOADER_SPEED, "--cfg", cfg, "--data-path", ROOT)
+    assert result.returncode == 1 and result.stderr == (
+        f"loader_speed.py: error: {cfg} is a segmentation config (DATA.DATASET 'ade20k', "
+        "main_seg.py): loader_speed.py measures the classification training loaders only "
+        "(DATA.DATASET 'imagenet', 'cub' or 'digits', main.py's)\n")
+
+
 def test_bench_attention_times_both_paths_at_every_stage():
     result = run_tool(os.path.join(ROOT, "tools", "bench_attention.py"), "--batch-size", "1",
                       "--repeats", "1", "--threads", "1")

@@ -1,13 +1,15 @@
-"""Images/s of the training data pipeline alone: the training loader of a config (decode,
-augmentation, collation, with DATA.NUM_WORKERS workers), no model.
+"""Images/s of the training data pipeline alone: the training loader of a classification config
+(decode, augmentation, collation, with DATA.NUM_WORKERS workers), no model.
 
     python tools/loader_speed.py --cfg configs/MG-SSAF/MG-SSAF-T.yaml --data-path <imagenet> \
         --batches 20 --opts DATA.NUM_WORKERS 2 DATA.BATCH_SIZE 32
 
-Prints images/s over ``--batches`` batches after ``--warmup`` untimed ones (worker start-up
-excluded), per epoch of ``--epochs``, then their median, and the CPU model; and what reseeding
-each sample from (SEED, epoch, index) costs (data.samplers.SeededSamples), timed in the same run,
-as a share of the time one sample takes a worker.
+Prints images/s over ``--batches`` batches after ``--warmup`` untimed ones (at least one: the
+clock starts when the last of them has arrived, so worker start-up is excluded), per epoch of
+``--epochs``, then their median, and the CPU model; and what reseeding each sample from (SEED,
+epoch, index) costs (data.samplers.SeededSamples), timed in the same run, as a share of the time
+one sample takes a worker. An epoch must hold ``--warmup`` + ``--batches`` batches. Segmentation
+configs (main_seg.py's loaders) are refused: the tool measures the classification loaders only.
 """
 from __future__ import annotations
 
@@ -22,40 +24,68 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import load_config  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
 from data import DataError, build_loader  # noqa: E402
+from data.build import is_seg_config  # noqa: E402
 from utils import cpu_model, derive_seed, seed_all  # noqa: E402
 
 
 def time_epoch(loader, epoch: int, warmup: int, batches: int) -> float:
-    """Images/s over ``batches`` batches of ``epoch`` after ``warmup`` untimed ones."""
+    """Images/s over ``batches`` batches of ``epoch`` after ``warmup`` (at least 1) untimed ones:
+    the clock starts when the last untimed batch has arrived."""
     loader.sampler.set_epoch(epoch)
     images, start = 0, 0.0
-    for i, (samples, _) in enumerate(loader):
-        if i == warmup:
+    for received, (samples, _) in enumerate(loader, start=1):
+        if received == warmup:
             start = time.perf_counter()
-        elif i > warmup:
+        elif received > warmup:
             images += samples.size(0)
-        if i == warmup + batches:
-            break
+            if received == warmup + batches:
+                break
     return images / (time.perf_counter() - start)
+
+
+def check_classification_config(config, path: str) -> None:
+    """Raises ConfigError for a segmentation config (``path``, its DATA.DATASET one of
+    main_seg.py's): the tool builds main.py's classification loaders only."""
+    if is_seg_config(config):
+        raise ConfigError(
+            f"{path} is a segmentation config (DATA.DATASET {config.DATA.DATASET!r}, "
+            "main_seg.py): loader_speed.py measures the classification training loaders only "
+            "(DATA.DATASET 'imagenet', 'cub' or 'digits', main.py's)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg", required=True, help="config file (YAML)")
-    parser.add_argument("--data-path", required=True, help="folder holding train/ and val/")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per epoch")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs (one timing each)")
+    parser.add_argument("--cfg", required=True,
+                        help="a classification config file (YAML; segmentation configs are "
+                        "refused)")
+    parser.add_argument("--data-path",
+                        help="dataset root (DATA.DATA_PATH): the folder holding train/<class>/* "
+                        "and val/<class>/* (DATA.DATASET imagenet) or the CUB_200_2011 folder "
+                        "(cub); the digits dataset reads none (default: the config's "
+                        "DATA.DATA_PATH)")
+    parser.add_argument("--batches", type=int, default=20,
+                        help="timed batches per epoch (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed batches per epoch before them, at least 1 (default: "
+                        "%(default)s)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs (one timing each; default: %(default)s)")
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
+    for name, least in (("batches", 1), ("warmup", 1), ("epochs", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    data_path = ["DATA.DATA_PATH", args.data_path] if args.data_path is not None else []
     try:
-        config = load_config(args.cfg, ["DATA.DATA_PATH", args.data_path, *args.opts])
+        config = load_config(args.cfg, [*data_path, *args.opts])
+        check_classification_config(config, args.cfg)
         loader = build_loader(config)[2]
-        if len(loader) <= args.warmup + args.batches:
-            raise DataError(f"{len(loader)} batches per epoch: need more than --warmup + "
-                            f"--batches ({args.warmup + args.batches})")
+        if len(loader) < args.warmup + args.batches:
+            raise DataError(f"--warmup + --batches is {args.warmup + args.batches}, more than "
+                            f"the {len(loader)} batches of an epoch (DATA.BATCH_SIZE "
+                            f"{config.DATA.BATCH_SIZE})")
     except ValueError as e:  # ConfigError and DataError included
         parser.exit(1, f"loader_speed.py: error: {e}\n")
     rates = [time_epoch(loader, epoch, args.warmup, args.batches) for epoch in range(args.epochs)]
