@@ -79,3 +79,29 @@ def test_a_checkpoint_of_another_network_is_refused_naming_what_differs(referenc
         assert ("embedding width (MODEL.MGSSAF.EMBED_DIM): 24 in the checkpoint, 48 in this "
                 "model" in done.stdout), done.stdout
     assert os.listdir(tmp_path) == []  # export wrote nothing
+
+
+def test_images_go_before_opts(data, tmp_path):
+    """--opts takes every argument after it: images after the overrides are refused with an
+    error that says where they go (not argparse's "required: images"), the help says so, and
+    after a -- that ends the overrides they are images again."""
+    config = load_config(CFG, OPTS)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pth"
+    torch.save({"model": build_model(config).state_dict()}, checkpoint)
+    image = os.path.join(data, "val", "class0", "0.png")
+    argv = ["tools/predict.py", "--cfg", CFG, "--checkpoint", str(checkpoint), "--opts", *OPTS]
+    done = run_cli([*argv, image], prefix=())
+    assert done.returncode == 2, done.stdout
+    assert done.stdout.splitlines()[-1] == (
+        "predict.py: error: no images given: put the image files or folders before --opts, which "
+        "takes every argument after it (or end the overrides with --)")
+    done = run_cli([*argv, "--", image], prefix=())
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines()[0] == image
+    done = run_cli(["tools/predict.py", "--help"], prefix=())
+    assert done.returncode == 0, done.stdout
+    text = " ".join(done.stdout.split())
+    assert "[options] IMAGE [IMAGE ...] [--opts KEY VALUE ...]" in text
+    assert ("config overrides, last: --opts takes every argument after it, so the images go "
+            "before it (or after a -- that ends the overrides)") in text

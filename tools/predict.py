@@ -5,8 +5,10 @@
     python tools/predict.py --cfg configs/MG-SSAF/MG-SSAF-T.yaml --checkpoint mg_ssaf_tiny.pth \\
         photos/ --csv photos.csv
 
-Arguments are image files or folders (every image below a folder, in sorted order). Each image
-goes through the config's evaluation transform (DATA.IMG_SIZE, TEST.CROP, DATA.INTERPOLATION).
+Arguments are image files or folders (every image below a folder, in sorted order); they go
+before ``--opts``, which takes every argument after it (or after a ``--`` that ends the
+overrides). Each image goes through the config's evaluation transform (DATA.IMG_SIZE, TEST.CROP,
+DATA.INTERPOLATION).
 For every image it prints its path and ``--topk`` lines ``probability  class``; with a folder
 among the arguments, or ``--csv``, it also writes one CSV row per image
 (``image,class_1,prob_1,...``; default file ``predictions.csv``).
@@ -82,18 +84,32 @@ def batches(paths: list[str], transform: Any, size: int) -> Iterator[tuple[list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [-h] --cfg CFG --checkpoint CHECKPOINT [options] IMAGE [IMAGE ...] "
+              "[--opts KEY VALUE ...]")
+    # "*" rather than "+": images after --opts (which takes them) get the error below, not
+    # argparse's "the following arguments are required"
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files or folders of images, before --opts")
     parser.add_argument("--cfg", required=True, help="the model's config (YAML)")
     parser.add_argument("--checkpoint", required=True,
                         help="weights: a training or released checkpoint")
-    parser.add_argument("--topk", type=int, default=5, help="classes printed per image")
+    parser.add_argument("--topk", type=int, default=5,
+                        help="classes printed per image (default: 5)")
     parser.add_argument("--csv", help="write the predictions to this CSV file (default with a "
                         "folder argument: predictions.csv)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per forward pass (default: 32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides, last: --opts takes every argument after it, so "
+                        "the images go before it (or after a -- that ends the overrides)")
     args = parser.parse_args(argv)
+    if not args.images:
+        parser.error("no images given: put the image files or folders before --opts, which takes "
+                     "every argument after it (or end the overrides with --)" if args.opts
+                     else "no images given: name image files or folders")
 
     try:
         config = load_config(args.cfg, args.opts)
