@@ -9,6 +9,7 @@ read with reduce_zero_label as mmseg's: 0 becomes the ignore index 255, every ot
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable
@@ -84,16 +85,25 @@ def parse_class_info(lines: list[str]) -> list[str]:
     return names
 
 
-def read_class_names(root: str) -> list[str] | None:
+def read_class_names(root: str) -> tuple[str, ...] | None:
     """The classes' names in label order (0..NUM_CLASSES - 1) from ``<root>/objectInfo150.txt``;
     None where there is no such file, or, with a warning naming it, where it cannot be read or is
-    not the table :func:`parse_class_info` expects (the caller then numbers the classes)."""
+    not the table :func:`parse_class_info` expects (the caller then numbers the classes). A file
+    is read (and warned about) once per process until it changes."""
     path = os.path.join(root, CLASS_INFO)
-    if not os.path.isfile(path):
+    try:
+        stat = os.stat(path)
+    except OSError:
         return None
+    return _class_names(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_names(path: str, mtime_ns: int, size: int) -> tuple[str, ...] | None:
+    """:func:`read_class_names` of the file ``path`` as it is at (``mtime_ns``, ``size``)."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is dropped
-            return parse_class_info(f.read().splitlines())
+            return tuple(parse_class_info(f.read().splitlines()))
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         logging.getLogger("mg_ssaf").warning(f"ADE20K: class names not read from {path} ({e}): "
                                              f"classes are numbered 0..{NUM_CLASSES - 1}")

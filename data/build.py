@@ -41,6 +41,14 @@ def is_seg_config(config: CN) -> bool:
     return config.DATA.DATASET in SEGMENTATION_DATASETS
 
 
+def require_classification_config(config: CN, path: str, tool_and_what: str) -> None:
+    """Raises DataError for a segmentation config (``path``): the tool works on main.py's
+    classification runs only, as ``tool_and_what`` says ("export.py exports ...")."""
+    if is_seg_config(config):
+        raise DataError(f"{path} is a segmentation config (DATA.DATASET "
+                        f"{config.DATA.DATASET!r}, main_seg.py): {tool_and_what}")
+
+
 def _image_folder(root: str, split: str, transform: Callable, config: CN) -> ImageFolderDataset:
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):

@@ -22,7 +22,7 @@ def seg_class_names(config: CN) -> list[str]:
         from .ade20k import read_class_names
         names = read_class_names(config.DATA.DATA_PATH)
         if names is not None:
-            return names
+            return list(names)
     return [str(k) for k in range(config.MODEL.NUM_CLASSES)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Callable
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -109,7 +110,8 @@ class ClassificationTask(Task):
                  device: torch.device, amp: Amp, logger: logging.Logger) -> dict:
         return validate(config, data_loader, model, device, amp, logger)
 
-    def timed_forward(self, config: CN, model: nn.Module, batch, device: torch.device):
+    def timed_forward(self, config: CN, model: nn.Module, batch: Any,
+                      device: torch.device) -> tuple[Callable[[], Any], int]:
         """The model's forward pass on the batch's images."""
         images = batch[0].to(device, non_blocking=True)
         return (lambda: model(images)), images.size(0)

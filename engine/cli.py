@@ -65,8 +65,9 @@ def configure(argv: list[str] | None, task: Task) -> CN:
 
 
 # What a collective raises when a peer is gone or silent: DistError (NCCL), a RuntimeError from
-# gloo ("Connection closed by peer", "Timed out waiting ...").
-_BROKEN_COLLECTIVE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout", re.I)
+# gloo ("[.../gloo/transport/tcp/pair.cc] Connection closed by peer", "[.../gloo/...] Timed out
+# waiting ..."; every such message names a gloo source file).
+_BROKEN_COLLECTIVE = re.compile(r"gloo|nccl|connection (closed|reset)", re.I)
 
 
 def collective_broke(error: Exception) -> bool:
@@ -92,17 +93,23 @@ def fail_collectively(error: Exception, config: CN | None) -> None:
                f"latest after DIST_TIMEOUT, {timeout} s); a failure, not a preemption (no "
                "PREEMPTED marker)")
         exit_now(1)
-    logger.error("traceback", exc_info=error, extra=LOG_FILE_ONLY)
+    # the traceback for the log file (the console has the line below), once the file is open
+    opened = any(isinstance(h, logging.FileHandler) for h in logger.handlers)
+    logger.error("traceback", exc_info=error, extra=LOG_FILE_ONLY if opened else None)
     # Every rank still alive checks in (through the store, not a collective): those that do not
-    # are named. Never a preemption, even after a signal: no PREEMPTED marker.
+    # are named, with the failures they recorded. Never a preemption, even after a signal: no
+    # PREEMPTED marker.
     missing = check_in("failed", 5.0)
-    causes = recorded_failures()
-    who = ("; ".join(f"rank {r} failed: {m}" for r, m in sorted(causes.items())) if causes else
-           f"rank(s) {', '.join(map(str, missing))} died or hung (no answer from it within "
-           "5 s of the failure)" if missing else
-           "every rank is alive: one of them failed (see its log)" if missing == [] else
-           "could not tell which rank failed (the process group's store is gone too: "
-           "rank 0 holds it without torchrun)")
+    causes = recorded_failures() if missing is not None else {}
+    silent = [r for r in missing or [] if r not in causes]
+    who = "; ".join(
+        [f"rank {r} failed: {m}" for r, m in sorted(causes.items())]
+        + ([f"rank(s) {', '.join(map(str, silent))} died or hung (no answer from it within 5 s "
+            "of the failure)"] if silent else []))
+    if not who:
+        who = ("every rank is alive: one of them failed (see its log)" if missing == [] else
+               "could not tell which rank failed (the process group's store is gone too: "
+               "rank 0 holds it without torchrun)")
     report(f"{line}\nWith {get_world_size()} processes this usually means another rank failed "
            f"or did not answer within DIST_TIMEOUT ({timeout} s): {who}; a failure, not a "
            "preemption (no PREEMPTED marker)")

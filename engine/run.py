@@ -135,13 +135,15 @@ class Run:
 
     def execute(self) -> None:
         """Sets up the process (device, process group, logger, threads, seeds) and runs;
-        training holds the run folder's lock (utils.RunLock) throughout. A run that fails
-        before writing anything leaves no folder of its own behind."""
+        training holds the run folder's lock (utils.RunLock) throughout. A one-process run that
+        fails before writing anything leaves no folder of its own behind (with several, a rank
+        that failed alone would remove the folder under the others)."""
         created = prepare_output_dir(self.config.OUTPUT)
         try:
             self.set_up_and_run()
         except BaseException:
-            remove_empty_folders(created)
+            if os.environ.get("WORLD_SIZE", "1") == "1":
+                remove_empty_folders(created)
             raise
 
     def set_up_and_run(self) -> None:
@@ -238,7 +240,8 @@ class Run:
         elif config.MODEL.PRETRAINED:
             logger.info(f"evaluating the weights of {config.MODEL.PRETRAINED} (--pretrained)")
         else:
-            searched = f", no checkpoint in {config.OUTPUT}" if config.TRAIN.AUTO_RESUME else ""
+            searched = (f", no checkpoint in {config.OUTPUT} (check --output and --tag)"
+                        if config.TRAIN.AUTO_RESUME else "")
             logger.warning("evaluating a randomly initialised model: no --resume, no --pretrained"
-                           f"{searched} (check --output and --tag)")
+                           f"{searched}")
         self.task.validate(config, loaders.val, model, self.device, amp, logger)

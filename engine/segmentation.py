@@ -4,6 +4,7 @@ SEG.EVAL_INTERVAL of them, each followed by evaluation (aAcc / mAcc / mIoU) and 
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +169,8 @@ class SegmentationTask(Task):
                  device: torch.device, amp: Amp, logger: logging.Logger) -> dict:
         return validate(config, data_loader, model, device, amp, logger)
 
-    def timed_forward(self, config: CN, model: nn.Module, batch, device: torch.device):
+    def timed_forward(self, config: CN, model: nn.Module, batch: Any,
+                      device: torch.device) -> tuple[Callable[[], Any], int]:
         """--eval's inference of the batch's image(s) by SEG.TEST_MODE (padding to a multiple of
         32, windows, scales and flips included), at the size the validation pipeline gives
         them."""

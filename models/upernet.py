@@ -216,14 +216,6 @@ def build_segmentor(config: CfgNode) -> UPerNet:
 _UNUSED_PREFIXES = ("norm.", "last_conv.", "head.")
 
 
-def _some(keys: list[str], limit: int = 5) -> str:
-    """The first ``limit`` of ``keys`` and how many more, for a message."""
-    if not keys:
-        return "nothing"
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_backbone_weights(model: UPerNet, state_dict: dict[str, torch.Tensor]
                           ) -> tuple[list[str], list[str]]:
     """Load an ImageNet MG-SSAF state dict (``checkpoint["model"]``) into ``model.backbone``.
@@ -233,16 +225,12 @@ def load_backbone_weights(model: UPerNet, state_dict: dict[str, torch.Tensor]
     checkpoint keys not loaded (for the log)."""
     unused = [k for k in state_dict if k.startswith(_UNUSED_PREFIXES)]
     weights = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
-    own = model.backbone.state_dict()
-    if any(k in own and own[k].shape != v.shape for k, v in weights.items()):
+    own_norms = [f"norm{i}" for i in range(len(model.backbone.layers))]
+    fitting = {k: v for k, v in model.backbone.state_dict().items()
+               if k.split(".")[0] not in own_norms}  # what the checkpoint must hold exactly
+    differences = weight_differences(weights, fitting)
+    if differences:
         raise RuntimeError("the checkpoint does not fit the MG-SSAF backbone: "
-                           + "; ".join(weight_differences(weights, own)))
-    own_norms = {k for k in own
-                 if k.split(".")[0] in {f"norm{i}" for i in range(len(model.backbone.layers))}}
+                           + "; ".join(differences))
     result = model.backbone.load_state_dict(weights, strict=False)
-    missing = set(result.missing_keys) - own_norms
-    if missing or result.unexpected_keys:
-        raise RuntimeError("the checkpoint does not fit the MG-SSAF backbone: missing "
-                           f"{_some(sorted(missing))}, unexpected "
-                           f"{_some(sorted(result.unexpected_keys))}")
     return sorted(set(result.missing_keys)), unused

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import shutil
 import signal
+import sys
 import time
 
 import pytest
@@ -494,6 +494,8 @@ def test_an_unexpected_error_of_one_rank_is_named_by_its_peer(data, tmp_path):
     assert "rank 1 failed: ValueError: injected on rank 1" in rank0, rank0[-3000:]
     assert "Traceback" in rank1 and "This rank failed; the others stop" in rank1, rank1[-3000:]
     assert "[rank 1] error: ValueError: injected on rank 1" in result.stdout  # its stderr
+    # rank 0's broken collective: its traceback in its log file, not on the console
+    assert "engine/trainer.py" in rank0 and "engine/trainer.py" not in result.stdout
 
 
 @pytest.mark.cli

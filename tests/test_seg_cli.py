@@ -219,13 +219,19 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
     # a whole segmentation model, and another width: one short line each
     torch.save({"model": {"decode_head.conv_seg.weight": torch.zeros(2, 2, 1, 1)}},
                str(tmp_path / "seg.pth"))
-    wider = MGSSAF(img_size=64, num_classes=10, embed_dim=32, depths=[1, 1, 1, 1],
-                   num_heads=[1, 4, 4, 4], global_ratio=[0.0, 0.75, 0.75, 0.0],
-                   strip_width=[0, 2, 2, 0], window_size=7, mlp_ratio=2.0, head_hidden_dim=128)
-    torch.save({"model": wider.state_dict()}, str(tmp_path / "wider.pth"))
+    for name, width, depths in (("wider.pth", 32, [1, 1, 1, 1]), ("deeper.pth", 16, [1, 2, 1, 1])):
+        other = MGSSAF(img_size=64, num_classes=10, embed_dim=width, depths=depths,
+                       num_heads=[1, 4, 4, 4], global_ratio=[0.0, 0.75, 0.75, 0.0],
+                       strip_width=[0, 2, 2, 0], window_size=7, mlp_ratio=2.0,
+                       head_hidden_dim=128)
+        torch.save({"model": other.state_dict()}, str(tmp_path / name))
+    fits = "the checkpoint does not fit the MG-SSAF backbone: "
     for name, message in (("seg.pth", "it holds a whole segmentation model (UPerNet, "
                                       "main_seg.py), where --pretrained takes an ImageNet"),
-                          ("wider.pth", "the checkpoint does not fit the MG-SSAF backbone")):
+                          ("wider.pth", fits + "embedding width (MODEL.MGSSAF.EMBED_DIM): 32 in "
+                                        "the checkpoint, 16 in this model"),
+                          ("deeper.pth", fits + "blocks in stage 1 (layers.1): 2 in the "
+                                         "checkpoint, 1 in this model")):
         result = run_seg(seg_args(ade, str(tmp_path), "p", flags=(
             "--eval", "--pretrained", str(tmp_path / name))))
         assert result.returncode == 1 and message in result.stdout, result.stdout[-3000:]

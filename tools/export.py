@@ -36,8 +36,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ConfigError, load_config  # noqa: E402
-from data.build import is_seg_config  # noqa: E402
+from config import load_config  # noqa: E402
+from data.build import require_classification_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint_io import CheckpointError, load_model_weights  # noqa: E402
 
@@ -66,19 +66,6 @@ def load_exported_config(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
     return load_config(None, flags=dict(_dotted(values)))
-
-
-def check_classification_config(config: Any, path: str) -> None:
-    """Raises ConfigError for a segmentation config (``path``, its DATA.DATASET one of
-    main_seg.py's): build_model would give an MG-SSAF classifier with the segmentation classes,
-    not the UPerNet segmentor."""
-    if is_seg_config(config):
-        raise ConfigError(
-            f"{path} is a segmentation config (DATA.DATASET {config.DATA.DATASET!r}, "
-            "main_seg.py): export.py exports the classification network (main.py's MG-SSAF "
-            "classifier) only, not the UPerNet segmentor; to export the backbone, give its "
-            "classification config (configs/MG-SSAF/, the file an ADE20K config's BASE names) "
-            "with an ImageNet checkpoint")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
@@ -133,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         config = load_config(args.cfg, args.opts)
-        check_classification_config(config, args.cfg)
+        require_classification_config(
+            config, args.cfg, "export.py exports the classification network (main.py's MG-SSAF "
+            "classifier) only, not the UPerNet segmentor; to export the backbone, give its "
+            "classification config (configs/MG-SSAF/, the file an ADE20K config's BASE names) "
+            "with an ImageNet checkpoint")
         model = build_model(config).eval()
         if args.checkpoint:
             load_model_weights(model, args.checkpoint)

@@ -24,9 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import ConfigError, load_config  # noqa: E402
+from config import load_config  # noqa: E402
 from data import DataError, build_loader  # noqa: E402
-from data.build import is_seg_config  # noqa: E402
+from data.build import require_classification_config  # noqa: E402
 from utils import cpu_model, derive_seed, seed_all  # noqa: E402
 
 
@@ -43,16 +43,6 @@ def time_epoch(loader, epoch: int, warmup: int, batches: int) -> float:
             if received == warmup + batches:
                 break
     return images / (time.perf_counter() - start)
-
-
-def check_classification_config(config, path: str) -> None:
-    """Raises ConfigError for a segmentation config (``path``, its DATA.DATASET one of
-    main_seg.py's): the tool builds main.py's classification loaders only."""
-    if is_seg_config(config):
-        raise ConfigError(
-            f"{path} is a segmentation config (DATA.DATASET {config.DATA.DATASET!r}, "
-            "main_seg.py): loader_speed.py measures the classification training loaders only "
-            "(DATA.DATASET 'imagenet', 'cub' or 'digits', main.py's)")
 
 
 def main() -> None:
@@ -80,7 +70,9 @@ def main() -> None:
     data_path = ["DATA.DATA_PATH", args.data_path] if args.data_path is not None else []
     try:
         config = load_config(args.cfg, [*data_path, *args.opts])
-        check_classification_config(config, args.cfg)
+        require_classification_config(
+            config, args.cfg, "loader_speed.py measures the classification training loaders "
+            "only (DATA.DATASET 'imagenet', 'cub' or 'digits', main.py's)")
         loader = build_loader(config)[2]
         if len(loader) < args.warmup + args.batches:
             raise DataError(f"--warmup + --batches is {args.warmup + args.batches}, more than "
