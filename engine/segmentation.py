@@ -53,6 +53,13 @@ class SegLoss(nn.Module):
 
 
 @torch.no_grad()
+def _on_device(image: torch.Tensor | list[torch.Tensor], device: torch.device
+               ) -> torch.Tensor | list[torch.Tensor]:
+    """A validation batch's image(s) on ``device``: one batch, or one per scale (ms_flip)."""
+    return ([x.to(device) for x in image] if isinstance(image, (list, tuple))
+            else image.to(device))
+
+
 def validate(config: CN, data_loader: DataLoader, model: nn.Module, device: torch.device,
              amp: Amp, logger: logging.Logger) -> dict[str, float]:
     """aAcc / mAcc / mIoU from intersection / union totals summed over all ranks (every image
@@ -62,9 +69,7 @@ def validate(config: CN, data_loader: DataLoader, model: nn.Module, device: torc
     metrics = SegMetrics(config.MODEL.NUM_CLASSES, seg.IGNORE_INDEX, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x pixels, pixels, images
     for image, label in data_loader:  # image: a batch, or one per scale (ms_flip)
-        image = ([x.to(device) for x in image] if isinstance(image, (list, tuple))
-                 else image.to(device))
-        label = label.to(device)
+        image, label = _on_device(image, device), label.to(device)
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
             probs = inference(model, image, label.shape[-2:], seg).float()
         valid = int((label != seg.IGNORE_INDEX).sum())
@@ -174,9 +179,7 @@ class SegmentationTask(Task):
         """--eval's inference of the batch's image(s) by SEG.TEST_MODE (padding to a multiple of
         32, windows, scales and flips included), at the size the validation pipeline gives
         them."""
-        image, label = batch
-        image = ([x.to(device) for x in image] if isinstance(image, (list, tuple))
-                 else image.to(device))
+        image, label = _on_device(batch[0], device), batch[1]
         size = label.shape[-2:]
         return (lambda: inference(model, image, size, config.SEG)), label.size(0)
 
