@@ -56,7 +56,8 @@ _C.DATA.INTERPOLATION = "bicubic"
 _C.DATA.PIN_MEMORY = True
 # Loader worker processes per rank.
 _C.DATA.NUM_WORKERS = 8
-# Skip unreadable images with a warning (and a count per epoch) instead of stopping the run.
+# Skip unreadable images (ADE20K: images or annotations) with a warning (and a count per epoch)
+# instead of stopping the run.
 _C.DATA.SKIP_BAD_IMAGES = False
 # Swin Transformer keys accepted for its configs and command lines, without effect here (a run
 # names those set to another value in one warning line): zipped ImageNet ('--zip'), its cache

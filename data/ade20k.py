@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DECODE_ERRORS, BadImageError, DataError, load_rgb_image
+from .common import (DECODE_ERRORS, BadImageError, DataError, SkippedImages,
+                     load_rgb_image)
 from .seg_pipeline import item_rng
 
 NUM_CLASSES = 150
@@ -113,9 +114,12 @@ def _class_names(path: str, mtime_ns: int, size: int) -> tuple[str, ...] | None:
 class ADE20K(Dataset):
     """One split ('training' or 'validation') of ADEChallengeData2016. Items are
     ``transform(image, label, rng)`` where ``rng`` is seeded from (seed, epoch, index); call
-    ``set_epoch`` before each pass."""
+    ``set_epoch`` before each pass. With ``skip_bad_images`` an item whose image or annotation
+    cannot be read is replaced by the next readable one, with a warning, and counted (see
+    :meth:`pop_skipped`); every other data error stops the run."""
 
-    def __init__(self, root: str, split: str, transform: Callable, seed: int = 0) -> None:
+    def __init__(self, root: str, split: str, transform: Callable, seed: int = 0,
+                 skip_bad_images: bool = False) -> None:
         image_dir = os.path.join(root, "images", split)
         self.ann_dir = os.path.join(root, "annotations", split)
         if not os.path.isdir(image_dir):
@@ -126,6 +130,7 @@ class ADE20K(Dataset):
         if not self.images:
             raise DataError(f"ADE20K: no .jpg images in {image_dir}")
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.skips = SkippedImages(skip_bad_images, image_dir)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -158,10 +163,15 @@ class ADE20K(Dataset):
 
     def draw(self, index: int, rng: np.random.Generator):
         """Item ``index`` transformed with the random draws of ``rng``."""
-        image, label = self.load(index)
+        image, label = self.skips.first_readable(self.load, index, len(self))
         return self.transform(image, label, rng)
 
+    def pop_skipped(self) -> int:
+        """Items skipped since the last call (made between epochs, while no worker loads)."""
+        return self.skips.pop()
 
-def build_ade20k(root: str, is_train: bool, transform: Callable,
-                 seed: int = 0) -> ADE20K:
-    return ADE20K(root, "training" if is_train else "validation", transform, seed)
+
+def build_ade20k(root: str, is_train: bool, transform: Callable, seed: int = 0,
+                 skip_bad_images: bool = False) -> ADE20K:
+    return ADE20K(root, "training" if is_train else "validation", transform, seed,
+                  skip_bad_images)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.utils.data
@@ -24,6 +24,7 @@ WORKER_CONTEXT = multiprocessing.get_context(
     "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
 if WORKER_CONTEXT.get_start_method() == "forkserver":
     WORKER_CONTEXT.set_forkserver_preload(["torch", "torchvision", "timm"])
+T = TypeVar("T")
 SKIP_SLOTS = 257  # the training process and up to 256 loader workers count skipped images apart
 
 
@@ -49,6 +50,39 @@ def load_rgb_image(path: str) -> Image.Image:
         raise BadImageError(f"cannot read image {path}: {e}") from None
 
 
+class SkippedImages:
+    """``DATA.SKIP_BAD_IMAGES`` for one dataset. :meth:`first_readable` loads item ``index``;
+    where its file cannot be read (BadImageError), it stops the run, or with ``enabled`` loads
+    the next readable item instead, with a warning, and counts the skip (see :meth:`pop`)."""
+
+    def __init__(self, enabled: bool, root: str) -> None:
+        self.enabled, self.root = enabled, root
+        # Skips counted in shared memory, a slot per process (this one, then each loader worker),
+        # so that no lock is needed (and no semaphore, whose cleanup process the stop signals
+        # would reach, see data.build.Loader).
+        self._counts = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()
+
+    def first_readable(self, load: Callable[[int], T], index: int, length: int) -> T:
+        """``load(index)``, or with skipping the first of ``load(index + 1)``, ... (wrapping
+        around the ``length`` items) that reads."""
+        for offset in range(length):
+            try:
+                return load((index + offset) % length)
+            except BadImageError as e:
+                if not self.enabled:
+                    raise
+                logging.getLogger("mg_ssaf").warning(f"{e}: skipped (DATA.SKIP_BAD_IMAGES)")
+                worker = torch.utils.data.get_worker_info()
+                self._counts[0 if worker is None else 1 + worker.id % (SKIP_SLOTS - 1)] += 1
+        raise DataError(f"{self.root}: none of its images can be read")
+
+    def pop(self) -> int:
+        """Items skipped since the last call (made between epochs, while no worker loads)."""
+        count = int(self._counts.sum())
+        self._counts.zero_()
+        return count
+
+
 class ImageFolderDataset(datasets.ImageFolder):
     """An ImageFolder (``<root>/<class>/<image>``) that names unreadable images. With
     ``skip_bad_images`` such an image is replaced by the next readable one, with a warning, and
@@ -59,26 +93,11 @@ class ImageFolderDataset(datasets.ImageFolder):
             super().__init__(root, transform=transform, loader=load_rgb_image)
         except FileNotFoundError as e:
             raise DataError(f"{root}: {e}") from None
-        self.skip_bad_images = skip_bad_images
-        # Skips counted in shared memory, a slot per process (this one, then each loader worker),
-        # so that no lock is needed (and no semaphore, whose cleanup process the stop signals
-        # would reach, see data.build.Loader).
-        self._skipped = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()
+        self.skips = SkippedImages(skip_bad_images, root)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.samples)):
-            try:
-                return super().__getitem__((index + offset) % len(self.samples))
-            except BadImageError as e:
-                if not self.skip_bad_images:
-                    raise
-                logging.getLogger("mg_ssaf").warning(f"{e}: skipped (DATA.SKIP_BAD_IMAGES)")
-                worker = torch.utils.data.get_worker_info()
-                self._skipped[0 if worker is None else 1 + worker.id % (SKIP_SLOTS - 1)] += 1
-        raise DataError(f"{self.root}: none of its images can be read")
+        return self.skips.first_readable(super().__getitem__, index, len(self.samples))
 
     def pop_skipped(self) -> int:
         """Images skipped since the last call (made between epochs, while no worker loads)."""
-        count = int(self._skipped.sum())
-        self._skipped.zero_()
-        return count
+        return self.skips.pop()

@@ -38,7 +38,8 @@ def build_seg_dataset(config: CN, is_train: bool) -> Dataset:
                                        seg.CAT_MAX_RATIO, photometric=seg.PHOTOMETRIC,
                                        ignore_index=seg.IGNORE_INDEX)
                      if is_train else SegTestTransform(seg.SCALE, multi_scale_ratios(seg)))
-        dataset = build_ade20k(config.DATA.DATA_PATH, is_train, transform, config.SEED)
+        dataset = build_ade20k(config.DATA.DATA_PATH, is_train, transform, config.SEED,
+                               config.DATA.SKIP_BAD_IMAGES)
     elif name == "digits_seg":
         from .digits_seg import NUM_CLASSES, DigitsSegDataset
         dataset = DigitsSegDataset(is_train, size=seg.CROP_SIZE[0], seed=config.SEED)

@@ -201,6 +201,24 @@ def test_ade20k_names_an_unreadable_image_or_annotation(tmp_path):
         data[0]
 
 
+def test_ade20k_with_skip_bad_images_takes_the_next_readable_item_and_counts(tmp_path, caplog):
+    root = _ade_folder(tmp_path, sizes=((40, 30), (64, 48), (32, 32)))
+    data = ADE20K(root, "validation", SegTestTransform((128, 32)), skip_bad_images=True)
+    image = os.path.join(root, "images", "validation", "ADE_validation_00000001.jpg")
+    ann = os.path.join(root, "annotations", "validation", "ADE_validation_00000002.png")
+    _truncate(image)
+    _truncate(ann)
+    with caplog.at_level("WARNING", logger="mg_ssaf"):
+        assert torch.equal(data[1][1], data[0][1])  # 1 and 2 unreadable: wraps around to 0
+    assert f"cannot read image {image}: " in caplog.text
+    assert f"cannot read annotation {ann}: " in caplog.text
+    assert data.pop_skipped() == 2 and data.pop_skipped() == 0
+    # a data error other than an unreadable file is never skipped
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(ann)
+    with pytest.raises(DataError, match="is 10x10 but image"):
+        data[2]
+
+
 def _write_class_info(root, rows):
     """``<root>/objectInfo150.txt``: the official header, then ``rows`` (Idx, Name) with made-up
     ratios and counts, tab-separated."""

@@ -152,6 +152,34 @@ def test_missing_or_mismatched_annotation_is_an_error_naming_the_file(ade, tmp_p
 
 
 @pytest.mark.cli
+def test_skip_bad_images_skips_unreadable_files_with_workers_and_counts_them(ade, tmp_path):
+    """DATA.SKIP_BAD_IMAGES in main_seg.py: a truncated training image and a truncated
+    validation annotation are each replaced by the next item, named in a warning, and the
+    training skip is counted at the epoch's end; loader workers on. Without it the run stops
+    naming the file."""
+    broken = str(tmp_path / "ade")
+    shutil.copytree(ade, broken)
+    image = os.path.join(broken, "images", "training", "ADE_training_00000002.jpg")
+    ann = os.path.join(broken, "annotations", "validation", "ADE_validation_00000001.png")
+    for path in (image, ann):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    # 2 steps of batch 2: a permutation of the 4 training images, each drawn once
+    opts = ("SEG.ITERS", "2", "SEG.EVAL_INTERVAL", "2", "DATA.NUM_WORKERS", "2")
+    result = run_seg(seg_args(broken, str(tmp_path), "skip", *opts, "DATA.SKIP_BAD_IMAGES", "true"))
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert f"cannot read image {image}: " in result.stdout
+    assert f"ADE20K: cannot read annotation {ann}: " in result.stdout
+    assert result.stdout.count("skipped (DATA.SKIP_BAD_IMAGES)") == 2
+    assert "epoch 0: 1 unreadable training image(s) skipped" in result.stdout
+    assert f"over {VAL_IMAGES} images" in result.stdout  # the next image stands in
+
+    stop = run_seg(seg_args(broken, str(tmp_path), "stop", *opts))
+    assert stop.returncode == 1, stop.stdout[-3000:]
+    assert f"cannot read image {image}: " in stop.stdout
+
+
+@pytest.mark.cli
 @pytest.mark.parametrize("mode", ["whole", "ms_flip"])
 def test_throughput_times_the_eval_inference_of_a_validation_image(ade, tmp_path, mode):
     # validation images of 80x53: sides the inference pads to multiples of 32
