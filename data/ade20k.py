@@ -111,6 +111,20 @@ def _class_names(path: str, mtime_ns: int, size: int) -> tuple[str, ...] | None:
         return None
 
 
+def load_pair(path: str, ann: str) -> tuple[Image.Image, Image.Image]:
+    """The RGB image ``path`` and the reduced label of annotation ``ann`` (a PIL 'L' image),
+    checked to match in size and to hold only 0..NUM_CLASSES and IGNORE_INDEX."""
+    image = load_rgb_image(path)
+    label = load_label_map(ann)
+    if label.ndim != 2:
+        raise DataError(f"ADE20K: annotation {ann} is not a single-channel label map")
+    if label.shape[::-1] != image.size:
+        raise DataError(f"ADE20K: annotation {ann} is {label.shape[1]}x{label.shape[0]} but "
+                        f"image {path} is {image.size[0]}x{image.size[1]}")
+    check_label_values(label, ann)
+    return image, Image.fromarray(reduce_zero_label(label))
+
+
 class ADE20K(Dataset):
     """One split ('training' or 'validation') of ADEChallengeData2016. Items are
     ``transform(image, label, rng)`` where ``rng`` is seeded from (seed, epoch, index); call
@@ -143,20 +157,11 @@ class ADE20K(Dataset):
         return os.path.join(self.ann_dir, name + ".png")
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image]:
-        """The RGB image and its reduced label (a PIL 'L' image), checked to match in size and
-        to hold only 0..NUM_CLASSES and IGNORE_INDEX."""
+        """Item ``index``'s image and reduced label, as :func:`load_pair` reads them."""
         path, ann = self.images[index], self.annotation_path(index)
         if not os.path.isfile(ann):
             raise DataError(f"ADE20K: image {path} has no annotation {ann}")
-        image = load_rgb_image(path)
-        label = load_label_map(ann)
-        if label.ndim != 2:
-            raise DataError(f"ADE20K: annotation {ann} is not a single-channel label map")
-        if label.shape[::-1] != image.size:
-            raise DataError(f"ADE20K: annotation {ann} is {label.shape[1]}x{label.shape[0]} but "
-                            f"image {path} is {image.size[0]}x{image.size[1]}")
-        check_label_values(label, ann)
-        return image, Image.fromarray(reduce_zero_label(label))
+        return load_pair(path, ann)
 
     def __getitem__(self, index: int):
         return self.draw(index, item_rng(self.seed, self.epoch, index))

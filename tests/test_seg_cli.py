@@ -60,6 +60,25 @@ def test_training_writes_checkpoints_metrics_and_auto_resumes(ade, tmp_path):
         assert f"over {VAL_IMAGES} images" in ev.stdout
         assert mode != "whole" or f"* mIoU {rows[1]['mIoU']:.2f} " in ev.stdout
 
+    # tools/seg_overlay.py draws [image | ground truth | prediction] from the checkpoint; an
+    # unreadable image is an error naming it
+    images = [os.path.join(ade, "images", "validation", f"ADE_validation_0000000{k}.jpg")
+              for k in (0, 1)]
+    labels = [p.replace("images", "annotations").replace(".jpg", ".png") for p in images]
+    overlay = ("tools/seg_overlay.py", "--cfg", SEG_CFG, "--checkpoint",
+               os.path.join(folder, "ckpt_epoch_1.pth"), "--out", str(tmp_path / "overlays"))
+    drawn = h.run_tool(*overlay, "--images", *images, "--labels", *labels, "--opts", *TINY_SEG)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    pngs = drawn.stdout.split()
+    assert [os.path.basename(p) for p in pngs] == [
+        "ADE_validation_00000000_overlay.png", "ADE_validation_00000001_overlay.png"]
+    assert Image.open(pngs[0]).size == (3 * 96, 64)
+    truncated = str(tmp_path / "truncated.jpg")
+    with open(images[0], "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read()[:300])
+    bad = h.run_tool(*overlay, "--images", truncated, "--opts", *TINY_SEG)
+    assert bad.returncode == 1 and f"error: cannot read image {truncated}: " in bad.stderr
+
     # Lose the last epoch: the same command continues at epoch 1 and ends where it ended.
     os.remove(os.path.join(folder, "ckpt_epoch_1.pth"))
     again = run_seg(seg_args(ade, str(tmp_path), "t", "SEG.ITERS", "4", "SEG.EVAL_INTERVAL", "2"))

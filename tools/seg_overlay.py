@@ -23,7 +23,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
-from data.ade20k import reduce_zero_label  # noqa: E402
+from data.ade20k import load_pair  # noqa: E402
+from data.common import DataError, load_rgb_image  # noqa: E402
 from data.seg_pipeline import SegTestTransform, multi_scale_ratios  # noqa: E402
 from models.checkpoint_io import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
 from models.seg_inference import inference  # noqa: E402
@@ -91,11 +92,14 @@ def main() -> None:
     items = []  # (name, HxWx3 uint8 image, normalised tensor, HxW label or None)
     transform = SegTestTransform(config.SEG.SCALE, multi_scale_ratios(config.SEG))
     for i, path in enumerate(args.images):
-        image = Image.open(path).convert("RGB")
-        label = (reduce_zero_label(np.asarray(Image.open(args.labels[i])))
-                 if args.labels else None)
+        try:
+            image, label = (load_pair(path, args.labels[i]) if args.labels
+                            else (load_rgb_image(path), None))
+        except DataError as e:  # unreadable, or a label map that does not fit its image
+            parser.exit(1, f"seg_overlay.py: error: {e}\n")
         x, _ = transform(image, Image.new("L", image.size))
-        items.append((os.path.splitext(os.path.basename(path))[0], np.asarray(image), x, label))
+        items.append((os.path.splitext(os.path.basename(path))[0], np.asarray(image), x,
+                      None if label is None else np.asarray(label)))
     if args.digits:
         from data.digits_seg import DigitsSegDataset
         val = DigitsSegDataset(is_train=False)
