@@ -82,8 +82,8 @@ def test_a_checkpoint_of_another_network_is_refused_naming_what_differs(referenc
 
 
 def test_images_go_before_opts(data, tmp_path):
-    """--opts takes every argument after it: images after the overrides are refused with an
-    error that says where they go (not argparse's "required: images"), the help says so, and
+    """--opts takes every argument after it: images after the overrides (alone or after others)
+    are refused with an error that says where they go (not argparse's "required: images"), the help says so, and
     after a -- that ends the overrides they are images again."""
     config = load_config(CFG, OPTS)
     torch.manual_seed(0)
@@ -96,6 +96,12 @@ def test_images_go_before_opts(data, tmp_path):
     assert done.stdout.splitlines()[-1] == (
         "predict.py: error: no images given: put the image files or folders before --opts, which "
         "takes every argument after it (or end the overrides with --)")
+    # images on both sides: the ones after --opts are named, not "an odd number of items"
+    done = run_cli([*argv[:5], image, *argv[5:], image], prefix=())
+    assert done.returncode == 2, done.stdout
+    assert done.stdout.splitlines()[-1] == (
+        f"predict.py: error: --opts took {image} for config keys: put every image before --opts, "
+        "which takes every argument after it (or end the overrides with --)")
     done = run_cli([*argv, "--", image], prefix=())
     assert done.returncode == 0, done.stdout
     assert done.stdout.splitlines()[0] == image

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no images given: put the image files or folders before --opts, which takes "
                      "every argument after it (or end the overrides with --)" if args.opts
                      else "no images given: name image files or folders")
+    strays = [key for key in args.opts[::2] if os.path.exists(key)]  # a key is never a path
+    if strays:
+        parser.error(f"--opts took {', '.join(strays)} for config keys: put every image before "
+                     "--opts, which takes every argument after it (or end the overrides with --)")
 
     try:
         config = load_config(args.cfg, args.opts)
