@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import types
 
 import pytest
+import torch
 
 from helpers import ROOT, run_tool
 from utils import uses_glibc_malloc
@@ -195,6 +197,28 @@ def test_loader_speed_times_batches_after_the_warmup_of_a_whole_epoch():
         "(DATA.BATCH_SIZE 479)\n")
     result = run_tool(*args, "--batches", "2", "--warmup", "0")
     assert result.returncode == 2 and "--warmup must be at least 1, got 0" in result.stderr
+
+
+def test_loader_speed_counts_the_images_of_the_timed_batches_only(monkeypatch):
+    """time_epoch: the clock starts when the --warmup-th batch has arrived and stops at the last
+    timed one; only the timed batches' images count, and no batch after them is drawn."""
+    from tools import loader_speed
+
+    class Loader:
+        def __init__(self, sizes):
+            self.sizes, self.drawn, self.epochs = sizes, 0, []
+            self.sampler = types.SimpleNamespace(set_epoch=self.epochs.append)
+
+        def __iter__(self):
+            for size in self.sizes:
+                self.drawn += 1
+                yield torch.zeros(size, 1), None
+
+    clock = iter([10.0, 13.0])  # start, then end: 3 s
+    monkeypatch.setattr(loader_speed.time, "perf_counter", lambda: next(clock))
+    loader = Loader([1, 2, 4, 8, 16, 32])
+    assert loader_speed.time_epoch(loader, 5, warmup=2, batches=2) == (4 + 8) / 3.0
+    assert loader.drawn == 4 and loader.epochs == [5]
 
 
 def test_loader_speed_refuses_a_segmentation_config():
