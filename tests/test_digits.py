@@ -65,7 +65,8 @@ def test_demo_config_builds_a_ten_class_model_on_unflipped_digits():
 @pytest.mark.cli
 def test_demo_learns_and_its_checkpoint_reproduces_the_accuracy(tmp_path):
     """The quick start's commands, the schedule cut to 3 epochs: the last Acc@1 is well above chance
-    (10%), and ``--eval --resume`` of the last checkpoint prints the same Acc@1."""
+    (10%), and ``--eval --resume`` of the last checkpoint prints the same Acc@1 (its loader with
+    workers: the digits pickled to them)."""
     output = str(tmp_path)
     train = run_cli(["--cfg", DEMO, "--output", output,
                      "--opts", "TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1"])
@@ -78,8 +79,9 @@ def test_demo_learns_and_its_checkpoint_reproduces_the_accuracy(tmp_path):
     trained_acc = re.findall(r"\* Acc@1 ([\d.]+)", train.stdout)[-1]
 
     before = digests(folder)
-    evaluate = run_cli(["--cfg", DEMO, "--output", output, "--eval",
-                        "--resume", os.path.join(folder, "ckpt_epoch_2.pth")])
+    evaluate = run_cli(["--cfg", DEMO, "--output", output, "--eval",  # through loader workers
+                        "--resume", os.path.join(folder, "ckpt_epoch_2.pth"),
+                        "--opts", "DATA.NUM_WORKERS", "2"])
     assert evaluate.returncode == 0, evaluate.stdout[-4000:]
     assert re.findall(r"\* Acc@1 ([\d.]+)", evaluate.stdout) == [trained_acc]
     assert digests(folder) == before  # evaluating leaves the run's checkpoints alone
