@@ -171,6 +171,23 @@ def resume_position(ckpt: dict, config: CN, updates_per_epoch: int,
     return start_epoch, progress
 
 
+def schedule_changes(saved: dict, current: dict) -> str:
+    """The settings of a saved LR scheduler state (timm's: ``t_initial``, ``warmup_t``,
+    ``base_values``, ``lr_min``, ...) that differ from ``current``'s, as ``name old -> new``
+    items; '' when none do (or the saved state is not a dict)."""
+    def shown(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(shown(v) for v in value[:4]) + (", ...]" if len(value) > 4
+                                                                   else "]")
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    if not isinstance(saved, dict):
+        return ""
+    return ", ".join(f"{key} {shown(saved[key])} -> {shown(value)}"
+                     for key, value in current.items()
+                     if key in saved and key != "metric" and saved[key] != value)
+
+
 class CheckpointSaver:
     """The checkpoints of the run folder ``config.OUTPUT``. Rank 0 writes; the other ranks return
     from :meth:`save` at once (no collective, so a rank can save while its peers are gone)."""
@@ -284,8 +301,10 @@ class CheckpointSaver:
 
     def restore(self, trainer: Any, ckpt: dict, path: str,
                 updates_per_epoch: int) -> tuple[int, float, Progress]:
-        """Restores ``trainer``'s model (and EMA) weights, optimizer, LR scheduler and loss scaler
-        from ``ckpt``; returns the epoch to start, the best score so far and the progress."""
+        """Restores ``trainer``'s model (and EMA) weights, optimizer and loss scaler from
+        ``ckpt``; returns the epoch to start, the best score so far and the progress. The LR
+        scheduler stays the one this run's config built (its LR is a function of the progress's
+        optimizer steps), with a warning where the saved schedule's settings differ."""
         load_weights(trainer.module, ckpt, path)
         if trainer.ema is not None:
             if "model_ema" in ckpt:
@@ -302,9 +321,15 @@ class CheckpointSaver:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: its optimizer state does not fit this run: "
                                   f"{e}") from None
-        trainer.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if trainer.scaler.is_enabled() and ckpt.get("scaler"):
             trainer.scaler.load_state_dict(ckpt["scaler"])
         start_epoch, progress = resume_position(ckpt, self.config, updates_per_epoch,
                                                 self.logger)
+        # The LR schedule is this run's (a function of the optimizer steps done), not the saved
+        # one: a longer TRAIN.EPOCHS, another BASE_LR or batch layout takes effect on resume.
+        changed = schedule_changes(ckpt["lr_scheduler"], trainer.lr_scheduler.state_dict())
+        if changed:
+            self.logger.warning(f"the checkpoint's LR schedule differs from this run's config "
+                                f"({changed}): the LR follows this run's from optimizer step "
+                                f"{progress.num_updates}")
         return start_epoch, float(ckpt.get("max_accuracy", 0.0)), progress

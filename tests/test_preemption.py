@@ -180,7 +180,14 @@ def test_resume_with_another_batch_size_recomputes_the_position(one_process_run,
             "samples seen (2 to be seen again), the LR schedule continues at optimizer step 2"
             in result.stdout)
     assert "Train: [0/2][2/12]" in result.stdout and "Train: [0/2][1/12]" not in result.stdout
-    assert [row["num_updates"] for row in h.read_metrics(folder).values()] == [12, 24]
+    rows = h.read_metrics(folder)
+    assert [row["num_updates"] for row in rows.values()] == [12, 24]
+    # The LR follows this run's schedule (24 steps, the LR scaled for batch 4), not the saved
+    # one (48 steps of batch 2): half its peak at the middle, its minimum at the end.
+    assert ("the checkpoint's LR schedule differs from this run's config (base_values "
+            "[0.0007813, 0.0007813] -> [0.001563, 0.001563], t_initial 48 -> 24, ") in result.stdout
+    assert rows[0]["lr"] == pytest.approx(0.0015625 / 2, rel=1e-3)
+    assert rows[1]["lr"] == pytest.approx(7.8125e-09)
 
 
 # main.py where rank 1 cannot read the checkpoint files (an output folder not shared by its node)
