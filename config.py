@@ -521,8 +521,11 @@ def _number(low: float, high: float = math.inf, low_open: bool = False,
     return test, what
 
 
-def _choice(*names: str) -> tuple[Any, str]:
-    return (lambda v: v in names), "one of " + ", ".join(map(repr, names))
+def _choice(*names: str, any_case: bool = False) -> tuple[Any, str]:
+    listed = "one of " + ", ".join(map(repr, names))
+    if any_case:  # as Swin's build_optimizer, which lower-cases the name ('AdamW')
+        return (lambda v: isinstance(v, str) and v.lower() in names), listed + " (any case)"
+    return (lambda v: v in names), listed
 
 
 PROBABILITY = _number(0.0, 1.0)
@@ -556,7 +559,7 @@ VALUE_RULES: dict[str, tuple] = {
     "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": SIZE,
     "TRAIN.LR_SCHEDULER.DECAY_RATE": RATE,
     "TRAIN.LR_SCHEDULER.GAMMA": RATE,
-    "TRAIN.OPTIMIZER.NAME": _choice("adamw", "sgd"),
+    "TRAIN.OPTIMIZER.NAME": _choice("adamw", "sgd", any_case=True),
     "TRAIN.OPTIMIZER.EPS": POSITIVE,
     "TRAIN.OPTIMIZER.BETAS": (EACH, _number(0.0, 1.0, high_open=True)),
     "TRAIN.OPTIMIZER.MOMENTUM": PROBABILITY,

@@ -161,7 +161,7 @@ def test_swin_flags_are_accepted(data, tmp_path):
     result = h.run_cli(h.main_args(
         data, str(tmp_path), "swin", "TRAIN.EPOCHS", "1", *h.NO_AUG,
         flags=("--zip", "--cache-mode", "part", "--fused_window_process", "--fused_layernorm",
-               "--optim", "sgd", "--amp-opt-level", "O0")))
+               "--optim", "SGD", "--amp-opt-level", "O0")))  # any case, as in Swin
     assert result.returncode == 0, result.stdout[-3000:]
     warnings = [line for line in result.stdout.splitlines() if "without effect here" in line]
     assert len(warnings) == 1 and warnings[0].endswith(
@@ -169,7 +169,7 @@ def test_swin_flags_are_accepted(data, tmp_path):
         "FUSED_LAYERNORM True (--fused_layernorm)")
     ckpt = torch.load(os.path.join(h.run_dir(str(tmp_path), "swin"), "ckpt_epoch_0.pth"),
                       map_location="cpu", weights_only=False)
-    assert ckpt["config"].TRAIN.OPTIMIZER.NAME == "sgd"
+    assert ckpt["config"].TRAIN.OPTIMIZER.NAME == "SGD"
     assert "momentum_buffer" in next(iter(ckpt["optimizer"]["state"].values()))
     assert ckpt["config"].AMP_OPT_LEVEL == "O0" and not ckpt["config"].AMP_ENABLE
 

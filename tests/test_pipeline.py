@@ -481,6 +481,12 @@ def test_no_decay_group_is_exactly_biases_norms_and_1d_parameters():
     assert isinstance(optimizer, torch.optim.AdamW)
     sgd = build_optimizer(tiny_config("TRAIN.OPTIMIZER.NAME", "sgd"), model)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+    # Swin's spellings: its build_optimizer lower-cases the name
+    assert isinstance(build_optimizer(tiny_config("TRAIN.OPTIMIZER.NAME", "AdamW"), model),
+                      torch.optim.AdamW)
+    with pytest.raises(ConfigError, match=r"TRAIN.OPTIMIZER.NAME \(--opts\) must be one of "
+                                          r"'adamw', 'sgd' \(any case\), got 'lamb'"):
+        tiny_config("TRAIN.OPTIMIZER.NAME", "lamb")
 
 
 def test_accumulating_two_micro_batches_matches_one_double_batch():
