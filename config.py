@@ -228,7 +228,7 @@ _C.SEG.HEAD_INIT = "mmcv"
 _C.SEG.IGNORE_INDEX = 255
 # Training pipeline: resize to SCALE (long side, short side) x a ratio in RATIO_RANGE keeping the
 # aspect ratio, random crop CROP_SIZE (h, w) with no class above CAT_MAX_RATIO of it (10 tries),
-# flip, photometric distortion, pad to CROP_SIZE.
+# flip, photometric distortion, pad to CROP_SIZE (both sides multiples of 32, the network's stride).
 _C.SEG.SCALE = [2048, 512]
 _C.SEG.RATIO_RANGE = [0.5, 2.0]
 _C.SEG.CROP_SIZE = [512, 512]
@@ -532,12 +532,14 @@ PROBABILITY = _number(0.0, 1.0)
 RATE = _number(0.0)  # learning rates, weight decay, strengths: finite and >= 0
 POSITIVE = _number(0.0, low_open=True)
 SIZE = ((lambda v: v >= 1), "at least 1")  # sizes and counts
+# input sides: the network halves the map 5 times (stem 4x, 3 patch mergings)
+STRIDE_MULTIPLE = ((lambda v: v >= 32 and v % 32 == 0), "a multiple of 32 (the network's stride)")
 COUNT = ((lambda v: v >= 0), "0 or more")
 AMP_DTYPES = ("float16", "bfloat16")
 EACH = "each item"
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")
 VALUE_RULES: dict[str, tuple] = {
-    "DATA.IMG_SIZE": SIZE,
+    "DATA.IMG_SIZE": STRIDE_MULTIPLE,
     "DATA.INTERPOLATION": _choice(*INTERPOLATIONS),
     "MODEL.NUM_CLASSES": ((lambda v: v >= 0), "at least 0 (0: no classifier, pooled features)"),
     "MODEL.DROP_RATE": PROBABILITY,
@@ -581,7 +583,7 @@ VALUE_RULES: dict[str, tuple] = {
     "SEG.AUX_WEIGHT": RATE,
     "SEG.SCALE": (EACH, SIZE),
     "SEG.RATIO_RANGE": (EACH, POSITIVE),
-    "SEG.CROP_SIZE": (EACH, SIZE),
+    "SEG.CROP_SIZE": (EACH, STRIDE_MULTIPLE),
     "SEG.CAT_MAX_RATIO": _number(0.0, 1.0, low_open=True),
     "SEG.TEST_MODE": _choice("whole", "slide", "ms_flip"),
     "SEG.SLIDE_CROP": (EACH, SIZE),

@@ -82,6 +82,10 @@ def test_bad_opts():
     ("SAVE_FREQ", "0", "SAVE_FREQ (--opts) must be at least 1, got 0"),
     ("PRINT_FREQ", "0", "PRINT_FREQ (--opts) must be at least 1, got 0"),
     ("DIST_TIMEOUT", "0", "DIST_TIMEOUT (--opts) must be at least 1, got 0"),
+    ("DATA.IMG_SIZE", "100", "DATA.IMG_SIZE (--opts) must be a multiple of 32 (the network's "
+     "stride), got 100"),
+    ("SEG.CROP_SIZE", "[48, 64]", "SEG.CROP_SIZE (--opts) must be a multiple of 32 (the "
+     "network's stride) (each item), got [48, 64]"),
 ])
 def test_single_key_values_are_refused_naming_key_source_value_and_allowed(key, value, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):

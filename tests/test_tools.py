@@ -123,7 +123,8 @@ def test_benchmark_names_an_input_size_the_model_refuses():
     result = run_tool(BENCH, "--cfg", os.path.join(ROOT, "configs", "MG-SSAF", "MG-SSAF-T.yaml"),
                       "--peers", *TINY_BENCH, "--img-size", "100")
     assert result.returncode == 1
-    assert "benchmark: error: DATA.IMG_SIZE 100 must be a multiple of 32" in result.stderr
+    assert ("benchmark: error: DATA.IMG_SIZE (command line) must be a multiple of 32 (the "
+            "network's stride), got 100") in result.stderr
     assert "Traceback" not in result.stderr
 
 

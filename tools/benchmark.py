@@ -105,7 +105,7 @@ def build_benchmark_model(spec: str, img_size: int, opts: Sequence[str]) -> nn.M
         from config import load_config
         from models import build_model
 
-        return build_model(load_config(source, [*opts, "DATA.IMG_SIZE", str(img_size)]))
+        return build_model(load_config(source, opts, flags={"DATA.IMG_SIZE": img_size}))
     import timm
 
     if img_size != 224:
