@@ -209,7 +209,8 @@ class Run:
             logger.info("glibc malloc keeps freed memory for reuse (no per-step page faults)")
 
     def build_model(self) -> nn.Module:
-        """The task's model on the device, initialised from --pretrained if given."""
+        """The task's model on the device, initialised from --pretrained if given (for training
+        and --throughput; --eval loads it whole, see ``evaluate_or_time``)."""
         config, logger = self.config, self.logger
         try:
             model = self.task.build_model(config)
@@ -219,7 +220,7 @@ class Run:
         logger.info(str(model))
         n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info(f"number of params: {n_parameters}")
-        if config.MODEL.PRETRAINED:
+        if config.MODEL.PRETRAINED and not config.EVAL_MODE:
             self.task.load_pretrained(config, model, logger)
         return model
 
@@ -234,6 +235,8 @@ class Run:
         resume = CheckpointSaver(config, logger).to_resume()
         if resume:
             load_weights(model, resume[1], resume[0])
+        elif config.MODEL.PRETRAINED:
+            self.task.load_evaluated_pretrained(config, model)
         open_log_file(logger, config.OUTPUT, get_rank())
         if resume:
             logger.info(f"evaluating the weights of {resume[0]}")

@@ -129,6 +129,14 @@ class SegmentationTask(Task):
                               else "cpu")
         return convert_sync_batchnorm(build_segmentor(config), get_world_size(), device)
 
+    def load_evaluated_pretrained(self, config: CN, model: nn.Module) -> None:
+        """Refused: ``--pretrained`` initialises the backbone for training; evaluated, the heads
+        would be at their initialisation."""
+        raise CheckpointError(
+            f"--eval --pretrained {config.MODEL.PRETRAINED}: --pretrained gives the backbone "
+            "ImageNet weights for training (the decode heads would be evaluated at their "
+            "initialisation); evaluate a main_seg.py checkpoint with --eval --resume")
+
     def load_pretrained(self, config: CN, model: nn.Module, logger: logging.Logger) -> None:
         """ImageNet MG-SSAF weights into ``model.backbone``; its final norm and classifier are not
         used, the backbone's output norms (norm0..norm3) and the heads start from their

@@ -176,7 +176,8 @@ def test_swin_flags_are_accepted(data, tmp_path):
 
 @pytest.mark.cli
 def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
-    """The run folder holds checkpoints, yet --eval --pretrained X evaluates X."""
+    """The run folder holds checkpoints, yet --eval --pretrained X evaluates X, which must fit
+    the model whole."""
     other = build_model(load_config(h.CFG, h.TINY))  # weights unlike the run's
     path = str(tmp_path / "other.pth")
     torch.save({"model": other.state_dict()}, path)
@@ -190,6 +191,19 @@ def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
     assert f"evaluating the weights of {path} (--pretrained)" in pretrained.stdout
     assert "ckpt_epoch_3" not in pretrained.stdout
     assert ACC_LINE.findall(pretrained.stdout) == ACC_LINE.findall(resumed.stdout)
+
+    # Evaluated as it is, the file must fit the whole model: a head of another class count (an
+    # ImageNet checkpoint on a 3-class folder) is an error, as with --resume, not a random head.
+    config = load_config(h.CFG, h.TINY)
+    wider = build_model(load_config(h.CFG, [*h.TINY, "MODEL.NUM_CLASSES",
+                                            str(config.MODEL.NUM_CLASSES + 2)]))
+    torch.save({"model": wider.state_dict()}, path)
+    misfit = h.run_cli(h.main_args(data, str(tmp_path), "misfit",
+                                   flags=("--eval", "--pretrained", path)))
+    assert misfit.returncode == 1, misfit.stdout[-3000:]
+    assert (f"classes (MODEL.NUM_CLASSES): {config.MODEL.NUM_CLASSES + 2} in the checkpoint, "
+            f"{config.MODEL.NUM_CLASSES} in this model") in misfit.stdout
+    assert not ACC_LINE.findall(misfit.stdout)
 
 
 @pytest.mark.cli

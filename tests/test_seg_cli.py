@@ -256,12 +256,20 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
                         head_hidden_dim=128)
     path = str(tmp_path / "imagenet.pth")
     torch.save({"model": classifier.state_dict()}, path)
-    result = run_seg(seg_args(ade, str(tmp_path), "p", flags=("--eval", "--pretrained", path)))
+    result = run_seg(seg_args(ade, str(tmp_path), "p", "SEG.ITERS", "1", "SEG.EVAL_INTERVAL", "1",
+                              flags=("--pretrained", path)))
     assert result.returncode == 0, result.stdout[-3000:]
     assert (f"loaded the backbone from {path}; new in the backbone (initialised here): "
             "norm0.bias, norm0.weight, norm1.bias") in result.stdout
     assert "not used: norm.weight, norm.bias, " in result.stdout
     assert "head.weight" in result.stdout and f"over {VAL_IMAGES} images" in result.stdout
+    # --eval of backbone weights would evaluate decode heads at their initialisation
+    result = run_seg(seg_args(ade, str(tmp_path), "pe", flags=("--eval", "--pretrained", path)))
+    assert result.returncode == 1 and (
+        f"--eval --pretrained {path}: --pretrained gives the backbone ImageNet weights for "
+        "training (the decode heads would be evaluated at their initialisation); evaluate a "
+        "main_seg.py checkpoint with --eval --resume") in result.stdout, result.stdout[-3000:]
+    assert "over 3 images" not in result.stdout
 
     # a whole segmentation model, and another width: one short line each
     torch.save({"model": {"decode_head.conv_seg.weight": torch.zeros(2, 2, 1, 1)}},
@@ -280,7 +288,7 @@ def test_pretrained_imagenet_weights_go_into_the_backbone(ade, tmp_path):
                           ("deeper.pth", fits + "blocks in stage 1 (layers.1): 2 in the "
                                          "checkpoint, 1 in this model")):
         result = run_seg(seg_args(ade, str(tmp_path), "p", flags=(
-            "--eval", "--pretrained", str(tmp_path / name))))
+            "--throughput", "--pretrained", str(tmp_path / name))))
         assert result.returncode == 1 and message in result.stdout, result.stdout[-3000:]
         line = next(x for x in result.stdout.splitlines() if message in x)
         assert len(line) < 700, line
