@@ -381,6 +381,29 @@ def _merge(node: CN, updates: dict, source: str, seen: dict[str, str], prefix: s
             seen[key] = source
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping (its name and both lines, 1-based)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping, where PyYAML keeps the
+    last: a second ``TRAIN:`` block would silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(f"key {key} is given twice in one mapping (lines "
+                                    f"{lines[key]} and {line}): the second would replace the "
+                                    "first; merge them")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _merge_file(cfg: CN, path: str, seen: dict[str, str], chain: tuple[str, ...] = ()) -> None:
     """Merges the YAML file ``path`` after its ``BASE`` files; ``chain`` holds the files whose
     ``BASE`` led here (a file met again in it is an include cycle)."""
@@ -392,7 +415,9 @@ def _merge_file(cfg: CN, path: str, seen: dict[str, str], chain: tuple[str, ...]
                           "file cannot include itself, directly or through other files")
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_ConfigLoader) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         except RecursionError:

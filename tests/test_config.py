@@ -53,6 +53,26 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_in_a_file_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second TRAIN block would drop the first."""
+    path = _write(tmp_path / "twice.yaml", "TRAIN:\n  EPOCHS: 2\nDATA:\n  BATCH_SIZE: 8\n"
+                                          "TRAIN:\n  WARMUP_EPOCHS: 0\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{path}: key TRAIN is given twice in one mapping (lines 1 and 5): the second would "
+            "replace the first; merge them")):
+        load_config(path)
+    path = _write(tmp_path / "nested.yaml", "TRAIN:\n  EPOCHS: 2\n  EPOCHS: 3\n")
+    with pytest.raises(ConfigError, match=r"key EPOCHS is given twice in one mapping \(lines 2 "
+                                          r"and 3\)"):
+        load_config(path)
+    # YAML merge keys ('<<') may repeat a key on purpose: the explicit one wins
+    import yaml
+    from config import _ConfigLoader
+    merged = yaml.load("a: &a {EPOCHS: 2, WARMUP_EPOCHS: 1}\nb:\n  <<: *a\n  EPOCHS: 5\n",
+                       Loader=_ConfigLoader)
+    assert merged["b"] == {"EPOCHS": 5, "WARMUP_EPOCHS": 1}
+
+
 def test_wrong_type_in_file_names_key_and_file(tmp_path):
     path = _write(tmp_path / "bad.yaml", "MODEL:\n  MGSSAF:\n    DEPTHS: [2, two, 6, 2]\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: config key MODEL\.MGSSAF\.DEPTHS\[1\] "
