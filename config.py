@@ -12,6 +12,7 @@ import argparse
 import ast
 import math
 import os
+from collections.abc import Hashable
 from typing import Any, Iterable, Sequence
 
 import yaml
@@ -395,6 +396,8 @@ class _ConfigLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may repeat keys
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # a list or mapping as a key: PyYAML's error
+                continue
             line = key_node.start_mark.line + 1
             if key in lines:
                 raise _DuplicateKey(f"key {key} is given twice in one mapping (lines "

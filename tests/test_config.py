@@ -65,6 +65,9 @@ def test_a_key_given_twice_in_a_file_is_an_error_naming_both_lines(tmp_path):
     with pytest.raises(ConfigError, match=r"key EPOCHS is given twice in one mapping \(lines 2 "
                                           r"and 3\)"):
         load_config(path)
+    path = _write(tmp_path / "listkey.yaml", "? [a, b]\n: 1\n")  # a key YAML cannot use
+    with pytest.raises(ConfigError, match=r"(?s)listkey\.yaml: not valid YAML: .*unhashable"):
+        load_config(path)
     # YAML merge keys ('<<') may repeat a key on purpose: the explicit one wins
     import yaml
     from config import _ConfigLoader
