@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from yacs.config import CfgNode as CN
 
@@ -171,21 +172,32 @@ def resume_position(ckpt: dict, config: CN, updates_per_epoch: int,
     return start_epoch, progress
 
 
-def schedule_changes(saved: dict, current: dict) -> str:
-    """The settings of a saved LR scheduler state (timm's: ``t_initial``, ``warmup_t``,
-    ``base_values``, ``lr_min``, ...) that differ from ``current``'s, as ``name old -> new``
-    items; '' when none do (or the saved state is not a dict)."""
-    def shown(value: Any) -> str:
-        if isinstance(value, (list, tuple)):
-            return "[" + ", ".join(shown(v) for v in value[:4]) + (", ...]" if len(value) > 4
-                                                                   else "]")
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value[:4]) + (", ...]" if len(value) > 4 else "]")
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
+
+_ABSENT = object()
+
+
+def setting_changes(saved: Any, current: dict, ignore: tuple[str, ...] = (),
+                    one_sided: bool = True) -> list[str]:
+    """``name old -> new`` for each setting of ``current`` (a timm scheduler's state: ``t_initial``,
+    ``base_values``, ...; an optimizer's param group: ``weight_decay``, ...) that ``saved`` holds
+    with another value; with ``one_sided`` also those only one of them holds (shown as ``-``).
+    None where ``saved`` is not a dict (a checkpoint without it)."""
     if not isinstance(saved, dict):
-        return ""
-    return ", ".join(f"{key} {shown(saved[key])} -> {shown(value)}"
-                     for key, value in current.items()
-                     if key in saved and key != "metric" and saved[key] != value)
+        return []
+    keys = [*current, *(k for k in saved if k not in current)]
+    changes = []
+    for key in keys:
+        old, new = saved.get(key, _ABSENT), current.get(key, _ABSENT)
+        if key in ignore or old == new or (not one_sided and _ABSENT in (old, new)):
+            continue
+        changes.append(" -> ".join("-" if v is _ABSENT else _shown(v) for v in (old, new)))
+        changes[-1] = f"{key} {changes[-1]}"
+    return changes
 
 
 class CheckpointSaver:
@@ -299,12 +311,34 @@ class CheckpointSaver:
                 return found
         return loaded
 
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict, path: str) -> None:
+        """Loads the optimizer's state (moments, step counts) from a checkpoint's ``state`` and
+        keeps the hyperparameters of this run's param groups (weight decay, betas, layer-decay
+        scales, ...), with a warning naming those the checkpoint had otherwise."""
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this run: "
+                                  f"{e}") from None
+        changed: dict[str, None] = {}  # in order, once each
+        for group, settings in zip(optimizer.param_groups, configured):
+            changed.update(dict.fromkeys(setting_changes(
+                group, settings, ignore=("params", "lr", "initial_lr"), one_sided=False)))
+            group.update(settings)
+        if changed:
+            shown = list(changed)[:6] + (["..."] if len(changed) > 6 else [])
+            self.logger.warning(f"the checkpoint's optimizer settings differ from this run's "
+                                f"config ({', '.join(shown)}): this run's apply, with the "
+                                "checkpoint's moments")
+
     def restore(self, trainer: Any, ckpt: dict, path: str,
                 updates_per_epoch: int) -> tuple[int, float, Progress]:
-        """Restores ``trainer``'s model (and EMA) weights, optimizer and loss scaler from
-        ``ckpt``; returns the epoch to start, the best score so far and the progress. The LR
-        scheduler stays the one this run's config built (its LR is a function of the progress's
-        optimizer steps), with a warning where the saved schedule's settings differ."""
+        """Restores ``trainer``'s model (and EMA) weights, optimizer state and loss scaler from
+        ``ckpt``; returns the epoch to start, the best score so far and the progress. The
+        optimizer's hyperparameters and the LR scheduler stay those this run's config built (the
+        LR is a function of the progress's optimizer steps), with a warning where the
+        checkpoint's differ."""
         load_weights(trainer.module, ckpt, path)
         if trainer.ema is not None:
             if "model_ema" in ckpt:
@@ -312,24 +346,20 @@ class CheckpointSaver:
             else:
                 self.logger.warning(f"{path} has no EMA weights: the EMA restarts from the model's")
                 trainer.ema.module.load_state_dict(trainer.module.state_dict())
-        for key in ("optimizer", "lr_scheduler"):
-            if key not in ckpt:
-                raise CheckpointError(f"{path}: has no '{key}' entry: it holds weights only; "
-                                      "use --pretrained to start training from it")
-        try:
-            trainer.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: its optimizer state does not fit this run: "
-                                  f"{e}") from None
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"{path}: has no 'optimizer' entry: it holds weights only; use "
+                                  "--pretrained to start training from it")
+        self._load_optimizer(trainer.optimizer, ckpt["optimizer"], path)
         if trainer.scaler.is_enabled() and ckpt.get("scaler"):
             trainer.scaler.load_state_dict(ckpt["scaler"])
         start_epoch, progress = resume_position(ckpt, self.config, updates_per_epoch,
                                                 self.logger)
         # The LR schedule is this run's (a function of the optimizer steps done), not the saved
         # one: a longer TRAIN.EPOCHS, another BASE_LR or batch layout takes effect on resume.
-        changed = schedule_changes(ckpt["lr_scheduler"], trainer.lr_scheduler.state_dict())
+        changed = setting_changes(ckpt.get("lr_scheduler"), trainer.lr_scheduler.state_dict(),
+                                  ignore=("metric",))
         if changed:
             self.logger.warning(f"the checkpoint's LR schedule differs from this run's config "
-                                f"({changed}): the LR follows this run's from optimizer step "
-                                f"{progress.num_updates}")
+                                f"({', '.join(changed)}): the LR follows this run's from "
+                                f"optimizer step {progress.num_updates}")
         return start_epoch, float(ckpt.get("max_accuracy", 0.0)), progress

@@ -172,8 +172,10 @@ def test_resume_with_another_batch_size_recomputes_the_position(one_process_run,
     ckpt = load_checkpoint_file(os.path.join(one_process_run, "ckpt_epoch_0.pth"))
     ckpt.update(epoch_step=5, num_updates=5, train_loss=(10.0, 10))
     torch.save(ckpt, os.path.join(folder, "ckpt_epoch_0_step_5.pth"))
+    # this run's schedule and weight decay differ too
     result = h.run_cli(h.main_args(data48, str(tmp_path), "rebatched", *OPTS,
-                                   "DATA.NUM_WORKERS", "0", batch_size=4))
+                                   "DATA.NUM_WORKERS", "0", "TRAIN.LR_SCHEDULER.NAME", "linear",
+                                   "TRAIN.WEIGHT_DECAY", "0.1", batch_size=4))
     assert result.returncode == 0, result.stdout[-3000:]
     assert ("the checkpoint's run had DATA.BATCH_SIZE 2 x 1 process(es) x "
             "TRAIN.ACCUMULATION_STEPS 1, this one 4 x 1 x 1: epoch 0 continues after 8 of the 10 "
@@ -182,10 +184,16 @@ def test_resume_with_another_batch_size_recomputes_the_position(one_process_run,
     assert "Train: [0/2][2/12]" in result.stdout and "Train: [0/2][1/12]" not in result.stdout
     rows = h.read_metrics(folder)
     assert [row["num_updates"] for row in rows.values()] == [12, 24]
-    # The LR follows this run's schedule (24 steps, the LR scaled for batch 4), not the saved
-    # one (48 steps of batch 2): half its peak at the middle, its minimum at the end.
+    # The LR follows this run's schedule (linear over 24 steps, the LR scaled for batch 4), not
+    # the saved one (cosine over 48 steps of batch 2): half its peak at the middle, its minimum
+    # at the end; the weight decay is this run's too.
     assert ("the checkpoint's LR schedule differs from this run's config (base_values "
-            "[0.0007813, 0.0007813] -> [0.001563, 0.001563], t_initial 48 -> 24, ") in result.stdout
+            "[0.0007813, 0.0007813] -> [0.001563, 0.001563], t_initial 48 -> 24, power - -> 1, "
+            in result.stdout)  # power: linear (a polynomial of power 1), not cosine
+    assert ("the checkpoint's optimizer settings differ from this run's config (weight_decay "
+            "0.05 -> 0.1): this run's apply, with the checkpoint's moments") in result.stdout
+    saved = load_checkpoint_file(os.path.join(folder, "ckpt_epoch_1.pth"))["optimizer"]
+    assert [g["weight_decay"] for g in saved["param_groups"]] == [0.1, 0.0]
     assert rows[0]["lr"] == pytest.approx(0.0015625 / 2, rel=1e-3)
     assert rows[1]["lr"] == pytest.approx(7.8125e-09)
 
