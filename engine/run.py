@@ -17,7 +17,7 @@ from yacs.config import CfgNode as CN
 import startup
 from config import ConfigError, inert_settings
 from logger import create_logger, open_log_file
-from models.checkpoint_io import load_weights
+from models.checkpoint_io import load_model_weights, load_weights
 from models.conv import cpu_bfloat16_native
 from utils import (RunError, RunLock, all_reduce_sum, any_rank, cpu_model, get_rank,
                    get_world_size, keep_freed_memory, prepare_output_dir, remove_empty_folders,
@@ -235,8 +235,8 @@ class Run:
         resume = CheckpointSaver(config, logger).to_resume()
         if resume:
             load_weights(model, resume[1], resume[0])
-        elif config.MODEL.PRETRAINED:
-            self.task.load_evaluated_pretrained(config, model)
+        elif config.MODEL.PRETRAINED:  # evaluated as it is: it must fit whole, head included
+            load_model_weights(model, config.MODEL.PRETRAINED)
         open_log_file(logger, config.OUTPUT, get_rank())
         if resume:
             logger.info(f"evaluating the weights of {resume[0]}")

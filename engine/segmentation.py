@@ -111,6 +111,11 @@ class SegmentationTask(Task):
         if seg.HEAD_INIT not in HEAD_INITS:
             raise ConfigError(f"SEG.HEAD_INIT {seg.HEAD_INIT!r}: expected one of "
                               + ", ".join(map(repr, HEAD_INITS)))
+        if config.EVAL_MODE and config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+            raise ConfigError(
+                f"--eval --pretrained {config.MODEL.PRETRAINED}: --pretrained gives the backbone "
+                "ImageNet weights for training (the decode heads would be evaluated at their "
+                "initialisation); evaluate a main_seg.py checkpoint with --eval --resume")
         if config.TRAIN.LAYER_DECAY < 1.0:
             raise ConfigError(f"TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY}: main_seg.py has no "
                               "layer-wise LR decay (the recipe's paramwise_cfg has none)")
@@ -128,14 +133,6 @@ class SegmentationTask(Task):
         device = torch.device("cuda" if torch.cuda.is_available() and config.DEVICE != "cpu"
                               else "cpu")
         return convert_sync_batchnorm(build_segmentor(config), get_world_size(), device)
-
-    def load_evaluated_pretrained(self, config: CN, model: nn.Module) -> None:
-        """Refused: ``--pretrained`` initialises the backbone for training; evaluated, the heads
-        would be at their initialisation."""
-        raise CheckpointError(
-            f"--eval --pretrained {config.MODEL.PRETRAINED}: --pretrained gives the backbone "
-            "ImageNet weights for training (the decode heads would be evaluated at their "
-            "initialisation); evaluate a main_seg.py checkpoint with --eval --resume")
 
     def load_pretrained(self, config: CN, model: nn.Module, logger: logging.Logger) -> None:
         """ImageNet MG-SSAF weights into ``model.backbone``; its final norm and classifier are not

@@ -2,8 +2,8 @@
 
 The engine (:mod:`engine.run`, :class:`engine.trainer.Trainer`) builds everything through a
 task object and never asks which task it runs. A task is a sibling of the others, implementing
-every method below (``class_names`` and ``load_evaluated_pretrained`` have defaults);
-``engine/classification.py`` and ``engine/segmentation.py`` are the two.
+every method below (``class_names`` has a default); ``engine/classification.py`` and
+``engine/segmentation.py`` are the two.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from yacs.config import CfgNode as CN
-
-from models.checkpoint_io import load_checkpoint_file, load_weights
 
 
 @dataclass
@@ -61,13 +59,6 @@ class Task:
     def load_pretrained(self, config: CN, model: nn.Module, logger: logging.Logger) -> None:
         """Initialises ``model`` from ``--pretrained`` (MODEL.PRETRAINED)."""
         raise NotImplementedError
-
-    def load_evaluated_pretrained(self, config: CN, model: nn.Module) -> None:
-        """``--eval --pretrained``: loads the weights evaluated, which must fit ``model`` whole
-        (head included, as ``--resume``'s: a head left at its initialisation would be evaluated
-        at random)."""
-        path = config.MODEL.PRETRAINED
-        load_weights(model, load_checkpoint_file(path), path)
 
     def build_criterion(self, config: CN, mixup_active: bool) -> nn.Module:
         raise NotImplementedError

@@ -182,13 +182,16 @@ def test_eval_pretrained_wins_over_auto_resume(reference, data, tmp_path):
     path = str(tmp_path / "other.pth")
     torch.save({"model": other.state_dict()}, path)
     h.copy_run(reference, str(tmp_path), "run")
+    # saved from a DDP-wrapped model: the prefixes go, as for --resume and the tools
+    torch.save({"model": {"module." + k: v for k, v in other.state_dict().items()}},
+               str(tmp_path / "ddp.pth"))
     pretrained = h.run_cli(h.main_args(data, str(tmp_path), "run",
-                                       flags=("--eval", "--pretrained", path)))
+                                       flags=("--eval", "--pretrained", str(tmp_path / "ddp.pth"))))
     resumed = h.run_cli(h.main_args(data, str(tmp_path), "fresh", flags=("--eval", "--resume",
                                                                           path)))
     for result in (pretrained, resumed):
         assert result.returncode == 0, result.stdout[-3000:]
-    assert f"evaluating the weights of {path} (--pretrained)" in pretrained.stdout
+    assert f"evaluating the weights of {tmp_path / 'ddp.pth'} (--pretrained)" in pretrained.stdout
     assert "ckpt_epoch_3" not in pretrained.stdout
     assert ACC_LINE.findall(pretrained.stdout) == ACC_LINE.findall(resumed.stdout)
 
