@@ -96,12 +96,12 @@ def test_images_go_before_opts(data, tmp_path):
     assert done.stdout.splitlines()[-1] == (
         "predict.py: error: no images given: put the image files or folders before --opts, which "
         "takes every argument after it (or end the overrides with --)")
-    # images on both sides: the ones after --opts are named, not "an odd number of items"
-    done = run_cli([*argv[:5], image, *argv[5:], image], prefix=())
+    # images on both sides: those after --opts are all named, not "an odd number of items"
+    done = run_cli([*argv[:5], image, *argv[5:], image, image], prefix=())
     assert done.returncode == 2, done.stdout
     assert done.stdout.splitlines()[-1] == (
-        f"predict.py: error: --opts took {image} for config keys: put every image before --opts, "
-        "which takes every argument after it (or end the overrides with --)")
+        f"predict.py: error: --opts took {image}, {image} as config overrides: put every image "
+        "before --opts, which takes every argument after it (or end the overrides with --)")
     done = run_cli([*argv, "--", image], prefix=())
     assert done.returncode == 0, done.stdout
     assert done.stdout.splitlines()[0] == image

@@ -110,10 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no images given: put the image files or folders before --opts, which takes "
                      "every argument after it (or end the overrides with --)" if args.opts
                      else "no images given: name image files or folders")
-    strays = [key for key in args.opts[::2] if os.path.exists(key)]  # a key is never a path
+    # a key is never a path: from the first key that is one on, every path is a stray image
+    first = next((i for i in range(0, len(args.opts), 2) if os.path.exists(args.opts[i])), None)
+    strays = [] if first is None else [a for a in args.opts[first:] if os.path.exists(a)]
     if strays:
-        parser.error(f"--opts took {', '.join(strays)} for config keys: put every image before "
-                     "--opts, which takes every argument after it (or end the overrides with --)")
+        parser.error(f"--opts took {', '.join(strays)} as config overrides: put every image "
+                     "before --opts, which takes every argument after it (or end the overrides "
+                     "with --)")
 
     try:
         config = load_config(args.cfg, args.opts)
