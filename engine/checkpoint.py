@@ -186,17 +186,19 @@ def setting_changes(saved: Any, current: dict, ignore: tuple[str, ...] = (),
     """``name old -> new`` for each setting of ``current`` (a timm scheduler's state: ``t_initial``,
     ``base_values``, ...; an optimizer's param group: ``weight_decay``, ...) that ``saved`` holds
     with another value; with ``one_sided`` also those only one of them holds (shown as ``-``).
-    None where ``saved`` is not a dict (a checkpoint without it)."""
+    Nothing where ``saved`` is not a dict (a checkpoint without it)."""
     if not isinstance(saved, dict):
         return []
-    keys = [*current, *(k for k in saved if k not in current)]
+    def shown(value: Any) -> str:
+        return "-" if value is _ABSENT else _shown(value)
+
     changes = []
-    for key in keys:
+    for key in [*current, *(k for k in saved if k not in current)]:
         old, new = saved.get(key, _ABSENT), current.get(key, _ABSENT)
-        if key in ignore or old == new or (not one_sided and _ABSENT in (old, new)):
+        one_side_only = old is _ABSENT or new is _ABSENT
+        if key in ignore or (one_side_only and not one_sided) or old == new:
             continue
-        changes.append(" -> ".join("-" if v is _ABSENT else _shown(v) for v in (old, new)))
-        changes[-1] = f"{key} {changes[-1]}"
+        changes.append(f"{key} {shown(old)} -> {shown(new)}")
     return changes
 
 
