@@ -12,7 +12,6 @@ import argparse
 import ast
 import math
 import os
-from collections.abc import Hashable
 from typing import Any, Iterable, Sequence
 
 import yaml
@@ -383,28 +382,36 @@ def _merge(node: CN, updates: dict, source: str, seen: dict[str, str], prefix: s
 
 
 class _DuplicateKey(yaml.YAMLError):
-    """A key given twice in one YAML mapping (its name and both lines, 1-based)."""
+    """A key given twice in one YAML mapping (its dotted path and both lines, 1-based)."""
+
+
+def _refuse_duplicate_keys(node: yaml.Node, prefix: str = "") -> None:
+    """Raises _DuplicateKey for a key given twice in one mapping of the composed YAML ``node``,
+    naming its dotted path and both lines ('<<' merges may repeat keys on purpose)."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue  # a merge, or a list or mapping as a key (PyYAML's error)
+        key, line = prefix + key_node.value, key_node.start_mark.line + 1
+        if key in lines:
+            raise _DuplicateKey(f"key {key} is given twice (lines {lines[key]} and {line}): the "
+                                "second would replace the first; merge them")
+        lines[key] = line
+        _refuse_duplicate_keys(value_node, key + ".")
 
 
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader that refuses a key given twice in one mapping, where PyYAML keeps the
     last: a second ``TRAIN:`` block would silently replace the first."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may repeat keys
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):  # a list or mapping as a key: PyYAML's error
-                continue
-            line = key_node.start_mark.line + 1
-            if key in lines:
-                raise _DuplicateKey(f"key {key} is given twice in one mapping (lines "
-                                    f"{lines[key]} and {line}): the second would replace the "
-                                    "first; merge them")
-            lines[key] = line
-        return super().construct_mapping(node, deep)
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node)
+        return super().construct_document(node)
 
 
 def _merge_file(cfg: CN, path: str, seen: dict[str, str], chain: tuple[str, ...] = ()) -> None:
