@@ -52,7 +52,6 @@ class SegLoss(nn.Module):
         return loss
 
 
-@torch.no_grad()
 def _on_device(image: torch.Tensor | list[torch.Tensor], device: torch.device
                ) -> torch.Tensor | list[torch.Tensor]:
     """A validation batch's image(s) on ``device``: one batch, or one per scale (ms_flip)."""
@@ -60,6 +59,7 @@ def _on_device(image: torch.Tensor | list[torch.Tensor], device: torch.device
             else image.to(device))
 
 
+@torch.no_grad()
 def validate(config: CN, data_loader: DataLoader, model: nn.Module, device: torch.device,
              amp: Amp, logger: logging.Logger) -> dict[str, float]:
     """aAcc / mAcc / mIoU from intersection / union totals summed over all ranks (every image
